@@ -1,0 +1,135 @@
+"""The notebook/script face of jaxlora: ``model = jaxlora.load_model(...); logits = model(ids)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import hf
+from jaxlora.models.config import LlamaConfig
+from jaxlora.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions that restart after left padding: ``cumsum(mask) - 1`` (0 on padding).
+
+    This is what ``transformers``' ``generate`` does, so a left-padded row gets the same logits
+    as the same row unpadded.
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _forward(module, params, input_ids, positions, segment_ids):
+    return module.apply({"params": params}, input_ids, positions, segment_ids)[0]
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded causal LM: architecture, parameter tree, tokenizer (if the checkpoint has one).
+
+    ``params`` mirrors the Hugging Face key paths; its leaves are arrays or weight types
+    (``NF4Tensor``, ``LoRAWeight``), all consumed by the same module through ``dense``.
+    """
+
+    config: LlamaConfig
+    params: dict
+    tokenizer: Any = None
+    dtype: Any = jnp.float32  # compute dtype
+    source: str | None = None
+    lora: Any = None  # the LoraConfig applied, if any
+    quant: str | None = None
+
+    def module(self, remat: str = "none") -> LlamaForCausalLM:
+        param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        return LlamaForCausalLM(self.config, dtype=self.dtype, param_dtype=param_dtype, remat=remat)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """``input_ids [B, S]`` int -> logits ``[B, S, vocab]``.
+
+        ``attention_mask [B, S]`` (1 = token, 0 = padding; left or right) masks padded keys;
+        positions default to :func:`default_positions` of the mask. Logits at padded query
+        positions are finite but meaningless.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask)
+        position_ids = jnp.asarray(position_ids, jnp.int32)
+        return _forward(self.module(), self.params, input_ids, position_ids, attention_mask)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def load_model(
+    path_or_id: str | Path,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    quant: str | None = None,
+    adapter: str | Path | None = None,
+    revision: str | None = None,
+    tokenizer: bool = True,
+    quant_kwargs: dict[str, Any] | None = None,
+) -> Model:
+    """Load a Llama-family checkpoint (local HF directory or hub id) into a :class:`Model`.
+
+    Args:
+      path_or_id: a directory with ``config.json`` and ``*.safetensors``, or a hub id.
+      dtype: ``"float32"`` or ``"bfloat16"`` for the (unquantized) parameters.
+      compute_dtype: activations dtype; defaults to ``dtype``.
+      quant: ``None`` | ``"nf4"`` | ``"fp4"``: quantize every decoder linear to 4 bits while
+        streaming (embeddings, norms and ``lm_head`` stay in ``dtype``). A bitsandbytes 4-bit
+        checkpoint is read as stored, whatever this says.
+      adapter: a PEFT LoRA adapter directory to apply on top.
+    """
+    directory = hf.resolve(path_or_id, revision)
+    config, raw = hf.read_config(directory)
+    convert = None
+    if quant not in (None, "none"):
+        from jaxlora.nf4 import quantizing_converter
+
+        convert = quantizing_converter(quant, dtype=dtype, **(quant_kwargs or {}))
+    params = hf.load_params(directory, config, dtype, convert=convert, raw_config=raw)
+    is_bnb = bool(raw.get("quantization_config"))
+    model = Model(
+        config=config,
+        params=params,
+        tokenizer=_load_tokenizer(directory) if tokenizer else None,
+        dtype=hf.DTYPES[compute_dtype or dtype],
+        source=str(path_or_id),
+        quant=(raw["quantization_config"].get("bnb_4bit_quant_type", "fp4") if is_bnb else quant),
+    )
+    if adapter is not None:
+        from jaxlora.peft_io import load_adapter
+
+        model = load_adapter(model, adapter)
+    return model
+
+
+def _load_tokenizer(directory: Path):
+    if not any(directory.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))

@@ -1,0 +1,336 @@
+"""The Llama-family architecture config, read strictly from a Hugging Face ``config.json``.
+
+One frozen dataclass covers Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3: they differ only in
+attention biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2
+when enabled), tied embeddings and the RoPE frequency rule. Every field of ``config.json`` is
+either used, known not to change the forward pass, or refused by name (penzai's importer habit):
+a field we would silently ignore is a wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+
+class UnsupportedConfigError(ValueError):
+    """A ``config.json`` asks for something jaxlora does not implement."""
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# Fields that do not change what the forward pass computes (bookkeeping, generation defaults,
+# output switches). Anything not here and not read below is refused.
+_IGNORED = {
+    "_name_or_path",
+    "architectures",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "initializer_range",
+    "use_cache",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "is_encoder_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "max_position_embeddings",
+    "tokenizer_class",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "task_specific_params",
+    "finetuning_task",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "is_decoder",
+    "tie_encoder_decoder",
+    "pruned_heads",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "quantization_config",
+    "model_type",
+    "max_window_layers",
+    "use_sliding_window",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "layer_types",
+    "sliding_window",
+    "attention_dropout",
+    "pretraining_tp",
+    "hidden_act",
+    "mlp_bias",
+    "attention_bias",
+    "head_dim",
+    "tie_word_embeddings",
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "diversity_penalty",
+    "do_sample",
+    "early_stopping",
+    "encoder_no_repeat_ngram_size",
+    "exponential_decay_length_penalty",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "length_penalty",
+    "max_length",
+    "min_length",
+    "no_repeat_ngram_size",
+    "num_beam_groups",
+    "num_beams",
+    "num_return_sequences",
+    "output_scores",
+    "remove_invalid_values",
+    "repetition_penalty",
+    "return_dict_in_generate",
+    "suppress_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "output_router_logits",
+    "_attn_implementation_autoset",
+    "_attn_implementation",
+    "partial_rotary_factor",  # checked == 1.0 below
+}
+_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "rms_norm_eps",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters, named as in ``transformers``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0  # linear / llama3
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position_embeddings: int = 8192  # llama3
+    attention_bias: bool = False  # bias on q/k/v/o (Llama) — Qwen2 sets qkv_bias instead
+    qkv_bias: bool = False  # bias on q/k/v only (Qwen2/2.5)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    tie_word_embeddings: bool = False
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
+        if len(self.sliding_windows) != self.num_hidden_layers:
+            raise UnsupportedConfigError("sliding_windows must have one entry per layer")
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        """Parse a ``config.json`` dict, refusing any field or value we do not implement."""
+        model_type = cfg.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise UnsupportedConfigError(
+                f"config.json: model_type={model_type!r} is not supported "
+                f"(supported: {sorted(ARCHITECTURES)})"
+            )
+        archs = cfg.get("architectures") or [ARCHITECTURES[model_type]]
+        if archs != [ARCHITECTURES[model_type]]:
+            raise UnsupportedConfigError(
+                f"config.json: architectures={archs} is not supported for model_type="
+                f"{model_type!r} (expected [{ARCHITECTURES[model_type]!r}])"
+            )
+        unknown = sorted(k for k in cfg if k not in _IGNORED and k not in _REQUIRED)
+        unknown = [k for k in unknown if k != "num_key_value_heads"]
+        if unknown:
+            raise UnsupportedConfigError(
+                f"config.json: unsupported field(s) {unknown} for model_type={model_type!r}; "
+                "jaxlora refuses fields it would otherwise silently ignore"
+            )
+        missing = [k for k in _REQUIRED if k not in cfg]
+        if missing:
+            raise UnsupportedConfigError(f"config.json: missing required field(s) {missing}")
+
+        def refuse(field: str, value: Any, allowed: Any) -> None:
+            raise UnsupportedConfigError(
+                f"config.json: {field}={value!r} is not supported (supported: {allowed})"
+            )
+
+        if cfg.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", cfg["hidden_act"], "'silu'")
+        if cfg.get("pretraining_tp", 1) != 1:
+            refuse("pretraining_tp", cfg["pretraining_tp"], 1)
+        if float(cfg.get("attention_dropout", 0.0) or 0.0) != 0.0:
+            refuse("attention_dropout", cfg["attention_dropout"], 0.0)
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            refuse("partial_rotary_factor", cfg["partial_rotary_factor"], 1.0)
+
+        heads = cfg["num_attention_heads"]
+        n_layers = cfg["num_hidden_layers"]
+        rope = _parse_rope(cfg, refuse)
+        windows = _parse_sliding_windows(cfg, model_type, n_layers, refuse)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg["rms_norm_eps"]),
+            attention_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+            qkv_bias=model_type == "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_windows=windows,
+            model_type=model_type,
+            **rope,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` fields that reproduce this architecture in ``transformers``."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type in ("linear", "llama3"):
+            rope["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            rope |= {
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_position_embeddings,
+            }
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_parameters": rope,
+        }
+        if self.model_type == "llama":
+            out |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
+        if self.model_type == "qwen3":
+            out["attention_bias"] = self.attention_bias
+        windows = {w for w in self.sliding_windows if w is not None}
+        if self.model_type == "mistral":
+            out["sliding_window"] = windows.pop() if windows else None
+        if self.model_type in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = bool(windows)
+            out["sliding_window"] = windows.pop() if windows else None
+            out["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention" for w in self.sliding_windows
+            ]
+        return out
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies ``[head_dim // 2]`` (float32), as ``transformers`` computes them."""
+        dim = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+        inv = inv.astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv / np.float32(self.rope_factor)).astype(np.float32)
+        if self.rope_type == "llama3":  # Llama 3.1 frequency-dependent scaling (Meta's reference)
+            factor, lo, hi = self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor
+            old_ctx = self.rope_original_max_position_embeddings
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > old_ctx / lo, inv / factor, inv)
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
+
+def _parse_rope(cfg: dict[str, Any], refuse) -> dict[str, Any]:
+    # transformers 5 writes `rope_parameters` (theta inside); older checkpoints write
+    # `rope_theta` + `rope_scaling` with "type" or "rope_type".
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if "rope_parameters" in cfg and cfg.get("rope_scaling"):
+        params = {**cfg["rope_scaling"], **params}
+    theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        refuse("rope_type", rope_type, list(ROPE_TYPES))
+    out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(params.pop("factor"))
+    if rope_type == "llama3":
+        out["rope_low_freq_factor"] = float(params.pop("low_freq_factor"))
+        out["rope_high_freq_factor"] = float(params.pop("high_freq_factor"))
+        out["rope_original_max_position_embeddings"] = int(
+            params.pop("original_max_position_embeddings")
+        )
+    params.pop("partial_rotary_factor", None)  # checked == 1.0 by the caller when top-level
+    if params:
+        refuse(f"rope parameters {sorted(params)} for rope_type", rope_type, "none")
+    return out
+
+
+def _parse_sliding_windows(cfg, model_type, n_layers, refuse) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    if model_type in ("llama",):
+        if window is not None:
+            refuse("sliding_window", window, "null for llama")
+        return (None,) * n_layers
+    if model_type == "mistral":
+        return (window,) * n_layers
+    # Qwen2 / Qwen3: `layer_types` says which layers slide; older configs say it with
+    # use_sliding_window + max_window_layers (layers >= max_window_layers slide).
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        use = bool(cfg.get("use_sliding_window", False)) and window is not None
+        first = cfg.get("max_window_layers", n_layers)
+        layer_types = [
+            "sliding_attention" if use and i >= first else "full_attention" for i in range(n_layers)
+        ]
+    if len(layer_types) != n_layers:
+        refuse("layer_types (length)", len(layer_types), n_layers)
+    out = []
+    for t in layer_types:
+        if t == "full_attention":
+            out.append(None)
+        elif t == "sliding_attention" and window is not None:
+            out.append(int(window))
+        else:
+            refuse("layer_types entry", t, "'full_attention' or 'sliding_attention' with a window")
+    return tuple(out)

@@ -1,0 +1,288 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3) in Flax Linen.
+
+Parameter paths mirror Hugging Face exactly (``model/layers/0/self_attn/q_proj/weight``), with
+weights in torch orientation ``[out, in]``, so the checkpoint key table is the identity. Every
+projection goes through :func:`jaxlora.ops.dense`, which dispatches on the weight's type: the same
+module runs a bf16 array, an NF4 tensor or a LoRA-wrapped weight without knowing which.
+
+References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, rope scaling), Jiang et al.
+2023 (Mistral, sliding window), Qwen2/Qwen3 technical reports; numerics follow ``transformers``'
+``modeling_llama.py`` (RMSNorm in float32, softmax in float32, rotate-half RoPE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlora.models.config import LlamaConfig
+from jaxlora.ops import dense
+
+# Logical axes of each weight, by the Hugging Face module name that owns it (torch orientation).
+# sharding.py maps logical axes to mesh axes; the model never names a mesh axis.
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("vocab", "embed"),
+    "q_proj": ("heads", "embed"),
+    "k_proj": ("kv_heads", "embed"),
+    "v_proj": ("kv_heads", "embed"),
+    "o_proj": ("embed", "heads"),
+    "gate_proj": ("mlp", "embed"),
+    "up_proj": ("mlp", "embed"),
+    "down_proj": ("embed", "mlp"),
+    "input_layernorm": ("embed",),
+    "post_attention_layernorm": ("embed",),
+    "norm": ("embed",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _normal(std: float = 0.02):
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+class Linear(nn.Module):
+    """``x ↦ x @ Wᵀ + b`` with ``W [out, in]`` of any weight type (array, NF4, LoRA)."""
+
+    out_features: int
+    in_features: int
+    use_bias: bool = False
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # `variable` rather than `param`: a stored weight may be an NF4Tensor or LoRAWeight
+        # pytree, whose leaves Linen's param shape check would misread.
+        shape = (self.out_features, self.in_features)
+        w = self.variable(
+            "params", "weight", lambda: _normal()(self.make_rng("params"), shape, self.param_dtype)
+        ).value
+        b = None
+        if self.use_bias:
+            b = self.variable(
+                "params", "bias", lambda: jnp.zeros((self.out_features,), self.param_dtype)
+            ).value
+        # Dropout (LoRA's only randomness) is on exactly when the caller passes a "dropout" rng.
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        return dense(x, w, b, rng=rng)
+
+
+class RMSNorm(nn.Module):
+    """``x ↦ w · x / sqrt(mean(x²) + eps)``, normalised in float32 as ``LlamaRMSNorm`` does."""
+
+    dim: int
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.variable("params", "weight", lambda: jnp.ones((self.dim,), self.param_dtype)).value
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. ``x [B, S, H, D]``, ``positions [B, S]``, ``inv_freq [D/2]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # (B, S, 1, D)
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(
+    q_slots: jax.Array,
+    k_slots: jax.Array,
+    q_segments: jax.Array,
+    k_segments: jax.Array,
+    window: int | None,
+) -> jax.Array:
+    """Boolean ``[B, 1, 1, Sq, Sk]``: causal, same non-zero segment, inside the sliding window.
+
+    Slots are absolute token indices (``[Sq]`` and ``[Sk]``), segments ``[B, Sq]``/``[B, Sk]``
+    (0 = padding). Packed examples get distinct segment ids, so they never see each other.
+    """
+    allowed = k_slots[None, :] <= q_slots[:, None]  # (Sq, Sk)
+    if window is not None:  # transformers: kv_idx > q_idx - sliding_window
+        allowed &= k_slots[None, :] > q_slots[:, None] - window
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    return (allowed[None] & same)[:, None, None]  # (B, 1, 1, Sq, Sk)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    window: int | None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache=None):
+        cfg = self.config
+        B, S, _ = x.shape
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias or cfg.qkv_bias
+        lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
+        q = lin("q_proj", H * D, cfg.hidden_size, bias)(x).reshape(B, S, H, D)
+        k = lin("k_proj", KV * D, cfg.hidden_size, bias)(x).reshape(B, S, KV, D)
+        v = lin("v_proj", KV * D, cfg.hidden_size, bias)(x).reshape(B, S, KV, D)
+        if cfg.qk_norm:
+            q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+        inv_freq = jnp.asarray(cfg.inv_freq())
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+
+        q_slots = jnp.arange(S)
+        k_segments = segment_ids
+        if cache is not None:  # decode: write this step's k/v at cache["index"], attend to all
+            idx = cache["index"]
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, idx))
+            cache = {"k": k, "v": v, "segment_ids": k_segments, "index": idx + S}
+            q_slots = q_slots + idx
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
+        k_slots = jnp.arange(k.shape[1])
+        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+
+        q = q.reshape(B, S, KV, H // KV, D)  # grouped-query: G = H / KV query heads per kv head
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * (D**-0.5)  # (B, KV, G, S, T)
+        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H * D)
+        out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
+        return out, cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
+        up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
+        return Linear(d, f, b, self.param_dtype, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    window: int | None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache=None):
+        cfg, pd = self.config, self.param_dtype
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="input_layernorm")(x)
+        h, cache = Attention(cfg, self.window, pd, name="self_attn")(
+            h, positions, segment_ids, cache
+        )
+        x = x + h
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
+        return x + MLP(cfg, pd, name="mlp")(h), cache
+
+
+class Layers(nn.Module):
+    """``layers/0 ... layers/N-1``, unrolled so each layer keeps its Hugging Face path."""
+
+    config: LlamaConfig
+    remat: str = "none"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, caches=None):
+        layer_cls = DecoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
+        new_caches = []
+        for i, window in enumerate(self.config.sliding_windows):
+            cache = None if caches is None else caches[i]
+            x, cache = layer_cls(self.config, window, self.param_dtype, name=str(i))(
+                x, positions, segment_ids, cache
+            )
+            new_caches.append(cache)
+        return x, (None if caches is None else new_caches)
+
+
+class Embed(nn.Module):
+    """Holds ``embed_tokens/weight [vocab, d]``; returns it (lookup and tied head both use it)."""
+
+    vocab_size: int
+    dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (self.vocab_size, self.dim)
+        init = lambda: _normal()(self.make_rng("params"), shape, self.param_dtype)
+        return self.variable("params", "weight", init).value
+
+
+class LlamaModel(nn.Module):
+    config: LlamaConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, positions, segment_ids, caches=None):
+        cfg = self.config
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
+        x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
+        x, caches = Layers(cfg, self.remat, self.param_dtype, name="layers")(
+            x, positions, segment_ids, caches
+        )
+        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
+        return x, embed, caches
+
+
+class LlamaForCausalLM(nn.Module):
+    """``input_ids [B, S] -> logits [B, S, vocab]`` (and the updated KV caches when decoding).
+
+    ``positions [B, S]`` are RoPE positions; ``segment_ids [B, S]`` (0 = padding) restrict
+    attention to tokens of the same segment, which serves padding masks and packed batches alike.
+    """
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
+        cfg = self.config
+        h, embed_w, caches = LlamaModel(
+            cfg, self.dtype, self.param_dtype, self.remat, name="model"
+        )(input_ids, positions, segment_ids, caches)
+        if return_hidden:
+            return h, caches
+        if cfg.tie_word_embeddings:
+            logits = dense(h, embed_w)
+        else:
+            logits = Linear(
+                cfg.vocab_size, cfg.hidden_size, False, self.param_dtype, name="lm_head"
+            )(h)
+        return logits, caches
+
+
+def init_params(config: LlamaConfig, key: jax.Array, param_dtype=jnp.float32) -> dict:
+    """Random parameters (normal(0, 0.02) weights, unit norms, zero biases) in the HF layout."""
+    module = LlamaForCausalLM(config, param_dtype=param_dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return module.init({"params": key}, ids, ids, ids + 1)["params"]
+
+
+def param_shapes(config: LlamaConfig, param_dtype=jnp.float32) -> dict:
+    """The expected parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating."""
+    return jax.eval_shape(lambda k: init_params(config, k, param_dtype), jax.random.key(0))

@@ -1,0 +1,80 @@
+"""Tiny random Hugging Face models of every supported family, built offline with transformers.
+
+Odd sizes (vocab 61, hidden 40, mlp 37) so transposes and reshapes cannot hide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FAMILIES = {
+    # name: (config class, extra config kwargs)
+    "llama2_mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama3_gqa_tied_rope": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+            rope_parameters=dict(
+                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "llama_bias": ("LlamaConfig", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen2_window_tied": (
+        "Qwen2Config",
+        dict(
+            num_key_value_heads=1, tie_word_embeddings=True, use_sliding_window=True,
+            sliding_window=4, max_window_layers=1,
+        ),
+    ),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=14)),
+}  # fmt: skip
+
+
+def hf_config(family: str, **overrides):
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    kw = dict(
+        vocab_size=61,
+        hidden_size=40,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+    )
+    kw |= extra | overrides
+    return getattr(transformers, cls_name)(**kw)
+
+
+def make_hf_model(family: str, directory: Path | None = None, seed: int = 0, **overrides):
+    """A random-init transformers model (float32, eval mode), saved to ``directory`` if given.
+
+    Biases and norm weights are randomised too (transformers initialises them to 0 / 1, which
+    would hide a missing bias or a norm applied to the wrong tensor).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.eval()
+    if directory is not None:
+        model.save_pretrained(directory)
+    return model
+
+
+def random_ids(batch: int, seq: int, vocab: int = 61, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int64)
