@@ -197,3 +197,26 @@ def save_pretrained(
     cfg = config.to_hf() | {"dtype": dtype} | dict(extra_config or {})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return directory
+
+
+def fingerprint(directory: Path) -> str:
+    """A cheap identity of a checkpoint: config.json, every tensor's name/dtype/shape, and a
+    sample of each weight file's bytes (sha256, 16 hex digits). Resume refuses a mismatch."""
+    import hashlib
+
+    from jaxlora.safetensors_io import SafetensorsFile, checkpoint_files
+
+    h = hashlib.sha256()
+    cfg = json.loads((directory / "config.json").read_text())
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for path in checkpoint_files(directory):
+        f = SafetensorsFile(path)
+        for key in sorted(f.keys()):
+            arr = f.get(key)
+            h.update(f"{key}:{arr.dtype}:{arr.shape}".encode())
+            raw = arr.reshape(-1).view(np.uint8)
+            h.update(raw[:4096].tobytes())
+            h.update(raw[-4096:].tobytes())
+    return h.hexdigest()[:16]
