@@ -1,0 +1,112 @@
+"""Fused NF4 dequant-matmul ``y = x @ dequant(W)ᵀ`` with a custom VJP (QLoRA's frozen base).
+
+``W`` is ``[N, K]`` in torch orientation, held as bnb bytes ``codes [N, K/2]`` (uint8, high
+nibble first) and a float32 ``absmax [N, K/blocksize]`` (a double-quantized absmax is
+dequantized before the call: it is 1/64 of the elements and cheap in XLA). The VJP gives
+``dx = dy @ dequant(W)`` with a second kernel and no gradient for the frozen weight.
+
+Backends: GPU -> Pallas Triton kernels (``nf4_triton``), TPU -> Pallas Mosaic kernels
+(``nf4_tpu``); either runs on CPU in Pallas interpret mode (tests). ``reference_*`` are the
+plain-jnp definitions the kernels must match: dequantize to the input dtype (float32
+product, then cast, as ``NF4Tensor.dequantize``), float32-accumulated dot, cast back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.kernels import nf4_tpu, nf4_triton
+
+PLATFORMS = ("gpu", "tpu")
+
+
+def dequantize_reference(codes: jax.Array, absmax: jax.Array, code: tuple[float, ...], blocksize: int, dtype) -> jax.Array:  # fmt: skip
+    """``codes [N, K/2], absmax [N, K/bs] -> W [N, K]`` in ``dtype``."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    c = codes.astype(jnp.int32)
+    idx = jnp.stack([c >> 4, c & 15], axis=-1).reshape(n, k)
+    v = jnp.asarray(code, jnp.float32)[idx].reshape(n, k // blocksize, blocksize)
+    return (v * absmax[:, :, None]).reshape(n, k).astype(dtype)
+
+
+def reference_forward(x, codes, absmax, *, code, blocksize):
+    """``x [M, K] -> x @ Wᵀ [M, N]`` in ``x.dtype`` (jnp reference for the forward kernel)."""
+    w = dequantize_reference(codes, absmax, code, blocksize, x.dtype)
+    prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, w.T, precision=prec, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def reference_input_grad(dy, codes, absmax, *, code, blocksize):
+    """``dy [M, N] -> dy @ W [M, K]`` in ``dy.dtype`` (jnp reference for the dx kernel)."""
+    w = dequantize_reference(codes, absmax, code, blocksize, dy.dtype)
+    prec = jax.lax.Precision.HIGHEST if dy.dtype == jnp.float32 else None
+    return jnp.dot(dy, w, precision=prec, preferred_element_type=jnp.float32).astype(dy.dtype)
+
+
+def _impl(platform: str | None, interpret: bool):
+    if platform is None:
+        platform = jax.default_backend()
+        if platform not in PLATFORMS:
+            if not interpret:
+                raise ValueError(
+                    f"nf4_matmul: no compiled Pallas kernel for backend {platform!r}; "
+                    "pass interpret=True (slow) or use the dequantize-then-dot path"
+                )
+            platform = "gpu"  # interpret the GPU kernels by default
+    if platform not in PLATFORMS:
+        raise ValueError(f"nf4_matmul: platform must be one of {PLATFORMS}, got {platform!r}")
+    return nf4_triton if platform == "gpu" else nf4_tpu
+
+
+def _check(x, codes, absmax, blocksize):
+    n, k2 = codes.shape
+    if codes.dtype != jnp.uint8 or x.ndim != 2 or x.shape[1] != 2 * k2:
+        raise ValueError(f"nf4_matmul: want x [M, K] and uint8 codes [N, K/2], got {x.shape}, {codes.dtype}{codes.shape}")  # fmt: skip
+    if (
+        (2 * k2) % blocksize
+        or absmax.shape != (n, 2 * k2 // blocksize)
+        or absmax.dtype != jnp.float32
+    ):
+        raise ValueError(f"nf4_matmul: want float32 absmax [{n}, {2 * k2}/{blocksize}], got {absmax.dtype}{absmax.shape}")  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _matmul(x, codes, absmax, code, blocksize, interpret, platform):
+    impl = _impl(platform, interpret)
+    return impl.forward(x, codes, absmax, code=code, blocksize=blocksize, interpret=interpret)
+
+
+def _matmul_fwd(x, codes, absmax, code, blocksize, interpret, platform):
+    return _matmul(x, codes, absmax, code, blocksize, interpret, platform), (codes, absmax)
+
+
+def _matmul_bwd(code, blocksize, interpret, platform, res, dy):
+    codes, absmax = res
+    impl = _impl(platform, interpret)
+    dx = impl.input_grad(dy, codes, absmax, code=code, blocksize=blocksize, interpret=interpret)
+    return dx, None, None  # the 4-bit weight is frozen: no cotangent
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def nf4_matmul(
+    x: jax.Array,
+    codes: jax.Array,
+    absmax: jax.Array,
+    *,
+    code: tuple[float, ...],
+    blocksize: int,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> jax.Array:
+    """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype``, differentiable in ``x`` only.
+
+    ``code`` is the 16-entry value table (NF4 or FP4) as Python floats; ``platform`` picks the
+    kernel family (``"gpu"`` Triton, ``"tpu"`` Mosaic; default: the running backend).
+    """
+    _check(x, codes, absmax, blocksize)
+    return _matmul(x, codes, absmax, tuple(code), blocksize, interpret, platform)

@@ -1,0 +1,157 @@
+"""NF4 dequant-matmul kernels for TPU: Pallas with the Mosaic lowering.
+
+Mosaic wants (8, 128)-aligned blocks and has no cheap lane interleave or lane broadcast,
+so the weight is presented transposed and tile-reordered (``tile_layout``, a per-call XLA
+pass over the 4-bit bytes, N*K/2 bytes, small next to a training matmul):
+
+* ``codes_t [Kp/2, N]``: for K-tile ``t`` of ``bk`` elements, byte row ``j`` holds element
+  ``t*bk + j`` in the high nibble and ``t*bk + bk/2 + j`` in the low one, so a tile's two
+  halves are two sublane-aligned slabs (a concat along sublanes, no interleave);
+* ``absmax_t [Kp/bs, N]``: one row per block, broadcast over ``bs`` sublanes in-kernel.
+
+``K`` is zero-padded to a multiple of ``bk`` (absmax 0 -> weight 0). The grid runs the
+contracted axis last ("arbitrary") into a float32 VMEM accumulator. Edge blocks along M and
+N read unspecified values; they only reach outputs that are dropped, except in ``dx``
+where N is contracted and the tail is masked explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxlora.kernels.nf4_triton import lut
+
+
+def k_tile(blocksize: int) -> int:
+    """K tile: bk/2 bytes fill 8-bit sublane tiles (32) and bk/bs absmax rows fill 8."""
+    return max(512, 8 * blocksize)
+
+
+def tile_layout(codes: jax.Array, absmax: jax.Array, bk: int) -> tuple[jax.Array, jax.Array]:
+    """``codes [N, K/2], absmax [N, K/bs] -> codes_t [Kp/2, N], absmax_t [Kp/bs, N]``."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    kp = pl.cdiv(k, bk) * bk
+    c = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(n, k)
+    c = jnp.pad(c, ((0, 0), (0, kp - k))).reshape(n, kp // bk, 2, bk // 2)
+    c = (c[:, :, 0] << 4) | c[:, :, 1]  # (n, tiles, bk/2)
+    bs = k // absmax.shape[1]
+    a = jnp.pad(absmax, ((0, 0), (0, (kp - k) // bs)))
+    return c.reshape(n, kp // 2).T, a.T
+
+
+def _tile_t(c, a, bk: int, bs: int, code) -> jax.Array:
+    """``c [bk/2, bn] uint8, a [bk/bs, bn] -> Wᵀ tile [bk, bn]`` float32."""
+    c = c.astype(jnp.int32)
+    v = jnp.concatenate([lut(c >> 4, code), lut(c & 15, code)], axis=0)
+    bn = c.shape[1]
+    return v * jnp.broadcast_to(a[:, None, :], (bk // bs, bs, bn)).reshape(bk, bn)
+
+
+def _precision(dtype) -> lax.Precision:
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _fwd_kernel(x_ref, c_ref, a_ref, o_ref, acc_ref, *, bk, bs, code):
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    x = x_ref[...]
+    wt = _tile_t(c_ref[...], a_ref[...], bk, bs, code).astype(x.dtype)
+    acc_ref[...] += jnp.dot(
+        x, wt, precision=_precision(x.dtype), preferred_element_type=jnp.float32
+    )
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _dx_kernel(dy_ref, c_ref, a_ref, o_ref, acc_ref, *, n, bn, bk, bs, code):
+    s = pl.program_id(2)
+
+    @pl.when(s == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    valid = s * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n  # the N tail
+    dy = jnp.where(valid, dy_ref[...], 0).astype(dy_ref.dtype)
+    wt = jnp.where(valid, _tile_t(c_ref[...], a_ref[...], bk, bs, code), 0).astype(dy.dtype)
+    dims = (((1,), (1,)), ((), ()))  # dy (bm, bn) . wt (bk, bn) -> (bm, bk)
+    acc_ref[...] += lax.dot_general(
+        dy, wt, dims, precision=_precision(dy.dtype), preferred_element_type=jnp.float32
+    )
+
+    @pl.when(s == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def _bm(m: int, dtype) -> int:
+    sub = 8 * (4 // jnp.dtype(dtype).itemsize)  # sublane packing: 8 f32, 16 bf16 rows
+    return min(256, pl.cdiv(m, sub) * sub)
+
+
+def _bn(n: int) -> int:
+    return n if n <= 256 else 256
+
+
+def forward(x, codes, absmax, *, code, blocksize, interpret=False):
+    """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype`` (Mosaic kernel)."""
+    (m, k), n = x.shape, codes.shape[0]
+    bk = k_tile(blocksize)
+    codes_t, absmax_t = tile_layout(codes, absmax, bk)
+    kp = codes_t.shape[0] * 2
+    if kp != k:
+        x = jnp.pad(x, ((0, 0), (0, kp - k)))
+    bm, bn = _bm(m, x.dtype), _bn(n)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, bk=bk, bs=blocksize, code=code),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), kp // bk),
+        in_specs=[
+            pl.BlockSpec((bm, bk), lambda i, j, t: (i, t)),
+            pl.BlockSpec((bk // 2, bn), lambda i, j, t: (t, j)),
+            pl.BlockSpec((bk // blocksize, bn), lambda i, j, t: (t, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, t: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="nf4_matmul_fwd_tpu",
+    )(x, codes_t, absmax_t)
+
+
+def input_grad(dy, codes, absmax, *, code, blocksize, interpret=False):
+    """``dy [M, N] -> dy @ dequant(W) [M, K]`` in ``dy.dtype`` (Mosaic kernel)."""
+    (m, n), k = dy.shape, codes.shape[1] * 2
+    bk = k_tile(blocksize)
+    codes_t, absmax_t = tile_layout(codes, absmax, bk)
+    kp = codes_t.shape[0] * 2
+    bm, bn = _bm(m, dy.dtype), _bn(n)
+    dx = pl.pallas_call(
+        functools.partial(_dx_kernel, n=n, bn=bn, bk=bk, bs=blocksize, code=code),
+        out_shape=jax.ShapeDtypeStruct((m, kp), dy.dtype),
+        grid=(pl.cdiv(m, bm), kp // bk, pl.cdiv(n, bn)),
+        in_specs=[
+            pl.BlockSpec((bm, bn), lambda i, t, s: (i, s)),
+            pl.BlockSpec((bk // 2, bn), lambda i, t, s: (t, s)),
+            pl.BlockSpec((bk // blocksize, bn), lambda i, t, s: (t, s)),
+        ],
+        out_specs=pl.BlockSpec((bm, bk), lambda i, t, s: (i, t)),
+        scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="nf4_matmul_dx_tpu",
+    )(dy, codes_t, absmax_t)
+    return dx if kp == k else dx[:, :k]
