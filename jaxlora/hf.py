@@ -160,15 +160,14 @@ def _bnb_reader(raw_config: dict[str, Any]):
     qc = raw_config.get("quantization_config")
     if not qc:
         return None
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
-        raise UnsupportedConfigError(
-            f"config.json: quantization_config {qc.get('quant_method')!r} "
-            f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; jaxlora reads "
-            "bitsandbytes 4-bit (nf4/fp4) checkpoints"
-        )
-    from jaxlora.nf4 import BnbCheckpointReader
+    from jaxlora.nf4_bnb import BnbCheckpointReader
 
-    return BnbCheckpointReader(qc)
+    try:
+        return BnbCheckpointReader(qc)
+    except ValueError as e:
+        raise UnsupportedConfigError(
+            f"config.json: {e}; jaxlora reads bitsandbytes 4-bit (nf4/fp4) checkpoints"
+        ) from None
 
 
 def save_pretrained(

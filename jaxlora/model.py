@@ -50,7 +50,7 @@ class Model:
     quant: str | None = None
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
-        param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
         return LlamaForCausalLM(self.config, dtype=self.dtype, param_dtype=param_dtype, remat=remat)
 
     def __call__(
@@ -80,6 +80,36 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
+    # ---- LoRA (thin wrappers over jaxlora.lora / peft_io / export) ----------------------------
+
+    def apply_lora(self, cfg: Any, *, key: jax.Array | None = None) -> Model:
+        """A new Model with LoRA injected per ``cfg`` (a :class:`jaxlora.lora.LoraConfig`)."""
+        from jaxlora.lora import inject
+
+        if self.lora is not None:
+            raise ValueError("the model already has a LoRA adapter; merge() it first")
+        key = jax.random.key(0) if key is None else key
+        return dataclasses.replace(self, params=inject(self.params, cfg, key), lora=cfg)
+
+    def save_adapter(self, directory: str | Path, base_model_name_or_path: str | None = None):
+        """Write the applied adapter as a PEFT adapter directory (see ``jaxlora.peft_io``)."""
+        from jaxlora.peft_io import save_adapter
+
+        return save_adapter(self, self.lora, directory, base_model_name_or_path)
+
+    def merge(self) -> Model:
+        """A new Model with every LoRA weight folded into its base (float32 merge; NF4 bases
+        come back dense)."""
+        from jaxlora.lora import merge
+
+        return dataclasses.replace(self, params=merge(self.params), lora=None)
+
+    def save_merged(self, directory: str | Path, dtype: str | None = None) -> Path:
+        """Write a plain HF checkpoint with the adapter merged in (see ``jaxlora.export``)."""
+        from jaxlora.export import save_merged
+
+        return save_merged(self, directory, dtype=dtype)
+
 
 def load_model(
     path_or_id: str | Path,
@@ -107,7 +137,7 @@ def load_model(
     config, raw = hf.read_config(directory)
     convert = None
     if quant not in (None, "none"):
-        from jaxlora.nf4 import quantizing_converter
+        from jaxlora.nf4_bnb import quantizing_converter
 
         convert = quantizing_converter(quant, dtype=dtype, **(quant_kwargs or {}))
     params = hf.load_params(directory, config, dtype, convert=convert, raw_config=raw)

@@ -15,5 +15,5 @@ def pytest_collection_modifyitems(config, items):
     if jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() != 'gpu')")
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu") is not None:
                 item.add_marker(skip)

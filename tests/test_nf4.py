@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 
-from jaxlora import nf4  # noqa: E402
+from jaxlora import nf4, nf4_bnb  # noqa: E402
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -80,7 +80,7 @@ def test_other_blocksizes_match_bnb(blocksize):
         )
         ours = nf4.quantize(w_np, blocksize=blocksize)
         np.testing.assert_array_equal(np.asarray(ours.codes).reshape(-1), q.numpy().reshape(-1))
-        t = nf4.from_bnb(q.numpy(), _state_dict(q, st))
+        t = nf4_bnb.from_bnb(q.numpy(), _state_dict(q, st))
         assert t.is_2d == (shape[1] % blocksize == 0)
         absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
         ref_fn = bnb_default_ops._dequantize_4bit_compute.__wrapped__
@@ -178,7 +178,7 @@ def test_dequantize_bnb_state_bit_identical(quant_type, dtype, double_quant):
         q, st = F.quantize_4bit(
             w_t, blocksize=64, quant_type=quant_type, compress_statistics=double_quant
         )
-        t = nf4.from_bnb(q.numpy(), _state_dict(q, st))
+        t = nf4_bnb.from_bnb(q.numpy(), _state_dict(q, st))
         got = np.asarray(t.dequantize().astype(jnp.float32))
         # bnb's torch reference (backends/default), i.e. the CUDA semantics.
         absmax = st.absmax
@@ -203,9 +203,9 @@ def test_to_bnb_from_bnb_round_trip_exact(quant_type, double_quant):
             w_t, blocksize=64, quant_type=quant_type, compress_statistics=double_quant
         )
         sd = _state_dict(q, st)
-        t = nf4.from_bnb(q.numpy(), sd)
+        t = nf4_bnb.from_bnb(q.numpy(), sd)
         assert t.is_2d == (shape[1] % 64 == 0)
-        back = nf4.to_bnb(t)
+        back = nf4_bnb.to_bnb(t)
         want = {"weight": q.numpy(), **{f"weight.{k}": v for k, v in sd.items()}}
         assert back.keys() == want.keys()
         for k, v in want.items():
@@ -219,11 +219,11 @@ def test_bfloat16_quant_storage():
         w_t, quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16
     )
     packed = q.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    t = nf4.from_bnb(packed, _state_dict(q, st))
+    t = nf4_bnb.from_bnb(packed, _state_dict(q, st))
     ref = F.dequantize_4bit(q, st).float().numpy()
     assert t.dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(t.dequantize().astype(jnp.float32)), ref)
-    back = nf4.to_bnb(t, quant_storage="bfloat16")["weight"]
+    back = nf4_bnb.to_bnb(t, quant_storage="bfloat16")["weight"]
     assert back.dtype == ml_dtypes.bfloat16 and back.shape == packed.shape
     np.testing.assert_array_equal(back.view(np.uint16), packed.view(np.uint16))
 
@@ -233,7 +233,7 @@ def test_bfloat16_quant_storage():
 def test_our_quantization_dequantizes_the_same_in_bnb(shape, quant_type):
     w_np, _ = _weight(shape, "bfloat16", seed=4)
     t = nf4.quantize(w_np, quant_type=quant_type)
-    sd = nf4.to_bnb(t)
+    sd = nf4_bnb.to_bnb(t)
     qs = F.QuantState.from_dict(
         {k.removeprefix("weight."): torch.from_numpy(v) for k, v in sd.items() if k != "weight"},
         device="cpu",
@@ -281,15 +281,15 @@ def test_quantization_config_matches_transformers():
             bnb_4bit_compute_dtype=getattr(torch, cd),
             bnb_4bit_quant_storage=qs,
         ).to_dict()
-        ours = nf4.quantization_config(
+        ours = nf4_bnb.quantization_config(
             quant_type=qt, double_quant=dq, compute_dtype=cd, quant_storage=qs
         )
         assert json.dumps(ours, sort_keys=True) == json.dumps(ref, sort_keys=True)
-        parsed = nf4.parse_quantization_config(ref)
+        parsed = nf4_bnb.parse_quantization_config(ref)
         assert parsed["quant_type"] == qt and parsed["double_quant"] == dq
         assert parsed["compute_dtype"] == cd and parsed["quant_storage"] == qs
     with pytest.raises(ValueError, match="8-bit"):
-        nf4.parse_quantization_config(BitsAndBytesConfig(load_in_8bit=True).to_dict())
+        nf4_bnb.parse_quantization_config(BitsAndBytesConfig(load_in_8bit=True).to_dict())
 
 
 def test_bad_input_is_refused():
@@ -303,6 +303,6 @@ def test_bad_input_is_refused():
     q, st = F.quantize_4bit(w_t, quant_type="nf4", compress_statistics=True)
     sd = _state_dict(q, st)
     with pytest.raises(ValueError, match="quant_map"):
-        nf4.from_bnb(q.numpy(), {**sd, "quant_map": nf4.FP4_CODE})
+        nf4_bnb.from_bnb(q.numpy(), {**sd, "quant_map": nf4.FP4_CODE})
     with pytest.raises(ValueError, match="packed codes"):
-        nf4.from_bnb(q.numpy()[:-1], sd)
+        nf4_bnb.from_bnb(q.numpy()[:-1], sd)
