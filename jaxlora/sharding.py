@@ -50,7 +50,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
             f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {int(np.prod(sizes))}, "
             f"but there are {n} devices"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+    # Auto axes: XLA's partitioner propagates shardings from the explicit in/out shardings of
+    # the jitted step (jax.make_mesh would otherwise default to explicit sharding-in-types).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def _key_name(k) -> str | None:
