@@ -1,0 +1,486 @@
+"""LoRA with PEFT's semantics, as pure functions of parameter trees.
+
+``x ↦ W₀x + s·B(A(dropout(x)))`` with ``A [r, in]``, ``B [out, r]`` and ``s = α/r`` (``α/√r`` with
+rsLoRA), Hu et al. 2021 (arXiv:2106.09685); DoRA, Liu et al. 2024 (arXiv:2402.09353). Names,
+defaults and matching rules follow ``peft`` 0.21.2 (``peft/tuners/lora/{config,layer,dora}.py``,
+``peft/tuners/tuners_utils.py``), so an adapter moves between jaxlora and PEFT unchanged.
+
+The vocabulary is lorax/levanter's: :func:`inject` wraps targeted weights in :class:`LoRAWeight`
+(the model's ``dense`` dispatch does the rest), :func:`partition`/:func:`combine` split the tree
+into frozen and trainable halves (gradients and optimizer state exist only for the latter),
+:func:`merge`/:func:`unmerge` fold the adapter into the base and back. Which modules are targeted
+and how A and B start is in :mod:`jaxlora.lora_init`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.ops import dense
+
+BIAS_MODES = ("none", "all", "lora_only")
+INITS = ("default", "random", "gaussian", "pissa", "loftq")  # + "pissa_niter_<K>"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class LoraError(ValueError):
+    """Something about LoRA (its config, an adapter, a tree) that jaxlora refuses."""
+
+
+class LoraConfigError(LoraError):
+    """A :class:`LoraConfig` field holds a value that is not allowed; the message names it."""
+
+
+def _bad(field: str, msg: str) -> LoraConfigError:
+    return LoraConfigError(f"LoraConfig.{field}: {msg}")
+
+
+def _positive(field: str, value: Any, *, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or value <= 0:
+        raise _bad(field, f"must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def _check_regex(field: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise _bad(field, f"{pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _names(field: str, value: Any) -> str | tuple[str, ...] | None:
+    """A str (regex) stays a str; any list/tuple/set becomes a de-duplicated tuple of names."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list | tuple | set | frozenset):
+        raise _bad(
+            field, f"must be a string, a list of strings or None, got {type(value).__name__}"
+        )
+    items = sorted(value) if isinstance(value, set | frozenset) else list(value)
+    if not all(isinstance(v, str) and v for v in items):
+        raise _bad(field, f"every entry must be a non-empty string, got {items!r}")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters with PEFT's names (``alpha`` is ``lora_alpha``, ``dropout`` is
+    ``lora_dropout``, ``init`` is ``init_lora_weights``) and PEFT 0.21.2's defaults.
+
+    * ``target_modules``: ``None`` = PEFT's default for Llama/Mistral/Qwen2/Qwen3,
+      ``("q_proj", "v_proj")``; a list matches a module path exactly or as a dotted suffix
+      (``"self_attn.q_proj"``); a str is a regex ``re.fullmatch``-ed against the whole path
+      (``"model.layers.0.self_attn.q_proj"``); ``"all-linear"`` is every linear except ``lm_head``.
+    * ``exclude_modules``: same forms, removes matches from ``target_modules``.
+    * ``bias``: which biases train: ``"none"``, ``"all"`` (every bias in the model) or
+      ``"lora_only"`` (biases of LoRA-wrapped layers).
+    * ``modules_to_save``: modules trained and saved in full; a name matches every module whose
+      path ends with it (plain ``str.endswith``, as PEFT's ``_set_trainable``).
+    * ``layers_to_transform`` (int or list) / ``layers_pattern``: keep only targets in these layer
+      indices (list ``target_modules`` only, as in PEFT).
+    * ``rank_pattern`` / ``alpha_pattern``: ``{regex: value}``; a key applies to a module when
+      ``re.match(rf"(.*\\.)?({key})$", path)`` (PEFT's ``get_pattern_key``), first key wins.
+    * ``init``: ``"default"`` (A ~ kaiming-uniform = U(±1/√in), B = 0), ``"random"`` (PEFT's
+      ``init_lora_weights=False``: B ~ U(±1/√r) too, not a no-op; for tests), ``"gaussian"``
+      (A ~ N(0, std=1/r), B = 0), ``"pissa"``, ``"pissa_niter_<K>"``, ``"loftq"``.
+    * ``dtype``: jaxlora-only (not in adapter_config.json): dtype of A, B and the DoRA magnitude.
+      PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``), hence the default.
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    loftq_iters: int = 1
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        _positive("r", self.r, integer=True)
+        _positive("alpha", self.alpha)
+        _positive("loftq_iters", self.loftq_iters, integer=True)
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise _bad(field, f"must be true or false, got {getattr(self, field)!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise _bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        for field in ("target_modules", "exclude_modules"):
+            value = _names(field, getattr(self, field))
+            if isinstance(value, tuple):  # a set in PEFT: order carries no meaning
+                value = tuple(sorted(value))
+            if isinstance(value, str) and value.lower() != "all-linear":
+                _check_regex(field, value)
+            if value is not None and len(value) == 0:
+                raise _bad(field, "must not be empty (None means PEFT's default)")
+            if isinstance(value, tuple) and any(v.lower() == "all-linear" for v in value):
+                raise _bad(field, "write 'all-linear' as a plain string, not inside a list")
+            put(field, value)
+        if self.bias not in BIAS_MODES:
+            raise _bad("bias", f"must be one of {BIAS_MODES}, got {self.bias!r}")
+        mts = _names("modules_to_save", self.modules_to_save or ())
+        if isinstance(mts, str):
+            raise _bad("modules_to_save", f"must be a list of module names, got the string {mts!r}")
+        put("modules_to_save", mts)
+        put("layers_to_transform", self._layers())
+        lp = _names("layers_pattern", self.layers_pattern) or None
+        put("layers_pattern", (lp,) if isinstance(lp, str) else lp)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise _bad("layers_to_transform", "cannot be used when target_modules is a str (PEFT)")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise _bad("layers_pattern", "needs layers_to_transform (PEFT)")
+        for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            pattern = dict(getattr(self, field) or {})
+            for key, value in pattern.items():
+                _check_regex(f"{field}[{key!r}]", key)
+                _positive(f"{field}[{key!r}]", value, integer=integer)
+            put(field, pattern)
+        if self.init not in INITS and not _pissa_niter(self.init):
+            raise _bad("init", f"must be one of {INITS} or 'pissa_niter_<K>', got {self.init!r}")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", f"must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def _layers(self) -> int | tuple[int, ...] | None:
+        lt = self.layers_to_transform
+        if lt is None:
+            return None
+        values = [lt] if isinstance(lt, int) else list(lt)
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise _bad(
+                "layers_to_transform", f"must be an int or a non-empty list of ints, got {lt!r}"
+            )
+        if min(values) < 0:
+            raise _bad("layers_to_transform", f"layer indices must be >= 0, got {lt!r}")
+        return lt if isinstance(lt, int) else tuple(values)
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """``(r, alpha)`` for the module at ``path`` after ``rank_pattern`` / ``alpha_pattern``."""
+        return (
+            _pattern_value(self.rank_pattern, path, self.r),
+            _pattern_value(self.alpha_pattern, path, self.alpha),
+        )
+
+    def scale(self, path: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for the module at ``path``."""
+        r, alpha = self.rank_alpha(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """This config as PEFT 0.21.2's ``adapter_config.json`` (same keys PEFT writes)."""
+        from jaxlora.peft_io import config_to_peft
+
+        return config_to_peft(self, base_model_name_or_path)
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
+        """Parse an ``adapter_config.json`` dict; refuses PEFT features jaxlora does not implement."""
+        from jaxlora.peft_io import config_from_peft
+
+        return config_from_peft(d)
+
+
+def from_recipe(section: Any) -> LoraConfig:
+    """The :class:`LoraConfig` for a recipe's ``lora:`` section (``jaxlora.config.LoraConfig``,
+    same field names); a field this module does not know is an error, not dropped."""
+    ours = {f.name for f in dataclasses.fields(LoraConfig)}
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    unknown = sorted(set(values) - ours)
+    if unknown:
+        raise LoraConfigError(f"lora: recipe field(s) {unknown} have no LoraConfig counterpart")
+    return LoraConfig(**values)
+
+
+def to_meta(cfg: LoraConfig) -> dict[str, Any]:
+    """``cfg`` as JSON-ready plain data (tuples become lists), e.g. for checkpoint metadata."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _pissa_niter(init: str) -> bool:
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+    # peft.utils.other.get_pattern_key: the first key that matches as a dotted suffix regex.
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return pattern[key]
+    return default
+
+
+# ---- the weight type -------------------------------------------------------------------------
+
+
+def dense_weight(w: Any, dtype: Any) -> jax.Array:
+    """The ``[out, in]`` matrix a weight stands for: an array cast, or anything with
+    ``.dequantize(dtype)`` (``NF4Tensor``) dequantized."""
+    if isinstance(w, jax.Array | np.ndarray):
+        return jnp.asarray(w).astype(dtype)
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    raise TypeError(f"cannot materialize a {type(w).__name__} weight as a dense matrix")
+
+
+def weight_dtype(w: Any) -> Any:
+    """The dtype a base weight computes in (an NF4Tensor: the dtype it dequantizes to)."""
+    return jnp.dtype(w.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    # torch.nn.Dropout: zero with probability p, scale the survivors by 1/(1-p).
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoRAWeight:
+    """A frozen ``[out, in]`` base plus a low-rank update: ``W₀ + s·B·A``, never materialized.
+
+    Leaves: ``base`` (array or ``NF4Tensor``, ``[out, in]``), ``a [r, in]``, ``b [out, r]``,
+    ``magnitude [out]`` (DoRA only, else ``None``). Static: ``scale`` (s), ``dropout`` (rate),
+    ``use_dora``. :func:`partition` builds halves with ``None`` in place of the other side's
+    leaves; :func:`combine` puts them back together.
+    """
+
+    _LEAVES = ("base", "a", "b", "magnitude")
+
+    def __init__(self, base, a, b, magnitude=None, *, scale: float, dropout: float = 0.0,
+                 use_dora: bool = False):  # fmt: skip
+        self.base, self.a, self.b, self.magnitude = base, a, b, magnitude
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.use_dora = bool(use_dora)
+
+    def _aux(self) -> tuple[float, float, bool]:
+        return (self.scale, self.dropout, self.use_dora)
+
+    def tree_flatten_with_keys(self):
+        children = [(jax.tree_util.GetAttrKey(k), getattr(self, k)) for k in self._LEAVES]
+        return children, self._aux()
+
+    def tree_flatten(self):
+        return tuple(getattr(self, k) for k in self._LEAVES), self._aux()
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        scale, dropout, use_dora = aux
+        return cls(*children, scale=scale, dropout=dropout, use_dora=use_dora)
+
+    def replace(self, **kw: Any) -> LoRAWeight:
+        fields = {k: getattr(self, k) for k in self._LEAVES}
+        fields |= {"scale": self.scale, "dropout": self.dropout, "use_dora": self.use_dora}
+        return LoRAWeight(**(fields | kw))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.base is not None:
+            return tuple(self.base.shape)
+        return (int(self.b.shape[0]), int(self.a.shape[1]))
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def __repr__(self) -> str:
+        base = "None" if self.base is None else type(self.base).__name__
+        r = None if self.a is None else self.rank
+        return (f"LoRAWeight(shape={self.shape}, r={r}, scale={self.scale:g}, "
+                f"dropout={self.dropout:g}, use_dora={self.use_dora}, base={base})")  # fmt: skip
+
+    def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """``x [..., in] -> [..., out]`` in ``x.dtype``, as ``peft.tuners.lora.Linear.forward``.
+
+        Plain: ``base(x) + s·B(A(dropout(x)))``. The LoRA branch runs in the adapter's dtype (x is
+        cast to it first) and the sum is taken in the promoted dtype before casting back.
+        DoRA (``DoraLinearLayer.forward``): with ``n = ‖W + s·B·A‖`` per output row, detached,
+        ``base(x) + (m/n − 1)·base(x_d) + (m/n)·s·B(A(x_d))`` where ``x_d`` is the dropped-out
+        input; without dropout ``base(x_d)`` is the base output already computed (no bias: the
+        bias is added by ``dense`` outside this call, as PEFT subtracts it).
+        """
+        if self.base is None or self.a is None or self.b is None:
+            raise ValueError("LoRAWeight.matmul on a partitioned half: combine() it first")
+        y = dense(x, self.base)  # (..., out) in x.dtype
+        lora_dtype = self.a.dtype
+        xl = x.astype(lora_dtype)
+        dropped = rng is not None and self.dropout > 0.0
+        if dropped:
+            xl = _dropout(xl, self.dropout, rng)
+        lora = jnp.einsum("...i,ri->...r", xl, self.a)
+        lora = jnp.einsum("...r,or->...o", lora, self.b)  # (..., out)
+        if not self.use_dora:
+            return (y + lora * self.scale).astype(x.dtype)
+        w = dense_weight(self.base, lora_dtype)
+        delta = jax.lax.stop_gradient(self.b @ self.a)
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + self.scale * delta, axis=1))
+        mag = self.magnitude.astype(lora_dtype) / norm  # (out,)
+        base_term = jnp.einsum("...i,oi->...o", xl, w) if dropped else y
+        return (y + ((mag - 1) * base_term + mag * lora * self.scale)).astype(x.dtype)
+
+    def merged(self, dtype: Any = None) -> jax.Array:
+        """``W₀ + s·B·A`` computed in float32 (DoRA: ``m/‖W₀ + s·B·A‖ · (W₀ + s·B·A)``), cast to
+        ``dtype`` (default: the base's dtype; an NF4 base's is the dtype it dequantizes to)."""
+        w = dense_weight(self.base, jnp.float32)
+        w = w + self.scale * (self.b.astype(jnp.float32) @ self.a.astype(jnp.float32))
+        if self.use_dora:
+            norm = jnp.linalg.norm(w, axis=1)
+            w = (self.magnitude.astype(jnp.float32) / norm)[:, None] * w
+        return w.astype(weight_dtype(self.base) if dtype is None else dtype)
+
+
+# ---- tree functions -----------------------------------------------------------------------------
+
+
+def _map(tree: dict, fn, path: str = "") -> dict:
+    """Rebuild a nested dict, calling ``fn(path, leaf)`` on every non-dict value."""
+    return {
+        k: _map(v, fn, f"{path}{k}.") if isinstance(v, dict) else fn(f"{path}{k}", v)
+        for k, v in tree.items()
+    }
+
+
+def inject(params: dict, cfg: LoraConfig, key: jax.Array) -> dict:
+    """Wrap every weight ``cfg`` targets in a :class:`LoRAWeight`; everything else is unchanged.
+
+    ``params`` is the Hugging Face-shaped tree (arrays or ``NF4Tensor`` weights). Matching,
+    ranks, scales and the initial A, B (and, for PiSSA/LoftQ, the new base) come from
+    :mod:`jaxlora.lora_init`. Raises :class:`LoraConfigError` for a target that matches nothing
+    (listing the modules there are) or a module LoRA cannot wrap.
+    """
+    from jaxlora import lora_init
+
+    targets = lora_init.resolve_targets(params, cfg, strict=True)
+    lora_init.check_modules_to_save(params, cfg)
+    keys = dict(zip(sorted(targets), jax.random.split(key, len(targets)), strict=True))
+    dtype = DTYPES[cfg.dtype]
+
+    def wrap(path: str, leaf: Any) -> Any:
+        module, name = path.rsplit(".", 1)
+        if name != "weight" or module not in targets:
+            return leaf
+        r, _ = targets[module]
+        scale = cfg.scale(module)
+        base, a, b = lora_init.init_lora(cfg, leaf, r, scale, keys[module], dtype, where=module)
+        magnitude = lora_init.dora_magnitude(base, a, b, scale, dtype) if cfg.use_dora else None
+        return LoRAWeight(base, a, b, magnitude, scale=scale, dropout=cfg.dropout,
+                          use_dora=cfg.use_dora)  # fmt: skip
+
+    return _map(params, wrap)
+
+
+def _is_trainable_leaf(path: str, leaf: Any, lora_modules: set[str], saved: set[str], bias: str):
+    module, name = path.rsplit(".", 1) if "." in path else ("", path)
+    prefixes = module.split(".")
+    if any(".".join(prefixes[:i]) in saved for i in range(1, len(prefixes) + 1)):
+        return True
+    if name == "bias":
+        return bias == "all" or (bias == "lora_only" and module in lora_modules)
+    return False
+
+
+def partition(params: dict, cfg: LoraConfig) -> tuple[dict, dict]:
+    """``params -> (frozen, trainable)``, two trees of the same shape with ``None`` holes.
+
+    Trainable: every LoRA ``a``, ``b`` and DoRA ``magnitude``; biases per ``cfg.bias``; every
+    leaf of a ``modules_to_save`` module. A LoRA weight splits into a half with only ``base``
+    and a half with only ``a``/``b``/``magnitude``. ``None`` is an empty pytree, so
+    ``jax.grad``/optax over ``trainable`` see exactly the trainable arrays.
+    """
+    from jaxlora import lora_init
+
+    flat = _flatten(params)
+    lora_modules = {p.rsplit(".", 1)[0] for p, v in flat.items() if isinstance(v, LoRAWeight)}
+    saved = lora_init.modules_to_save_paths(params, cfg)
+
+    def split(path: str, leaf: Any, want_trainable: bool) -> Any:
+        if isinstance(leaf, LoRAWeight):
+            if want_trainable:
+                return leaf.replace(base=None)
+            return leaf.replace(a=None, b=None, magnitude=None)
+        trainable = _is_trainable_leaf(path, leaf, lora_modules, saved, cfg.bias)
+        return leaf if trainable == want_trainable else None
+
+    frozen = _map(params, lambda p, v: split(p, v, False))
+    trainable = _map(params, lambda p, v: split(p, v, True))
+    return frozen, trainable
+
+
+def combine(frozen: dict, trainable: dict) -> dict:
+    """Inverse of :func:`partition`: fill each tree's ``None`` holes from the other."""
+
+    def join(f: Any, t: Any, path: str) -> Any:
+        if isinstance(f, dict) and isinstance(t, dict):
+            if f.keys() != t.keys():
+                raise ValueError(f"combine: keys differ under {path or '<root>'!r}")
+            return {k: join(f[k], t[k], f"{path}{k}.") for k in f}
+        if isinstance(f, LoRAWeight) and isinstance(t, LoRAWeight):
+            return f.replace(a=t.a, b=t.b, magnitude=t.magnitude)
+        if f is None:
+            return t
+        if t is None:
+            return f
+        raise ValueError(f"combine: {path.rstrip('.')!r} is set in both trees")
+
+    return join(frozen, trainable, "")
+
+
+def merge(params: dict, *, dtype: Any = None) -> dict:
+    """Fold every :class:`LoRAWeight` into a plain ``[out, in]`` array (see ``LoRAWeight.merged``).
+
+    The sum is taken in float32 (PEFT's ``merge_and_unload`` adds the float32 delta in place).
+    An NF4 base is dequantized and the merged weight returned dense: requantizing ``W + s·B·A``
+    to 4 bits would lose most of the update, so merging never writes back into NF4.
+    """
+    return _map(params, lambda p, v: v.merged(dtype) if isinstance(v, LoRAWeight) else v)
+
+
+def unmerge(merged: dict, adapters: dict) -> dict:
+    """Inverse of :func:`merge` for plain-array bases: ``W₀ = W − s·B·A`` (in float32).
+
+    ``adapters`` holds the :class:`LoRAWeight` leaves to take out (the pre-merge params, or the
+    trainable half from :func:`partition`). DoRA cannot be unmerged without the pre-merge norm
+    ``‖W₀ + s·B·A‖``, which the merged weight no longer determines (PEFT caches it), so it raises.
+    """
+    lora = {p: v for p, v in _flatten(adapters).items() if isinstance(v, LoRAWeight)}
+    flat = _flatten(merged)
+    missing = sorted(set(lora) - set(flat))
+    if missing:
+        raise ValueError(f"unmerge: merged params have no weight at {missing[:4]}")
+
+    def restore(path: str, leaf: Any) -> Any:
+        if path not in lora:
+            return leaf
+        lw = lora[path]
+        if lw.use_dora:
+            raise ValueError(f"unmerge: {path} is DoRA; its merge cannot be inverted")
+        if not isinstance(leaf, jax.Array | np.ndarray):
+            raise ValueError(f"unmerge: {path} is a {type(leaf).__name__}, not a merged array")
+        delta = lw.scale * (lw.b.astype(jnp.float32) @ lw.a.astype(jnp.float32))
+        base = (jnp.asarray(leaf, jnp.float32) - delta).astype(leaf.dtype)
+        return lw.replace(base=base)
+
+    return _map(merged, restore)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    from jaxlora.hf import flatten
+
+    return flatten(tree, prefix)
