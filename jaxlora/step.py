@@ -31,6 +31,11 @@ def loss_sum(module, params, batch: Batch, rng: jax.Array | None = None):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def real_tokens(batch: Batch) -> jax.Array:
+    """Tokens the model processed (not padding), for throughput."""
+    return jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+
+
 def make_train_step(
     module, combine: Callable[[Any, Any], Any], tx: optax.GradientTransformation, *, dropout: bool
 ):
@@ -66,7 +71,8 @@ def make_train_step(
         new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": count,
+                   "tokens": real_tokens(batch), "finite": finite}  # fmt: skip
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
