@@ -78,3 +78,40 @@ def make_hf_model(family: str, directory: Path | None = None, seed: int = 0, **o
 
 def random_ids(batch: int, seq: int, vocab: int = 61, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int64)
+
+
+def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dict[str, Path]:
+    """A tiny Llama with a real (offline-built) tokenizer, and alpaca-format JSONL data:
+    everything a ``python -m jaxlora.train`` run needs, in ``directory``."""
+    import json
+    import random
+
+    from tests._tokenizers import make_tokenizer
+
+    tok = make_tokenizer()
+    model_dir = directory / "model"
+    make_hf_model(
+        "llama2_mha", model_dir, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    tok.save_pretrained(model_dir)
+    rng = random.Random(0)
+
+    def write(path: Path, n: int) -> None:
+        with open(path, "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(1, 9), rng.randint(1, 9)
+                rec = {
+                    "instruction": f"What is {a} plus {b}?",
+                    "input": "",
+                    "output": f"It is {a + b}.",
+                }
+                f.write(json.dumps(rec) + "\n")
+
+    write(directory / "train.jsonl", n_train)
+    write(directory / "eval.jsonl", n_eval)
+    return {
+        "model": model_dir,
+        "train": directory / "train.jsonl",
+        "eval": directory / "eval.jsonl",
+    }
