@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow, pytest.mark.xdist_group("multidevice")]
 
 SCRIPT = Path(__file__).parent / "multidevice" / "mesh_run.py"
 

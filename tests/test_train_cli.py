@@ -18,6 +18,9 @@ from jaxlora.export import main as export_main
 from jaxlora.safetensors_io import SafetensorsFile
 from tests.hf_models import make_run_assets
 
+# One worker runs this module, so its module-scoped runs happen once.
+pytestmark = pytest.mark.xdist_group("train_cli")
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
