@@ -1,0 +1,314 @@
+"""Generate docs/recipes.md from the config dataclasses, so the key reference cannot drift.
+
+    python tools/gen_recipe_docs.py            # rewrite docs/recipes.md
+    python tools/gen_recipe_docs.py --check    # exit 1 if docs/recipes.md is out of date
+
+Keys, types, allowed values, ranges and defaults are read from ``jaxlora.config`` (the frozen
+dataclasses and their ``_ranges``); the values each shipped recipe sets are read by loading it.
+Only the one-line meanings live here, in ``MEANINGS``: a key the config has and this table lacks
+(or the reverse) is an error, so a new or renamed key fails ``tests/test_docs.py`` until it is
+documented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from jaxlora import config as C
+from jaxlora.typed_config import Dumper, all_keys, fields, to_plain
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+
+# One line per key: what it means and when to change it. Defaults and types are generated.
+MEANINGS: dict[str, str] = {
+    # top level
+    "output_dir": "Where the run writes `config.yaml`, `metrics.jsonl`, `tb/`, `checkpoints/`, "
+    "`adapter/` and `report.json`. Defaults to `runs/<recipe name>`.",
+    "recipe": "The recipe this config came from (set with `recipe=` on the command line; "
+    "recorded in `config.yaml`, not an override).",
+    # model
+    "model.path": "Base model: a local Hugging Face directory (`config.json` + `*.safetensors`) "
+    "or a hub id such as `meta-llama/Llama-3.1-8B`. Required.",
+    "model.dtype": "Storage dtype of the unquantized base weights (all of them with "
+    "`quant.type=none`; embeddings, norms and `lm_head` with NF4/FP4).",
+    "model.compute_dtype": "Activation dtype. `bfloat16` on TPU/GPU; `float32` on CPU.",
+    "model.revision": "Hub revision (branch, tag or commit) of `model.path`.",
+    "model.tokenizer": "Tokenizer directory or hub id when it is not next to the weights "
+    "(`null` = `model.path`).",
+    # quant
+    "quant.type": "`none` = 16/32-bit LoRA; `nf4` = QLoRA (4-bit NormalFloat, the paper's "
+    "choice); `fp4` = bitsandbytes' FP4. A bitsandbytes 4-bit checkpoint is read as stored.",
+    "quant.blocksize": "Weights per absmax scale (bitsandbytes' `blocksize`). 64 is QLoRA's.",
+    "quant.double_quant": "Quantize the per-block scales too (8-bit, blocks of 256): "
+    "4.127 instead of 4.5 bits per parameter.",
+    "quant.compute_dtype": "Dtype a dequantized 4-bit weight is multiplied in "
+    "(`bnb_4bit_compute_dtype`).",
+    # lora
+    "lora.r": "Adapter rank. 4-8 format/style, 16-32 instruction tuning, 64-128 reasoning or "
+    "new knowledge; QLoRA often wants more than 16-bit LoRA. See tuning.md.",
+    "lora.alpha": "Scale numerator: the update is multiplied by `alpha / r` (`alpha / sqrt(r)` "
+    "with `use_rslora`). Keep `alpha = 2 * r`.",
+    "lora.dropout": "Dropout on the adapter's input only (PEFT's `lora_dropout`). 0.05-0.1 for "
+    "small data, 0 for large.",
+    "lora.target_modules": "Which linears get adapters: a list matches module names or dotted "
+    "suffixes, a string is a full-match regex over the module path, `all-linear` is every "
+    "linear except `lm_head`.",
+    "lora.bias": "Which biases train: `none`, `all` (every bias) or `lora_only` (biases of "
+    "adapted layers).",
+    "lora.modules_to_save": "Modules trained and saved in full (e.g. `[lm_head]` for a new "
+    "head, `[embed_tokens]` for new tokens). Empty for ordinary SFT.",
+    "lora.layers_to_transform": "Only adapt these layer indices (`null` = all). Needs a list "
+    "`target_modules`, as in PEFT.",
+    "lora.rank_pattern": "Per-module rank: `{regex: r}`; a key applies when it matches the end "
+    "of the module path (PEFT's rule), first match wins.",
+    "lora.alpha_pattern": "Per-module alpha: `{regex: alpha}`, matched like `rank_pattern`.",
+    "lora.use_rslora": "Rank-stabilised LoRA: scale by `alpha / sqrt(r)`; keeps high ranks "
+    "(128+) stable.",
+    "lora.use_dora": "DoRA: adds a trained per-output magnitude vector on top of LoRA.",
+    "lora.init": "Adapter initialisation: `default` (A kaiming-uniform, B = 0, so the model "
+    "starts unchanged), `gaussian`, `pissa` (principal singular vectors), `loftq` (4-bit base "
+    "only: starts closer to the 16-bit model).",
+    "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
+    "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
+    # data
+    "data.path": "Training records: a `.json`/`.jsonl`/`.csv`/`.parquet` file, a directory of "
+    "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required.",
+    "data.format": "`alpaca` (instruction, input, output in the Stanford Alpaca template), "
+    "`chat` (messages rendered with the tokenizer's chat template) or `text` (plain text).",
+    "data.split": "Split of a hub dataset (or of local files) to train on.",
+    "data.subset": "Hub dataset configuration name.",
+    "data.max_seq_len": "Tokens per row. Longer examples are cut from the right (and counted "
+    "in the log).",
+    "data.packing": "Pack several examples into one row; attention and positions stay within "
+    "each example. Far fewer wasted tokens on short data.",
+    "data.train_on_inputs": "Also train on the prompt tokens (default: loss on responses / "
+    "assistant turns only).",
+    "data.val_size": "Held-out share of `data.path`: a fraction in (0, 1) or a count; 0 = no "
+    "validation set. Must be 0 when `data.eval_path` is set.",
+    "data.eval_path": "A separate held-out file or directory in the same format; it is then "
+    "the validation set (eval loss, exact match).",
+    "data.shuffle_seed": "Seed for the validation split and per-epoch shuffles "
+    "(`null` = `train.seed`).",
+    "data.max_examples": "Use only the first N records (`null` = all); handy for smoke runs.",
+    "data.instruction_field": "Record field holding the instruction (`alpaca`).",
+    "data.input_field": "Record field holding the optional input (`alpaca`).",
+    "data.output_field": "Record field holding the response (`alpaca`).",
+    "data.text_field": "Record field holding the text (`text`).",
+    "data.messages_field": "Record field holding the `[{role, content}, ...]` list (`chat`).",
+    # train
+    "train.batch_size": "Rows (of `data.max_seq_len` tokens) per micro-batch, summed over all "
+    "devices and hosts. Must divide evenly over the `data x fsdp` mesh axes.",
+    "train.grad_accum": "Micro-batches per optimizer step. Effective batch = `batch_size x "
+    "grad_accum` rows; raise it (and lower `batch_size`) on out-of-memory.",
+    "train.max_steps": "Optimizer steps to run; `-1` runs `train.epochs` full passes.",
+    "train.epochs": "Passes over the training set when `max_steps` is -1.",
+    "train.lr": "Peak learning rate. LoRA 1e-4-5e-4, QLoRA 5e-5-2e-4 on 7-13B models.",
+    "train.warmup_ratio": "Fraction of the steps spent warming up linearly to `lr` (3-5 %).",
+    "train.schedule": "Decay after warmup: `cosine` (to 0), `linear` (to 0) or `constant`.",
+    "train.weight_decay": "AdamW decoupled weight decay on the trainable parameters.",
+    "train.max_grad_norm": "Clip the global gradient norm to this (0 = no clipping).",
+    "train.adam_beta1": "AdamW first-moment decay.",
+    "train.adam_beta2": "AdamW second-moment decay.",
+    "train.adam_eps": "AdamW epsilon.",
+    "train.remat": "Activation recompute per decoder layer: `none`, `full` (least memory; "
+    "the forward runs twice, about +50 % matmul work for LoRA) or `dots` (keeps matmul "
+    "outputs, recomputes the rest).",
+    "train.seed": "Seed for adapter init, dropout and (unless `data.shuffle_seed`) data order.",
+    "train.log_every": "Write a `metrics.jsonl` / TensorBoard record every N steps (the first "
+    "and last step and every eval step are always written).",
+    "train.eval_every": "Eval loss on the validation set every N steps and at the end (0 = off).",
+    "train.save_every": "Orbax checkpoint every N steps and at the end (0 = off).",
+    "train.keep_checkpoints": "How many checkpoints to keep in `output_dir/checkpoints`.",
+    "train.sample_every": "Generate from `sample_prompts` every N steps and print it (0 = off).",
+    "train.sample_prompts": "Fixed prompts for the samples (needed when `sample_every` > 0).",
+    "train.sample_max_new_tokens": "Length of each sample (and of exact-match answers).",
+    "train.exact_match_examples": "Score greedy answers on the first N records of "
+    "`data.eval_path` before and after training (`report.json`); 0 = off.",
+    "train.resume": "Continue from the latest checkpoint in `output_dir`. Without it, a run "
+    "into a directory that holds checkpoints is refused.",
+    # mesh
+    "mesh.data": "Devices on the pure data-parallel axis (each holds a full replica).",
+    "mesh.fsdp": "Devices on the fully-sharded axis: weights, adapters and optimizer state "
+    "are split over it, and so is the batch. `-1` = all remaining devices.",
+    "mesh.tensor": "Devices on the tensor-parallel axis (wide per-layer dimensions).",
+    "mesh.rules": "Logical axis -> mesh axis (`data`, `fsdp`, `tensor` or `null` = "
+    "replicated). Override one at a time, e.g. `mesh.rules.vocab=fsdp`.",
+}
+
+SECTIONS = [
+    ("", "Top level", C.Config),
+    ("model.", "`model`: the base model", C.ModelConfig),
+    ("quant.", "`quant`: 4-bit base weights (QLoRA)", C.QuantConfig),
+    ("lora.", "`lora`: the adapters (PEFT's `LoraConfig`)", C.LoraConfig),
+    ("data.", "`data`: examples -> token rows", C.DataConfig),
+    ("train.", "`train`: optimisation and the loop's cadence", C.TrainConfig),
+    ("mesh.", "`mesh`: devices and sharding", C.MeshConfig),
+]
+
+HEADER = """\
+# Recipes and every config key
+
+<!-- Generated by tools/gen_recipe_docs.py from jaxlora/config.py: do not edit by hand.
+     tests/test_docs.py fails when this file and the code disagree. -->
+
+A run is configured by a **recipe** (a YAML file) plus **overrides** on the command line or in
+Python. Every key has a type and a default; unknown keys, wrong types and out-of-range values are
+refused with an error that names the key (and the nearest valid one).
+
+```bash
+python -m jaxlora.train                                    # recipe=demo
+python -m jaxlora.train recipe=llama_qlora lora.r=32 train.lr=1e-4
+python -m jaxlora.train recipe=<path/to/your_recipe.yaml> output_dir=runs/try1
+```
+
+```python
+from jaxlora.config import load_config
+cfg = load_config("llama_qlora", ["lora.r=32", "train.lr=1e-4"])
+```
+
+* A recipe **name** is a file in `recipes/`; anything ending in `.yaml`/`.yml` or containing a
+  `/` is a path.
+* A recipe may start with `base: <name or path>` to inherit another recipe; its own keys override
+  the base's, and mappings (`mesh.rules`, `lora.rank_pattern`) merge key by key.
+* Override values are YAML: `8` (int), `2e-4` (float), `true`, `null`, `[q_proj,v_proj]` (list).
+  Below a mapping-valued key the rest of the dotted name is one key:
+  `lora.rank_pattern.model.layers.0.self_attn.q_proj=8`.
+* Relative paths (`model.path`, `data.path`, `output_dir`) are relative to the current directory.
+* The resolved config, every key included, is written to `output_dir/config.yaml`, which
+  `recipe=output_dir/config.yaml` reads back.
+"""
+
+
+def _type(tp: Any) -> str:
+    """An annotation as the docs say it: `a` \\| `b`, list of strings, ..."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        text = " or ".join(_type(a) for a in arms)
+        return text + (" or null" if type(None) in get_args(tp) else "")
+    if origin is tuple:
+        return f"list of {_type(get_args(tp)[0])}s"
+    if origin is dict:
+        k, v = get_args(tp)
+        return f"mapping {_type(k)} -> {_type(v)}"
+    names = {int: "int", float: "float", str: "string", bool: "bool"}
+    if tp not in names:
+        raise TypeError(f"gen_recipe_docs: no wording for annotation {tp!r}")
+    return names[tp]
+
+
+def _yaml(value: Any) -> str:
+    plain = to_plain(value)
+    text = yaml.dump(plain, Dumper=Dumper, default_flow_style=True, sort_keys=False, width=10_000)
+    text = text.strip().removesuffix("...").strip()
+    if isinstance(plain, list) and len(text) > 60:  # e.g. sample prompts: the recipe has them
+        return f"{len(plain)} items"
+    return text
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f"`{_yaml(f.default)}`"
+    if f.default_factory is not dataclasses.MISSING:
+        return f"`{_yaml(f.default_factory())}`"
+    return "*required*"
+
+
+def _section_table(prefix: str, cls: type) -> list[str]:
+    ranges = getattr(cls, "_ranges", {})
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        tp = fields(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue  # a section: documented in its own table
+        kind = _type(tp)
+        if f.name in ranges:
+            kind += f", {ranges[f.name][1]}"
+        rows.append(
+            f"| `{prefix}{f.name}` | {kind} | {_default(f)} | {MEANINGS[prefix + f.name]} |"
+        )
+    return rows
+
+
+def _leaves(cfg: C.Config) -> dict[str, Any]:
+    """Every leaf key of a config (``all_keys``) -> its plain value."""
+    out = {}
+    for key in all_keys(C.Config):
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = to_plain(value)
+    return out
+
+
+def _recipe_tables() -> list[str]:
+    """For each shipped recipe, the keys it sets to something other than the default."""
+    recipes = C.available_recipes()
+    defaults = _leaves(C.Config(model=C.ModelConfig(path="-"), data=C.DataConfig(path="-")))
+    loaded = {name: _leaves(C.load_config(name)) for name in recipes}
+    keys = [k for k in all_keys(C.Config) if k not in ("recipe", "output_dir")]
+    keys = [k for k in keys if any(loaded[n][k] != defaults[k] for n in recipes)]
+    lines = [
+        "## The shipped recipes",
+        "",
+        "Each recipe file in `recipes/` explains its choices in comments. This table lists every "
+        "key that at least one recipe sets to something other than the default (a blank cell "
+        "means that recipe keeps the default).",
+        "",
+        "| key | default | " + " | ".join(f"`{n}`" for n in recipes) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in recipes) + " |",
+    ]
+    for k in keys:
+        cells = ["" if loaded[n][k] == defaults[k] else f"`{_yaml(loaded[n][k])}`" for n in recipes]
+        default = "*required*" if k in ("model.path", "data.path") else f"`{_yaml(defaults[k])}`"
+        lines.append(f"| `{k}` | {default} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render() -> str:
+    """The whole of docs/recipes.md."""
+    keys = set(all_keys(C.Config))
+    missing, stale = sorted(keys - set(MEANINGS)), sorted(set(MEANINGS) - keys)
+    if missing or stale:
+        raise SystemExit(
+            "gen_recipe_docs: MEANINGS is out of step with jaxlora/config.py: "
+            f"undocumented keys {missing}, keys that no longer exist {stale}"
+        )
+    lines = [HEADER.rstrip(), ""]
+    lines += _recipe_tables()
+    lines += ["", "## Every key", ""]
+    for prefix, title, cls in SECTIONS:
+        lines += [f"### {title}", ""]
+        if cls.__doc__ and prefix:
+            lines += [" ".join(cls.__doc__.split()).replace("``", "`"), ""]
+        lines += [*_section_table(prefix, cls), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/recipes.md is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"{DOC} is out of date: run python tools/gen_recipe_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
