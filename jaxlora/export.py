@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlora.config import ConfigError
     from jaxlora.safetensors_io import CheckpointError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         args = _parse(sys.argv[1:] if argv is None else list(argv))
         step = int(args["step"]) if "step" in args else None

@@ -155,6 +155,10 @@ def generate(
         top_k=int(top_k),
         top_p=float(top_p),
     )
+    if not new.is_fully_addressable:  # multi-host: every process needs every row to decode
+        from jax.experimental import multihost_utils
+
+        new = multihost_utils.process_allgather(new, tiled=True)
     texts = []
     for row in np.asarray(new):
         stop = [i for i, t in enumerate(row) if t in set(np.asarray(eos_ids).tolist())]

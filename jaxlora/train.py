@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlora import checkpoint, data, evaluate, hf, lora, sharding
 from jaxlora.config import Config, ConfigError, config_from_argv, print_config, save_config
@@ -190,7 +191,8 @@ def run(cfg: Config) -> dict:
                 record["eval_loss"] = evaluate_loss(trainable)
             if step % t.log_every == 0 or "eval_loss" in record or step in (1, total_steps):
                 monitor.log(record)
-            if t.sample_every and step % t.sample_every == 0 and main_process:
+            # every process joins (the parameters are sharded); only process 0 prints
+            if t.sample_every and step % t.sample_every == 0:
                 model.params = lora.combine(frozen, trainable)
                 evaluate.print_samples(
                     model, t.sample_prompts, t.sample_max_new_tokens, monitor.write, step
@@ -204,7 +206,10 @@ def run(cfg: Config) -> dict:
         ckpt.close()
 
     # --- the adapter, in PEFT format, and what the run achieved
-    model.params = lora.combine(frozen, trainable)
+    # Every process takes part in gathering the (possibly multi-host-sharded) adapter weights;
+    # process 0 then writes them.
+    trainable_host = multihost_utils.process_allgather(trainable, tiled=True)
+    model.params = lora.combine(frozen, trainable_host)
     summary = {"steps": total_steps, "warnings": monitor.warnings}
     if main_process:
         from jaxlora.peft_io import save_adapter
@@ -218,7 +223,10 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: absl (imported by orbax) has already configured the root logger
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else list(argv)
