@@ -4,9 +4,9 @@
 
     cfg = load_config("llama_qlora", ["lora.r=32", "train.lr=1e-4"])
 
-A recipe *name* is looked up in the repository's ``recipes/`` directory
-(``Path(__file__).parents[1] / "recipes"``, i.e. next to the ``jaxlora`` package; this works
-from a checkout and from an editable install). Anything ending in ``.yaml``/``.yml`` or
+A recipe *name* is looked up in the repository's ``recipes/`` directory (next to the ``jaxlora``
+package in a checkout or editable install; shipped as the ``jaxlora.recipes`` package data in a
+wheel). Anything ending in ``.yaml``/``.yml`` or
 containing a path separator is a path to any YAML file. A recipe may say ``base: <name|path>``
 to start from another recipe (a relative path is taken from the including file's directory);
 its own keys then override the base's, and mappings (``mesh.rules``, ``lora.rank_pattern``)
@@ -65,7 +65,16 @@ __all__ = [
     "to_yaml",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+def _recipes_dir() -> Path:
+    # A checkout (or editable install) has recipes/ beside the package; a wheel ships the same
+    # files as the jaxlora.recipes package data (see pyproject.toml).
+    beside = Path(__file__).resolve().parents[1] / "recipes"
+    if beside.is_dir():
+        return beside
+    return Path(__file__).resolve().parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "lora_rank")
 MESH_AXES = ("data", "fsdp", "tensor")
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
