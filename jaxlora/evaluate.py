@@ -67,12 +67,23 @@ def exact_match(model, prompts: Sequence[str], answers: Sequence[str], max_new_t
     return float(np.mean(hits)) if hits else float("nan"), outs
 
 
-def print_samples(
-    model, prompts: Sequence[str], max_new_tokens: int, write: Callable, step: int
-) -> None:
-    for prompt, text in zip(
-        prompts, generate(model, list(prompts), max_new_tokens=max_new_tokens), strict=True
-    ):
+def format_prompt(cfg_data, tokenizer, instruction: str) -> str:
+    """A user prompt as the model saw prompts in training: the Alpaca template for ``alpaca``
+    data, the tokenizer's chat template for ``chat``, the raw text for ``text``."""
+    if cfg_data.format == "alpaca":
+        return data.alpaca_prompt(instruction)
+    if cfg_data.format == "chat":
+        msgs = [{"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return instruction
+
+
+def print_samples(model, cfg, write: Callable, step: int) -> None:
+    """Greedy answers to the recipe's ``train.sample_prompts``, formatted like the training data."""
+    t = cfg.train
+    prompts = [format_prompt(cfg.data, model.tokenizer, p) for p in t.sample_prompts]
+    outs = generate(model, prompts, max_new_tokens=t.sample_max_new_tokens)
+    for prompt, text in zip(t.sample_prompts, outs, strict=True):
         write(f"[sample @ step {step}] {prompt!r} -> {text!r}")
 
 

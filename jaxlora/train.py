@@ -194,9 +194,7 @@ def run(cfg: Config) -> dict:
             # every process joins (the parameters are sharded); only process 0 prints
             if t.sample_every and step % t.sample_every == 0:
                 model.params = lora.combine(frozen, trainable)
-                evaluate.print_samples(
-                    model, t.sample_prompts, t.sample_max_new_tokens, monitor.write, step
-                )
+                evaluate.print_samples(model, cfg, monitor.write, step)
             if t.save_every and (step % t.save_every == 0 or step == total_steps):
                 ckpt.save(step, trainable, opt_state, batches.state(), step_key, meta)
             monitor.advance()
