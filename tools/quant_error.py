@@ -2,11 +2,13 @@
 
 Reproduces the comparison of Table 2 in the QLoRA paper (Dettmers et al. 2023: Pile-CC
 perplexity Int4 34.34, FP4 31.07, NF4+DQ 27.41) on any checkpoint — by default the shipped demo
-base model on its held-out text. Every decoder linear is quantized with the data type (blocks of
+base model on 1,000 fresh documents of its pretraining language (a new sampling seed: the same
+people and facts, new orders and phrasings), i.e. held-out text from its own distribution. Every decoder linear is quantized with the data type (blocks of
 64, as bitsandbytes), the rest stays float32, and the table gives eval loss, perplexity and the
 relative weight reconstruction error ``‖W − Q(W)‖ / ‖W‖``.
 
-    python tools/quant_error.py [--model assets/demo/base] [--data assets/demo/data/eval.jsonl]
+    python tools/quant_error.py                      # the demo base on held-out demo text
+    python tools/quant_error.py --model DIR --data FILE.jsonl --format text|alpaca|chat
 
 Int4 is the symmetric blockwise absmax integer baseline (round(x / absmax · 7), codes −7..7),
 simulated as quantize-dequantize since no checkpoint format stores it.
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -64,15 +68,29 @@ def eval_loss(model, rows) -> float:
     return total / count
 
 
+def _demo_text(path: Path, count: int = 1000) -> str:
+    """Held-out documents of the demo language (the pretraining used sampling seed 0)."""
+    from tools.demo_world import make_world, pretrain_documents
+    from tools.make_demo import NUM_PEOPLE, SEED
+
+    people = make_world(SEED, NUM_PEOPLE)
+    with open(path, "w") as f:
+        for doc in pretrain_documents(people, seed=12345, count=count):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return str(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="assets/demo/base")
-    p.add_argument("--data", default="assets/demo/data/eval.jsonl")
-    p.add_argument("--format", default="alpaca", choices=["alpaca", "chat", "text"])
+    p.add_argument("--data", default=None, help="default: held-out demo-language text")
+    p.add_argument("--format", default="text", choices=["alpaca", "chat", "text"])
     p.add_argument("--max-seq-len", type=int, default=128)
     args = p.parse_args(argv)
 
     model = load_model(args.model, dtype="float32")
+    if args.data is None:
+        args.data = _demo_text(Path(tempfile.mkdtemp()) / "heldout.jsonl")
     # every token scores (prompt and answer): a language-modelling perplexity, as in the paper
     cfg = DataConfig(path=args.data, format=args.format, max_seq_len=args.max_seq_len,
                      train_on_inputs=True, val_size=0, packing=True)  # fmt: skip
@@ -94,7 +112,7 @@ def main(argv=None) -> int:
     print(f"model {args.model}, data {args.data} ({len(rows)} packed rows of {args.max_seq_len})")
     print(f"{'data type':<10} {'eval loss':>10} {'perplexity':>11} {'rel. weight err':>16}")
     for name, loss, ppl, err in results:
-        print(f"{name:<10} {loss:>10.4f} {ppl:>11.3f} {err:>16.4f}")
+        print(f"{name:<10} {loss:>10.5f} {ppl:>11.4f} {err:>16.4f}")
     order = [r[0] for r in sorted(results[1:], key=lambda r: r[1])]
     print("best to worst (4-bit):", " < ".join(order),
           "| QLoRA paper: NF4+DQ < FP4 < Int4")  # fmt: skip
