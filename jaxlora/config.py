@@ -65,6 +65,7 @@ __all__ = [
     "to_yaml",
 ]
 
+
 def _recipes_dir() -> Path:
     # A checkout (or editable install) has recipes/ beside the package; a wheel ships the same
     # files as the jaxlora.recipes package data (see pyproject.toml).
