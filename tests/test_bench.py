@@ -68,9 +68,11 @@ def test_degenerate_tokens_are_refused():
     bc.check_tokens(np.array([0, 3, 0, 1]), 50, "x")  # zeros among other ids are fine
 
 
-def test_all_zero_token_file_is_refused_before_anything_runs(tmp_path, cache):
+def test_all_zero_token_file_is_refused_before_anything_runs(tmp_path):
     zeros = tmp_path / "zeros.npy"
     np.save(zeros, np.zeros(4096, np.int64))
+    cache = tmp_path / "cache"
+    cache.mkdir()
     proc = bench(*SMALL, "--tokens", str(zeros), cache=cache)
     assert proc.returncode == 2, proc.stderr
     assert "refusing to time a degenerate all-0 input" in proc.stderr

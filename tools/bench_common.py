@@ -17,8 +17,11 @@ import importlib.metadata
 import os
 import platform
 import resource
+import shutil
 import statistics
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -68,6 +71,34 @@ SHAPES = {
     "llama-8b": Shape("llama-8b", 4096, 14336, 32, 32, 8, 128256, False,
                       dict(rope_type="default", rope_theta=500000.0), True),
 }  # fmt: skip
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def bnb_config(dtype: str):
+    """QLoRA as the paper defines it: NF4, double quantization, compute in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+    )  # fmt: skip
+
+
+def save_atomically(model, directory: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename: a cache entry is whole or absent,
+    even with two benchmarks building it at once (the second one's copy is dropped)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp)
 
 
 # ---- synthetic data --------------------------------------------------------------------------
@@ -316,7 +347,8 @@ def aggregate(rounds: list[dict], flops_per_tok: float, dtype: str) -> dict:
         "cpu_utilization": median([r["cpu_s"] / sum(r["step_times"]) for r in rounds]),
         "peak_memory": max(mems) if mems else None,
         "peak_memory_training": max(train_mems) if train_mems else None,
-        "flops_per_s": med * flops_per_tok, "mfu": None if peak is None else med * flops_per_tok / peak,
+        "flops_per_s": med * flops_per_tok,
+        "mfu": None if peak is None else med * flops_per_tok / peak,
         "mfu_note": why, "device": rounds[0]["device"], "threads": rounds[0]["threads"],
         "memory_kind": rounds[0]["memory_kind"], "rounds": rounds,
     }  # fmt: skip
@@ -329,6 +361,16 @@ def ratios(ours: dict, ref: dict) -> dict[str, float]:
     out = {k: ours[k] / ref[k] for k in keys if ours[k] and ref[k]}
     out["tokens_per_s"] = ours["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"]
     return out
+
+
+def contention_warning(load: float, cores: int) -> str | None:
+    """A warning when other processes share the cores the benchmark ran on."""
+    if load <= 0.75 * cores:
+        return None
+    return (f"WARNING: load average {load:.1f} with {cores} core(s) in use: other processes "
+            "share these cores, so wall-clock numbers partly measure contention (torch's "
+            "OpenMP threads spin-wait when oversubscribed). Compare CPU time per step, pin "
+            "with --cpus 1, or rerun when the machine is idle.")  # fmt: skip
 
 
 def _fmt_bytes(n: float | None) -> str:

@@ -113,21 +113,6 @@ def _dirs(args) -> dict[str, Path]:
     }
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def _bnb_config(args):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_torch_dtype(args.dtype),
-    )  # fmt: skip
-
-
 # ---- prepare: checkpoint (cached), bnb copy (cached), adapter --------------------------------
 
 
@@ -136,19 +121,19 @@ def prepare(args) -> None:
     import transformers
 
     d = _dirs(args)
-    if not (d["dense"] / "COMPLETE").exists():
+    if not d["dense"].exists():
         torch.manual_seed(1234)
         cfg = bc.SHAPES[args.shape].hf_config()
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=_torch_dtype(args.dtype))
-        model.save_pretrained(d["dense"])
-        (d["dense"] / "COMPLETE").write_text("")
-    if args.mode == "qlora" and not (d["bnb"] / "COMPLETE").exists():
+        dtype = bc.torch_dtype(args.dtype)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        bc.save_atomically(model, d["dense"])
+    if args.mode == "qlora" and not d["bnb"].exists():
         q = transformers.AutoModelForCausalLM.from_pretrained(
-            d["dense"], quantization_config=_bnb_config(args), dtype=_torch_dtype(args.dtype),
+            d["dense"], quantization_config=bc.bnb_config(args.dtype),
+            dtype=bc.torch_dtype(args.dtype),
             device_map="cuda" if args.device == "gpu" else "cpu",
         )  # fmt: skip
-        q.save_pretrained(d["bnb"])
-        (d["bnb"] / "COMPLETE").write_text("")
+        bc.save_atomically(q, d["bnb"])
         del q  # free the GPU before jax takes it
     import jax
 
@@ -182,10 +167,8 @@ class JaxloraSide:
         base = d["bnb"] if args.mode == "qlora" else d["dense"]
         model = jaxlora.load_model(base, dtype=args.dtype, adapter=d["adapter"], tokenizer=False)
         if args.perturb == "jaxlora":
-            lw = model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"]
-            model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"] = lw.replace(
-                b=lw.b + 0.01
-            )
+            q_proj = model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+            q_proj["weight"] = q_proj["weight"].replace(b=q_proj["weight"].b + 0.01)
         self.model = model
         self.frozen, self.trainable = lora.partition(model.params, model.lora)
         tx = make_optimizer(optax.constant_schedule(args.lr), weight_decay=args.weight_decay,
@@ -230,9 +213,9 @@ class PeftSide:
         torch.set_num_threads(args.threads)
         self.torch, d = torch, _dirs(args)
         self.dev = torch.device("cuda" if args.device == "gpu" else "cpu")
-        kw = {"quantization_config": _bnb_config(args)} if args.mode == "qlora" else {}
+        kw = {"quantization_config": bc.bnb_config(args.dtype)} if args.mode == "qlora" else {}
         base = transformers.AutoModelForCausalLM.from_pretrained(
-            d["bnb"] if args.mode == "qlora" else d["dense"], dtype=_torch_dtype(args.dtype),
+            d["bnb"] if args.mode == "qlora" else d["dense"], dtype=bc.torch_dtype(args.dtype),
             attn_implementation=args.attn, device_map=str(self.dev), **kw,
         )  # fmt: skip
         if args.remat == "on":
@@ -247,10 +230,9 @@ class PeftSide:
                 if isinstance(m, bnb.nn.Linear4bit):
                     m.support_avx512bf16_for_cpu = False
         if args.perturb == "peft":
+            q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
             with torch.no_grad():
-                model.base_model.model.model.layers[0].self_attn.q_proj.lora_B[
-                    "default"
-                ].weight += 0.01
+                q_proj.lora_B["default"].weight += 0.01
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
@@ -419,13 +401,15 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[side].append(res)
                 tps = res["tokens_per_step"] * len(res["step_times"]) / sum(res["step_times"])
                 print(f"round {r + 1}/{args.rounds} {side:8s}: {tps:,.0f} tokens/s, "
-                      f"first step {res['first_step_s']:.2f} s, load {os.getloadavg()[0]:.2f}")  # fmt: skip
+                      f"first step {res['first_step_s']:.2f} s, "
+                      f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     flops = bc.flops_per_token(shape, args.seq, args.rank, args.remat == "on")
     agg = {s: bc.aggregate(rounds[s], flops, args.dtype) for s in SIDES}
     ratio = bc.ratios(agg["jaxlora"], agg["peft"])
     first_losses = {s: rounds[s][0]["losses"][0] for s in SIDES}
     print(
-        f"first-step loss: jaxlora {first_losses['jaxlora']:.6f}, {ref_name} {first_losses['peft']:.6f}"
+        f"first-step loss: jaxlora {first_losses['jaxlora']:.6f}, "
+        f"{ref_name} {first_losses['peft']:.6f}"
     )
     for s in SIDES:
         print(f"{s}: device {agg[s]['device']}, threads {agg[s]['threads']}, "
@@ -433,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]}
     print(bc.table(rows, ratio, ref_name))
     info["machine"]["loadavg_end"] = list(os.getloadavg())
+    load = max(info["machine"]["loadavg"][0], info["machine"]["loadavg_end"][0])
+    if args.device == "cpu" and (warning := bc.contention_warning(load, args.cpus)):
+        print(warning)
     results = info | {"probe": probe, "sides": {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]},
                       "ratio": ratio, "first_step_loss": first_losses,
                       "flops_per_token": flops}  # fmt: skip
