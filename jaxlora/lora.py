@@ -14,6 +14,7 @@ and how A and B start is in :mod:`jaxlora.lora_init`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -31,6 +32,35 @@ from jaxlora.lora_config import (  # noqa: F401  (re-exported: jaxlora.lora is t
     to_meta,
 )
 from jaxlora.ops import dense
+
+# ---- the LoRA branch, with a hand-written backward pass ---------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``s·(x·Aᵀ)·Bᵀ`` for ``x [T, in]``, ``A [r, in]``, ``B [out, r]`` -> ``[T, out]``.
+
+    The custom VJP forms every gradient from the rank-r intermediates, so only ``[T, r]``
+    operands get transposed; XLA's default derivation of ``dB`` transposes the ``[T, out]``
+    cotangent instead (measured: ~10 % of a CPU train step, tools/bench_train.py).
+    """
+    return ((x @ a.T) @ b.T) * scale
+
+
+def _lora_branch_fwd(x, a, b, scale):
+    h = x @ a.T  # (T, r)
+    return (h @ b.T) * scale, (x, a, b, h)
+
+
+def _lora_branch_bwd(scale, res, g):
+    x, a, b, h = res
+    gs = g * scale  # (T, out)
+    dh = gs @ b  # (T, r)
+    return dh @ a, dh.T @ x, (h.T @ gs).T  # dx (T, in), dA (r, in), dB (out, r)
+
+
+_lora_branch.defvjp(_lora_branch_fwd, _lora_branch_bwd)
+
 
 # ---- the weight type -------------------------------------------------------------------------
 
@@ -129,10 +159,12 @@ class LoRAWeight:
         dropped = rng is not None and self.dropout > 0.0
         if dropped:
             xl = _dropout(xl, self.dropout, rng)
+        if not self.use_dora:
+            flat = xl.reshape(-1, xl.shape[-1])
+            lora = _lora_branch(flat, self.a, self.b, self.scale).reshape(*xl.shape[:-1], -1)
+            return (y + lora).astype(x.dtype)
         lora = jnp.einsum("...i,ri->...r", xl, self.a)
         lora = jnp.einsum("...r,or->...o", lora, self.b)  # (..., out)
-        if not self.use_dora:
-            return (y + lora * self.scale).astype(x.dtype)
         w = dense_weight(self.base, lora_dtype)
         delta = jax.lax.stop_gradient(self.b @ self.a)
         norm = jax.lax.stop_gradient(jnp.linalg.norm(w + self.scale * delta, axis=1))
