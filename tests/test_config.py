@@ -66,6 +66,8 @@ def test_overrides_are_typed_like_yaml():
             "lora.layers_to_transform=[0, 3]",
             "model.revision=null",
             "data.val_size=13",
+            "data.eval_path=null",  # the demo holds out a file; a count splits train instead
+            "train.exact_match_examples=0",
             "lora.rank_pattern.model.layers.0.self_attn.q_proj=3",
             "mesh.rules.embed=null",
             "output_dir=/tmp/somewhere",
@@ -166,8 +168,9 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("mesh.rules.embed=model", ["mesh.rules.embed", "data, fsdp, tensor"]),
         ("lora.model=x", ["lora.model", "unknown key"]),
         ("lora.target_modules=[q_proj", ["lora.target_modules", "YAML"]),
-        ("data.eval_path=eval.jsonl", ["data.val_size", "must be 0 when data.eval_path"]),
-        ("train.exact_match_examples=5", ["train.exact_match_examples", "data.eval_path"]),
+        # the demo recipe sets data.eval_path (val_size 0) and train.exact_match_examples
+        ("data.val_size=0.05", ["data.val_size", "must be 0 when data.eval_path"]),
+        ("data.eval_path=null", ["train.exact_match_examples", "data.eval_path"]),
         ("train.exact_match_examples=-1", ["train.exact_match_examples", ">= 0"]),
     ],
 )
