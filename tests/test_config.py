@@ -85,7 +85,8 @@ def test_overrides_are_typed_like_yaml():
     assert cfg.mesh.rules["embed"] is None and cfg.mesh.rules["mlp"] == "tensor"  # merged per axis
     assert cfg.output_dir == "/tmp/somewhere"
     # A regex string is kept as one string; a fraction stays a float.
-    cfg = load_config("demo", ["lora.target_modules=.*\\.(q|v)_proj", "data.val_size=0.25"])
+    split = ["data.eval_path=null", "train.exact_match_examples=0", "data.val_size=0.25"]
+    cfg = load_config("demo", ["lora.target_modules=.*\\.(q|v)_proj", *split])
     assert cfg.lora.target_modules == ".*\\.(q|v)_proj" and cfg.data.val_size == 0.25
 
 
