@@ -79,9 +79,15 @@ def run_meta(cfg: Config, lcfg) -> dict:
 def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     main_process = jax.process_index() == 0
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    # An existing run is continued only when asked; checked first, so a refused run writes nothing.
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.train.resume:
+        ckpt.close()
+        raise ConfigError(
+            f"{out / 'checkpoints'} already holds step {latest}: pass train.resume=true to "
+            "continue it, or choose another output_dir"
+        )
 
     # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
     model = load_base(cfg)
@@ -130,7 +136,6 @@ def run(cfg: Config) -> dict:
     eval_step = jax.jit(make_eval_step(module, lora.combine))
 
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
-    ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=t.keep_checkpoints)
     meta = run_meta(cfg, lcfg)
     pc, pi = jax.process_count(), jax.process_index()
     batches = data.batches(
@@ -138,12 +143,6 @@ def run(cfg: Config) -> dict:
     )
     start = 0
     key, step_key = jax.random.split(key)
-    latest = ckpt.latest_step()
-    if latest is not None and not t.resume:
-        raise ConfigError(
-            f"{out / 'checkpoints'} already holds step {latest}: pass train.resume=true to "
-            "continue it, or choose another output_dir"
-        )
     if t.resume and latest is not None:
         trainable, opt_state, data_state, step_key, _ = ckpt.restore(
             latest, trainable, opt_state, meta
@@ -151,6 +150,8 @@ def run(cfg: Config) -> dict:
         batches.restore(data_state)
         start = latest
         log.info("resumed from %s at step %d", out / "checkpoints", start)
+    if main_process:  # the resolved config, once everything above has been accepted
+        save_config(cfg, out / "config.yaml")
 
     evaluate_loss = lambda tr: evaluate.eval_loss(eval_step, tr, frozen, val_ds, t.batch_size)
     report = evaluate.Report(cfg, model, frozen, trainable, evaluate_loss) if start == 0 else None

@@ -143,9 +143,11 @@ def test_export_from_checkpoint(short_run, tmp_path, fmt):
 
 def test_existing_checkpoints_without_resume_are_not_overwritten(assets, short_run, capsys):
     before = sorted(p.name for p in (short_run / "checkpoints").iterdir())
-    assert train.main(_args(assets, short_run, "train.max_steps=12")) == 2
+    config = (short_run / "config.yaml").read_bytes()
+    assert train.main(_args(assets, short_run, "train.max_steps=12", "train.lr=1e-3")) == 2
     assert "train.resume=true" in capsys.readouterr().err
     assert sorted(p.name for p in (short_run / "checkpoints").iterdir()) == before
+    assert (short_run / "config.yaml").read_bytes() == config  # nothing written is damaged
 
 
 def test_resume_against_another_base_is_refused(assets, short_run, tmp_path, capsys):
@@ -158,10 +160,12 @@ def test_resume_against_another_base_is_refused(assets, short_run, tmp_path, cap
     cfg = json.loads((other / "config.json").read_text())
     make_hf_model("llama2_mha", other, seed=99, vocab_size=cfg["vocab_size"], hidden_size=64,
                   intermediate_size=128)  # fmt: skip
+    config = (short_run / "config.yaml").read_bytes()
     rc = train.main(_args(assets, short_run, "train.max_steps=16", "train.resume=true",
                           f"model.path={other}"))  # fmt: skip
     assert rc == 2
     assert "different base model" in capsys.readouterr().err
+    assert (short_run / "config.yaml").read_bytes() == config
 
 
 def test_resume_with_another_rank_is_refused(assets, short_run, capsys):
