@@ -21,11 +21,12 @@ import numpy as np
 
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
 from jaxlora.models.llama import param_shapes
+from jaxlora.ops import FLOAT_DTYPES
 from jaxlora.safetensors_io import CheckpointError, iter_tensors, save_sharded
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = FLOAT_DTYPES
 
 # Buffers some exporters write that are recomputed here, not parameters.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

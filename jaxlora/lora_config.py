@@ -12,11 +12,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+from jaxlora.ops import FLOAT_DTYPES
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("default", "random", "gaussian", "pissa", "loftq")  # + "pissa_niter_<K>"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = FLOAT_DTYPES
 
 
 class LoraError(ValueError):

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Floating dtypes by the names configs and checkpoints use ("float32", "bfloat16", "float16").
+FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 
 @runtime_checkable
 class Weight(Protocol):
