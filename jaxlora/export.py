@@ -145,8 +145,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, step
     model.params = lora.combine(frozen, trainable)
     out = Path(out)
     if fmt == "peft":
-        save_adapter(model, out, base_model_name_or_path=cfg.model.path)
-        model.tokenizer.save_pretrained(str(out))
+        model.save_adapter(out, base_model_name_or_path=cfg.model.path)
     elif fmt == "merged":
         save_merged(model, out, dtype=dtype)
     elif fmt == "bnb4":

@@ -92,10 +92,14 @@ class Model:
         return dataclasses.replace(self, params=inject(self.params, cfg, key), lora=cfg)
 
     def save_adapter(self, directory: str | Path, base_model_name_or_path: str | None = None):
-        """Write the applied adapter as a PEFT adapter directory (see ``jaxlora.peft_io``)."""
+        """Write the applied adapter as a PEFT adapter directory (see ``jaxlora.peft_io``), with
+        the tokenizer files beside it when the model has a tokenizer."""
         from jaxlora.peft_io import save_adapter
 
-        return save_adapter(self, self.lora, directory, base_model_name_or_path)
+        out = save_adapter(self, self.lora, directory, base_model_name_or_path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
 
     def merge(self) -> Model:
         """A new Model with every LoRA weight folded into its base (float32 merge; NF4 bases

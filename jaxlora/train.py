@@ -91,10 +91,9 @@ def run(cfg: Config) -> dict:
 
     # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
     model = load_base(cfg)
-    tokenizer = model.tokenizer
 
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
-    train_ds, val_ds = data.build_datasets(cfg.data, tokenizer, cfg.data_seed)
+    train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
     t = cfg.train
     rows_per_step = t.batch_size * t.grad_accum
     steps_per_epoch = len(train_ds) // rows_per_step
@@ -211,10 +210,7 @@ def run(cfg: Config) -> dict:
     model.params = lora.combine(frozen, trainable_host)
     summary = {"steps": total_steps, "warnings": monitor.warnings}
     if main_process:
-        from jaxlora.peft_io import save_adapter
-
-        save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model.path)
-        tokenizer.save_pretrained(str(out / "adapter"))
+        model.save_adapter(out / "adapter", base_model_name_or_path=cfg.model.path)
         print(f"adapter written to {out / 'adapter'} (PEFT format)")
     if report is not None:
         summary |= report.finish(trainable, main_process)
