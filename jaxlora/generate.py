@@ -26,8 +26,8 @@ from jaxlora.models.llama import LlamaForCausalLM
 
 
 def init_caches(config, batch: int, length: int, dtype) -> list[dict[str, jax.Array]]:
-    """Empty per-layer caches: k/v ``[B, T, kv_heads, head_dim]``, segment ids ``[B, T]``."""
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    """Empty per-layer caches: k/v ``[B, kv_heads, T, head_dim]``, segment ids ``[B, T]``."""
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
     return [
         {
             "k": jnp.zeros(shape, dtype),

@@ -62,6 +62,37 @@ def _lora_branch_bwd(scale, res, g):
 _lora_branch.defvjp(_lora_branch_fwd, _lora_branch_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lora_dense(
+    x: jax.Array, xl: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: float
+) -> jax.Array:
+    """``x·Wᵀ + s·(xl·Aᵀ)·Bᵀ`` as one matmul, ``[x | s·xl·Aᵀ] · [W | B]ᵀ``, for a dense base.
+
+    ``x [T, in]`` feeds the base and ``xl`` (x after LoRA dropout, or x itself) the adapter;
+    ``W [out, in]``, ``A [r, in]``, ``B [out, r]``, all one dtype. The backward is one matmul
+    against ``[W | B]`` too, which gives ``dx`` and the adapter's ``dh`` together; ``dW`` is
+    formed only if asked for (a frozen base never is, and XLA drops it).
+    """
+    return _lora_dense_fwd(x, xl, w, a, b, scale)[0]
+
+
+def _lora_dense_fwd(x, xl, w, a, b, scale):
+    hs = (xl @ a.T) * scale  # (T, r)
+    y = jnp.concatenate([x, hs], axis=-1) @ jnp.concatenate([w, b], axis=-1).T
+    return y, (x, xl, w, a, b, hs)
+
+
+def _lora_dense_bwd(scale, res, g):
+    x, xl, w, a, b, hs = res
+    n_in = x.shape[-1]
+    d = g @ jnp.concatenate([w, b], axis=-1)  # (T, in + r)
+    dh = d[:, n_in:] * scale  # (T, r)
+    return d[:, :n_in], dh @ a, g.T @ x, dh.T @ xl, (hs.T @ g).T
+
+
+_lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
+
+
 # ---- the weight type -------------------------------------------------------------------------
 
 
@@ -78,6 +109,20 @@ def dense_weight(w: Any, dtype: Any) -> jax.Array:
 def weight_dtype(w: Any) -> Any:
     """The dtype a base weight computes in (an NF4Tensor: the dtype it dequantizes to)."""
     return jnp.dtype(w.dtype)
+
+
+def _fusable_base(base: Any, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array | None:
+    """The dense ``[out, in]`` base to run with the adapter as one matmul (:func:`_lora_dense`),
+    or ``None``. It applies when input, base and adapter share one dtype and the base is an
+    array, or an ``NF4Tensor`` on its dequantize-then-dot path. (An NF4 base with a fused kernel
+    keeps its kernel; a float32 adapter on a bf16 base keeps PEFT's mixed-precision sum.)"""
+    if not x.dtype == a.dtype == b.dtype:
+        return None
+    if isinstance(base, jax.Array):
+        return base if base.dtype == x.dtype else None
+    if hasattr(base, "fallback_weight"):
+        return base.fallback_weight(x.dtype, x.shape)
+    return None
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -145,7 +190,10 @@ class LoRAWeight:
         """``x [..., in] -> [..., out]`` in ``x.dtype``, as ``peft.tuners.lora.Linear.forward``.
 
         Plain: ``base(x) + s·B(A(dropout(x)))``. The LoRA branch runs in the adapter's dtype (x is
-        cast to it first) and the sum is taken in the promoted dtype before casting back.
+        cast to it first) and the sum is taken in the promoted dtype before casting back. When
+        base, adapter and input share one dtype and the base is dense (or an NF4 base is
+        dequantized for a plain dot anyway), base and adapter run as one matmul
+        (:func:`_lora_dense`), which is the same sum.
         DoRA (``DoraLinearLayer.forward``): with ``n = ‖W + s·B·A‖`` per output row, detached,
         ``base(x) + (m/n − 1)·base(x_d) + (m/n)·s·B(A(x_d))`` where ``x_d`` is the dropped-out
         input; without dropout ``base(x_d)`` is the base output already computed (no bias: the
@@ -153,14 +201,18 @@ class LoRAWeight:
         """
         if self.base is None or self.a is None or self.b is None:
             raise ValueError("LoRAWeight.matmul on a partitioned half: combine() it first")
-        y = dense(x, self.base)  # (..., out) in x.dtype
         lora_dtype = self.a.dtype
         xl = x.astype(lora_dtype)
         dropped = rng is not None and self.dropout > 0.0
         if dropped:
             xl = _dropout(xl, self.dropout, rng)
+        flat = xl.reshape(-1, xl.shape[-1])
+        w = None if self.use_dora else _fusable_base(self.base, x, self.a, self.b)
+        if w is not None:
+            y = _lora_dense(x.reshape(flat.shape), flat, w, self.a, self.b, self.scale)
+            return y.reshape(*x.shape[:-1], -1)
+        y = dense(x, self.base)  # (..., out) in x.dtype
         if not self.use_dora:
-            flat = xl.reshape(-1, xl.shape[-1])
             lora = _lora_branch(flat, self.a, self.b, self.scale).reshape(*xl.shape[:-1], -1)
             return (y + lora).astype(x.dtype)
         lora = jnp.einsum("...i,ri->...r", xl, self.a)

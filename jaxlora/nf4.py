@@ -412,6 +412,16 @@ class NF4Tensor:
             w = (vals * absmax[:, None]).reshape(-1)[:numel].reshape(out, inn)
         return w.astype(dtype)
 
+    def fallback_weight(self, dtype, x_shape: tuple[int, ...]) -> jax.Array | None:
+        """``None`` when the fused dequant-matmul kernel applies; otherwise the dequantized
+        ``[out, in]`` weight in ``dtype`` (no gradient) for a plain dot, with the reason logged
+        once per shape."""
+        use, reason = kernels.kernel_applies(self.is_2d, self.blocksize)
+        if use:
+            return None
+        _log_fallback_once(self.shape, x_shape, reason)
+        return jax.lax.stop_gradient(self.dequantize(dtype))
+
     def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """``x [..., in] -> x @ Wᵀ [..., out]`` in ``x.dtype``; no gradient for ``W``.
 
@@ -424,8 +434,8 @@ class NF4Tensor:
             raise ValueError(f"NF4Tensor.matmul: x has {x.shape[-1]} features, weight {self.shape}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.shape[1])
-        use, reason = kernels.kernel_applies(self.is_2d, self.blocksize)
-        if use:
+        w = self.fallback_weight(x.dtype, x.shape)
+        if w is None:
             y = nf4_matmul.nf4_matmul(
                 x2,
                 jnp.asarray(self.codes),
@@ -435,8 +445,6 @@ class NF4Tensor:
                 interpret=kernels.interpret(),
             )
         else:
-            _log_fallback_once(self.shape, x.shape, reason)
-            w = jax.lax.stop_gradient(self.dequantize(x.dtype))
             y = jnp.einsum("mi,oi->mo", x2, w, preferred_element_type=jnp.float32).astype(x.dtype)
         return y.reshape(*lead, self.shape[0])
 

@@ -16,7 +16,7 @@ import torch
 
 import jaxlora
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
-from jaxlora.models.llama import MLP, Attention, RMSNorm, rope
+from jaxlora.models.llama import MLP, Attention, RMSNorm, attention_mask, rope, rope_tables
 from tests.hf_models import FAMILIES, hf_config, make_hf_model, random_ids
 
 LAYER_TOL = 1e-5
@@ -123,9 +123,8 @@ def test_rope_matches_including_llama3_scaling(family):
     with torch.no_grad():
         cos, sin = rotary(torch.as_tensor(q), torch.as_tensor(pos))
         theirs, _ = apply_rotary_pos_emb(torch.as_tensor(q), torch.as_tensor(q), cos, sin)
-    ours = rope(
-        jnp.asarray(q.transpose(0, 2, 1, 3)), jnp.asarray(pos), jnp.asarray(config.inv_freq())
-    )
+    cs = rope_tables(jnp.asarray(pos), jnp.asarray(config.inv_freq()), jnp.float32)
+    ours = rope(jnp.asarray(q.transpose(0, 2, 1, 3)), *cs)
     chex.assert_trees_all_close(
         np.asarray(ours).transpose(0, 2, 1, 3), theirs.numpy(), atol=LAYER_TOL, rtol=0
     )
@@ -146,9 +145,10 @@ def test_attention_layer_matches(family):
             w = config.sliding_windows[1]
             causal = causal + torch.full((9, 9), float("-inf")).tril(-w)
         theirs, _ = layer(torch.as_tensor(x), (cos, sin), causal[None, None].expand(2, 1, 9, 9))
-    ours, _ = Attention(config, config.sliding_windows[1]).apply(
-        {"params": _params(layer)}, jnp.asarray(x), jnp.asarray(pos), jnp.ones((2, 9), jnp.int32)
-    )
+    cs = rope_tables(jnp.asarray(pos), jnp.asarray(config.inv_freq()), jnp.float32)
+    slots, segments = jnp.arange(9), jnp.ones((2, 9), jnp.int32)
+    mask = attention_mask(slots, slots, segments, segments, config.sliding_windows[1])
+    ours, _ = Attention(config).apply({"params": _params(layer)}, jnp.asarray(x), cs, mask)
     chex.assert_trees_all_close(np.asarray(ours), theirs.numpy(), atol=LAYER_TOL, rtol=0)
 
 

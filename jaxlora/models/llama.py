@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models.attention import attend, swiglu
 from jaxlora.models.config import LlamaConfig
 from jaxlora.ops import dense
 
@@ -92,11 +93,19 @@ class RMSNorm(nn.Module):
         return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE. ``x [B, S, H, D]``, ``positions [B, S]``, ``inv_freq [D/2]``."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin [B, S, D]`` for ``positions [B, S]`` (computed in float32, cast to ``dtype``).
+
+    Built once per forward pass and shared by every layer, as transformers' ``rotary_emb`` is.
+    """
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # (B, S, 1, D)
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # (B, S, D)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on ``x [B, S, H, D]`` with ``cos, sin [B, S, D]`` from :func:`rope_tables`."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -121,12 +130,16 @@ def attention_mask(
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer. ``rope_cs`` is ``(cos, sin)`` from :func:`rope_tables` and
+    ``mask`` the boolean ``[B, 1, 1, S, T]`` from :func:`attention_mask`, both built once per
+    forward pass by :class:`Layers`. With a ``cache`` (decoding), this step's keys and values are
+    written at ``cache["index"]`` and ``mask`` covers the whole cache."""
+
     config: LlamaConfig
-    window: int | None
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, x, rope_cs, mask, cache=None):
         cfg = self.config
         B, S, _ = x.shape
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -138,27 +151,19 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
-        inv_freq = jnp.asarray(cfg.inv_freq())
-        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-
-        q_slots = jnp.arange(S)
-        k_segments = segment_ids
-        if cache is not None:  # decode: write this step's k/v at cache["index"], attend to all
+        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+        # Heads first, so every attention product is a plain batched matmul over (B, KV):
+        # q (B, KV, G, S, D) with G = H / KV query heads per kv head, k and v (B, KV, T, D).
+        q = q.reshape(B, S, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cache is not None:
             idx = cache["index"]
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
-            k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, idx))
-            cache = {"k": k, "v": v, "segment_ids": k_segments, "index": idx + S}
-            q_slots = q_slots + idx
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
+            cache = {"k": k, "v": v, "index": idx + S}
             k, v = k.astype(x.dtype), v.astype(x.dtype)
-        k_slots = jnp.arange(k.shape[1])
-        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
-
-        q = q.reshape(B, S, KV, H // KV, D)  # grouped-query: G = H / KV query heads per kv head
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * (D**-0.5)  # (B, KV, G, S, T)
-        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H * D)
+        out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, S, H * D)
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
         return out, cache
 
@@ -173,28 +178,30 @@ class MLP(nn.Module):
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
         up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
-        return Linear(d, f, b, self.param_dtype, name="down_proj")(jax.nn.silu(gate) * up)
+        return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
-    window: int | None
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, x, rope_cs, mask, cache=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="input_layernorm")(x)
-        h, cache = Attention(cfg, self.window, pd, name="self_attn")(
-            h, positions, segment_ids, cache
-        )
+        h, cache = Attention(cfg, pd, name="self_attn")(h, rope_cs, mask, cache)
         x = x + h
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         return x + MLP(cfg, pd, name="mlp")(h), cache
 
 
 class Layers(nn.Module):
-    """``layers/0 ... layers/N-1``, unrolled so each layer keeps its Hugging Face path."""
+    """``layers/0 ... layers/N-1``, unrolled so each layer keeps its Hugging Face path.
+
+    The RoPE tables and one attention mask per distinct sliding window are built here, once,
+    and shared by the layers. With ``caches`` (decoding; every layer's cache is at the same
+    index), the key segments are the cached ones with this step's written in.
+    """
 
     config: LlamaConfig
     remat: str = "none"
@@ -202,15 +209,34 @@ class Layers(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, caches=None):
+        cfg = self.config
+        S = x.shape[1]
+        rope_cs = rope_tables(positions, jnp.asarray(cfg.inv_freq()), x.dtype)
+        q_slots, k_segments = jnp.arange(S), segment_ids
+        if caches is not None:
+            idx = caches[0]["index"]
+            k_segments = jax.lax.dynamic_update_slice(
+                caches[0]["segment_ids"], segment_ids, (0, idx)
+            )
+            q_slots = q_slots + idx
+        k_slots = jnp.arange(k_segments.shape[1])
+        masks = {
+            w: attention_mask(q_slots, k_slots, segment_ids, k_segments, w)
+            for w in set(cfg.sliding_windows)
+        }
         layer_cls = DecoderLayer
         if self.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
         new_caches = []
-        for i, window in enumerate(self.config.sliding_windows):
-            cache = None if caches is None else caches[i]
-            x, cache = layer_cls(self.config, window, self.param_dtype, name=str(i))(
-                x, positions, segment_ids, cache
+        for i, window in enumerate(cfg.sliding_windows):
+            cache = None
+            if caches is not None:
+                cache = {k: v for k, v in caches[i].items() if k != "segment_ids"}
+            x, cache = layer_cls(cfg, self.param_dtype, name=str(i))(
+                x, rope_cs, masks[window], cache
             )
+            if cache is not None:
+                cache["segment_ids"] = k_segments
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)
 
