@@ -31,6 +31,7 @@ from typing import ClassVar, Literal
 
 import yaml
 
+from jaxlora.lora_config import LoraConfig
 from jaxlora.typed_config import (
     GE0,
     GE1,
@@ -41,7 +42,6 @@ from jaxlora.typed_config import (
     Section,
     build,
     check,
-    check_regex,
     merge,
     parse_override,
     read_yaml,
@@ -114,55 +114,6 @@ class QuantConfig(Section):
             "quant.blocksize",
             f"must be one of {', '.join(map(str, BNB_BLOCKSIZES))}; got {self.blocksize}",
         )
-
-
-@dataclass(frozen=True)
-class LoraConfig(Section):
-    """LoRA adapters, with PEFT's ``LoraConfig`` names and meanings (see REFERENCE.md)."""
-
-    _prefix: ClassVar[str] = "lora."
-    _ranges: ClassVar = {"r": GT0, "alpha": GT0, "dropout": UNIT, "loftq_iters": GE1}
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    # A list matches module names or name suffixes; a string is a full-match regex over the
-    # module path; "all-linear" is every linear layer except lm_head.
-    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: tuple[str, ...] = ()
-    layers_to_transform: tuple[int, ...] | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha
-    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    use_dora: bool = False
-    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
-    loftq_iters: int = 1
-    dtype: Dtype = "float32"  # adapter weights (PEFT keeps adapters in float32 by default)
-
-    def _validate(self) -> None:
-        tm = self.target_modules
-        check(len(tm) > 0, "lora.target_modules", "must not be empty")
-        if isinstance(tm, str) and tm != "all-linear":
-            check_regex(tm, "lora.target_modules")
-        if isinstance(tm, tuple):
-            check(
-                "all-linear" not in tm,
-                "lora.target_modules",
-                'write "all-linear" as a plain string, not inside a list',
-            )
-        if self.layers_to_transform is not None:
-            check(
-                len(self.layers_to_transform) > 0 and min(self.layers_to_transform) >= 0,
-                "lora.layers_to_transform",
-                f"must be null or a non-empty list of layer indices >= 0; got {list(self.layers_to_transform)}",
-            )
-        for name, pattern in (
-            ("rank_pattern", self.rank_pattern),
-            ("alpha_pattern", self.alpha_pattern),
-        ):
-            for regex, value in pattern.items():
-                check_regex(regex, f"lora.{name}.{regex}")
-                check(value > 0, f"lora.{name}.{regex}", f"must be > 0; got {value}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from jaxlora.lora_config import (  # noqa: F401  (re-exported: jaxlora.lora is t
     LoraConfig,
     LoraConfigError,
     LoraError,
-    from_recipe,
     to_meta,
 )
 from jaxlora.ops import dense

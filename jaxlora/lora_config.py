@@ -1,6 +1,9 @@
 """LoRA's configuration with PEFT's names, defaults and validation (``peft`` 0.21.2's ``LoraConfig``).
 
-Kept apart from the weight type and tree functions in :mod:`jaxlora.lora`, which re-exports
+One class serves the library (``jaxlora.lora.LoraConfig(r=16, ...)``) and the recipes (the
+``lora:`` section of a YAML recipe, ``lora.r=32`` on the command line): the same fields, the same
+checks, and errors that name the field as a recipe key (``lora.r: must be > 0; got 0``). Kept
+apart from the weight type and tree functions in :mod:`jaxlora.lora`, which re-exports
 everything here.
 """
 
@@ -10,9 +13,10 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from jaxlora.ops import FLOAT_DTYPES
+from jaxlora.typed_config import GE1, GT0, ConfigError, Section, check, check_regex
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("default", "random", "gaussian", "pissa", "loftq")  # + "pissa_niter_<K>"
@@ -23,43 +27,18 @@ class LoraError(ValueError):
     """Something about LoRA (its config, an adapter, a tree) that jaxlora refuses."""
 
 
-class LoraConfigError(LoraError):
-    """A :class:`LoraConfig` field holds a value that is not allowed; the message names it."""
+class LoraConfigError(LoraError, ConfigError):
+    """A :class:`LoraConfig` field holds a value that is not allowed; the message names it as
+    its recipe key (``lora.<field>``). A :class:`ConfigError` too, so the CLI reports it as one."""
 
 
-def _bad(field: str, msg: str) -> LoraConfigError:
-    return LoraConfigError(f"LoraConfig.{field}: {msg}")
-
-
-def _positive(field: str, value: Any, *, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok or value <= 0:
-        raise _bad(field, f"must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-
-def _check_regex(field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise _bad(field, f"{pattern!r} is not a valid regular expression ({e})") from None
-
-
-def _names(field: str, value: Any) -> str | tuple[str, ...] | None:
-    """A str (regex) stays a str; any list/tuple/set becomes a de-duplicated tuple of names."""
-    if value is None or isinstance(value, str):
-        return value
-    if not isinstance(value, list | tuple | set | frozenset):
-        raise _bad(
-            field, f"must be a string, a list of strings or None, got {type(value).__name__}"
-        )
-    items = sorted(value) if isinstance(value, set | frozenset) else list(value)
-    if not all(isinstance(v, str) and v for v in items):
-        raise _bad(field, f"every entry must be a non-empty string, got {items!r}")
-    return tuple(dict.fromkeys(items))
+def _names(value: Any) -> Any:
+    """PEFT takes sets for the name lists; order carries no meaning there, so sort them."""
+    return tuple(sorted(value)) if isinstance(value, set | frozenset) else value
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Section):
     """LoRA hyper-parameters with PEFT's names (``alpha`` is ``lora_alpha``, ``dropout`` is
     ``lora_dropout``, ``init`` is ``init_lora_weights``) and PEFT 0.21.2's defaults.
 
@@ -81,84 +60,101 @@ class LoraConfig:
       (A ~ N(0, std=1/r), B = 0), ``"pissa"``, ``"pissa_niter_<K>"``, ``"loftq"``.
     * ``dtype``: jaxlora-only (not in adapter_config.json): dtype of A, B and the DoRA magnitude.
       PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``), hence the default.
+
+    Lists may be given as lists, tuples or (names only) sets; they are stored as tuples.
     """
 
+    _prefix: ClassVar[str] = "lora."
+    _ranges: ClassVar = {"r": GT0, "alpha": GT0, "loftq_iters": GE1,
+                         "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)")}  # fmt: skip
+
     r: int = 8
-    alpha: float = 8
+    alpha: int | float = 8
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
-    bias: str = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: tuple[str, ...] = ()
     layers_to_transform: int | tuple[int, ...] | None = None
     layers_pattern: str | tuple[str, ...] | None = None
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "default"
     loftq_iters: int = 1
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            object.__setattr__(self, name, _names(getattr(self, name)))
+        for name in ("rank_pattern", "alpha_pattern"):  # any mapping -> a plain dict
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, dict(value))
+        try:
+            super().__post_init__()
+        except LoraConfigError:
+            raise
+        except ConfigError as e:  # type and range errors from the Section machinery
+            raise LoraConfigError(str(e)) from None
+
+    def _validate(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        _positive("r", self.r, integer=True)
-        _positive("alpha", self.alpha)
-        _positive("loftq_iters", self.loftq_iters, integer=True)
-        for field in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, field), bool):
-                raise _bad(field, f"must be true or false, got {getattr(self, field)!r}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise _bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        for field in ("target_modules", "exclude_modules"):
-            value = _names(field, getattr(self, field))
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            key = self._prefix + name
             if isinstance(value, tuple):  # a set in PEFT: order carries no meaning
-                value = tuple(sorted(value))
-            if isinstance(value, str) and value.lower() != "all-linear":
-                _check_regex(field, value)
-            if value is not None and len(value) == 0:
-                raise _bad(field, "must not be empty (None means PEFT's default)")
-            if isinstance(value, tuple) and any(v.lower() == "all-linear" for v in value):
-                raise _bad(field, "write 'all-linear' as a plain string, not inside a list")
-            put(field, value)
-        if self.bias not in BIAS_MODES:
-            raise _bad("bias", f"must be one of {BIAS_MODES}, got {self.bias!r}")
-        mts = _names("modules_to_save", self.modules_to_save or ())
-        if isinstance(mts, str):
-            raise _bad("modules_to_save", f"must be a list of module names, got the string {mts!r}")
-        put("modules_to_save", mts)
-        put("layers_to_transform", self._layers())
-        lp = _names("layers_pattern", self.layers_pattern) or None
-        put("layers_pattern", (lp,) if isinstance(lp, str) else lp)
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise _bad("layers_to_transform", "cannot be used when target_modules is a str (PEFT)")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise _bad("layers_pattern", "needs layers_to_transform (PEFT)")
-        for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-            pattern = dict(getattr(self, field) or {})
-            for key, value in pattern.items():
-                _check_regex(f"{field}[{key!r}]", key)
-                _positive(f"{field}[{key!r}]", value, integer=integer)
-            put(field, pattern)
-        if self.init not in INITS and not _pissa_niter(self.init):
-            raise _bad("init", f"must be one of {INITS} or 'pissa_niter_<K>', got {self.init!r}")
-        if self.dtype not in DTYPES:
-            raise _bad("dtype", f"must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-    def _layers(self) -> int | tuple[int, ...] | None:
+                check(len(value) > 0, key, "must not be empty (null means PEFT's default)")
+                check(all(value), key, f"every entry must be a non-empty string; got {list(value)}")
+                check(
+                    not any(v.lower() == "all-linear" for v in value),
+                    key,
+                    'write "all-linear" as a plain string, not inside a list',
+                )
+                put(name, tuple(sorted(dict.fromkeys(value))))
+            elif isinstance(value, str):
+                check(value != "", key, "must not be empty (null means PEFT's default)")
+                if value.lower() != "all-linear":
+                    check_regex(value, key)
+        check(
+            all(self.modules_to_save),
+            "lora.modules_to_save",
+            f"every entry must be a non-empty string; got {list(self.modules_to_save)}",
+        )
+        put("modules_to_save", tuple(dict.fromkeys(self.modules_to_save)))
         lt = self.layers_to_transform
-        if lt is None:
-            return None
-        values = [lt] if isinstance(lt, int) else list(lt)
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise _bad(
-                "layers_to_transform", f"must be an int or a non-empty list of ints, got {lt!r}"
+        if lt is not None:
+            values = [lt] if isinstance(lt, int) else list(lt)
+            check(
+                len(values) > 0 and min(values) >= 0,
+                "lora.layers_to_transform",
+                f"must be null, a layer index >= 0 or a non-empty list of them; got {lt!r}",
             )
-        if min(values) < 0:
-            raise _bad("layers_to_transform", f"layer indices must be >= 0, got {lt!r}")
-        return lt if isinstance(lt, int) else tuple(values)
+        if isinstance(self.layers_pattern, str):
+            put("layers_pattern", (self.layers_pattern,))
+        if isinstance(self.target_modules, str) and lt is not None:
+            check(
+                False,
+                "lora.layers_to_transform",
+                "cannot be used when target_modules is a str (PEFT)",
+            )
+        if self.layers_pattern is not None and lt is None:
+            check(False, "lora.layers_pattern", "needs layers_to_transform (PEFT)")
+        for name, pattern in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
+            for regex, value in pattern.items():
+                check_regex(regex, f"lora.{name}.{regex}")
+                check(value > 0, f"lora.{name}.{regex}", f"must be > 0; got {value}")
+        check(
+            self.init in INITS or _pissa_niter(self.init),
+            "lora.init",
+            f"must be one of {', '.join(INITS)} or pissa_niter_<K>; got {self.init!r}",
+        )
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for the module at ``path`` after ``rank_pattern`` / ``alpha_pattern``."""
@@ -184,17 +180,6 @@ class LoraConfig:
         from jaxlora.peft_io import config_from_peft
 
         return config_from_peft(d)
-
-
-def from_recipe(section: Any) -> LoraConfig:
-    """The :class:`LoraConfig` for a recipe's ``lora:`` section (``jaxlora.config.LoraConfig``,
-    same field names); a field this module does not know is an error, not dropped."""
-    ours = {f.name for f in dataclasses.fields(LoraConfig)}
-    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-    unknown = sorted(set(values) - ours)
-    if unknown:
-        raise LoraConfigError(f"lora: recipe field(s) {unknown} have no LoraConfig counterpart")
-    return LoraConfig(**values)
 
 
 def to_meta(cfg: LoraConfig) -> dict[str, Any]:

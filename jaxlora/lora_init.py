@@ -123,26 +123,24 @@ def resolve_targets(params: dict, cfg: LoraConfig, *, strict: bool = True) -> di
     if strict and isinstance(tm, tuple):
         for t in tm:
             if not any(m == t or m.endswith(f".{t}") for m in mods.all):
-                raise _error(
-                    f"LoraConfig.target_modules: {t!r} matches no module; {mods.describe()}"
-                )
+                raise _error(f"lora.target_modules: {t!r} matches no module; {mods.describe()}")
     hits = sorted(m for m in mods.all if target_matches(cfg, m, set(mods.linear)))
     if not hits:
         raise _error(
-            f"LoraConfig.target_modules={tm!r} matches no module (after exclude_modules, "
+            f"lora.target_modules={tm!r} matches no module (after exclude_modules, "
             f"modules_to_save and layers_to_transform); {mods.describe()}"
         )
     for m in hits:
         if m == HEAD and mods.tied_head:
             raise _error(
-                "LoraConfig.target_modules: lm_head is tied to model.embed_tokens in this model; "
+                "lora.target_modules: lm_head is tied to model.embed_tokens in this model; "
                 "LoRA on a tied head is not supported (the adapter would also change the "
                 "embedding lookup in transformers)"
             )
         if m not in mods.linear:
             kind = "an embedding" if m.rsplit(".", 1)[-1] in EMBEDDINGS else "not a linear layer"
             raise _error(
-                f"LoraConfig.target_modules matches {m!r}, which is {kind}; jaxlora puts LoRA "
+                f"lora.target_modules matches {m!r}, which is {kind}; jaxlora puts LoRA "
                 f"on linear layers only; {mods.describe()}"
             )
         if type(mods.linear[m]).__name__ == "LoRAWeight":
@@ -151,7 +149,7 @@ def resolve_targets(params: dict, cfg: LoraConfig, *, strict: bool = True) -> di
     both = [m for m in hits if any(m == s or m.startswith(s + ".") for s in saved)]
     if both:
         raise _error(
-            f"LoraConfig: {both[:4]} would be both LoRA-wrapped and in modules_to_save "
+            f"lora: {both[:4]} would be both LoRA-wrapped and in modules_to_save "
             f"{list(cfg.modules_to_save)}; a module is either adapted or trained in full"
         )
     return {m: cfg.rank_alpha(m) for m in hits}
@@ -169,13 +167,11 @@ def check_modules_to_save(params: dict, cfg: LoraConfig) -> None:
     for name in cfg.modules_to_save:
         hits = sorted(m for m in mods.all if m.endswith(name))
         if not hits:
-            raise _error(
-                f"LoraConfig.modules_to_save: {name!r} matches no module; {mods.describe()}"
-            )
+            raise _error(f"lora.modules_to_save: {name!r} matches no module; {mods.describe()}")
         for m in hits:
             if mods.tied_head and (m == HEAD or m.rsplit(".", 1)[-1] in EMBEDDINGS):
                 raise _error(
-                    f"LoraConfig.modules_to_save: {m!r} is tied (lm_head = embed_tokens) in this "
+                    f"lora.modules_to_save: {m!r} is tied (lm_head = embed_tokens) in this "
                     "model; PEFT trains a separate copy for the lookup while the head keeps the "
                     "original, which jaxlora's single tied weight cannot represent"
                 )
@@ -185,7 +181,7 @@ def check_modules_to_save(params: dict, cfg: LoraConfig) -> None:
         in_saved = any(module == m or module.startswith(m + ".") for m in saved)
         if in_saved and not isinstance(leaf, jax.Array | np.ndarray):
             raise _error(
-                f"LoraConfig.modules_to_save: {key} is a {type(leaf).__name__}; only "
+                f"lora.modules_to_save: {key} is a {type(leaf).__name__}; only "
                 "unquantized modules can be trained in full"
             )
 
@@ -217,7 +213,7 @@ def _svd_lowrank_factors(w, r: int, scale: float, niter: int, key) -> tuple[jax.
 def _float_base(weight: Any, init: str, where: str) -> jax.Array:
     if not isinstance(weight, jax.Array | np.ndarray):
         raise _error(
-            f"LoraConfig.init={init!r} needs the unquantized weight, but {where} is a "
+            f"lora.init={init!r} needs the unquantized weight, but {where} is a "
             f"{type(weight).__name__}; load the model unquantized"
             + (" (LoftQ quantizes the base itself)" if init == "loftq" else "")
         )
@@ -236,7 +232,7 @@ def init_lora(cfg: LoraConfig, weight: Any, r: int, scale: float, key: jax.Array
     init = cfg.init
     uses_svd = init in ("pissa", "loftq") or init.startswith("pissa_niter_")
     if uses_svd and r > min(out, inn):
-        raise _error(f"LoraConfig.r={r} exceeds min{weight.shape} of {where} for {init!r}")
+        raise _error(f"lora.r={r} exceeds min{weight.shape} of {where} for {init!r}")
     if init in ("default", "random", "gaussian"):
         if init == "gaussian":  # nn.init.normal_(A, std=1/r)
             a = jax.random.normal(k_a, (r, inn), jnp.float32) / r

@@ -49,7 +49,7 @@ def load_base(cfg: Config) -> Model:
 
 def init_lora(cfg: Config, model: Model, key: jax.Array):
     """Inject LoRA per the recipe; returns ``(lora config, frozen, trainable)``."""
-    lcfg = lora.from_recipe(cfg.lora)
+    lcfg = cfg.lora
     params = lora.inject(model.params, lcfg, key)
     model.params, model.lora = params, lcfg
     frozen, trainable = lora.partition(params, lcfg)

@@ -60,7 +60,7 @@ def test_overrides_are_typed_like_yaml():
             "lora.r=7",
             "train.lr=2e-4",
             "lora.alpha=11",
-            "lora.dropout=0.1",
+            "lora.dropout=0",
             "data.packing=false",
             "lora.target_modules=[q_proj,v_proj]",
             "lora.layers_to_transform=[0, 3]",
@@ -75,8 +75,9 @@ def test_overrides_are_typed_like_yaml():
     )
     assert cfg.lora.r == 7 and isinstance(cfg.lora.r, int)
     assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.lora.alpha == 11.0 and isinstance(cfg.lora.alpha, float)  # ints widen to floats
-    assert cfg.lora.dropout == 0.1 and cfg.data.packing is False
+    assert cfg.lora.alpha == 11 and isinstance(cfg.lora.alpha, int)  # int | float keeps ints
+    assert cfg.lora.dropout == 0.0 and isinstance(cfg.lora.dropout, float)  # ints widen to floats
+    assert cfg.data.packing is False
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.lora.layers_to_transform == (0, 3)
     assert cfg.model.revision is None
@@ -143,7 +144,7 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("lora.r=true", ["lora.r", "an integer"]),
         ("lora.dropout=1.0", ["lora.dropout", "[0, 1)"]),
         ("lora.bias=some", ["lora.bias", "none, all, lora_only", "'some'"]),
-        ("lora.init=olora", ["lora.init", "default, gaussian, pissa, loftq"]),
+        ("lora.init=olora", ["lora.init", "default, random, gaussian, pissa, loftq", "olora"]),
         ("lora.target_modules=[]", ["lora.target_modules", "must not be empty"]),
         ("lora.target_modules=[all-linear]", ["lora.target_modules", "plain string"]),
         ("lora.target_modules=(q_proj", ["lora.target_modules", "regular expression"]),

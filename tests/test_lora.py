@@ -127,22 +127,23 @@ def test_targets_ranks_scales_and_saved_modules_match_peft(models, kw):
 
 def test_invalid_values_name_the_field():
     cases = [
-        (dict(r=0), "LoraConfig.r"),
-        (dict(alpha=-1), "LoraConfig.alpha"),
-        (dict(dropout=1.0), "LoraConfig.dropout"),
-        (dict(bias="some"), "LoraConfig.bias"),
-        (dict(target_modules="(unclosed"), "LoraConfig.target_modules"),
-        (dict(target_modules=["all-linear"]), "LoraConfig.target_modules"),
-        (dict(target_modules=[]), "LoraConfig.target_modules"),
-        (dict(modules_to_save="lm_head"), "LoraConfig.modules_to_save"),
-        (dict(target_modules="q_proj", layers_to_transform=[0]), "LoraConfig.layers_to_transform"),
-        (dict(layers_to_transform=[-1]), "LoraConfig.layers_to_transform"),
-        (dict(layers_pattern="layers"), "LoraConfig.layers_pattern"),
-        (dict(rank_pattern={"q_proj": 0}), r"LoraConfig.rank_pattern\['q_proj'\]"),
-        (dict(alpha_pattern={"[": 2}), r"LoraConfig.alpha_pattern\['\['\]"),
-        (dict(init="olora"), "LoraConfig.init"),
-        (dict(loftq_iters=0), "LoraConfig.loftq_iters"),
-        (dict(dtype="int8"), "LoraConfig.dtype"),
+        (dict(r=0), "lora.r: must be > 0"),
+        (dict(r=2.5), "lora.r: expected an integer"),
+        (dict(alpha=-1), "lora.alpha"),
+        (dict(dropout=1.0), "lora.dropout"),
+        (dict(bias="some"), "lora.bias"),
+        (dict(target_modules="(unclosed"), "lora.target_modules"),
+        (dict(target_modules=["all-linear"]), "lora.target_modules"),
+        (dict(target_modules=[]), "lora.target_modules"),
+        (dict(modules_to_save="lm_head"), "lora.modules_to_save"),
+        (dict(target_modules="q_proj", layers_to_transform=[0]), "lora.layers_to_transform"),
+        (dict(layers_to_transform=[-1]), "lora.layers_to_transform"),
+        (dict(layers_pattern="layers"), "lora.layers_pattern"),
+        (dict(rank_pattern={"q_proj": 0}), r"lora.rank_pattern.q_proj: must be > 0"),
+        (dict(alpha_pattern={"[": 2}), r"lora.alpha_pattern.\[: .* not a valid regular"),
+        (dict(init="olora"), "lora.init"),
+        (dict(loftq_iters=0), "lora.loftq_iters"),
+        (dict(dtype="int8"), "lora.dtype"),
     ]
     for kw, needle in cases:
         with pytest.raises(LoraConfigError, match=needle):
@@ -206,7 +207,7 @@ def test_peft_dict_round_trip_and_peft_reads_ours(tmp_path):
         (dict(init_lora_weights="olora"), "olora"),
         (dict(some_future_field=1), "some_future_field"),
         (dict(task_type="SEQ_CLS"), "task_type"),
-        (dict(r=0), "LoraConfig.r"),
+        (dict(r=0), "lora.r"),
     ],
 )
 def test_unsupported_adapter_configs_are_refused_by_name(override, needle):
@@ -496,19 +497,21 @@ def test_loftq_reduces_quantization_error_and_quantizes_the_base(models):
 # ---- recipes, checkpoint metadata, QLoRA -------------------------------------------------------
 
 
-def test_from_recipe_and_to_meta():
-    from jaxlora import config as recipe
-    from jaxlora.lora import from_recipe, to_meta
+def test_recipe_section_is_the_library_config_and_to_meta_round_trips():
+    from jaxlora.config import load_config
+    from jaxlora.lora import to_meta
 
-    section = recipe.LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "o_proj"),
-                                rank_pattern={"o_proj": 2}, use_dora=True)  # fmt: skip
-    cfg = from_recipe(section)
-    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora) == (4, 8.0, 0.05, True)
+    cfg = load_config("demo", ["lora.r=4", "lora.target_modules=[q_proj,o_proj]",
+                               "lora.rank_pattern.o_proj=2", "lora.use_dora=true",
+                               "lora.exclude_modules=[k_proj]", "lora.init=pissa_niter_2"]).lora  # fmt: skip
+    assert type(cfg) is LoraConfig  # one class for recipes and the library
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora) == (4, 32, 0.05, True)
     assert cfg.target_modules == ("o_proj", "q_proj") and dict(cfg.rank_pattern) == {"o_proj": 2}
+    assert (cfg.exclude_modules, cfg.init) == (("k_proj",), "pissa_niter_2")
     meta = json.loads(json.dumps(to_meta(cfg)))
-    assert meta["target_modules"] == ["o_proj", "q_proj"] and LoraConfig(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()
-    }) == cfg  # fmt: skip
+    assert meta["target_modules"] == ["o_proj", "q_proj"] and LoraConfig(**meta) == cfg
+    with pytest.raises(LoraConfigError, match="lora.layers_pattern: needs layers_to_transform"):
+        load_config("demo", ["lora.layers_pattern=layers"])
 
 
 def test_qlora_nf4_base_forward_merge_and_peft_import(models, tmp_path):

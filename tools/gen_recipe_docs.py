@@ -60,12 +60,16 @@ MEANINGS: dict[str, str] = {
     "lora.target_modules": "Which linears get adapters: a list matches module names or dotted "
     "suffixes, a string is a full-match regex over the module path, `all-linear` is every "
     "linear except `lm_head`.",
+    "lora.exclude_modules": "Linears to leave out of `target_modules`, in the same forms "
+    "(e.g. `[down_proj]` with `all-linear`).",
     "lora.bias": "Which biases train: `none`, `all` (every bias) or `lora_only` (biases of "
     "adapted layers).",
     "lora.modules_to_save": "Modules trained and saved in full (e.g. `[lm_head]` for a new "
     "head, `[embed_tokens]` for new tokens). Empty for ordinary SFT.",
     "lora.layers_to_transform": "Only adapt these layer indices (`null` = all). Needs a list "
     "`target_modules`, as in PEFT.",
+    "lora.layers_pattern": "Name of the layer list that `layers_to_transform` indexes "
+    "(`layers` in Llama-family models; `null` = any).",
     "lora.rank_pattern": "Per-module rank: `{regex: r}`; a key applies when it matches the end "
     "of the module path (PEFT's rule), first match wins.",
     "lora.alpha_pattern": "Per-module alpha: `{regex: alpha}`, matched like `rank_pattern`.",
@@ -73,8 +77,9 @@ MEANINGS: dict[str, str] = {
     "(128+) stable.",
     "lora.use_dora": "DoRA: adds a trained per-output magnitude vector on top of LoRA.",
     "lora.init": "Adapter initialisation: `default` (A kaiming-uniform, B = 0, so the model "
-    "starts unchanged), `gaussian`, `pissa` (principal singular vectors), `loftq` (4-bit base "
-    "only: starts closer to the 16-bit model).",
+    "starts unchanged), `gaussian`, `pissa` (principal singular vectors), `pissa_niter_<K>` "
+    "(PiSSA by a K-iteration randomized SVD, fast on large models), `loftq` (4-bit base only: "
+    "starts closer to the 16-bit model), `random` (B != 0 as well: for tests).",
     "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
     "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
     # data
@@ -289,7 +294,8 @@ def render() -> str:
     for prefix, title, cls in SECTIONS:
         lines += [f"### {title}", ""]
         if cls.__doc__ and prefix:
-            lines += [" ".join(cls.__doc__.split()).replace("``", "`"), ""]
+            summary = cls.__doc__.strip().split("\n\n")[0]  # the first paragraph
+            lines += [" ".join(summary.split()).replace("``", "`"), ""]
         lines += [*_section_table(prefix, cls), ""]
     return "\n".join(lines).rstrip() + "\n"
 
