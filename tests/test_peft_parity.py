@@ -101,13 +101,15 @@ def case(request, bases, tmp_path_factory):
     )
     pm.eval()
     _perturb(pm)
-    ids = random_ids(2, 9, seed=3)
+    ids = random_ids(2, 9, seed=3)  # 18 tokens < 40 features: base and adapter run apart
+    ids_long = random_ids(3, 16, seed=4)  # 48 tokens >= features: one stacked matmul
     peft_dir = tmp_path_factory.mktemp(f"peft_{request.param}")
     pm.save_pretrained(peft_dir)
     ours = load_adapter(base, peft_dir)
     ours_dir = save_adapter(ours, None, tmp_path_factory.mktemp(f"ours_{request.param}"))
     return types.SimpleNamespace(
         name=request.param, family=family, pm=pm, ids=ids, ref=torch_logits(pm, ids),
+        ids_long=ids_long, ref_long=torch_logits(pm, ids_long),
         peft_dir=peft_dir, ours=ours, ours_dir=ours_dir, base_dir=base_dir, tmp=tmp_path_factory,
     )  # fmt: skip
 
@@ -117,6 +119,8 @@ def test_peft_adapter_imports_with_peft_logits(case):
     assert any(isinstance(v, LoRAWeight) for v in flatten(case.ours.params).values())
     got = np.asarray(case.ours(case.ids))
     chex.assert_trees_all_close(got, case.ref, atol=MODEL_TOL, rtol=0)
+    got_long = np.asarray(case.ours(case.ids_long))
+    chex.assert_trees_all_close(got_long, case.ref_long, atol=MODEL_TOL, rtol=0)
 
 
 def test_exported_adapter_has_peft_keys_and_config_fields(case):
