@@ -77,7 +77,9 @@ def _swiglu_fwd(gate, up):
 
 def _swiglu_bwd(res, dy):
     gate, up = res
-    sig = jax.nn.sigmoid(gate)
+    # σ(g) = (1 + tanh(g/2)) / 2: written differently from the forward's sigmoid on purpose, so
+    # XLA does not merge the two and store σ(g) between the passes (each pass is then one loop).
+    sig = 0.5 + 0.5 * jnp.tanh(0.5 * gate)
     silu = gate * sig
     # d silu / dg = σ(g) · (1 + g · (1 − σ(g)))
     return dy * up * sig * (1 + gate * (1 - sig)), dy * silu
