@@ -13,12 +13,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from jaxlora.ops import FLOAT_DTYPES
 from jaxlora.typed_config import GE1, GT0, ConfigError, Section, check, check_regex
 
-BIAS_MODES = ("none", "all", "lora_only")
+BiasMode = Literal["none", "all", "lora_only"]
+BIAS_MODES = get_args(BiasMode)
 INITS = ("default", "random", "gaussian", "pissa", "loftq")  # + "pissa_niter_<K>"
 DTYPES = FLOAT_DTYPES
 
@@ -73,7 +74,7 @@ class LoraConfig(Section):
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: BiasMode = "none"
     modules_to_save: tuple[str, ...] = ()
     layers_to_transform: int | tuple[int, ...] | None = None
     layers_pattern: str | tuple[str, ...] | None = None

@@ -160,7 +160,7 @@ class Attention(nn.Module):
             idx = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
-            cache = {"k": k, "v": v, "index": idx + S}
+            cache = cache | {"k": k, "v": v, "index": idx + S}
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, S, H * D)
@@ -229,14 +229,12 @@ class Layers(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
         new_caches = []
         for i, window in enumerate(cfg.sliding_windows):
-            cache = None
-            if caches is not None:
-                cache = {k: v for k, v in caches[i].items() if k != "segment_ids"}
+            cache = None if caches is None else caches[i]
             x, cache = layer_cls(cfg, self.param_dtype, name=str(i))(
                 x, rope_cs, masks[window], cache
             )
             if cache is not None:
-                cache["segment_ids"] = k_segments
+                cache = cache | {"segment_ids": k_segments}
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)
 
