@@ -114,12 +114,15 @@ def _fusable_base(base: Any, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Ar
     """The dense ``[out, in]`` base to run with the adapter as one matmul (:func:`_lora_dense`),
     or ``None``.
 
-    It applies when input, base and adapter share one dtype, the base is an array or an
-    ``NF4Tensor`` on its dequantize-then-dot path, and there are at least as many tokens as
-    input features (``[x | s·h]·[W | B]ᵀ`` copies ``W`` each call: worth it only then). An NF4
-    base with a fused kernel keeps its kernel; a float32 adapter on a bf16 base keeps PEFT's
-    mixed-precision sum.
+    It applies on CPU, where it was measured (docs/benchmarks.md), when input, base and adapter
+    share one dtype, the base is an array or an ``NF4Tensor`` on its dequantize-then-dot path,
+    and there are at least as many tokens as input features (``[x | s·h]·[W | B]ᵀ`` copies
+    ``W`` each call: worth it only then). Elsewhere the rank-r branch runs beside the base: on
+    GPU and TPU (not measured there), with an NF4 base that has a fused kernel, and for a
+    float32 adapter on a bf16 base (PEFT's mixed-precision sum).
     """
+    if jax.default_backend() != "cpu":  # measured faster on CPU only (docs/benchmarks.md)
+        return None
     if not x.dtype == a.dtype == b.dtype:
         return None
     if x.size // x.shape[-1] < x.shape[-1]:  # few tokens (decoding): copying W costs more
