@@ -108,6 +108,11 @@ def generate_ids(
     return jax.lax.while_loop(cond, body, state)[3]
 
 
+def _bucket(n: int, lo: int) -> int:
+    """The smallest power of two that is at least ``n`` and ``lo``."""
+    return max(lo, 1 << max(0, n - 1).bit_length())
+
+
 def generate(
     model: Model,
     prompts: Sequence[str],
@@ -134,7 +139,11 @@ def generate(
             for p in prompts
         ]
     encoded = [tok(p)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
+    n = len(encoded)
+    # Shapes come in powers of two, so the jitted loop compiles once per bucket, not once per
+    # call: extra rows repeat the first prompt (and are dropped), extra columns are left padding.
+    encoded += [encoded[0]] * (_bucket(n, 1) - n)
+    width = _bucket(max(len(e) for e in encoded), 16)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = np.full((len(encoded), width), pad, np.int32)
     mask = np.zeros_like(ids)
@@ -160,7 +169,7 @@ def generate(
 
         new = multihost_utils.process_allgather(new, tiled=True)
     texts = []
-    for row in np.asarray(new):
+    for row in np.asarray(new)[:n]:
         stop = [i for i, t in enumerate(row) if t in set(np.asarray(eos_ids).tolist())]
         texts.append(tok.decode(row[: stop[0]] if stop else row, skip_special_tokens=True))
     return texts

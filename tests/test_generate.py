@@ -75,3 +75,25 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
 def test_cli_rejects_unknown_key_with_suggestion():
     with pytest.raises(SystemExit, match="max_new_tokens"):
         _parse_cli(["model=x", "prompt=hi", "max_new_token=3"])
+
+
+def test_generate_buckets_shapes_and_each_row_matches_its_own_run():
+    """``generate`` pads batch and prompt width to powers of two: prompts of other lengths and
+    counts in the same bucket reuse one compiled loop, and a row's completion does not depend on
+    the rows (or padding) beside it."""
+    from pathlib import Path
+
+    from jaxlora.generate import generate
+
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo" / "base"
+    model = jaxlora.load_model(demo)
+    prompts = ["In which town does", "What kind of pet does Funbil Tenmi", "Describe"]
+    new = 7  # a max_new_tokens no other test uses: the compile counts below are this test's own
+    before = generate_ids._cache_size()
+    together = generate(model, prompts, max_new_tokens=new)  # 3 rows -> 4, width -> 16
+    alone = [generate(model, [p], max_new_tokens=new)[0] for p in prompts]  # 1 row, width 16
+    assert together == alone
+    assert generate_ids._cache_size() == before + 2
+    generate(model, prompts[:2] + ["Where"], max_new_tokens=new)  # the 4-row bucket again
+    generate(model, prompts + ["Who", "Why"], max_new_tokens=new)  # 5 rows -> 8: new shape
+    assert generate_ids._cache_size() == before + 3
