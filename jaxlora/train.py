@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    from jaxlora.host import tune_allocator
+
+    tune_allocator()  # before the first JAX computation (see jaxlora.host)
     try:
         cfg = config_from_argv(argv)
     except ConfigError as e:

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")  # fmt: skip
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="glibc allocator for both sides: jaxlora.host's settings (what "
+                        "python -m jaxlora.train applies) or glibc's defaults")  # fmt: skip
     p.add_argument("--cpus", type=int, default=None,
                    help="pin each side to the first N usable cores (default: all)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: --cpus)")
@@ -336,12 +339,24 @@ def run_child(args) -> dict:
 # ---- the parent: prepare, probe, alternate, report -------------------------------------------
 
 
+def _child_malloc_env(args) -> dict[str, str]:
+    """``--malloc tuned``: jaxlora.host's glibc settings (what ``python -m jaxlora.train``
+    applies to itself) as start-up environment variables, for PEFT's process and jaxlora's
+    alike; ``default``: none, glibc's defaults for both."""
+    from jaxlora.host import malloc_env
+
+    return malloc_env() if args.malloc == "tuned" else {}
+
+
 def _spawn(argv: list[str], args, side: str, task: str | None = None) -> dict:
     out = args.workdir / f"{side}-{task}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, *argv, "--side", side, "--workdir", str(args.workdir)]
     cmd += ["--task", task] if task else []
     env = dict(os.environ, BENCH_RESULT=str(out), TRANSFORMERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu")  # fmt: skip
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    env |= _child_malloc_env(args)  # the same glibc allocator settings for both sides
+    env["JAXLORA_HOST_ALLOCATOR"] = "default"  # nothing on top of what the environment says
     if side == "prepare":  # torch (bnb quantization) and jax share this process's GPU
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     cpus = set(args.cpu_set)
@@ -379,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
         if k not in ("side", "task", "workdir")}}  # fmt: skip
     info["env"] = {k: os.environ.get(k) for k in ENV_RECORDED}  # children inherit these
+    info["env"] |= _child_malloc_env(args) or {"MALLOC_*": "glibc defaults"}
     print(json.dumps(info, indent=1))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         args.workdir = Path(tmp)
