@@ -168,9 +168,9 @@ def generate(
         from jax.experimental import multihost_utils
 
         new = multihost_utils.process_allgather(new, tiled=True)
-    texts = []
+    texts, eos_set = [], set(np.asarray(eos_ids).tolist())
     for row in np.asarray(new)[:n]:
-        stop = [i for i, t in enumerate(row) if t in set(np.asarray(eos_ids).tolist())]
+        stop = [i for i, t in enumerate(row) if t in eos_set]
         texts.append(tok.decode(row[: stop[0]] if stop else row, skip_special_tokens=True))
     return texts
 

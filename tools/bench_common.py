@@ -221,9 +221,11 @@ def peak_flops(device_name: str | None, dtype: str) -> tuple[float | None, str]:
 # ---- memory, machine, versions ---------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
+def _proc_kb(path: str, field: str) -> int | None:
+    """The kB value of ``field`` in a ``/proc`` file (``VmHWM`` in ``/proc/self/status``,
+    ``MemTotal`` in ``/proc/meminfo``), or None where the file or field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -234,7 +236,7 @@ def _status_kb(field: str) -> int | None:
 
 def rss_bytes() -> dict[str, int | None]:
     """Current and peak resident set size of this process (``VmRSS``, ``VmHWM``)."""
-    cur, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    cur, peak = _proc_kb("/proc/self/status", "VmRSS"), _proc_kb("/proc/self/status", "VmHWM")
     return {
         "rss": None if cur is None else cur * 1024,
         "peak_rss": None if peak is None else peak * 1024,
@@ -267,7 +269,7 @@ def machine() -> dict:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    mem = _meminfo_kb("MemTotal")
+    mem = _proc_kb("/proc/meminfo", "MemTotal")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -277,17 +279,6 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-
-
-def _meminfo_kb(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft",
