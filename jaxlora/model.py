@@ -1,4 +1,9 @@
-"""The notebook/script face of jaxlora: ``model = jaxlora.load_model(...); logits = model(ids)``."""
+"""The notebook/script face of jaxlora: ``model = jaxlora.load_model(...); logits = model(ids)``.
+
+A :class:`Model` is a value: its verbs return a new Model (``apply_lora``, ``load_adapter``,
+``merge``, ``replace``) or write files (``save_adapter``, ``save_merged``), built on the
+functions of :mod:`jaxlora.lora` and :mod:`jaxlora.interop` below it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import AutoTokenizer
 
-from jaxlora import hf
+from jaxlora import lora
+from jaxlora.dtypes import FLOAT_DTYPES
+from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 
@@ -33,7 +41,7 @@ def _forward(module, params, input_ids, positions, segment_ids):
     return module.apply({"params": params}, input_ids, positions, segment_ids)[0]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A loaded causal LM: architecture, parameter tree, tokenizer (if the checkpoint has one).
 
@@ -80,39 +88,60 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
-    # ---- LoRA (thin wrappers over jaxlora.lora / peft_io / export) ----------------------------
+    def replace(self, **changes: Any) -> Model:
+        """A new Model with ``changes`` (``params=``, ``tokenizer=``, ...)."""
+        return dataclasses.replace(self, **changes)
 
-    def apply_lora(self, cfg: Any, *, key: jax.Array | None = None) -> Model:
+    # ---- LoRA (thin wrappers over jaxlora.lora and jaxlora.interop) --------------------------
+
+    def apply_lora(self, cfg: lora.LoraConfig, *, key: jax.Array | None = None) -> Model:
         """A new Model with LoRA injected per ``cfg`` (a :class:`jaxlora.lora.LoraConfig`)."""
-        from jaxlora.lora import inject
-
-        if self.lora is not None:
-            raise ValueError("the model already has a LoRA adapter; merge() it first")
+        self._no_adapter_yet()
         key = jax.random.key(0) if key is None else key
-        return dataclasses.replace(self, params=inject(self.params, cfg, key), lora=cfg)
+        return self.replace(params=lora.inject(self.params, cfg, key), lora=cfg)
 
-    def save_adapter(self, directory: str | Path, base_model_name_or_path: str | None = None):
-        """Write the applied adapter as a PEFT adapter directory (see ``jaxlora.peft_io``), with
-        the tokenizer files beside it when the model has a tokenizer."""
-        from jaxlora.peft_io import save_adapter
+    def load_adapter(self, directory: str | Path) -> Model:
+        """A new Model with the PEFT adapter in ``directory`` applied (see ``interop.peft``)."""
+        self._no_adapter_yet(directory)
+        params, cfg = peft.load_adapter(self.params, directory)
+        return self.replace(params=params, lora=cfg)
 
-        out = save_adapter(self, self.lora, directory, base_model_name_or_path)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
+    def save_adapter(
+        self, directory: str | Path, base_model_name_or_path: str | None = None
+    ) -> Path:
+        """Write the applied adapter as a PEFT adapter directory (see ``interop.peft``), with
+        the tokenizer files beside it when the model has a tokenizer. The base's name defaults
+        to where the model was loaded from."""
+        if self.lora is None:
+            raise ValueError("save_adapter: the model has no LoRA adapter applied")
+        base = self.source if base_model_name_or_path is None else base_model_name_or_path
+        out = peft.save_adapter(self.params, self.lora, directory, base)
+        self._save_tokenizer(out)
         return out
 
     def merge(self) -> Model:
         """A new Model with every LoRA weight folded into its base (float32 merge; NF4 bases
         come back dense)."""
-        from jaxlora.lora import merge
-
-        return dataclasses.replace(self, params=merge(self.params), lora=None)
+        return self.replace(params=lora.merge(self.params), lora=None)
 
     def save_merged(self, directory: str | Path, dtype: str | None = None) -> Path:
-        """Write a plain HF checkpoint with the adapter merged in (see ``jaxlora.export``)."""
-        from jaxlora.export import save_merged
+        """Write a plain HF checkpoint with the adapter merged in (see ``interop.merged``),
+        with the tokenizer files beside it."""
+        out = merged.save_merged(self.params, self.config, directory, dtype=dtype)
+        self._save_tokenizer(out)
+        return out
 
-        return save_merged(self, directory, dtype=dtype)
+    def _no_adapter_yet(self, directory: Any = None) -> None:
+        if self.lora is None:
+            return
+        msg = "the model already has a LoRA adapter; merge() it first"
+        if directory is None:
+            raise lora.LoraError(msg)
+        raise peft.UnsupportedAdapterError(f"{directory}: {msg}")
+
+    def _save_tokenizer(self, directory: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
 
 
 def load_model(
@@ -141,29 +170,21 @@ def load_model(
     config, raw = hf.read_config(directory)
     convert = None
     if quant not in (None, "none"):
-        from jaxlora.nf4_bnb import quantizing_converter
-
-        convert = quantizing_converter(quant, dtype=dtype, **(quant_kwargs or {}))
+        convert = bnb.quantizing_converter(quant, dtype=dtype, **(quant_kwargs or {}))
     params = hf.load_params(directory, config, dtype, convert=convert, raw_config=raw)
     is_bnb = bool(raw.get("quantization_config"))
     model = Model(
         config=config,
         params=params,
         tokenizer=_load_tokenizer(directory) if tokenizer else None,
-        dtype=hf.DTYPES[compute_dtype or dtype],
+        dtype=FLOAT_DTYPES[compute_dtype or dtype],
         source=str(path_or_id),
         quant=(raw["quantization_config"].get("bnb_4bit_quant_type", "fp4") if is_bnb else quant),
     )
-    if adapter is not None:
-        from jaxlora.peft_io import load_adapter
-
-        model = load_adapter(model, adapter)
-    return model
+    return model if adapter is None else model.load_adapter(adapter)
 
 
 def _load_tokenizer(directory: Path):
     if not any(directory.glob("tokenizer*")):
         return None
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(directory))

@@ -35,7 +35,7 @@ def test_recipes_md_is_generated_from_the_config():
 
 def test_recipes_md_documents_every_key():
     from jaxlora.config import Config
-    from jaxlora.typed_config import all_keys
+    from jaxlora.config.typed import all_keys
 
     text = (ROOT / "docs" / "recipes.md").read_text()
     for key in all_keys(Config):

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import jaxlora
-from jaxlora.generate import _parse_cli, _sample, generate_ids, init_caches
+from jaxlora.config import ConfigError
+from jaxlora.generate import GenerateArgs
+from jaxlora.config import from_argv
+from jaxlora.sampling import _sample, generate_ids, init_caches
 from tests.hf_models import make_hf_model, random_ids
 
 
@@ -73,8 +76,15 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
 
 
 def test_cli_rejects_unknown_key_with_suggestion():
-    with pytest.raises(SystemExit, match="max_new_tokens"):
-        _parse_cli(["model=x", "prompt=hi", "max_new_token=3"])
+    with pytest.raises(ConfigError, match="did you mean 'max_new_tokens'"):
+        from_argv(GenerateArgs, ["model=x", "prompt=hi", "max_new_token=3"], repeatable=("prompt",))
+
+
+def test_cli_prompts_are_taken_as_written_and_repeat():
+    args = from_argv(
+        GenerateArgs, ["model=x", "prompt=Reverse: a b c", "prompt=42", "top_k=3"], repeatable=("prompt",)
+    )
+    assert args.prompt == ("Reverse: a b c", "42") and args.top_k == 3
 
 
 def test_generate_buckets_shapes_and_each_row_matches_its_own_run():
@@ -83,7 +93,7 @@ def test_generate_buckets_shapes_and_each_row_matches_its_own_run():
     the rows (or padding) beside it."""
     from pathlib import Path
 
-    from jaxlora.generate import generate
+    from jaxlora.sampling import generate
 
     demo = Path(__file__).resolve().parents[1] / "assets" / "demo" / "base"
     model = jaxlora.load_model(demo)

@@ -26,7 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlora import kernels, nf4
+from jaxlora import kernels
+from jaxlora.weights import nf4, nf4_format
 from jaxlora.kernels import nf4_matmul as km
 
 FULL_M = (1, 16, 256, 4096, 16384)
@@ -65,7 +66,7 @@ def _bench_shape(m: int, k: int, n: int, *, compiled: bool, iters: int, key) -> 
 
     kernels.set_mode("auto" if compiled else "interpret")
     got = matmul(x, t)  # correctness first, compiled or interpreted
-    ref = km.reference_forward(x, jnp.asarray(t.codes), t.absmax_f32(), code=tuple(nf4.NF4_CODE.tolist()), blocksize=64)  # fmt: skip
+    ref = km.reference_forward(x, jnp.asarray(t.codes), t.absmax_f32(), code=tuple(nf4_format.NF4_CODE.tolist()), blocksize=64)  # fmt: skip
     row["max|err|"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
     row["max|y|"] = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     if compiled:

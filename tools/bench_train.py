@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")  # fmt: skip
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                   help="glibc allocator for both sides: jaxlora.host's settings (what "
+                   help="glibc allocator for both sides: jaxlora.training.host's settings (what "
                         "python -m jaxlora.train applies) or glibc's defaults")  # fmt: skip
     p.add_argument("--cpus", type=int, default=None,
                    help="pin each side to the first N usable cores (default: all)")  # fmt: skip
@@ -161,8 +161,8 @@ class JaxloraSide:
 
         import jaxlora
         from jaxlora import lora
-        from jaxlora.optim import make_optimizer
-        from jaxlora.step import make_train_step
+        from jaxlora.training.optim import make_optimizer
+        from jaxlora.training.step import make_train_step
 
         if probe:  # full float32 matmuls (no TF32 on GPU) for the 1e-4 comparison
             jax.config.update("jax_default_matmul_precision", "highest")
@@ -340,10 +340,10 @@ def run_child(args) -> dict:
 
 
 def _child_malloc_env(args) -> dict[str, str]:
-    """``--malloc tuned``: jaxlora.host's glibc settings (what ``python -m jaxlora.train``
+    """``--malloc tuned``: jaxlora.training.host's glibc settings (what ``python -m jaxlora.train``
     applies to itself) as start-up environment variables, for PEFT's process and jaxlora's
     alike; ``default``: none, glibc's defaults for both."""
-    from jaxlora.host import malloc_env
+    from jaxlora.training.host import malloc_env
 
     return malloc_env() if args.malloc == "tuned" else {}
 

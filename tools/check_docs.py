@@ -105,9 +105,9 @@ def check_invocation(module: str, args: list[str]) -> list[str]:
         if module == "jaxlora.train":
             _check_train_args(args)
         elif module == "jaxlora.generate":
-            mod._parse_cli([a for a in args if not PLACEHOLDER.search(a)] or args)
+            _check_cli_args(mod.GenerateArgs, args, repeatable=("prompt",))
         elif module == "jaxlora.export":
-            mod._parse([PLACEHOLDER.sub("X", a) for a in args])
+            _check_cli_args(mod.ExportArgs, args)
     except SystemExit as e:
         return [f"python -m {module} {' '.join(args)}: {e}"]
     except Exception as e:  # a ConfigError and friends: the message names the key
@@ -115,9 +115,20 @@ def check_invocation(module: str, args: list[str]) -> list[str]:
     return []
 
 
+def _check_cli_args(cls: type, args: list[str], repeatable: tuple[str, ...] = ()) -> None:
+    """Every key exists; with no placeholder left, the whole command line validates."""
+    from jaxlora.config import from_argv
+    from jaxlora.config.typed import parse_override
+
+    for a in args:
+        parse_override(a.partition("=")[0] + "=null", cls)  # the key must exist
+    if not any(PLACEHOLDER.search(a) for a in args):
+        from_argv(cls, args, repeatable=repeatable)
+
+
 def _check_train_args(args: list[str]) -> None:
     from jaxlora.config import Config, ConfigError, config_from_argv
-    from jaxlora.typed_config import parse_override
+    from jaxlora.config.typed import parse_override
 
     concrete = []
     for a in args:

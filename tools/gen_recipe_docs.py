@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from jaxlora import config as C
-from jaxlora.typed_config import Dumper, all_keys, fields, to_plain
+from jaxlora.config.typed import Dumper, all_keys, fields, to_plain
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 

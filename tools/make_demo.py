@@ -116,7 +116,7 @@ def write_base(out: Path, config, params: dict, tokenizer, people) -> dict[str, 
     import jax
     import numpy as np
 
-    from jaxlora.hf import save_pretrained
+    from jaxlora.interop.hf import save_pretrained
     from jaxlora.model import load_model
     from jaxlora.models.llama import LlamaForCausalLM
     from tools.demo_eval import accuracy_by_task, fact_probes, greedy_generate

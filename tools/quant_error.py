@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxlora import data  # noqa: E402
 from jaxlora.config import DataConfig  # noqa: E402
-from jaxlora.hf import flatten, unflatten  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 from jaxlora.model import load_model  # noqa: E402
-from jaxlora.nf4 import quantize  # noqa: E402
-from jaxlora.nf4_bnb import is_quantized_weight  # noqa: E402
-from jaxlora.step import loss_sum  # noqa: E402
+from jaxlora.weights.nf4 import quantize  # noqa: E402
+from jaxlora.interop.bnb import is_quantized_weight  # noqa: E402
+from jaxlora.training.step import loss_sum  # noqa: E402
 
 
 def int4_absmax(w: np.ndarray, blocksize: int = 64) -> np.ndarray:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     cfg = DataConfig(path=args.data, format=args.format, max_seq_len=args.max_seq_len,
                      train_on_inputs=True, val_size=0, packing=True)  # fmt: skip
     rows, _ = data.build_datasets(cfg, model.tokenizer, seed=0)
-    dense = flatten(model.params)
+    dense = flatten_dict(model.params, sep=".")
     results = []
     for name, fn in VARIANTS.items():
         flat, errs = dict(dense), []
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                     q = fn(w)
                     errs.append(np.linalg.norm(w - q) / np.linalg.norm(w))
                     flat[k] = jnp.asarray(q)
-        loss = eval_loss(dataclasses.replace(model, params=unflatten(flat)), rows)
+        loss = eval_loss(dataclasses.replace(model, params=unflatten_dict(flat, sep=".")), rows)
         results.append((name, loss, float(np.exp(loss)), float(np.mean(errs)) if errs else 0.0))
 
     print(f"model {args.model}, data {args.data} ({len(rows)} packed rows of {args.max_seq_len})")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 _MODES = ("auto", "interpret", "off")
 _mode = os.environ.get("JAXLORA_KERNELS", "auto")
 if _mode not in _MODES:
@@ -38,16 +36,3 @@ def get_mode() -> str:
 def interpret() -> bool:
     """Whether kernels should run in Pallas interpret mode."""
     return _mode == "interpret"
-
-
-def kernel_applies(is_2d: bool, blocksize: int) -> tuple[bool, str]:
-    """``(use_kernel, reason)`` for an NF4 matmul; ``reason`` says why not, for the log."""
-    if _mode == "off":
-        return False, "kernel mode 'off'"
-    if _mode == "auto" and jax.default_backend() not in ("gpu", "tpu"):
-        return False, f"kernel mode 'auto' on {jax.default_backend()}: no compiled kernel"
-    if not is_2d:
-        return False, "in_features not a multiple of blocksize (flat layout)"
-    if blocksize not in KERNEL_BLOCKSIZES:
-        return False, f"blocksize {blocksize} not in {KERNEL_BLOCKSIZES}"
-    return True, ""

@@ -23,7 +23,9 @@ from jaxlora.kernels import nf4_tpu, nf4_triton
 PLATFORMS = ("gpu", "tpu")
 
 
-def dequantize_reference(codes: jax.Array, absmax: jax.Array, code: tuple[float, ...], blocksize: int, dtype) -> jax.Array:  # fmt: skip
+def dequantize_reference(
+    codes: jax.Array, absmax: jax.Array, code: tuple[float, ...], blocksize: int, dtype
+) -> jax.Array:
     """``codes [N, K/2], absmax [N, K/bs] -> W [N, K]`` in ``dtype``."""
     n, k = codes.shape[0], codes.shape[1] * 2
     c = codes.astype(jnp.int32)
@@ -64,13 +66,17 @@ def _impl(platform: str | None, interpret: bool):
 def _check(x, codes, absmax, blocksize):
     n, k2 = codes.shape
     if codes.dtype != jnp.uint8 or x.ndim != 2 or x.shape[1] != 2 * k2:
-        raise ValueError(f"nf4_matmul: want x [M, K] and uint8 codes [N, K/2], got {x.shape}, {codes.dtype}{codes.shape}")  # fmt: skip
+        raise ValueError(
+            f"nf4_matmul: want x [M, K] and uint8 codes [N, K/2], got {x.shape}, {codes.dtype}{codes.shape}"
+        )
     if (
         (2 * k2) % blocksize
         or absmax.shape != (n, 2 * k2 // blocksize)
         or absmax.dtype != jnp.float32
     ):
-        raise ValueError(f"nf4_matmul: want float32 absmax [{n}, {2 * k2}/{blocksize}], got {absmax.dtype}{absmax.shape}")  # fmt: skip
+        raise ValueError(
+            f"nf4_matmul: want float32 absmax [{n}, {2 * k2}/{blocksize}], got {absmax.dtype}{absmax.shape}"
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

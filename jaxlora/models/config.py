@@ -112,9 +112,13 @@ _IGNORED = {
     "partial_rotary_factor",  # checked == 1.0 below
 }
 _REQUIRED = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "rms_norm_eps",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rms_norm_eps",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Parameter paths mirror Hugging Face exactly (``model/layers/0/self_attn/q_proj/weight``), with
 weights in torch orientation ``[out, in]``, so the checkpoint key table is the identity. Every
-projection goes through :func:`jaxlora.ops.dense`, which dispatches on the weight's type: the same
+projection goes through :func:`jaxlora.weights.dense`, which dispatches on the weight's type: the same
 module runs a bf16 array, an NF4 tensor or a LoRA-wrapped weight without knowing which.
 
 References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, rope scaling), Jiang et al.
@@ -17,14 +17,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
+from jaxlora.config import LOGICAL_AXES
 from jaxlora.models.attention import attend, swiglu
 from jaxlora.models.config import LlamaConfig
-from jaxlora.ops import dense
+from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight, by the Hugging Face module name that owns it (torch orientation).
-# sharding.py maps logical axes to mesh axes; the model never names a mesh axis.
-LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+# The recipe's mesh.rules map logical axes (jaxlora.config.LOGICAL_AXES) to mesh axes
+# (jaxlora.training.sharding); the model never names a mesh axis.
+MODULE_AXES: dict[str, tuple[str, ...]] = {
     "embed_tokens": ("vocab", "embed"),
     "lm_head": ("vocab", "embed"),
     "q_proj": ("heads", "embed"),
@@ -40,6 +43,7 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
 }
+assert {a for axes in MODULE_AXES.values() for a in axes} <= set(LOGICAL_AXES)
 
 REMAT_POLICIES = {
     "none": None,
@@ -141,21 +145,22 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None):
         cfg = self.config
-        B, S, _ = x.shape
+        S = x.shape[1]
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.qkv_bias
         lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
-        q = lin("q_proj", H * D, cfg.hidden_size, bias)(x).reshape(B, S, H, D)
-        k = lin("k_proj", KV * D, cfg.hidden_size, bias)(x).reshape(B, S, KV, D)
-        v = lin("v_proj", KV * D, cfg.hidden_size, bias)(x).reshape(B, S, KV, D)
+        heads = lambda t: rearrange(t, "b s (h d) -> b s h d", d=D)
+        q = heads(lin("q_proj", H * D, cfg.hidden_size, bias)(x))  # (B, S, H, D)
+        k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
+        v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
         if cfg.qk_norm:
             q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         # Heads first, so every attention product is a plain batched matmul over (B, KV):
         # q (B, KV, G, S, D) with G = H / KV query heads per kv head, k and v (B, KV, T, D).
-        q = q.reshape(B, S, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q = rearrange(q, "b s (kv g) d -> b kv g s d", kv=KV)
+        k, v = (rearrange(t, "b s kv d -> b kv s d") for t in (k, v))
         if cache is not None:
             idx = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
@@ -163,7 +168,7 @@ class Attention(nn.Module):
             cache = cache | {"k": k, "v": v, "index": idx + S}
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, S, H * D)
+        out = rearrange(out, "b kv g s d -> b s (kv g d)")
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
         return out, cache
 

@@ -1,0 +1,109 @@
+"""Data: records -> tokenized, loss-masked examples -> packed rows -> resumable batches.
+
+``build_datasets(cfg.data, tokenizer, seed)`` runs the whole pipeline:
+
+1. :func:`~jaxlora.data.records.load_records`: a local ``.json``/``.jsonl``/``.csv``/
+   ``.parquet`` file, a directory of them, or a hub dataset id, every record checked.
+2. :func:`~jaxlora.data.tokenize.tokenize`: each record becomes an
+   :class:`~jaxlora.data.packing.Example` (``alpaca``, ``chat`` or ``text``; rules there).
+3. :func:`split_validation`: ``val_size`` (fraction or count) examples, chosen by ``seed``;
+   or, with ``eval_path``, that held-out file is the validation set.
+4. :meth:`PackedDataset.build <jaxlora.data.packing.PackedDataset.build>` and
+   :func:`~jaxlora.data.packing.batches`: rows, batches, the checkpointable iterator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from jaxlora.config import DataConfig
+from jaxlora.data.packing import BatchIterator, DataError, Example, PackedDataset, batches
+from jaxlora.data.records import check_record, load_records, load_tokenizer
+from jaxlora.data.tokenize import (
+    ALPACA_TEMPLATE,
+    ALPACA_TEMPLATE_NO_INPUT,
+    TokenizeStats,
+    alpaca_prompt,
+    tokenize,
+)
+
+__all__ = [
+    "ALPACA_TEMPLATE",
+    "ALPACA_TEMPLATE_NO_INPUT",
+    "BatchIterator",
+    "DataError",
+    "Example",
+    "PackedDataset",
+    "TokenizeStats",
+    "alpaca_prompt",
+    "batches",
+    "build_datasets",
+    "check_record",
+    "load_records",
+    "load_tokenizer",
+    "split_validation",
+    "tokenize",
+]
+
+log = logging.getLogger(__name__)
+
+
+def split_validation(
+    examples: list[Example], val_size: int | float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, val): ``val_size`` (a fraction in (0, 1), at least 1 example, or a count) by seed.
+
+    Both keep their original order; the choice depends only on ``seed`` and ``len(examples)``.
+    """
+    n = len(examples)
+    n_val = val_size if isinstance(val_size, int) else max(1, round(val_size * n))
+    if n_val == 0:
+        return list(examples), []
+    if n_val >= n:
+        raise DataError(
+            f"data.val_size={val_size} takes {n_val} of {n} examples, leaving none to train on"
+        )
+    is_val = np.zeros(n, bool)
+    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return [ex for ex, v in zip(examples, is_val, strict=True) if not v], [
+        ex for ex, v in zip(examples, is_val, strict=True) if v
+    ]
+
+
+def build_datasets(
+    cfg: DataConfig, tokenizer: Any, seed: int
+) -> tuple[PackedDataset, PackedDataset | None]:
+    """The whole pipeline: ``(train, val)`` packed datasets (``val`` None when ``val_size`` is 0).
+
+    ``val`` holds ``val_size`` examples split off the data, or, when ``cfg.eval_path`` is set,
+    every example of that held-out file (tokenized by the same rules).
+
+    Padding positions carry ``tokenizer.pad_token_id`` (0 if it has none); they are masked out
+    of the loss and of attention, so the id only has to be a valid embedding row.
+    """
+    records = load_records(cfg)
+    examples, stats = tokenize(records, tokenizer, cfg)
+    if cfg.eval_path is None:
+        train, val = split_validation(examples, cfg.val_size, seed)
+    else:  # a separate held-out file is the validation set (config ensures val_size == 0)
+        held_out = dataclasses.replace(cfg, path=cfg.eval_path, max_examples=None)
+        train, (val, _) = examples, tokenize(load_records(held_out), tokenizer, held_out)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_ds = PackedDataset.build(train, cfg.max_seq_len, cfg.packing, pad)
+    val_ds = PackedDataset.build(val, cfg.max_seq_len, cfg.packing, pad) if val else None
+    log.info(
+        "data: %d records -> %d train / %d val examples, %d train rows of %d (%.0f%% filled), "
+        "%d trained tokens",
+        stats.records,
+        len(train),
+        len(val),
+        len(train_ds),
+        cfg.max_seq_len,
+        100 * sum(ex.length for ex in train) / max(1, len(train_ds) * cfg.max_seq_len),
+        train_ds.num_trained_tokens,
+    )
+    return train_ds, val_ds

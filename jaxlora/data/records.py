@@ -1,0 +1,129 @@
+"""Records in: local JSON / JSON Lines / CSV / parquet files, directories of them, or hub
+datasets, all through ``datasets.load_dataset``, each record checked for ``data.format``.
+
+JSON files are first checked line by line, so a bad record is reported as
+``path:LINE: what is wrong``; other sources are checked record by record after loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import AutoTokenizer
+
+from jaxlora.config import DataConfig
+from jaxlora.data.packing import DataError
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_tokenizer(path: str, revision: str | None = None) -> Any:
+    """``transformers.AutoTokenizer`` from a local directory or hub id (fast tokenizers only)."""
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    if not tok.is_fast:
+        raise DataError(f"tokenizer at {path} has no fast (Rust) version; jaxlora needs one")
+    return tok
+
+
+def check_record(rec: Any, cfg: DataConfig) -> str | None:
+    """What is wrong with one record for ``cfg.format``, or None if nothing."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+
+    def need_str(name: str, optional: bool = False) -> str | None:
+        if name not in rec or (optional and rec[name] is None):
+            return None if optional else f'missing field "{name}"'
+        if not isinstance(rec[name], str):
+            return f'field "{name}" must be a string, got {type(rec[name]).__name__}'
+        return None
+
+    if cfg.format == "alpaca":
+        return (
+            need_str(cfg.instruction_field)
+            or need_str(cfg.input_field, optional=True)
+            or need_str(cfg.output_field)
+        )
+    if cfg.format == "text":
+        return need_str(cfg.text_field)
+    name = cfg.messages_field
+    msgs = rec.get(name)
+    if not isinstance(msgs, list) or not msgs:
+        return f'field "{name}" must be a non-empty list of {{"role", "content"}} objects'
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f'{name}[{j}] must be an object with a string "role"'
+        if not isinstance(m.get("content"), str):
+            return f'{name}[{j}] must have a string "content"'
+    return None
+
+
+def _check_json_file(path: Path, cfg: DataConfig) -> None:
+    """Validate JSON Lines (or a ``.json`` array) record by record: ``path:LINE: problem``."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of records
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})"
+            ) from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON array of records")
+        for k, rec in enumerate(records):
+            if problem := check_record(rec, cfg):
+                raise DataError(f"{path}: record {k + 1}: {problem}")
+        count = len(records)
+    else:
+        count = 0
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
+                ) from None
+            if problem := check_record(rec, cfg):
+                raise DataError(f"{path}:{lineno}: {problem}")
+            count += 1
+    if count == 0:
+        raise DataError(f"{path}: the file holds no records")
+
+
+def load_records(cfg: DataConfig) -> Any:
+    """``cfg.path`` -> a ``datasets.Dataset`` of valid records (first ``max_examples`` only)."""
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        if path.suffix not in _BUILDERS:
+            raise DataError(f"{path}: unsupported file type; use one of {', '.join(_BUILDERS)}")
+        files = [path]
+        args: tuple = (_BUILDERS[path.suffix],)
+        kwargs: dict[str, Any] = {"data_files": str(path)}
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+        if not files:
+            raise DataError(f"{path}: no {'/'.join(_BUILDERS)} files in this directory")
+        args, kwargs = (str(path),), {}
+    elif cfg.path.startswith((".", "/", "~")) or cfg.path.endswith(tuple(_BUILDERS)):
+        raise DataError(f"data.path {cfg.path} does not exist")
+    else:  # a hub dataset id
+        files, args, kwargs = [], (cfg.path, cfg.subset), {}
+    for f in files:
+        if f.suffix in (".json", ".jsonl"):
+            _check_json_file(f, cfg)
+    try:
+        ds = datasets.load_dataset(*args, split=cfg.split, **kwargs)
+    except (ValueError, OSError) as e:  # bad split, missing dataset, no network
+        raise DataError(f"cannot load {cfg.path} (split {cfg.split!r}): {e}") from e
+    if cfg.max_examples is not None:
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"{cfg.path}: the dataset has no examples")
+    for k, rec in enumerate(ds):  # CSV, parquet and hub data get the same record checks
+        if problem := check_record(rec, cfg):
+            raise DataError(f"{cfg.path}: record {k + 1}: {problem}")
+    return ds

@@ -1,0 +1,94 @@
+"""A run's checkpoint -> the formats users take elsewhere: a PEFT adapter, a merged Hugging Face
+checkpoint, or a bitsandbytes-4bit base plus adapter (``python -m jaxlora.export``).
+
+The run is rebuilt from its ``config.yaml`` with the same builder the training run used
+(:mod:`jaxlora.training.run`), so the restored trees are exactly those the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from jaxlora import lora
+from jaxlora.config import load_config
+from jaxlora.interop import hf
+from jaxlora.interop.merged import param_dtype
+from jaxlora.training import checkpoint
+from jaxlora.training.run import init_lora, load_base, make_tx, run_meta
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("peft", "merged", "bnb4")
+
+
+def locate(checkpoint_path: Path, step: int | None) -> tuple[Path, int | None]:
+    """(run dir, step) from a run dir, its checkpoints/ dir, or one step's dir."""
+    path = checkpoint_path.absolute()
+    if (path / "config.yaml").exists():
+        return path, step
+    if (path.parent / "config.yaml").exists() and path.name == "checkpoints":
+        return path.parent, step
+    if path.name.isdigit() and (path.parents[1] / "config.yaml").exists():
+        if step is not None and step != int(path.name):
+            raise ValueError(f"step={step} contradicts checkpoint directory {path}")
+        return path.parents[1], int(path.name)
+    raise ValueError(f"{path}: not a jaxlora run directory (no config.yaml found)")
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Rebuild a run's model from its ``config.yaml`` and Orbax checkpoint, then write ``fmt``.
+
+    ``peft``: the adapter (adapter_config.json + adapter_model.safetensors + tokenizer).
+    ``merged``: a dense HF checkpoint with the adapter folded in (NF4 bases dequantized first).
+    ``bnb4``: the 4-bit base as a bitsandbytes HF checkpoint in ``out`` plus the adapter in
+    ``out/adapter`` — merging into 4 bits would lose most of the update, so the two stay apart.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    run_dir, step = locate(Path(checkpoint_path), step)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    if fmt == "bnb4" and cfg.quant.type == "none":
+        raise ValueError("format=bnb4 needs a run with a 4-bit base (quant.type nf4 or fp4)")
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+        model, frozen, trainable = init_lora(cfg, load_base(cfg), jax.random.key(0))
+        tx, _ = make_tx(cfg, 1)
+        trainable, *_ = ckpt.restore(step, trainable, tx.init(trainable), run_meta(cfg))
+    finally:
+        ckpt.close()
+    model = model.replace(params=lora.combine(frozen, trainable))
+    out = Path(out)
+    if fmt == "peft":
+        model.save_adapter(out, base_model_name_or_path=cfg.model.path)
+    elif fmt == "merged":
+        model.save_merged(out, dtype=dtype)
+    else:
+        base = jax.tree.map(
+            lambda w: w.base if isinstance(w, lora.LoRAWeight) else w,
+            frozen,
+            is_leaf=lambda w: isinstance(w, lora.LoRAWeight),
+        )
+        hf.save_bnb4(
+            base,
+            model.config,
+            out,
+            dtype=dtype or param_dtype(base),
+            compute_dtype=cfg.quant.compute_dtype,
+        )
+        model.tokenizer.save_pretrained(str(out))
+        model.save_adapter(out / "adapter", base_model_name_or_path=str(out.absolute()))
+    log.info("exported step %d of %s as %s to %s", step, run_dir, fmt, out)
+    return out

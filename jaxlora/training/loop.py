@@ -1,0 +1,177 @@
+"""The training run, top to bottom: config -> base (NF4 while streaming) -> data -> LoRA ->
+partition (gradients and optimizer state exist only for the trainable part) -> sharded, jitted
+step -> loop (metrics, eval, samples, checkpoints) -> PEFT adapter in ``output_dir/adapter``.
+
+``python -m jaxlora.train`` parses the recipe and calls :func:`run`; the pieces are built by
+:mod:`jaxlora.training.run`, which ``export`` (and the coming ``plan``) share.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlora import data, lora
+from jaxlora.config import Config, ConfigError, save_config
+from jaxlora.training import checkpoint, evaluate, sharding
+from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, peak_memory_bytes
+from jaxlora.training.run import (
+    init_lora,
+    jit_eval_step,
+    jit_train_step,
+    load_base,
+    make_mesh,
+    make_tx,
+    run_meta,
+    step_shardings,
+)
+
+log = logging.getLogger("jaxlora.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+def run(cfg: Config) -> dict:
+    out = Path(cfg.output_dir)
+    main_process = jax.process_index() == 0
+    # An existing run is continued only when asked; checked first, so a refused run writes nothing.
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.train.resume:
+        ckpt.close()
+        raise ConfigError(
+            f"{out / 'checkpoints'} already holds step {latest}: pass train.resume=true to "
+            "continue it, or choose another output_dir"
+        )
+
+    # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
+    model = load_base(cfg)
+
+    # --- data: every error (malformed line, empty set, all too long) surfaces before compute
+    train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
+    t = cfg.train
+    rows_per_step = t.batch_size * t.grad_accum
+    steps_per_epoch = len(train_ds) // rows_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size × train.grad_accum = {rows_per_step} rows, but the training set "
+            f"packs into only {len(train_ds)} rows; lower the batch or add data"
+        )
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
+    key = jax.random.key(t.seed)
+    key, init_key = jax.random.split(key)
+    model, frozen, trainable = init_lora(cfg, model, init_key)
+    n_train = sum(x.size for x in jax.tree.leaves(trainable))
+    log.info(
+        "trainable parameters: %s (%.3f%% of the model)",
+        f"{n_train:,}",
+        100 * n_train / max(1, model.num_params),
+    )
+
+    # --- the step, sharded over the mesh; trainable params and optimizer state are donated
+    tx, schedule = make_tx(cfg, total_steps)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    sh = step_shardings(cfg, make_mesh(cfg), frozen, trainable, opt_state)
+    frozen = sharding.place(frozen, sh.frozen)
+    trainable = sharding.place(trainable, sh.trainable)
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
+    train_step = jit_train_step(cfg, model, tx, sh)
+    eval_step = jit_eval_step(cfg, model)
+
+    # --- checkpoints: resume from the latest when asked; refuse a foreign one
+    meta = run_meta(cfg)
+    pc, pi = jax.process_count(), jax.process_index()
+    batches = data.batches(
+        train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
+    )
+    start = 0
+    key, step_key = jax.random.split(key)
+    if t.resume and latest is not None:
+        trainable, opt_state, data_state, step_key, _ = ckpt.restore(
+            latest, trainable, opt_state, meta
+        )
+        batches.restore(data_state)
+        start = latest
+        log.info("resumed from %s at step %d", out / "checkpoints", start)
+    if main_process:  # the resolved config, once everything above has been accepted
+        save_config(cfg, out / "config.yaml")
+
+    evaluate_loss = lambda tr: evaluate.eval_loss(eval_step, tr, frozen, val_ds, t.batch_size)
+    report = evaluate.Report(cfg, model, frozen, trainable, evaluate_loss) if start == 0 else None
+
+    # --- the loop
+    monitor = Monitor(out, total_steps, start, enabled=main_process)
+    prev = time.perf_counter()
+    try:
+        for step in range(start + 1, total_steps + 1):
+            local = [next(batches) for _ in range(t.grad_accum)]
+            local = {k: np.stack([b[k] for b in local]) for k in local[0]}
+            batch = sharding.global_batch(local, sh.batch)
+            trainable, opt_state, m = train_step(
+                trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step)
+            )
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            step_time, prev = now - prev, now
+            if not m["finite"]:
+                raise TrainingDiverged(
+                    f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
+                    f"the update was not applied and the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) is kept. Try: {NONFINITE_ADVICE}"
+                )
+            record = {
+                "step": step,
+                "loss": m["loss"],
+                "lr": float(schedule(step - 1)),
+                "grad_norm": m["grad_norm"],
+                "tokens": int(m["tokens"]),
+                "trained_tokens": int(m["trained_tokens"]),
+                "tokens_per_sec": m["tokens"] / step_time,
+                "step_time": step_time,
+            }
+            if step == start + 1:  # the first step of a process compiles: don't call it speed
+                record["compile_time"] = record.pop("step_time")
+                del record["tokens_per_sec"]
+            if (mem := peak_memory_bytes()) is not None:
+                record["peak_memory_bytes"] = mem
+            if (
+                val_ds is not None
+                and t.eval_every
+                and (step % t.eval_every == 0 or step == total_steps)
+            ):
+                record["eval_loss"] = evaluate_loss(trainable)
+            if step % t.log_every == 0 or "eval_loss" in record or step in (1, total_steps):
+                monitor.log(record)
+            # every process joins (the parameters are sharded); only process 0 prints
+            if t.sample_every and step % t.sample_every == 0:
+                current = model.replace(params=lora.combine(frozen, trainable))
+                evaluate.print_samples(current, cfg, monitor.write, step)
+            if t.save_every and (step % t.save_every == 0 or step == total_steps):
+                ckpt.save(step, trainable, opt_state, batches.state(), step_key, meta)
+            monitor.advance()
+            prev = time.perf_counter()  # eval/sample/save time is not step time
+    finally:
+        monitor.close()
+        ckpt.close()
+
+    # --- the adapter, in PEFT format, and what the run achieved
+    # Every process takes part in gathering the (possibly multi-host-sharded) adapter weights;
+    # process 0 then writes them.
+    trainable_host = multihost_utils.process_allgather(trainable, tiled=True)
+    model = model.replace(params=lora.combine(frozen, trainable_host))
+    summary = {"steps": total_steps, "warnings": monitor.warnings}
+    if main_process:
+        model.save_adapter(out / "adapter", base_model_name_or_path=cfg.model.path)
+        print(f"adapter written to {out / 'adapter'} (PEFT format)")
+    if report is not None:
+        summary |= report.finish(trainable, main_process)
+    return summary

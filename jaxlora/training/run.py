@@ -1,0 +1,125 @@
+"""The run builder: a :class:`~jaxlora.config.Config` -> the frozen base, the LoRA-wrapped
+model, the optimizer, the mesh and the sharded, jitted step.
+
+``python -m jaxlora.train`` (:mod:`jaxlora.training.loop`) and ``python -m jaxlora.export``
+(:mod:`jaxlora.training.export`) build a run with these same functions, so a checkpoint is read
+back into exactly the trees it was written from, and no command imports another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlora import data, lora
+from jaxlora.config import Config, ConfigError
+from jaxlora.interop import hf
+from jaxlora.model import Model, load_model
+from jaxlora.training import checkpoint, sharding
+from jaxlora.training.optim import make_optimizer, make_schedule
+from jaxlora.training.step import make_eval_step, make_train_step
+
+
+def load_base(cfg: Config) -> Model:
+    """The frozen base (NF4/FP4 while streaming when ``quant.type`` says so) and its tokenizer."""
+    quant = None if cfg.quant.type == "none" else cfg.quant.type
+    model = load_model(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        compute_dtype=cfg.model.compute_dtype,
+        quant=quant,
+        revision=cfg.model.revision,
+        quant_kwargs={"blocksize": cfg.quant.blocksize, "double_quant": cfg.quant.double_quant},
+    )
+    if cfg.model.tokenizer:
+        model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
+    if model.tokenizer is None:
+        raise ConfigError(f"model.path={cfg.model.path} has no tokenizer; set model.tokenizer")
+    return model
+
+
+def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, Any]:
+    """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``."""
+    model = model.apply_lora(cfg.lora, key=key)
+    frozen, trainable = lora.partition(model.params, cfg.lora)
+    return model, frozen, trainable
+
+
+def make_tx(cfg: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with the recipe's schedule; returns ``(optimizer, schedule)``."""
+    t = cfg.train
+    schedule = make_schedule(t.lr, total_steps, t.warmup_ratio, t.schedule)
+    tx = make_optimizer(
+        schedule,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        b1=t.adam_beta1,
+        b2=t.adam_beta2,
+        eps=t.adam_eps,
+    )
+    return tx, schedule
+
+
+def run_meta(cfg: Config) -> dict:
+    """What a checkpoint must agree with to be resumed or exported: base identity and configs."""
+    quant = {
+        "type": cfg.quant.type,
+        "blocksize": cfg.quant.blocksize,
+        "double_quant": cfg.quant.double_quant,
+    }
+    return {
+        "base_model": cfg.model.path,
+        "base_fingerprint": hf.fingerprint(hf.resolve(cfg.model.path, cfg.model.revision)),
+        "lora": checkpoint.meta_json(lora.to_meta(cfg.lora)),
+        "quant": checkpoint.meta_json(quant),
+    }
+
+
+@dataclass(frozen=True)
+class Shardings:
+    """Where every tree of the step lives on the mesh."""
+
+    mesh: Mesh
+    frozen: Any
+    trainable: Any
+    opt_state: Any
+    batch: NamedSharding  # [accum, rows, seq]: rows over data × fsdp
+    replicated: NamedSharding
+
+
+def make_mesh(cfg: Config) -> Mesh:
+    return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+
+def step_shardings(cfg: Config, mesh: Mesh, frozen, trainable, opt_state) -> Shardings:
+    """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs)."""
+    rules = cfg.mesh.rules
+    return Shardings(
+        mesh=mesh,
+        frozen=sharding.tree_shardings(frozen, mesh, rules),
+        trainable=sharding.tree_shardings(trainable, mesh, rules),
+        opt_state=sharding.tree_shardings(opt_state, mesh, rules),
+        batch=sharding.batch_sharding(mesh, ndim=3, leading=1),
+        replicated=sharding.replicated(mesh),
+    )
+
+
+def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
+    """``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``,
+    jitted with explicit shardings; trainable params and optimizer state are donated."""
+    module = model.module(remat=cfg.train.remat)
+    return jax.jit(
+        make_train_step(module, lora.combine, tx, dropout=cfg.lora.dropout > 0),
+        in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
+        out_shardings=(sh.trainable, sh.opt_state, sh.replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def jit_eval_step(cfg: Config, model: Model):
+    """``eval_step(trainable, frozen, batch) -> (loss_sum, token_count)``, jitted."""
+    return jax.jit(make_eval_step(model.module(remat=cfg.train.remat), lora.combine))

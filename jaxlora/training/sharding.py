@@ -1,0 +1,141 @@
+"""Logical axes -> device mesh: shardings for any parameter, optimizer-state or batch tree.
+
+The model declares logical axes per weight (``MODULE_AXES`` in ``models/llama.py``, by Hugging
+Face module name); the recipe's ``mesh.rules`` map them to mesh axes (``data``, ``fsdp``,
+``tensor``). Model code never names a mesh axis. Inside weight types:
+
+* ``NF4Tensor``: packed ``codes [out, in/2]`` and ``absmax [out, in/blocksize]`` shard like the
+  weight, so every shard holds whole 64-blocks with their absmax beside them (a split of ``in``
+  is only taken when it falls on block boundaries); the tiny ``nested_absmax``/``offset`` are
+  replicated. Flat-layout tensors (``in`` not a multiple of the block) are replicated.
+* ``LoRAWeight``: ``a [r, in]`` shards its ``in`` like the base, ``b [out, r]`` its ``out``;
+  the rank axis follows the ``lora_rank`` rule (replicated by default: it is small).
+
+A mesh axis is dropped from a spec where the dimension does not divide evenly, or where an
+earlier dimension of the same array already uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlora.config import MESH_AXES
+from jaxlora.models.llama import MODULE_AXES
+
+log = logging.getLogger(__name__)
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over all (global) devices; one size may be -1 (the rest)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sizes.count(-1) > 1:
+        raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"mesh: {n} devices do not divide into data×fsdp×tensor={sizes}")
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise ValueError(
+            f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {int(np.prod(sizes))}, "
+            f"but there are {n} devices"
+        )
+    # Auto axes: XLA's partitioner propagates shardings from the explicit in/out shardings of
+    # the jitted step (jax.make_mesh would otherwise default to explicit sharding-in-types).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _key_name(k) -> str | None:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    return None
+
+
+def logical_axes_for(path, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of one leaf from its tree path (param tree or optimizer state alike)."""
+    names = [_key_name(k) for k in path]
+    module_at = max((i for i, n in enumerate(names) if n in MODULE_AXES), default=None)
+    if module_at is None or ndim == 0:
+        return (None,) * ndim
+    axes = MODULE_AXES[names[module_at]]
+    rest = [n for n in names[module_at + 1 :] if n not in ("weight", "base")]
+    out_ax, in_ax = (axes + (None,))[:2]
+    part = rest[-1] if rest else None
+    if part == "bias" or part == "magnitude" or part == "lora_magnitude_vector":
+        return (out_ax,) if ndim == 1 else (None,) * ndim
+    if part == "a":  # LoRA A [r, in]
+        return ("lora_rank", in_ax)
+    if part == "b":  # LoRA B [out, r]
+        return (out_ax, "lora_rank")
+    if part in ("nested_absmax", "offset"):
+        return (None,) * ndim
+    if part in ("codes", "absmax"):
+        return (out_ax, in_ax) if ndim == 2 else (None,) * ndim  # flat layout: replicate
+    if len(axes) == ndim:
+        return axes
+    return (None,) * ndim
+
+
+def spec_for(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    rules: Mapping[str, str | None],
+    mesh: Mesh,
+) -> PartitionSpec:
+    """Map logical axes to mesh axes, dropping any that don't divide or repeat."""
+    used: set[str] = set()
+    out = []
+    for ax, dim in zip(axes, shape, strict=True):
+        m = rules.get(ax) if ax is not None else None
+        if m is not None and (m in used or dim % mesh.shape[m] or mesh.shape[m] == 1):
+            m = None
+        if m is not None:
+            used.add(m)
+        out.append(m)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None]) -> Any:
+    """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure)."""
+
+    def one(path, leaf):
+        shape = tuple(np.shape(leaf))
+        spec = spec_for(logical_axes_for(path, len(shape)), shape, rules, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
+    """Rows over ``data × fsdp``; ``leading`` unsharded axes first (e.g. grad-accum)."""
+    spec = (None,) * leading + (BATCH_AXES,) + (None,) * (ndim - leading - 1)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf on its sharding (works for host numpy and device arrays)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble global arrays from each process's rows (``jax.make_array_from_process_local_data``)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }

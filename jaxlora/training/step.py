@@ -1,0 +1,92 @@
+"""The jitted train and eval steps: token-weighted cross-entropy, gradient accumulation, a guard
+that refuses non-finite updates.
+
+Gradient accumulation sums per-token losses (and their gradients) over micro-batches and divides
+once by the number of trained tokens of the whole batch, so ``accum × micro`` equals one big batch
+exactly, whatever the padding — not a mean of per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]  # input_ids, targets, loss_mask, segment_ids, positions: [..., B, S]
+
+
+def loss_sum(module, params, batch: Batch, rng: jax.Array | None = None):
+    """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of those tokens."""
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, _ = module.apply(
+        {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"]
+    )
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def real_tokens(batch: Batch) -> jax.Array:
+    """Tokens the model processed (not padding), for throughput."""
+    return jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+
+
+def make_train_step(
+    module, combine: Callable[[Any, Any], Any], tx: optax.GradientTransformation, *, dropout: bool
+):
+    """``step(trainable, opt_state, frozen, batch [accum, B, S], rng) -> (trainable, opt_state, metrics)``.
+
+    Gradients are taken with respect to ``trainable`` only; ``frozen`` (the base, possibly NF4)
+    never gets a gradient or optimizer state. A step whose loss or gradient norm is not finite
+    leaves ``trainable`` and ``opt_state`` unchanged and reports ``finite = False``.
+    """
+
+    def micro_loss(trainable, frozen, mb, rng):
+        return loss_sum(module, combine(frozen, trainable), mb, rng if dropout else None)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(trainable, opt_state, frozen, batch: Batch, rng: jax.Array):
+        accum = batch["input_ids"].shape[0]
+
+        def body(carry, xs):
+            g_acc, l_acc, n_acc = carry
+            mb, key = xs
+            (loss, count), g = grad_fn(trainable, frozen, mb, key)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, loss, count), _ = jax.lax.scan(body, init, (batch, jax.random.split(rng, accum)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = loss / count
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "trained_tokens": count,
+            "tokens": real_tokens(batch),
+            "finite": finite,
+        }
+        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(module, combine: Callable[[Any, Any], Any]):
+    """``eval_step(trainable, frozen, batch [B, S]) -> (loss_sum, token_count)`` (no dropout)."""
+
+    def eval_step(trainable, frozen, batch: Batch):
+        return loss_sum(module, combine(frozen, trainable), batch)
+
+    return eval_step

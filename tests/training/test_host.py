@@ -1,0 +1,63 @@
+"""jaxlora.training.host: the glibc allocator settings, applied once, only when they can take effect."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SNIPPET = "import jaxlora.training.host as h; {before}print(h.tune_allocator()); print(h.tune_allocator())"
+
+
+def _run(env_extra: dict[str, str], before: str = "") -> list[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("JAXLORA_HOST_ALLOCATOR", None)
+    env |= {"JAX_PLATFORMS": "cpu"} | env_extra
+    code = SNIPPET.format(before=before)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_applies_all_four_settings_once():
+    first, again = _run({})
+    assert first == again == ("tuned: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX")
+
+
+def test_leaves_the_allocator_alone_when_asked_configured_or_on_an_accelerator():
+    assert _run({"JAXLORA_HOST_ALLOCATOR": "default"})[0] == (
+        "glibc defaults (JAXLORA_HOST_ALLOCATOR=default)"
+    )
+    assert _run({"MALLOC_ARENA_MAX": "4"})[0] == (
+        "glibc settings from the environment (MALLOC_* is set)"
+    )
+    assert _run({"JAX_PLATFORMS": "cuda"})[0] == (
+        "not tuned: the train step runs on an accelerator (JAX_PLATFORMS=cuda)"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_refuses_after_jax_has_run():
+    out = _run({}, before="import jax.numpy as jnp; jnp.ones(3).block_until_ready(); ")
+    assert out[0].startswith("not tuned: JAX already ran a computation")
+
+
+def test_bad_setting_is_an_error():
+    env = {k: v for k, v in os.environ.items() if k != "JAXLORA_HOST_ALLOCATOR"}
+    env["JAXLORA_HOST_ALLOCATOR"] = "fast"
+    out = subprocess.run([sys.executable, "-c", SNIPPET.format(before="")], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert (
+        out.returncode != 0 and "JAXLORA_HOST_ALLOCATOR must be 'tuned' or 'default'" in out.stderr
+    )
+
+
+def test_malloc_env_matches_the_settings():
+    from jaxlora.training.host import SETTINGS, malloc_env
+
+    env = malloc_env()
+    assert env == {name: str(value) for _, _, name, value in SETTINGS}
+    assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_TOP_PAD_"] == str(512 << 20)
