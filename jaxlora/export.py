@@ -1,9 +1,10 @@
-"""``python -m jaxlora.export checkpoint=<run> format=peft|merged|bnb4 out=<dir> [step=N] [dtype=...]``
+"""``python -m jaxlora.export checkpoint=<run> format=peft|merged|bnb4 out=<dir> [step=N]``
 
 ``checkpoint`` is a run directory, its ``checkpoints/`` directory or one step's directory;
-``step`` defaults to the latest. ``peft`` writes the adapter (with the tokenizer), ``merged`` a
-dense Hugging Face checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a
-bitsandbytes checkpoint plus the adapter in ``out/adapter``. Arguments use the grammar of every
+``step`` defaults to the latest; ``dtype=float32|bfloat16|float16`` sets the written weights'
+dtype. ``peft`` writes the adapter (with the tokenizer), ``merged`` a dense Hugging Face
+checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a bitsandbytes checkpoint plus
+the adapter in ``out/adapter``. Arguments use the grammar of every
 jaxlora command (``key=value``; a misspelled key names the nearest one). The library call is
 :func:`jaxlora.training.export.export_checkpoint`.
 """

@@ -75,7 +75,7 @@ def generate_ids(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> jax.Array:
-    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (EOS-padded after EOS)."""
+    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (EOS after EOS)."""
     B, P = input_ids.shape
     caches = init_caches(module.config, B, P + max_new_tokens, module.dtype)
     positions = default_positions(attention_mask)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import jaxlora
-from jaxlora.config import ConfigError
+from jaxlora.config import ConfigError, from_argv
 from jaxlora.generate import GenerateArgs
-from jaxlora.config import from_argv
 from jaxlora.sampling import _sample, generate_ids, init_caches
 from tests.hf_models import make_hf_model, random_ids
 
@@ -82,7 +81,9 @@ def test_cli_rejects_unknown_key_with_suggestion():
 
 def test_cli_prompts_are_taken_as_written_and_repeat():
     args = from_argv(
-        GenerateArgs, ["model=x", "prompt=Reverse: a b c", "prompt=42", "top_k=3"], repeatable=("prompt",)
+        GenerateArgs,
+        ["model=x", "prompt=Reverse: a b c", "prompt=42", "top_k=3"],
+        repeatable=("prompt",),
     )
     assert args.prompt == ("Reverse: a b c", "42") and args.top_k == 3
 

@@ -136,7 +136,7 @@ def packed_batches(
     stream: np.ndarray | None = None,
     min_doc: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``n`` packed batches, each a dict of ``[batch, seq]`` arrays in ``jaxlora.packing`` layout.
+    """``n`` packed batches, each a dict of ``[batch, seq]`` arrays in ``jaxlora.data.packing`` layout.
 
     Every row is filled with documents of random length (``min_doc``..``seq`` positions; the
     last one cut to fit): ``input_ids`` = a document's tokens ``[:-1]``, ``targets`` = ``[1:]``,

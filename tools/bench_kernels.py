@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import kernels
-from jaxlora.weights import nf4, nf4_format
 from jaxlora.kernels import nf4_matmul as km
+from jaxlora.weights import nf4, nf4_format
 
 FULL_M = (1, 16, 256, 4096, 16384)
 FULL_KN = ((4096, 4096), (4096, 14336), (14336, 4096))

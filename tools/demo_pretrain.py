@@ -2,7 +2,7 @@
 
 Standalone on purpose: it uses only the model (``jaxlora.models.llama``) and optax, not the
 LoRA/QLoRA training stack it exists to demonstrate. Documents are packed into rows the way
-``jaxlora.packing`` lays out fine-tuning batches (one segment per document, positions restarting
+``jaxlora.data.packing`` lays out fine-tuning batches (one segment per document, positions restarting
 at 0, attention kept inside a segment), so the base sees the same layout it is tuned on later.
 """
 

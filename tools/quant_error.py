@@ -29,13 +29,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
+
 from jaxlora import data  # noqa: E402
 from jaxlora.config import DataConfig  # noqa: E402
-from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
-from jaxlora.model import load_model  # noqa: E402
-from jaxlora.weights.nf4 import quantize  # noqa: E402
 from jaxlora.interop.bnb import is_quantized_weight  # noqa: E402
+from jaxlora.model import load_model  # noqa: E402
 from jaxlora.training.step import loss_sum  # noqa: E402
+from jaxlora.weights.nf4 import quantize  # noqa: E402
 
 
 def int4_absmax(w: np.ndarray, blocksize: int = 64) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""LoRA's configuration with PEFT's names, defaults and validation (``peft`` 0.21.2's ``LoraConfig``).
+"""LoRA's configuration with PEFT's names, defaults and validation (peft 0.21.2's ``LoraConfig``).
 
 One class serves the library (``jaxlora.lora.LoraConfig(r=16, ...)``) and the recipes (the
 ``lora:`` section of a YAML recipe, ``lora.r=32`` on the command line): the same fields, the same

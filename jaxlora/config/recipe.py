@@ -86,7 +86,7 @@ Dtype = Literal["float32", "bfloat16"]
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    """The base model. ``dtype`` stores unquantized base weights; ``compute_dtype`` is activations'."""
+    """The base model: ``dtype`` stores unquantized base weights, ``compute_dtype`` activations."""
 
     _prefix: ClassVar[str] = "model."
     path: str  # a local Hugging Face directory or a hub id (e.g. meta-llama/Llama-3.1-8B)

@@ -103,7 +103,7 @@ def _describe(tp: Any) -> str:
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as type ``tp`` (lists -> tuples, ints -> floats), or a ConfigError naming ``key``."""
+    """``value`` as type ``tp`` (lists -> tuples, ints -> floats); a ConfigError names ``key``."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         for arm in get_args(tp):  # arms are tried in declared order, so `int | float` keeps ints

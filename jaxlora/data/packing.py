@@ -210,7 +210,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             if int(state[key]) != self.state()[key]:
                 raise DataError(
                     f"data iterator state has {key}={state[key]}, this run has "
-                    f"{self.state()[key]}: the data, seed or batch size changed since the checkpoint"
+                    f"{self.state()[key]}: the data, seed or batch size changed since the "
+                    "checkpoint"
                 )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# ---- save ------------------------------------------------------------------------------------------
+# ---- save ----------------------------------------------------------------------------------------
 
 
 def adapter_tensors(params: dict, cfg: LoraConfig) -> dict[str, np.ndarray]:
@@ -116,7 +116,7 @@ def save_adapter(
     return directory
 
 
-# ---- load ------------------------------------------------------------------------------------------
+# ---- load ----------------------------------------------------------------------------------------
 
 
 def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, np.ndarray]]:
@@ -182,7 +182,8 @@ def load_adapter(params: dict, directory: str | Path) -> tuple[dict, LoraConfig]
         raise _refuse(
             directory,
             "its tensors and its config disagree on the LoRA modules: config only "
-            f"{sorted(set(targets) - set(lora))[:6]}, tensors only {sorted(set(lora) - set(targets))[:6]}",
+            f"{sorted(set(targets) - set(lora))[:6]}, "
+            f"tensors only {sorted(set(lora) - set(targets))[:6]}",
         )
     dtype = FLOAT_DTYPES[cfg.dtype]
     new = dict(flat)

@@ -67,7 +67,8 @@ def _check(x, codes, absmax, blocksize):
     n, k2 = codes.shape
     if codes.dtype != jnp.uint8 or x.ndim != 2 or x.shape[1] != 2 * k2:
         raise ValueError(
-            f"nf4_matmul: want x [M, K] and uint8 codes [N, K/2], got {x.shape}, {codes.dtype}{codes.shape}"
+            "nf4_matmul: want x [M, K] and uint8 codes [N, K/2], "
+            f"got {x.shape}, {codes.dtype}{codes.shape}"
         )
     if (
         (2 * k2) % blocksize
@@ -75,7 +76,8 @@ def _check(x, codes, absmax, blocksize):
         or absmax.dtype != jnp.float32
     ):
         raise ValueError(
-            f"nf4_matmul: want float32 absmax [{n}, {2 * k2}/{blocksize}], got {absmax.dtype}{absmax.shape}"
+            f"nf4_matmul: want float32 absmax [{n}, {2 * k2}/{blocksize}], "
+            f"got {absmax.dtype}{absmax.shape}"
         )
 
 

@@ -39,8 +39,9 @@ def inject(params: dict, cfg: LoraConfig, key: jax.Array) -> dict:
 
     ``params`` is the Hugging Face-shaped tree (arrays or ``NF4Tensor`` weights). Matching,
     ranks, scales and the initial A, B (and, for PiSSA/LoftQ, the new base) come from
-    :mod:`jaxlora.lora.targets` and :mod:`jaxlora.lora.init`. Raises :class:`LoraConfigError` for a target that matches nothing
-    (listing the modules there are) or a module LoRA cannot wrap.
+    :mod:`jaxlora.lora.targets` and :mod:`jaxlora.lora.init`. Raises :class:`LoraConfigError`
+    for a target that matches nothing (listing the modules there are) or a module LoRA cannot
+    wrap.
     """
     targets = lora_targets.resolve_targets(params, cfg, strict=True)
     lora_targets.check_modules_to_save(params, cfg)

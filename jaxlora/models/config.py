@@ -267,7 +267,7 @@ class LlamaConfig:
         return out
 
     def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies ``[head_dim // 2]`` (float32), as ``transformers`` computes them."""
+        """RoPE inverse frequencies ``[head_dim // 2]`` (float32), as ``transformers`` has them."""
         dim = self.head_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
         inv = inv.astype(np.float32)

@@ -2,8 +2,8 @@
 
 Parameter paths mirror Hugging Face exactly (``model/layers/0/self_attn/q_proj/weight``), with
 weights in torch orientation ``[out, in]``, so the checkpoint key table is the identity. Every
-projection goes through :func:`jaxlora.weights.dense`, which dispatches on the weight's type: the same
-module runs a bf16 array, an NF4 tensor or a LoRA-wrapped weight without knowing which.
+projection goes through :func:`jaxlora.weights.dense`, which dispatches on the weight's type: the
+same module runs a bf16 array, an NF4 tensor or a LoRA-wrapped weight without knowing which.
 
 References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, rope scaling), Jiang et al.
 2023 (Mistral, sliding window), Qwen2/Qwen3 technical reports; numerics follow ``transformers``'
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,7 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.A
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``x [B, S, H, D]`` with ``cos, sin [B, S, D]`` from :func:`rope_tables`."""
+    """Rotate-half RoPE on ``x [B, S, H, D]``, ``cos, sin [B, S, D]`` from :func:`rope_tables`."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
@@ -167,6 +168,8 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
             cache = cache | {"k": k, "v": v, "index": idx + S}
             k, v = k.astype(x.dtype), v.astype(x.dtype)
+        chex.assert_shape(q, (x.shape[0], KV, H // KV, S, D))
+        chex.assert_equal_shape([k, v])
         out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
         out = rearrange(out, "b kv g s d -> b s (kv g d)")
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)

@@ -136,7 +136,8 @@ class Report:
                 )
             )[:3]:
                 print(
-                    f"\n--- prompt ---\n{p}\n--- reference: {ref!r}\n--- before:    {b!r}\n--- after:     {a!r}"
+                    f"\n--- prompt ---\n{p}\n--- reference: {ref!r}\n"
+                    f"--- before:    {b!r}\n--- after:     {a!r}"
                 )
             out = Path(self.cfg.output_dir) / "report.json"
             out.write_text(json.dumps(summary, indent=2))

@@ -57,14 +57,7 @@ def run(cfg: Config) -> dict:
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
     train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
     t = cfg.train
-    rows_per_step = t.batch_size * t.grad_accum
-    steps_per_epoch = len(train_ds) // rows_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size × train.grad_accum = {rows_per_step} rows, but the training set "
-            f"packs into only {len(train_ds)} rows; lower the batch or add data"
-        )
-    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    total_steps = _total_steps(cfg, len(train_ds))
 
     # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
     key = jax.random.key(t.seed)
@@ -113,7 +106,7 @@ def run(cfg: Config) -> dict:
     prev = time.perf_counter()
     try:
         for step in range(start + 1, total_steps + 1):
-            local = [next(batches) for _ in range(t.grad_accum)]
+            local = [next(batches) for _ in range(t.grad_accum)]  # [accum] micro-batches
             local = {k: np.stack([b[k] for b in local]) for k in local[0]}
             batch = sharding.global_batch(local, sh.batch)
             trainable, opt_state, m = train_step(
@@ -128,21 +121,7 @@ def run(cfg: Config) -> dict:
                     f"the update was not applied and the last good checkpoint "
                     f"(step {ckpt.latest_step()}) is kept. Try: {NONFINITE_ADVICE}"
                 )
-            record = {
-                "step": step,
-                "loss": m["loss"],
-                "lr": float(schedule(step - 1)),
-                "grad_norm": m["grad_norm"],
-                "tokens": int(m["tokens"]),
-                "trained_tokens": int(m["trained_tokens"]),
-                "tokens_per_sec": m["tokens"] / step_time,
-                "step_time": step_time,
-            }
-            if step == start + 1:  # the first step of a process compiles: don't call it speed
-                record["compile_time"] = record.pop("step_time")
-                del record["tokens_per_sec"]
-            if (mem := peak_memory_bytes()) is not None:
-                record["peak_memory_bytes"] = mem
+            record = _step_record(step, m, schedule, step_time, compiled=step == start + 1)
             if (
                 val_ds is not None
                 and t.eval_every
@@ -175,3 +154,35 @@ def run(cfg: Config) -> dict:
     if report is not None:
         summary |= report.finish(trainable, main_process)
     return summary
+
+
+def _total_steps(cfg: Config, train_rows: int) -> int:
+    """Optimizer steps: ``train.max_steps``, or ``train.epochs`` passes over the packed rows."""
+    t = cfg.train
+    rows_per_step = t.batch_size * t.grad_accum
+    steps_per_epoch = train_rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size × train.grad_accum = {rows_per_step} rows, but the training set "
+            f"packs into only {train_rows} rows; lower the batch or add data"
+        )
+    return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+
+def _step_record(step: int, m: dict, schedule, step_time: float, *, compiled: bool) -> dict:
+    """One metrics.jsonl row. The first step of a process compiles: its time is not speed."""
+    record = {
+        "step": step,
+        "loss": m["loss"],
+        "lr": float(schedule(step - 1)),
+        "grad_norm": m["grad_norm"],
+        "tokens": int(m["tokens"]),
+        "trained_tokens": int(m["trained_tokens"]),
+    }
+    if compiled:
+        record["compile_time"] = step_time
+    else:
+        record |= {"tokens_per_sec": m["tokens"] / step_time, "step_time": step_time}
+    if (mem := peak_memory_bytes()) is not None:
+        record["peak_memory_bytes"] = mem
+    return record

@@ -135,7 +135,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assemble global arrays from each process's rows (``jax.make_array_from_process_local_data``)."""
+    """Global arrays from each process's rows (``jax.make_array_from_process_local_data``)."""
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
     }

@@ -11,15 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 Batch = dict[str, jax.Array]  # input_ids, targets, loss_mask, segment_ids, positions: [..., B, S]
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def loss_sum(module, params, batch: Batch, rng: jax.Array | None = None):
-    """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of those tokens."""
+    """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of its tokens."""
+    chex.assert_equal_shape([batch[k] for k in BATCH_KEYS])
+    chex.assert_rank(batch["input_ids"], 2)
     rngs = {"dropout": rng} if rng is not None else {}
     logits, _ = module.apply(
         {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs
@@ -39,7 +43,8 @@ def real_tokens(batch: Batch) -> jax.Array:
 def make_train_step(
     module, combine: Callable[[Any, Any], Any], tx: optax.GradientTransformation, *, dropout: bool
 ):
-    """``step(trainable, opt_state, frozen, batch [accum, B, S], rng) -> (trainable, opt_state, metrics)``.
+    """``step(trainable, opt_state, frozen, batch [accum, B, S], rng)`` ->
+    ``(trainable, opt_state, metrics)``.
 
     Gradients are taken with respect to ``trainable`` only; ``frozen`` (the base, possibly NF4)
     never gets a gradient or optimizer state. A step whose loss or gradient norm is not finite

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import jaxlora
-from jaxlora.weights.nf4 import NF4Tensor, storage_bits_per_param
 from jaxlora.interop.hf import save_bnb4
+from jaxlora.weights.nf4 import NF4Tensor, storage_bits_per_param
 from tests.hf_models import make_hf_model, random_ids
 
 CASES = {

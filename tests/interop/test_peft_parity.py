@@ -22,12 +22,12 @@ import peft
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 
 import jaxlora
-from flax.traverse_util import flatten_dict
-from jaxlora.lora import LoraConfig, LoRAWeight, combine, partition
 from jaxlora.interop.peft import UnsupportedAdapterError
 from jaxlora.interop.safetensors import read_file
+from jaxlora.lora import LoraConfig, LoRAWeight, combine, partition
 from tests.hf_models import make_hf_model, random_ids
 
 MODEL_TOL = 1e-4
@@ -175,7 +175,7 @@ def test_jaxlora_adapter_loads_in_peft(bases, tmp_path):
     leaves, tree = jax.tree_util.tree_flatten(trainable)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    model = model.__class__(**{**vars(model), "params": combine(frozen, tree.unflatten_dict(leaves, sep="."))})
+    model = model.replace(params=combine(frozen, jax.tree.unflatten(tree, leaves)))
     model.save_adapter(tmp_path)
     loaded = peft.PeftModel.from_pretrained(make_hf_model("llama_bias"), tmp_path).eval()
     ids = random_ids(2, 7, seed=5)

@@ -12,8 +12,8 @@ import pytest
 from jax import export
 
 from jaxlora import kernels
-from jaxlora.weights import nf4, nf4_format
 from jaxlora.kernels import nf4_matmul as km
+from jaxlora.weights import nf4, nf4_format
 
 
 @pytest.fixture
@@ -122,7 +122,9 @@ def test_frozen_weight_gets_no_gradient(kernel_mode, mode):
     leaves, treedef = jax.tree.flatten(t)  # [codes, absmax]
 
     def loss(absmax):
-        return jnp.sum(jax.tree.unflatten_dict(treedef, [leaves[0], absmax], sep=".").matmul(x) ** 2)
+        return jnp.sum(
+            jax.tree.unflatten(treedef, [leaves[0], absmax]).matmul(x) ** 2
+        )
 
     g = jax.grad(loss)(jnp.asarray(leaves[1]))
     np.testing.assert_array_equal(np.asarray(g), 0.0)
@@ -131,7 +133,7 @@ def test_frozen_weight_gets_no_gradient(kernel_mode, mode):
 def test_cpu_default_is_the_logged_fallback(kernel_mode, caplog):
     kernel_mode("auto")
     t, x, *_ = _operands(3, 17, 64, jnp.float32, seed=6)
-    with caplog.at_level(logging.INFO, logger="jaxlora.nf4"):
+    with caplog.at_level(logging.INFO, logger="jaxlora.weights.dispatch"):
         y1 = t.matmul(x)
         t.matmul(x)
     msgs = [r.getMessage() for r in caplog.records if "dequantize-then-dot" in r.getMessage()]
@@ -141,7 +143,7 @@ def test_cpu_default_is_the_logged_fallback(kernel_mode, caplog):
     # Flat layout (in % blocksize != 0): always the fallback, with its reason.
     kernel_mode("interpret")
     tf = nf4.quantize(np.random.default_rng(7).standard_normal((9, 70)).astype(np.float32))
-    with caplog.at_level(logging.INFO, logger="jaxlora.nf4"):
+    with caplog.at_level(logging.INFO, logger="jaxlora.weights.dispatch"):
         tf.matmul(jnp.ones((2, 70)))
     assert any("flat layout" in r.getMessage() for r in caplog.records)
 

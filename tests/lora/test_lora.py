@@ -16,10 +16,10 @@ import optax
 import peft
 import pytest
 import torch
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jaxlora
-from jaxlora.lora import targets as lora_init
-from flax.traverse_util import flatten_dict, unflatten_dict
+from jaxlora.interop.peft_config import UnsupportedAdapterError, config_from_peft, config_to_peft
 from jaxlora.lora import (
     LoraConfig,
     LoraConfigError,
@@ -30,7 +30,7 @@ from jaxlora.lora import (
     partition,
     unmerge,
 )
-from jaxlora.interop.peft_config import UnsupportedAdapterError, config_from_peft, config_to_peft
+from jaxlora.lora import targets as lora_init
 from tests.hf_models import make_hf_model, random_ids
 
 LAYER_TOL = 1e-5
@@ -348,7 +348,9 @@ def test_gaussian_init_std_is_one_over_r(models):
     params = models("llama2_mha").params
     out = inject(params, LoraConfig(r=4, init="gaussian", target_modules="all-linear"),
                  jax.random.key(2))  # fmt: skip
-    a = np.concatenate([np.ravel(v.a) for v in flatten_dict(out, sep=".").values() if isinstance(v, LoRAWeight)])
+    a = np.concatenate(
+        [np.ravel(v.a) for v in flatten_dict(out, sep=".").values() if isinstance(v, LoRAWeight)]
+    )
     assert abs(a.std() - 1 / 4) < 0.02 and abs(a.mean()) < 0.01
 
 
@@ -531,7 +533,9 @@ def test_qlora_nf4_base_forward_merge_and_peft_import(models, tmp_path):
     cfg = LoraConfig(r=3, alpha=6, target_modules="all-linear", use_dora=True, init="random")
     q_model = base.__class__(**{**vars(base), "params": q_params}).apply_lora(cfg)
     d_model = base.__class__(**{**vars(base), "params": deq_params}).apply_lora(cfg)
-    assert isinstance(flatten_dict(q_model.params, sep=".")["model.layers.0.mlp.up_proj.weight"].base, NF4Tensor)
+    assert isinstance(
+        flatten_dict(q_model.params, sep=".")["model.layers.0.mlp.up_proj.weight"].base, NF4Tensor
+    )
     ids = random_ids(2, 7, seed=9)
     ref = np.asarray(d_model(ids))
     chex.assert_trees_all_close(np.asarray(q_model(ids)), ref, atol=MODEL_TOL, rtol=0)

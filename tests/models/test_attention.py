@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.weights.lora import _lora_branch, _lora_dense
 from jaxlora.models.attention import attend, swiglu
 from jaxlora.models.llama import attention_mask
+from jaxlora.weights.lora import _lora_branch, _lora_dense
 
 TOL = 1e-5
 

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import optax
 
+from jaxlora.data.packing import Example, PackedDataset
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
-from jaxlora.data.packing import Example, PackedDataset
 
 
 def _per_example_loss(module, params, batch):

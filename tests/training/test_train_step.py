@@ -94,8 +94,8 @@ def test_remat_policies_give_the_same_gradients(quant):
     gradients equal the no-remat step's, with LoRA over a dense and over an NF4 base."""
     from jaxlora import lora
     from jaxlora.lora import LoraConfig
-    from jaxlora.weights.nf4 import quantize
     from jaxlora.training.step import loss_sum
+    from jaxlora.weights.nf4 import quantize
 
     params = init_params(CFG, jax.random.key(0))
     if quant:  # every decoder projection as NF4 (in-features 32 or 37: 2-D and flat layouts)

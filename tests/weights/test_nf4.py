@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 
-from jaxlora.interop import bnb as nf4_bnb
+from jaxlora.interop import bnb as nf4_bnb  # noqa: E402
 from jaxlora.weights import nf4, nf4_format  # noqa: E402
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
