@@ -8,8 +8,9 @@ instruction per line::
     %cc = bf16[16,64]{1,0} custom-call(...), custom_call_target="tpu_custom_call", ...
 
 These helpers find the custom-call targets (``tpu_custom_call`` is a Mosaic kernel,
-``__gpu$xla.gpu.triton`` a Triton one) and the collectives with their element types and
-per-device result bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights".
+``__gpu$xla.gpu.triton`` a Triton one), the collectives with their element types and
+per-device result bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights", and
+the FLOPs of the NF4 kernel calls.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ _BYTES = {
     "f64": 8,
 }
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_INSTR = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\([^=]*?\)|[a-z]+[0-9]*\[[0-9,]*\]\S*)\s+"
-    r"(?P<op>[a-z][a-z0-9\-]*)\("
-)
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")  # shapes hold "T(8,128)" but never " word("
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,18 @@ class Collective:
         return sum(a.nbytes for a in self.results)
 
 
+def _instructions(hlo_text: str):
+    """``(name, shape text, opcode, line)`` for each instruction line of the module."""
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if m is None:
+            continue
+        rest = m.group("rest")
+        op = _OPCODE.search(rest)
+        if op is not None:
+            yield m.group("name"), rest[: op.start()], op.group(1), line.strip()
+
+
 def _arrays(shape: str) -> list[Array]:
     return [
         Array(t, tuple(int(d) for d in dims.split(",") if d))
@@ -98,16 +109,34 @@ def collectives(hlo_text: str, op: str | None = None) -> list[Collective]:
     since every computation of the module is in the text.
     """
     found = []
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if m is None:
+    for _, shape, opcode, line in _instructions(hlo_text):
+        base = opcode.removesuffix("-start")
+        if base not in COLLECTIVES or opcode.endswith("-done") or (op and base != op):
             continue
-        name = m.group("op")
-        base = name.removesuffix("-start")
-        if base not in COLLECTIVES or name.endswith("-done") or (op and base != op):
-            continue
-        arrays = _arrays(m.group("shape"))
-        if name.endswith("-start") and len(arrays) % 2 == 0:
+        arrays = _arrays(shape)
+        if opcode.endswith("-start") and len(arrays) % 2 == 0:
             arrays = arrays[len(arrays) // 2 :]
-        found.append(Collective(base, tuple(arrays), line.strip()))
+        found.append(Collective(base, tuple(arrays), line))
     return found
+
+
+def nf4_kernel_flops(hlo_text: str) -> int:
+    """Per-device matmul FLOPs of the NF4 Pallas kernel calls (Mosaic or Triton) in a module.
+
+    Each call is ``out [m, c] = lhs [m, r] · W``: forward ``x [m, k] -> [m, n]``, input
+    gradient ``dy [m, n] -> [m, k]``, so ``2·m·c·r`` (with padding on TPU). The calls are
+    found by the ``nf4_matmul`` kernel name in their metadata, their operand shapes in
+    ``operand_layout_constraints``. XLA's own cost analysis is unavailable for compile-only
+    GPU executables, so this is how a GPU compile is checked for "each device computes only
+    its share".
+    """
+    total = 0
+    for _, shape, opcode, line in _instructions(hlo_text):
+        if opcode != "custom-call" or "nf4_matmul" not in line:
+            continue
+        operands = re.search(r"operand_layout_constraints=\{([^}]*)\}", line)
+        if operands is None:
+            raise ValueError(f"NF4 kernel call without operand shapes: {line[:200]}")
+        out, lhs = _arrays(shape)[0], _arrays(operands.group(1))[0]
+        total += 2 * out.dims[0] * out.dims[1] * lhs.dims[1]
+    return total

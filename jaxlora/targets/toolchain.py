@@ -8,7 +8,8 @@ devices it returns like real ones (``Mesh``, ``NamedSharding``, ``jax.jit(...).l
 * TPU: libtpu (``pip install 'libtpu==0.0.42.*'``, what ``jax[tpu]==0.10.2`` pins) describes
   any topology by name: ``jax.experimental.topologies.get_topology_desc(topology_name=...,
   platform="tpu")``. Its default host is 2x2 chips, so one chip needs
-  ``chips_per_host_bounds=[1, 1, 1]``.
+  ``chips_per_host_bounds=[1, 1, 1]``. libtpu's one-process-per-machine lock file is
+  switched off (``ALLOW_MULTIPLE_LIBTPU_LOAD=1``): compile-only use drives no TPU.
 * GPU: the CUDA PJRT plugin (``pip install jax-cuda12-pjrt==0.10.2``) builds a topology from a
   ``GpuTargetConfigProto`` (``targets/gpu/*.pbtxt``) without a driver; compiling needs
   ``ptxas`` and ``libdevice``, which ``nvidia-cuda-nvcc-cu12`` ships (XLA also finds them in
@@ -120,6 +121,10 @@ def _tpu_devices(target: Target) -> list[jax.Device]:
         raise ToolchainError(f"compiling for {target.name} needs libtpu: {TPU_INSTALL}")
     from jax.experimental import topologies
 
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; compiling
+    # drives none, and without this a second compiling process (pytest -n 2, a colleague's
+    # run) fails with "Internal error when accessing libtpu multi-process lockfile".
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {}
     if target.chips_per_host_bounds is not None:
         kwargs["chips_per_host_bounds"] = list(target.chips_per_host_bounds)
