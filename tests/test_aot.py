@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
 
 SCRIPT = Path(__file__).parent / "aot" / "compile_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}
+LAYERS, D, F = 2, 512, 1024  # as in tests/aot/compile_run.py
 MISSING = missing_toolchains()
 
 
@@ -52,8 +53,11 @@ def test_sharded_nf4_step_compiles_for_8_devices(tmp_path, platform):
         assert KERNEL_CALL[platform] in run["custom_calls"], run
     for run in eight:
         # FSDP gathers the 4-bit codes (u8) and their float32 absmax; no bf16 weight moves
-        dtypes = {t for g in run["all_gathers"] for t in g["dtypes"]}
-        assert dtypes == {"u8", "f32"}, run
+        assert set(run["gathered_bytes"]) == {"u8", "f32"}, run
+        # ... once in the forward and once more in the backward pass (not kept alive between):
+        # each layer's up [F/t, D] and down [D, F/t] codes, 2 weights per byte
+        weights_per_pass = LAYERS * 2 * F * D // run["mesh"]["tensor"]
+        assert run["gathered_bytes"]["u8"] == 2 * weights_per_pass // 2, run
         # each device computes its eighth: the kernel calls' FLOPs ...
         assert run["hlo_flops"] * 8 == one["hlo_flops"], run
         # ... and XLA's cost analysis where the backend has one (TPU; the Mosaic kernels

@@ -215,6 +215,9 @@ def _forward(p: Plan, x, codes, absmax):
 
 def _input_grad(p: Plan, dy, codes, absmax):
     def body(dy, codes, absmax):
+        # Tie the shards to dy, so XLA re-gathers here instead of reusing (CSE) the forward
+        # pass's gathered weight and keeping it alive until the backward pass.
+        dy, codes, absmax = jax.lax.optimization_barrier((dy, codes, absmax))
         dx = _local_input_grad(p, dy, *_local_weight(p, codes, absmax))
         return jax.lax.psum(dx, p.keep_n) if p.keep_n else dx  # column parallel: partial dx
 

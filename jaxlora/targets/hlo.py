@@ -74,6 +74,13 @@ class Collective:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.results)
 
+    def bytes_by_dtype(self) -> dict[str, int]:
+        """Per-device result bytes of each element type (a combined gather holds several)."""
+        out: dict[str, int] = {}
+        for a in self.results:
+            out[a.dtype] = out.get(a.dtype, 0) + a.nbytes
+        return out
+
 
 def _instructions(hlo_text: str):
     """``(name, shape text, opcode, line)`` for each instruction line of the module."""

@@ -107,6 +107,10 @@ def compile_once(target_name: str, mesh_sizes: tuple[int, int, int]) -> dict:
     cost = compiled.cost_analysis()
     mem = compiled.memory_analysis()
     gathers = hlo.collectives(text, "all-gather")
+    gathered: dict[str, int] = {}
+    for g in gathers:
+        for dtype, n in g.bytes_by_dtype().items():
+            gathered[dtype] = gathered.get(dtype, 0) + n
     return {
         "target": target_name,
         "mesh": dict(mesh.shape),
@@ -115,6 +119,7 @@ def compile_once(target_name: str, mesh_sizes: tuple[int, int, int]) -> dict:
         "compile_s": round(t2 - t1, 2),
         "custom_calls": sorted(hlo.custom_call_targets(text)),
         "all_gathers": [{"dtypes": sorted(g.dtypes), "bytes": g.nbytes} for g in gathers],
+        "gathered_bytes": gathered,  # per device and step, by element type
         "collective_ops": sorted({c.op for c in hlo.collectives(text)}),
         "cost_flops": None if cost is None else float(cost.get("flops", 0.0)),
         "hlo_flops": hlo.nf4_kernel_flops(text),
