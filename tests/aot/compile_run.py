@@ -123,7 +123,8 @@ def compile_once(target_name: str, mesh_sizes: tuple[int, int, int]) -> dict:
         "collective_ops": sorted({c.op for c in hlo.collectives(text)}),
         "cost_flops": None if cost is None else float(cost.get("flops", 0.0)),
         "hlo_flops": hlo.nf4_kernel_flops(text),
-        "temp_bytes": mem.temp_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,  # HBM temporaries (TPU: small ones sit in VMEM)
+        "peak_bytes": mem.peak_memory_in_bytes,
         "argument_bytes": mem.argument_size_in_bytes,
     }
 
