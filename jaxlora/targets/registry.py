@@ -19,7 +19,7 @@ Memory per device (vendor specifications):
   the target config; NVIDIA's "80 GB" H100 reports 84,942,979,072 B). ``memory_spec`` keeps
   the vendor's wording.
 
-NF4 kernels (measured with jax/jaxlib 0.10.2 and ``tests/test_targets.py``): TPU runs the
+NF4 kernels (measured with jax/jaxlib 0.10.2 by ``tests/test_aot.py``): TPU runs the
 Pallas Mosaic kernels (``nf4_tpu``). GPU runs the Pallas Triton kernels (``nf4_triton``)
 where XLA accepts Triton: compute capability 8.0 and up; for sm_75 (T4) XLA refuses with
 "Triton support is only enabled for Ampere GPUs (compute capability 8.0) and up", so T4 gets
