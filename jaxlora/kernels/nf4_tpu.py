@@ -102,6 +102,15 @@ def _bn(n: int) -> int:
     return n if n <= 256 else 256
 
 
+def _cost(m: int, n: int, kp: int, dtype, blocksize: int, lhs: int, out: int) -> pl.CostEstimate:
+    """What XLA's cost analysis should count for one call (it cannot look inside a Mosaic
+    kernel): the matmul's ``2·M·N·Kp`` flops and one pass over each operand and the result
+    (``lhs [M, lhs]`` in, ``[M, out]`` out)."""
+    weight = n * kp // 2 + 4 * n * kp // blocksize  # codes + float32 absmax
+    io = m * (lhs + out) * jnp.dtype(dtype).itemsize
+    return pl.CostEstimate(flops=2 * m * n * kp, transcendentals=0, bytes_accessed=weight + io)
+
+
 def forward(x, codes, absmax, *, code, blocksize, interpret=False):
     """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype`` (Mosaic kernel)."""
     (m, k), n = x.shape, codes.shape[0]
@@ -126,6 +135,7 @@ def forward(x, codes, absmax, *, code, blocksize, interpret=False):
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
+        cost_estimate=_cost(m, n, kp, x.dtype, blocksize, lhs=kp, out=n),
         name="nf4_matmul_fwd_tpu",
     )(x, codes_t, absmax_t)
 
@@ -152,6 +162,7 @@ def input_grad(dy, codes, absmax, *, code, blocksize, interpret=False):
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
+        cost_estimate=_cost(m, n, kp, dy.dtype, blocksize, lhs=n, out=kp),
         name="nf4_matmul_dx_tpu",
     )(dy, codes_t, absmax_t)
     return dx if kp == k else dx[:, :k]

@@ -122,9 +122,7 @@ def test_frozen_weight_gets_no_gradient(kernel_mode, mode):
     leaves, treedef = jax.tree.flatten(t)  # [codes, absmax]
 
     def loss(absmax):
-        return jnp.sum(
-            jax.tree.unflatten(treedef, [leaves[0], absmax]).matmul(x) ** 2
-        )
+        return jnp.sum(jax.tree.unflatten(treedef, [leaves[0], absmax]).matmul(x) ** 2)
 
     g = jax.grad(loss)(jnp.asarray(leaves[1]))
     np.testing.assert_array_equal(np.asarray(g), 0.0)

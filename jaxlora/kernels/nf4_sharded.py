@@ -1,0 +1,291 @@
+"""The NF4 matmul ``y = x @ dequant(W)ᵀ`` on a device mesh: each device runs the kernel on
+its own rows inside ``shard_map``.
+
+XLA cannot partition a Pallas call: on TPU it refuses ("Mosaic kernels cannot be
+automatically partitioned"), on GPU it replicates the Triton call (every device gathers the
+whole batch and computes all of it). So the partitioning is written out here, in terms of
+the two ``PartitionSpec`` s that the logical-axis rules give (``jaxlora.sharding``):
+
+* ``x [M, K]``: rows over the batch axes, e.g. ``P(("data", "fsdp"), None)``; ``K`` split
+  only where the weight's ``K`` is split the same way (the input of a row-parallel layer).
+* ``W [N, K]`` as ``codes [N, K/2]`` (uint8) and ``absmax [N, K/blocksize]`` (float32; a
+  double-quantized absmax is dequantized by the caller, elementwise on its shards), both with
+  the same spec, e.g. ``P("tensor", "fsdp")`` for q/k/v/gate/up (out = heads/mlp, in = embed)
+  and ``P("fsdp", "tensor")`` for o/down (out = embed, in = heads/mlp).
+
+From these, per mesh axis of the weight (worked out once, in :func:`plan`):
+
+* FSDP: an axis that splits ``W`` but also splits ``x``'s rows (or is not used by ``x``'s
+  ``K``) is **gathered**: ``all_gather`` of the uint8 codes and float32 absmax (4.5 bits per
+  weight at blocksize 64), never of a bf16 weight.
+* Column parallel: a leading axis of ``N`` that ``x`` does not use stays split; the output
+  ``y [M, N]`` comes out split on it (``P(rows, "tensor")``).
+* Row parallel: an axis that splits ``K`` of both ``x`` and ``W`` stays split; each device
+  contracts its ``K`` slice and the partial products are ``psum`` ed (in ``x.dtype``, as
+  Megatron-LM's row-parallel all-reduce does).
+
+Backward (``x`` only; the 4-bit weight is frozen): ``dx = dy @ dequant(W)`` with the same
+gathers (re-done in the backward pass, so the gathered weight is not kept alive between the
+two, which is the point of FSDP) and a ``psum`` over the column-parallel axes, whose devices
+each hold a partial ``dx`` from their slice of ``N``. The VJP is written at this level, not
+left to autodiff through ``shard_map``, so these collectives are explicit.
+
+``kernel`` picks what runs on each device's block, with no look at the process's default
+backend: ``"mosaic"`` (``nf4_tpu``), ``"triton"`` (``nf4_triton``) or ``"dequant"``
+(dequantize to ``x.dtype`` then a float32-accumulated dot, ``nf4_matmul.reference_*``; any
+platform). ``jaxlora.targets.nf4_kernel_for(platform, compute_capability)`` maps a device to
+it. ``interpret=True`` runs the Pallas kernels in interpret mode (CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+
+from jaxlora.kernels import nf4_matmul, nf4_tpu, nf4_triton
+
+KERNELS = ("mosaic", "triton", "dequant")
+
+Axes = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one sharded NF4 matmul runs: specs, and which mesh axes are gathered or summed.
+
+    ``gather_n`` / ``gather_k``: axes whose weight shards are all-gathered along N / K.
+    ``keep_n``: axes that stay split along N (column parallel; ``dx`` is psum'd over them).
+    ``keep_k``: axes that split K of both x and W (row parallel; ``y`` is psum'd over them).
+    """
+
+    mesh: Mesh | AbstractMesh
+    x_spec: PartitionSpec  # x [M, K]
+    w_spec: PartitionSpec  # codes [N, K/2], absmax [N, K/blocksize]
+    out_spec: PartitionSpec  # y [M, N]
+    gather_n: Axes
+    gather_k: Axes
+    keep_n: Axes
+    keep_k: Axes
+    code: tuple[float, ...]
+    blocksize: int
+    kernel: str
+    interpret: bool
+
+
+def _axes(entry) -> Axes:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _pair(spec: PartitionSpec, what: str) -> tuple[Axes, Axes]:
+    if len(spec) > 2:
+        raise ValueError(f"nf4 sharded matmul: {what} spec {spec} has more than 2 entries")
+    entries = tuple(spec) + (None,) * (2 - len(spec))
+    return _axes(entries[0]), _axes(entries[1])
+
+
+def _entry(axes: Axes):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def plan(
+    mesh: Mesh | AbstractMesh,
+    x_spec: PartitionSpec,
+    w_spec: PartitionSpec,
+    shapes: tuple[tuple[int, int], tuple[int, int]],
+    *,
+    code: tuple[float, ...],
+    blocksize: int,
+    kernel: str,
+    interpret: bool = False,
+) -> Plan:
+    """Check the specs against the shapes (``x [M, K]``, ``W [N, K]``) and derive the plan.
+
+    Raises ``ValueError`` naming the dimension and mesh axes when a split does not divide,
+    when ``x``'s K split is not the leading part of ``W``'s K split (their K slices would not
+    line up), or when the same axis would split both the rows and the columns of ``y``.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"nf4 sharded matmul: kernel must be one of {KERNELS}, got {kernel!r}")
+    (m, k), (n, wk) = shapes
+    if k != wk or k % blocksize:
+        raise ValueError(
+            f"nf4 sharded matmul: x [{m}, {k}] and W [{n}, {wk}] need equal K, a multiple of "
+            f"blocksize {blocksize}"
+        )
+    m_axes, xk_axes = _pair(x_spec, "x")
+    n_axes, k_axes = _pair(w_spec, "weight")
+    for a in m_axes + xk_axes + n_axes + k_axes:
+        if a not in mesh.shape:
+            raise ValueError(f"nf4 sharded matmul: mesh {dict(mesh.shape)} has no axis {a!r}")
+    if k_axes[: len(xk_axes)] != xk_axes:
+        raise ValueError(
+            f"nf4 sharded matmul: x splits K over {xk_axes}, the weight over {k_axes}; x's K "
+            "split must be the leading part of the weight's (x is never gathered here)"
+        )
+    x_used = set(m_axes) | set(xk_axes)
+    n_keep = 0
+    while n_keep < len(n_axes) and n_axes[n_keep] not in x_used:
+        n_keep += 1
+    keep_n, gather_n = n_axes[:n_keep], n_axes[n_keep:]
+    keep_k, gather_k = xk_axes, k_axes[len(xk_axes) :]
+
+    def size(axes: Axes) -> int:
+        return math.prod(mesh.shape[a] for a in axes)
+
+    for dim, what, axes in (
+        (m, "M (rows of x)", m_axes),
+        (n, "N (rows of W)", n_axes),
+        (k // blocksize, f"K/{blocksize} (absmax blocks)", k_axes),
+    ):
+        if dim % size(axes):
+            raise ValueError(
+                f"nf4 sharded matmul: {what} = {dim} does not split evenly over {axes} "
+                f"(size {size(axes)})"
+            )
+    return Plan(
+        mesh=mesh,
+        x_spec=PartitionSpec(_entry(m_axes), _entry(xk_axes)),
+        w_spec=PartitionSpec(_entry(n_axes), _entry(k_axes)),
+        out_spec=PartitionSpec(_entry(m_axes), _entry(keep_n)),
+        gather_n=gather_n,
+        gather_k=gather_k,
+        keep_n=keep_n,
+        keep_k=keep_k,
+        code=tuple(float(c) for c in code),
+        blocksize=blocksize,
+        kernel=kernel,
+        interpret=interpret,
+    )
+
+
+def _gather(a: jax.Array, axes: Axes, dim: int) -> jax.Array:
+    """All-gather ``a``'s shards along ``dim`` over ``axes`` (major to minor, as in a spec)."""
+    if not axes:
+        return a
+    return jax.lax.all_gather(a, axes[0] if len(axes) == 1 else axes, axis=dim, tiled=True)
+
+
+def _local_weight(p: Plan, codes: jax.Array, absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This device's ``codes [n, k/2]`` and ``absmax [n, k/bs]`` after the FSDP gathers."""
+    codes = _gather(_gather(codes, p.gather_n, 0), p.gather_k, 1)
+    absmax = _gather(_gather(absmax, p.gather_n, 0), p.gather_k, 1)
+    return codes, absmax
+
+
+def _local_forward(p: Plan, x, codes, absmax):
+    """``x [m, k] -> x @ dequant(W)ᵀ [m, n]`` on one device's blocks."""
+    kw = dict(code=p.code, blocksize=p.blocksize)
+    if p.kernel == "mosaic":
+        return nf4_tpu.forward(x, codes, absmax, interpret=p.interpret, **kw)
+    if p.kernel == "triton":
+        return nf4_triton.forward(x, codes, absmax, interpret=p.interpret, **kw)
+    return nf4_matmul.reference_forward(x, codes, absmax, **kw)
+
+
+def _local_input_grad(p: Plan, dy, codes, absmax):
+    """``dy [m, n] -> dy @ dequant(W) [m, k]`` on one device's blocks."""
+    kw = dict(code=p.code, blocksize=p.blocksize)
+    if p.kernel == "mosaic":
+        return nf4_tpu.input_grad(dy, codes, absmax, interpret=p.interpret, **kw)
+    if p.kernel == "triton":
+        return nf4_triton.input_grad(dy, codes, absmax, interpret=p.interpret, **kw)
+    return nf4_matmul.reference_input_grad(dy, codes, absmax, **kw)
+
+
+def _forward(p: Plan, x, codes, absmax):
+    def body(x, codes, absmax):
+        y = _local_forward(p, x, *_local_weight(p, codes, absmax))
+        return jax.lax.psum(y, p.keep_k) if p.keep_k else y  # row parallel: partial sums
+
+    return jax.shard_map(
+        body,
+        mesh=p.mesh,
+        in_specs=(p.x_spec, p.w_spec, p.w_spec),
+        out_specs=p.out_spec,
+        check_vma=False,
+    )(x, codes, absmax)
+
+
+def _input_grad(p: Plan, dy, codes, absmax):
+    def body(dy, codes, absmax):
+        # Tie the shards to dy, so XLA re-gathers here instead of reusing (CSE) the forward
+        # pass's gathered weight and keeping it alive until the backward pass.
+        dy, codes, absmax = jax.lax.optimization_barrier((dy, codes, absmax))
+        dx = _local_input_grad(p, dy, *_local_weight(p, codes, absmax))
+        return jax.lax.psum(dx, p.keep_n) if p.keep_n else dx  # column parallel: partial dx
+
+    return jax.shard_map(
+        body,
+        mesh=p.mesh,
+        in_specs=(p.out_spec, p.w_spec, p.w_spec),
+        out_specs=p.x_spec,
+        check_vma=False,
+    )(dy, codes, absmax)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul(x, codes, absmax, p: Plan):
+    return _forward(p, x, codes, absmax)
+
+
+def _matmul_fwd(x, codes, absmax, p: Plan):
+    return _forward(p, x, codes, absmax), (codes, absmax)  # sharded: re-gathered in bwd
+
+
+def _matmul_bwd(p: Plan, res, dy):
+    codes, absmax = res
+    return _input_grad(p, dy, codes, absmax), None, None  # frozen weight: no cotangent
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def nf4_matmul_sharded(
+    x: jax.Array,
+    codes: jax.Array,
+    absmax: jax.Array,
+    *,
+    mesh: Mesh,
+    x_spec: PartitionSpec,
+    w_spec: PartitionSpec,
+    code: tuple[float, ...],
+    blocksize: int,
+    kernel: str,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype`` on ``mesh``, differentiable in
+    ``x`` only; the result is sharded as ``P(rows of x, kept N axes)`` (see module doc).
+
+    ``codes [N, K/2]`` uint8 and ``absmax [N, K/blocksize]`` float32 share ``w_spec``;
+    ``code`` is the 16-value table (NF4 or FP4); ``kernel`` is ``"mosaic"``, ``"triton"`` or
+    ``"dequant"``.
+    """
+    if codes.dtype != jnp.uint8 or absmax.dtype != jnp.float32 or x.ndim != 2:
+        raise ValueError(
+            f"nf4 sharded matmul: want x [M, K], uint8 codes, float32 absmax; got x{x.shape}, "
+            f"{codes.dtype} codes, {absmax.dtype} absmax"
+        )
+    n, k = codes.shape[0], codes.shape[1] * 2
+    if absmax.shape != (n, k // blocksize):
+        raise ValueError(
+            f"nf4 sharded matmul: absmax {absmax.shape} does not match codes {codes.shape} "
+            f"at blocksize {blocksize}"
+        )
+    p = plan(
+        mesh,
+        x_spec,
+        w_spec,
+        (x.shape, (n, k)),
+        code=code,
+        blocksize=blocksize,
+        kernel=kernel,
+        interpret=interpret,
+    )
+    return _matmul(x, codes, absmax, p)

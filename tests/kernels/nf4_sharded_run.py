@@ -1,0 +1,110 @@
+"""The sharded NF4 matmul on 8 fake CPU devices against the unsharded reference; prints JSON.
+
+Run in its own process (the device count is fixed at JAX start-up)::
+
+    python tests/kernels/nf4_sharded_run.py --kernel triton --out r.json
+
+For each mesh (fsdp=8; data2×fsdp2×tensor2; fsdp4×tensor2) and each weight layout
+(column parallel: W spec ("tensor", "fsdp"), x rows over (data, fsdp); row parallel: W spec
+("fsdp", "tensor"), x's K over tensor), in float32 with the Pallas kernels in interpret mode,
+it records the largest |y - y_ref| and |dx - dx_ref| relative to the reference's largest
+entry, the output shardings, and the element types of the all-gathers in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--kernel", required=True, choices=["mosaic", "triton", "dequant"])
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxlora.kernels import nf4_matmul, nf4_sharded  # noqa: E402
+from jaxlora.targets import hlo  # noqa: E402
+
+MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2), "fsdp4_tensor2": (1, 4, 2)}
+ROWS = ("data", "fsdp")
+LAYOUTS = {  # name -> (x spec [M, K], weight spec [N, K/2] and [N, K/bs])
+    "column": (P(ROWS, None), P("tensor", "fsdp")),
+    "row": (P(ROWS, "tensor"), P("fsdp", "tensor")),
+}
+# M = 8·3 rows; N = 8·5 (splits over fsdp 8 and over tensor); K = 8 blocks of 64.
+M, N, K, BS = 24, 40, 512, 64
+
+
+def operands():
+    rng = np.random.default_rng(0)
+    code = tuple(float(c) for c in np.sort(rng.uniform(-1, 1, 16)))  # any 16-value table
+    codes = jnp.asarray(rng.integers(0, 256, (N, K // 2)), jnp.uint8)
+    absmax = jnp.asarray(rng.uniform(0.5, 2.0, (N, K // BS)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+    return code, codes, absmax, x, dy
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def main():
+    code, codes, absmax, x, dy = operands()
+    y_ref = nf4_matmul.reference_forward(x, codes, absmax, code=code, blocksize=BS)
+    dx_ref = nf4_matmul.reference_input_grad(dy, codes, absmax, code=code, blocksize=BS)
+    results = {}
+    for mesh_name, sizes in MESHES.items():
+        mesh = jax.make_mesh(sizes, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+        for layout, (x_spec, w_spec) in LAYOUTS.items():
+
+            def f(x, codes, absmax, dy, x_spec=x_spec, w_spec=w_spec, mesh=mesh):
+                def mm(x):
+                    return nf4_sharded.nf4_matmul_sharded(
+                        x,
+                        codes,
+                        absmax,
+                        mesh=mesh,
+                        x_spec=x_spec,
+                        w_spec=w_spec,
+                        code=code,
+                        blocksize=BS,
+                        kernel=args.kernel,
+                        interpret=True,
+                    )
+
+                y, vjp = jax.vjp(mm, x)
+                return y, vjp(dy)[0]
+
+            def put(a, spec, mesh=mesh):
+                return jax.device_put(a, NamedSharding(mesh, spec))
+
+            ins = (put(x, x_spec), put(codes, w_spec), put(absmax, w_spec), put(dy, P(ROWS)))
+            compiled = jax.jit(f).lower(*ins).compile()
+            y, dx = compiled(*ins)
+            gathers = hlo.collectives(compiled.as_text(), "all-gather")
+            results[f"{mesh_name}/{layout}"] = {
+                "y_err": rel_err(y, y_ref),
+                "dx_err": rel_err(dx, dx_ref),
+                "y_spec": str(y.sharding.spec),
+                "dx_spec": str(dx.sharding.spec),
+                "gather_dtypes": sorted({t for g in gathers for t in g.dtypes}),
+            }
+    with open(args.out, "w") as fh:
+        json.dump({"devices": jax.device_count(), "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

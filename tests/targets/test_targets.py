@@ -1,0 +1,161 @@
+"""jaxlora.targets without any compile toolchain: the registry's numbers, the NF4 kernel each
+target gets, the GPU target configs, the JAX version pin, the install hints, and the HLO
+readers on text shaped like XLA:TPU's and XLA:GPU's compiled modules."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxlora import targets
+from jaxlora.targets import hlo, registry, toolchain
+
+GiB = 2**30
+REQUIRED = [
+    "tpu-v5e-1",
+    "tpu-v5e-8",
+    "tpu-v4-8",
+    "tpu-v5p-8",
+    "tpu-v6e-1",
+    "tpu-v6e-8",
+    "h100-1",
+    "h100-8",
+    "h200-1",
+    "a100-40g-1",
+    "a100-80g-1",
+    "l4-1",
+    "rtx4090-1",
+    "t4-1",
+]
+# Vendor memory per chip; v4's compile-only devices are TensorCores (half a chip each).
+VENDOR_GIB = {
+    "tpu-v5e": 16,
+    "tpu-v4": 32 / 2,
+    "tpu-v5p": 95,
+    "tpu-v6e": 32,
+    "h100": 80,
+    "h200": 141,
+    "a100-40g": 40,
+    "a100-80g": 80,
+    "l4": 24,
+    "rtx4090": 24,
+    "t4": 16,
+}
+
+
+def test_registry_has_every_target_with_vendor_memory():
+    assert set(REQUIRED) <= set(targets.TARGETS)
+    for name in REQUIRED:
+        t = targets.get_target(name)
+        assert t.platform == ("tpu" if name.startswith("tpu") else "gpu")
+        assert t.num_devices == int(name.rsplit("-", 1)[1]) or name == "tpu-v5p-8"
+        nominal = VENDOR_GIB[name.rsplit("-", 1)[0]] * GiB
+        # GPUs: what the driver reports (ECC and reserved memory take up to ~8%)
+        assert 0.9 * nominal <= t.memory_bytes <= 1.0 * nominal, name
+    assert targets.get_target("tpu-v5p-8").num_devices == 4  # megacore: 4 chips, 8 cores
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(KeyError, match="tpu-v5e-8"):
+        targets.get_target("tpu-v9-8")
+
+
+def test_nf4_kernel_per_target():
+    assert {targets.get_target(n).nf4_kernel for n in REQUIRED if n.startswith("tpu")} == {"mosaic"}
+    for name in ("h100-8", "h200-1", "a100-40g-1", "l4-1", "rtx4090-1"):
+        assert targets.get_target(name).nf4_kernel == "triton", name
+    t4 = targets.get_target("t4-1")
+    assert (t4.nf4_kernel, t4.pallas_kernels) == ("dequant", False)
+    assert "8.0+" in t4.nf4_kernel_reason and "7.5" in t4.nf4_kernel_reason
+    assert targets.nf4_kernel_for("cpu") == "dequant"
+    assert targets.nf4_kernel_for("gpu", (8, 0)) == "triton"
+
+
+def test_gpu_configs_hold_every_field_and_match_the_registry():
+    fields = [
+        "cuda_compute_capability",
+        "threads_per_block_limit",
+        "threads_per_warp",
+        "shared_memory_per_block",
+        "shared_memory_per_core",
+        "shared_memory_per_block_optin",
+        "threads_per_core_limit",
+        "core_count",
+        "fpus_per_core",
+        "registers_per_core_limit",
+        "registers_per_block_limit",
+        "memory_bandwidth",
+        "l2_cache_size",
+        "clock_rate_ghz",
+        "device_memory_size",
+        "device_description_str",
+    ]
+    gpus = [t for t in targets.TARGETS.values() if t.platform == "gpu"]
+    for t in gpus:
+        text = t.gpu_config_text()
+        for f in fields:
+            assert f in text, (t.name, f)
+        got = registry.gpu_config_fields(text)
+        assert got == {
+            "device_kind": t.device_kind,
+            "memory_bytes": t.memory_bytes,
+            "compute_capability": t.compute_capability,
+        }
+    shipped = {p.name for p in (Path(registry.__file__).parent / "gpu").glob("*.pbtxt")}
+    assert shipped == {t.gpu_config for t in gpus}
+
+
+def test_jax_version_pin(monkeypatch):
+    if jax.__version__ == toolchain.JAX_VERSION:
+        toolchain.check_jax_version()
+    monkeypatch.setattr(jax, "__version__", "0.11.0")
+    with pytest.raises(
+        targets.ToolchainError, match=r"written for jax/jaxlib 0\.10\.2.*jax 0\.11\.0"
+    ):
+        toolchain.check_jax_version()
+
+
+def test_missing_toolchain_names_the_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(toolchain, "check_jax_version", lambda: None)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n in ("libtpu",) else real(n, *a)
+    )
+    toolchain._compile_devices.cache_clear()
+    with pytest.raises(targets.ToolchainError, match=r"pip install 'libtpu==0\.0\.42\.\*'"):
+        targets.compile_devices("tpu-v5e-8")
+    assert "tpu" in targets.missing_toolchains()
+    toolchain._compile_devices.cache_clear()
+
+
+# Lines in the shapes XLA prints them (compiled modules of tests/targets/compile_run.py, cut).
+TPU_HLO = """
+  %all-gather.34 = f32[2,4,512]{2,1,0:T(4,128)S(1)} all-gather(%bitcast.52), channel_id=1, dimensions={0}
+  %all-gather.36 = u8[512,256]{1,0:T(32,128)(4,1)S(1)} all-gather(%copy-done.1), channel_id=1, dimensions={1}
+  %nf4_matmul_fwd_tpu.4 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} custom-call(%copy-done, %fusion.5, %reshape.99), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[64,512]{1,0}, u8[256,512]{1,0}, f32[8,512]{1,0}}, metadata={op_name="jit(loss)/jvp()/shard_map/nf4_matmul_fwd_tpu/pallas_call"}
+  %psum.28 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} all-reduce(%nf4_matmul_fwd_tpu.4), channel_id=1, to_apply=%region_0.2
+"""
+GPU_HLO = """
+  %all-gather-start = ((u8[128,512]{1,0}, f32[4,512]{1,0}, u8[256,256]{1,0}, f32[256,8]{1,0}, u8[128,512]{1,0}, /*index=5*/f32[4,512]{1,0}), (u8[256,512]{1,0}, f32[8,512]{1,0}, u8[512,256]{1,0}, f32[512,8]{1,0}, u8[256,512]{1,0}, /*index=5*/f32[8,512]{1,0})) all-gather-start(%p0, %p1, %p2, %p3, %p4, %p5), channel_id=3, dimensions={1}
+  %all-gather-done = (u8[256,512]{1,0}, f32[8,512]{1,0}) all-gather-done(%all-gather-start)
+  %pallas_call.30 = bf16[64,256]{1,0} custom-call(%wrapped_add.1, %gte.8, %gte.10), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[64,512]{1,0}, u8[512,256]{1,0}, f32[512,8]{1,0}}, metadata={op_name="jit(loss)/transpose(jvp())/shard_map/nf4_matmul_dx/pallas_call"}
+"""
+
+
+def test_hlo_readers():
+    assert hlo.custom_call_targets(TPU_HLO) == {hlo.MOSAIC_CALL}
+    assert hlo.custom_call_targets(GPU_HLO) == {hlo.TRITON_CALL}
+    tpu = hlo.collectives(TPU_HLO)
+    assert [(c.op, c.dtypes, c.nbytes) for c in tpu] == [
+        ("all-gather", {"f32"}, 2 * 4 * 512 * 4),
+        ("all-gather", {"u8"}, 512 * 256),
+        ("all-reduce", {"bf16"}, 64 * 512 * 2),
+    ]
+    (ag,) = hlo.collectives(GPU_HLO, "all-gather")  # async: the results half, once
+    assert ag.dtypes == {"u8", "f32"}
+    assert ag.nbytes == 3 * (256 * 512) + 3 * (8 * 512 * 4)  # u8 codes + f32 absmax
+    assert hlo.nf4_kernel_flops(TPU_HLO) == 2 * 64 * 512 * 512
+    assert hlo.nf4_kernel_flops(GPU_HLO) == 2 * 64 * 256 * 512
