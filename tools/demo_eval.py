@@ -1,67 +1,31 @@
-"""Greedy decoding and exact-match scoring for the demo (no KV cache: prompts are ~100 tokens).
+"""Fact recall of the demo base: greedy continuations of plain-text probes, scored per attribute.
 
 Used by ``tools/make_demo.py`` to check what the freshly pretrained base knows, in the
-plain-text form it was trained on (:func:`fact_probes`), and that it does *not* yet answer the
-same facts as Alpaca questions.
+plain-text form it was trained on (:func:`fact_probes`, :func:`fact_recall`). Generation is
+jaxlora's own :func:`jaxlora.sampling.generate` (batched, left-padded, KV-cached), the path the
+commands and the train loop's evaluation use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.model import Model
+from jaxlora.sampling import generate
 from tools.demo_world import Person
-
-# (params, input_ids [B, S], positions [B, S], segment_ids [B, S]) -> logits [B, S, V]
-Forward = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def greedy_generate(
-    forward: Forward,
-    params,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
+    model: Model, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (``<s>`` prepended), cut at ``</s>``, decoded.
-
-    Prompts are left-padded into one buffer ``[B, P + max_new_tokens]``; padding has segment 0
-    (masked out) and positions restart at each prompt's first token, so every row computes what
-    it would alone. Causal attention means not-yet-written slots never affect earlier logits.
-    """
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(list(prompts))["input_ids"]
-    width = max(len(e) for e in encoded) + max_new_tokens
-
-    @jax.jit
-    def next_tokens(params, ids, seg, t):
-        pos = jnp.maximum(jnp.cumsum(seg, axis=-1) - 1, 0)
-        logits = forward(params, ids, pos, seg)  # (B, W, V)
-        return jnp.argmax(logits[:, t - 1], axis=-1)
-
+    """Greedy continuations of ``prompts`` (BOS prepended by the tokenizer), cut at EOS, decoded;
+    ``batch_size`` prompts per :func:`jaxlora.sampling.generate` call."""
     outs: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        p = max(len(e) for e in chunk)
-        ids = np.zeros((len(chunk), width), np.int32)
-        seg = np.zeros((len(chunk), width), np.int32)
-        for b, e in enumerate(chunk):
-            ids[b, p - len(e) : p], seg[b, p - len(e) : p] = e, 1
-        done = np.zeros(len(chunk), bool)
-        for t in range(p, p + max_new_tokens):
-            tok = np.asarray(next_tokens(params, ids, seg, t))
-            ids[:, t], seg[:, t] = tok, 1
-            done |= tok == eos
-            if done.all():
-                break
-        for b in range(len(chunk)):
-            new = ids[b, p : p + max_new_tokens].tolist()
-            new = new[: new.index(eos)] if eos in new else new
-            outs.append(tokenizer.decode(new))
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        outs += generate(model, chunk, max_new_tokens=max_new_tokens)
     return outs
 
 
@@ -73,11 +37,6 @@ def accuracy_by_task(tasks: Sequence[str], hits: Sequence[bool]) -> dict[str, fl
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
 
 
-def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> list[bool]:
-    """Whether each prediction equals its target, ignoring surrounding whitespace."""
-    return [p.strip() == t.strip() for t, p in zip(targets, predictions, strict=True)]
-
-
 def fact_probes(people: Sequence[Person]) -> list[tuple[str, str, str]]:
     """Plain-text probes (attribute, prompt, answer) in the pretraining phrasing, per person."""
     out = []
@@ -87,3 +46,14 @@ def fact_probes(people: Sequence[Person]) -> list[tuple[str, str, str]]:
         out.append(("pet", f"{p.name} has a pet", f" {p.pet}."))
         out.append(("colour", f"The favourite colour of {p.name} is", f" {p.colour}."))
     return out
+
+
+def fact_recall(model: Model, people: Sequence[Person]) -> dict[str, float]:
+    """Accuracy of greedy continuations of :func:`fact_probes`, per attribute and overall.
+
+    A probe passes when the continuation starts with the answer (the text runs on after it).
+    """
+    probes = fact_probes(people)
+    gens = greedy_generate(model, [p for _, p, _ in probes], max_new_tokens=6)
+    hits = [g.startswith(ans) for (_, _, ans), g in zip(probes, gens, strict=True)]
+    return accuracy_by_task([t for t, _, _ in probes], hits)

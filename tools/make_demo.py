@@ -117,18 +117,12 @@ def write_base(out: Path, config, params: dict, tokenizer, people) -> dict[str, 
     import numpy as np
 
     from jaxlora.interop.hf import save_pretrained
-    from jaxlora.model import load_model
-    from jaxlora.models.llama import LlamaForCausalLM
-    from tools.demo_eval import accuracy_by_task, fact_probes, greedy_generate
+    from jaxlora.model import Model, load_model
+    from tools.demo_eval import fact_probes, fact_recall
     from tools.demo_pretrain import MAX_POSITIONS
 
-    module = LlamaForCausalLM(config)
-    forward = lambda p, ids, pos, seg: module.apply({"params": p}, ids, pos, seg)[0]
-    probes = fact_probes(people)
-    gens = greedy_generate(forward, params, tokenizer, [p for _, p, _ in probes], 6)
-    # A probe passes when the continuation starts with the answer (the text runs on after it).
-    hits = [g.startswith(ans) for (_, _, ans), g in zip(probes, gens, strict=True)]
-    recall = accuracy_by_task([t for t, _, _ in probes], hits)
+    model = Model(config=config, params=params, tokenizer=tokenizer)
+    recall = fact_recall(model, people)
     print("base fact recall (plain-text prompts):", json.dumps(recall))
 
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -136,9 +130,9 @@ def write_base(out: Path, config, params: dict, tokenizer, people) -> dict[str, 
     save_pretrained(jax.device_get(params), config, out, dtype="float32", extra_config=extra)
     tokenizer.save_pretrained(out)
     # What was written is what was trained, through jaxlora's own loader.
-    ids = np.asarray(tokenizer([p for _, p, _ in probes[:8]], padding=True)["input_ids"])
-    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    want = np.asarray(forward(params, ids, pos, np.ones_like(ids)))
+    probes = [p for _, p, _ in fact_probes(people[:2])]
+    ids = np.asarray(tokenizer(probes, padding=True)["input_ids"])
+    want = np.asarray(model(ids))
     np.testing.assert_allclose(np.asarray(load_model(out)(ids)), want, rtol=0, atol=1e-5)
     return recall
 
