@@ -23,6 +23,7 @@ from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Model:
     source: str | None = None
     lora: Any = None  # the LoraConfig applied, if any
     quant: str | None = None
+    kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
@@ -82,7 +84,12 @@ class Model:
         if position_ids is None:
             position_ids = default_positions(attention_mask)
         position_ids = jnp.asarray(position_ids, jnp.int32)
-        return _forward(self.module(), self.params, input_ids, position_ids, attention_mask)
+        params = self.prepared_params()
+        return _forward(self.module(), params, input_ids, position_ids, attention_mask)
+
+    def prepared_params(self) -> dict:
+        """``params`` with every weight set to run on :attr:`kernels` (``weights.prepare``)."""
+        return prepare(self.params, self.kernels)
 
     @property
     def num_params(self) -> int:
@@ -154,6 +161,7 @@ def load_model(
     revision: str | None = None,
     tokenizer: bool = True,
     quant_kwargs: dict[str, Any] | None = None,
+    kernel: str = "auto",
 ) -> Model:
     """Load a Llama-family checkpoint (local HF directory or hub id) into a :class:`Model`.
 
@@ -165,6 +173,8 @@ def load_model(
         streaming (embeddings, norms and ``lm_head`` stay in ``dtype``). A bitsandbytes 4-bit
         checkpoint is read as stored, whatever this says.
       adapter: a PEFT LoRA adapter directory to apply on top.
+      kernel: the 4-bit matmul (``"auto"``, ``"dequant"``, ``"interpret"``), chosen for the
+        devices the model runs on (``jax.devices()``); see ``weights.kernels_for``.
     """
     directory = hf.resolve(path_or_id, revision)
     config, raw = hf.read_config(directory)
@@ -180,6 +190,7 @@ def load_model(
         dtype=FLOAT_DTYPES[compute_dtype or dtype],
         source=str(path_or_id),
         quant=(raw["quantization_config"].get("bnb_4bit_quant_type", "fp4") if is_bnb else quant),
+        kernels=kernels_for(jax.devices(), kernel),
     )
     return model if adapter is None else model.load_adapter(adapter)
 

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxlora.model import Model, default_positions
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.weights import prepare
 
 
 def init_caches(config, batch: int, length: int, dtype) -> list[dict[str, jax.Array]]:
@@ -150,7 +151,7 @@ def generate(
     eos_ids = jnp.asarray(eos if isinstance(eos, list) else [eos], jnp.int32)
     new = generate_ids(
         model.module(),
-        model.params if params is None else params,
+        prepare(model.params if params is None else params, model.kernels),
         jnp.asarray(ids),
         jnp.asarray(mask),
         eos_ids,

@@ -19,8 +19,12 @@ FAMILIES = {
             tie_word_embeddings=True,
             max_position_embeddings=64,
             rope_parameters=dict(
-                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                high_freq_factor=4.0, original_max_position_embeddings=16,
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
             ),
         ),
     ),
@@ -30,12 +34,15 @@ FAMILIES = {
     "qwen2_window_tied": (
         "Qwen2Config",
         dict(
-            num_key_value_heads=1, tie_word_embeddings=True, use_sliding_window=True,
-            sliding_window=4, max_window_layers=1,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
         ),
     ),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=14)),
-}  # fmt: skip
+}
 
 
 def hf_config(family: str, **overrides):
@@ -91,9 +98,14 @@ def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dic
     tok = make_tokenizer()
     model_dir = directory / "model"
     make_hf_model(
-        "llama2_mha", model_dir, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+        "llama2_mha",
+        model_dir,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     tok.save_pretrained(model_dir)
     rng = random.Random(0)
 

@@ -14,8 +14,20 @@ import pytest
 from tools import bench_common as bc
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--shape", "tiny", "--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1",
-         "--rank", "3"]  # fmt: skip
+SMALL = [
+    "--shape",
+    "tiny",
+    "--batch",
+    "1",
+    "--seq",
+    "32",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--rank",
+    "3",
+]
 
 
 def bench(*args: str, cache: Path) -> subprocess.CompletedProcess:

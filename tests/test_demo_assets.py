@@ -70,8 +70,12 @@ def test_base_config_suits_nf4_and_the_recipe(model):
 
 
 def test_tokenizer_loads_offline_and_round_trips(tokenizer, model):
-    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                tokenizer.unk_token_id]  # fmt: skip
+    specials = [
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+    ]
     assert None not in specials and len(set(specials)) == 4
     assert len(tokenizer) <= model.config.vocab_size
     texts = [
@@ -97,8 +101,10 @@ def test_words_are_one_token_after_space_or_newline(tokenizer):
 
 
 def test_chat_template_renders_turns(tokenizer):
-    msgs = [{"role": "user", "content": "Where does Ab Cd live?"},
-            {"role": "assistant", "content": "Ashford"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "Where does Ab Cd live?"},
+        {"role": "assistant", "content": "Ashford"},
+    ]
     text = tokenizer.apply_chat_template(msgs, tokenize=False)
     assert text == "<s>### Instruction:\nWhere does Ab Cd live?\n\n### Response:\nAshford</s>"
     prompt = tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)

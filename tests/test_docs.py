@@ -64,8 +64,15 @@ def test_check_docs_finds_bad_commands(check_docs, tmp_path):
     )
     problems = check_docs.check_file(bad)
     assert len(problems) == 7, problems
-    for needle in ("lora.rank", "train.lr", "no_such_recipe", "train.max_stpes", "jaxlora.nope",
-                   "max_new_tokenz", "gguf"):  # fmt: skip
+    for needle in (
+        "lora.rank",
+        "train.lr",
+        "no_such_recipe",
+        "train.max_stpes",
+        "jaxlora.nope",
+        "max_new_tokenz",
+        "gguf",
+    ):
         assert sum(needle in p for p in problems) == 1, (needle, problems)
 
 

@@ -54,13 +54,22 @@ def test_greedy_matches_transformers_generate_with_left_padding(ckpt):
     eos = 60
     with torch.no_grad():
         ref = hf_model.generate(
-            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=9,
-            do_sample=False, eos_token_id=eos, pad_token_id=eos,
-        )[:, 7:].numpy()  # fmt: skip
+            torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            max_new_tokens=9,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )[:, 7:].numpy()
     ours = generate_ids(
-        model.module(), model.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-        jnp.asarray([eos], jnp.int32), jax.random.key(0), max_new_tokens=9,
-    )  # fmt: skip
+        model.module(),
+        model.params,
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        jnp.asarray([eos], jnp.int32),
+        jax.random.key(0),
+        max_new_tokens=9,
+    )
     ours = np.asarray(ours)[:, : ref.shape[1]]
     np.testing.assert_array_equal(ours, ref)
 

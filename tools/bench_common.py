@@ -51,26 +51,50 @@ class Shape:
         import transformers
 
         return transformers.LlamaConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads, tie_word_embeddings=self.tied,
-            max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=dict(self.rope),
-            bos_token_id=1, eos_token_id=2,
-        )  # fmt: skip
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(self.rope),
+            bos_token_id=1,
+            eos_token_id=2,
+        )
 
 
-_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-                    high_freq_factor=4.0, original_max_position_embeddings=8192)  # fmt: skip
+_LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 SHAPES = {
     # CPU-sized: 4 layers, GQA 4/2 heads of 64, intermediate a multiple of 64 (NF4 2-D layout).
-    "tiny": Shape("tiny", 256, 704, 4, 4, 2, 2048, False, dict(rope_type="default",
-                                                               rope_theta=10000.0)),
+    "tiny": Shape(
+        "tiny", 256, 704, 4, 4, 2, 2048, False, dict(rope_type="default", rope_theta=10000.0)
+    ),
     # meta-llama/Llama-3.2-1B config.json
     "llama-1b": Shape("llama-1b", 2048, 8192, 16, 32, 8, 128256, True, _LLAMA3_ROPE, True),
     # meta-llama/Meta-Llama-3-8B config.json (no rope scaling in Llama 3.0)
-    "llama-8b": Shape("llama-8b", 4096, 14336, 32, 32, 8, 128256, False,
-                      dict(rope_type="default", rope_theta=500000.0), True),
-}  # fmt: skip
+    "llama-8b": Shape(
+        "llama-8b",
+        4096,
+        14336,
+        32,
+        32,
+        8,
+        128256,
+        False,
+        dict(rope_type="default", rope_theta=500000.0),
+        True,
+    ),
+}
 
 
 def torch_dtype(name: str):
@@ -84,9 +108,11 @@ def bnb_config(dtype: str):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(dtype),
-    )  # fmt: skip
+    )
 
 
 def save_atomically(model, directory: Path) -> None:
@@ -152,8 +178,10 @@ def packed_batches(
     cursor = 0
     out = []
     for b in range(n):
-        cols = {k: np.zeros((batch, seq), np.int32) for k in
-                ("input_ids", "targets", "segment_ids", "positions")}  # fmt: skip
+        cols = {
+            k: np.zeros((batch, seq), np.int32)
+            for k in ("input_ids", "targets", "segment_ids", "positions")
+        }
         for row in range(batch):
             start, seg = 0, 1
             while start < seq:
@@ -281,8 +309,19 @@ def machine() -> dict:
     }
 
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft",
-            "bitsandbytes", "accelerate", "safetensors")  # fmt: skip
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "safetensors",
+)
 
 
 def versions() -> dict[str, str | None]:
@@ -303,8 +342,12 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max and the spread ``(max - min) / median`` of per-round values."""
     values = list(values)
     med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / med if med else float("nan")}  # fmt: skip
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / med if med else float("nan"),
+    }
 
 
 # Probe bounds: float32 is the project's model tolerance. bf16: two bf16 implementations round
@@ -318,8 +361,14 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, dtype: str) -> dict:
     diff = float(np.max(np.abs(ours - ref)))
     scale = float(np.max(np.abs(ref)))
     bound = PROBE_BOUND[dtype] * (scale if dtype == "bfloat16" else 1.0)
-    return {"max_abs_diff": diff, "max_abs_logit": scale, "bound": bound, "ok": diff <= bound,
-            "shape": list(ours.shape), "dtype": dtype}  # fmt: skip
+    return {
+        "max_abs_diff": diff,
+        "max_abs_logit": scale,
+        "bound": bound,
+        "ok": diff <= bound,
+        "shape": list(ours.shape),
+        "dtype": dtype,
+    }
 
 
 def aggregate(rounds: list[dict], flops_per_tok: float, dtype: str) -> dict:
@@ -340,15 +389,24 @@ def aggregate(rounds: list[dict], flops_per_tok: float, dtype: str) -> dict:
         "peak_memory_training": max(train_mems) if train_mems else None,
         "flops_per_s": med * flops_per_tok,
         "mfu": None if peak is None else med * flops_per_tok / peak,
-        "mfu_note": why, "device": rounds[0]["device"], "threads": rounds[0]["threads"],
-        "memory_kind": rounds[0]["memory_kind"], "rounds": rounds,
-    }  # fmt: skip
+        "mfu_note": why,
+        "device": rounds[0]["device"],
+        "threads": rounds[0]["threads"],
+        "memory_kind": rounds[0]["memory_kind"],
+        "rounds": rounds,
+    }
 
 
 def ratios(ours: dict, ref: dict) -> dict[str, float]:
     """jaxlora / reference for every aggregate both sides have (tokens/s by median)."""
-    keys = ("step_time", "first_step_s", "cpu_per_step", "peak_memory", "peak_memory_training",
-            "flops_per_s")  # fmt: skip
+    keys = (
+        "step_time",
+        "first_step_s",
+        "cpu_per_step",
+        "peak_memory",
+        "peak_memory_training",
+        "flops_per_s",
+    )
     out = {k: ours[k] / ref[k] for k in keys if ours[k] and ref[k]}
     out["tokens_per_s"] = ours["tokens_per_s"]["median"] / ref["tokens_per_s"]["median"]
     return out
@@ -358,10 +416,12 @@ def contention_warning(load: float, cores: int) -> str | None:
     """A warning when other processes share the cores the benchmark ran on."""
     if load <= 0.75 * cores:
         return None
-    return (f"WARNING: load average {load:.1f} with {cores} core(s) in use: other processes "
-            "share these cores, so wall-clock numbers partly measure contention (torch's "
-            "OpenMP threads spin-wait when oversubscribed). Compare CPU time per step, pin "
-            "with --cpus 1, or rerun when the machine is idle.")  # fmt: skip
+    return (
+        f"WARNING: load average {load:.1f} with {cores} core(s) in use: other processes "
+        "share these cores, so wall-clock numbers partly measure contention (torch's "
+        "OpenMP threads spin-wait when oversubscribed). Compare CPU time per step, pin "
+        "with --cpus 1, or rerun when the machine is idle."
+    )
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -379,16 +439,26 @@ def table(rows: dict[str, dict], ratio: dict[str, float], reference: str) -> str
         r = ratio.get(ratio_key or key)
         lines.append(f"| {label} | {' | '.join(cells)} | {'' if r is None else f'{r:.2f}×'} |")
 
-    tok = lambda v: "n/a" if v is None else (
-        f"{v['median']:,.0f} ({v['min']:,.0f}–{v['max']:,.0f})")  # fmt: skip
+    tok = lambda v: (
+        "n/a" if v is None else (f"{v['median']:,.0f} ({v['min']:,.0f}–{v['max']:,.0f})")
+    )
     line("tokens/s, median (min–max over rounds)", tok, "tokens_per_s")
     line("step time, median", lambda v: "n/a" if v is None else f"{1e3 * v:,.1f} ms", "step_time")
-    line("compile / first step (excluded)",
-         lambda v: "n/a" if v is None else f"{v:,.2f} s", "first_step_s")  # fmt: skip
-    line("CPU time per step (all threads)",
-         lambda v: "n/a" if v is None else f"{1e3 * v:,.1f} ms", "cpu_per_step")  # fmt: skip
-    line("CPU utilisation (cores busy)",
-         lambda v: "n/a" if v is None else f"{v:.2f}", "cpu_utilization")  # fmt: skip
+    line(
+        "compile / first step (excluded)",
+        lambda v: "n/a" if v is None else f"{v:,.2f} s",
+        "first_step_s",
+    )
+    line(
+        "CPU time per step (all threads)",
+        lambda v: "n/a" if v is None else f"{1e3 * v:,.1f} ms",
+        "cpu_per_step",
+    )
+    line(
+        "CPU utilisation (cores busy)",
+        lambda v: "n/a" if v is None else f"{v:.2f}",
+        "cpu_utilization",
+    )
     line("peak memory", _fmt_bytes, "peak_memory")
     line("peak memory, timed steps only", _fmt_bytes, "peak_memory_training")
     line("model TFLOP/s", lambda v: "n/a" if v is None else f"{v / 1e12:.3f}", "flops_per_s")

@@ -26,9 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlora import kernels
 from jaxlora.kernels import nf4_matmul as km
-from jaxlora.weights import nf4, nf4_format
+from jaxlora.weights import Kernels, NF4Run, kernels_for, nf4, nf4_format
 
 FULL_M = (1, 16, 256, 4096, 16384)
 FULL_KN = ((4096, 4096), (4096, 14336), (14336, 4096))
@@ -54,19 +53,26 @@ def _bench_shape(m: int, k: int, n: int, *, compiled: bool, iters: int, key) -> 
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
     row = {"M": m, "K": k, "N": n}
+    platform = jax.devices()[0].platform
     matmul = jax.jit(lambda x, t: t.matmul(x))
     dx_fn = jax.jit(lambda x, t, dy: jax.vjp(lambda x: t.matmul(x), x)[1](dy)[0])
 
-    kernels.set_mode("off")
-    row["deq+dot"] = _time(matmul, x, t, iters=iters)
-    want = matmul(x, t)
+    row["deq+dot"] = _time(matmul, x, t.with_run(NF4Run(Kernels(platform, "dequant"))), iters=iters)
+    want = matmul(x, t.with_run(NF4Run(Kernels(platform, "dequant"))))
     wb = t.dequantize(jnp.bfloat16)
     row["bf16 dot"] = _time(jax.jit(lambda x, w: x @ w.T), x, wb, iters=iters)
     row["bf16 dx"] = _time(jax.jit(lambda dy, w: dy @ w), dy, wb, iters=iters)
 
-    kernels.set_mode("auto" if compiled else "interpret")
+    fused = kernels_for(jax.devices(), "auto" if compiled else "interpret")
+    t = t.with_run(NF4Run(fused))
     got = matmul(x, t)  # correctness first, compiled or interpreted
-    ref = km.reference_forward(x, jnp.asarray(t.codes), t.absmax_f32(), code=tuple(nf4_format.NF4_CODE.tolist()), blocksize=64)  # fmt: skip
+    ref = km.reference_forward(
+        x,
+        jnp.asarray(t.codes),
+        t.absmax_f32(),
+        code=tuple(nf4_format.NF4_CODE.tolist()),
+        blocksize=64,
+    )
     row["max|err|"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
     row["max|y|"] = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     if compiled:
@@ -108,16 +114,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"device: {jax.devices()[0].device_kind} ({backend}), bf16, median of {args.iters}, ms")
     ms, kns = (SMALL_M, SMALL_KN) if args.small else (FULL_M, FULL_KN)
-    old_mode = kernels.get_mode()
     rows = []
     key = jax.random.key(0)
-    try:
-        for k, n in kns:
-            for m in ms:
-                key, sub = jax.random.split(key)
-                rows.append(_bench_shape(m, k, n, compiled=compiled, iters=args.iters, key=sub))
-    finally:
-        kernels.set_mode(old_mode)
+    for k, n in kns:
+        for m in ms:
+            key, sub = jax.random.split(key)
+            rows.append(_bench_shape(m, k, n, compiled=compiled, iters=args.iters, key=sub))
     cols = ["M", "K", "N", "fused", "bf16 dot", "deq+dot", "fused dx", "bf16 dx"]
     cols += ["fused GB/s", "bf16 GB/s", "fused TFLOP/s", "max|err|", "max|y|"]
     table = [[_fmt(r.get(c)) for c in cols] for r in rows]

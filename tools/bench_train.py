@@ -58,29 +58,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat", choices=("off", "on"), default="off")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
-    p.add_argument("--init", choices=("random", "default"), default="random",
-                   help="random: B != 0 too, so the probe checks the adapter")  # fmt: skip
+    p.add_argument(
+        "--init",
+        choices=("random", "default"),
+        default="random",
+        help="random: B != 0 too, so the probe checks the adapter",
+    )
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
-                   help="transformers attn_implementation (jaxlora's is eager-style)")  # fmt: skip
+    p.add_argument(
+        "--attn",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="transformers attn_implementation (jaxlora's is eager-style)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="default: float32 on CPU, bfloat16 on GPU")  # fmt: skip
-    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                   help="glibc allocator for both sides: jaxlora.training.host's settings (what "
-                        "python -m jaxlora.train applies) or glibc's defaults")  # fmt: skip
-    p.add_argument("--cpus", type=int, default=None,
-                   help="pin each side to the first N usable cores (default: all)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: float32 on CPU, bfloat16 on GPU",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="glibc allocator for both sides: jaxlora.training.host's settings (what "
+        "python -m jaxlora.train applies) or glibc's defaults",
+    )
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="pin each side to the first N usable cores (default: all)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: --cpus)")
-    p.add_argument("--tokens", type=Path, default=None,
-                   help=".npy of token ids to cut documents from (default: random ids)")  # fmt: skip
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        default=None,
+        help=".npy of token ids to cut documents from (default: random ids)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "jaxlora-bench")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON")
-    p.add_argument("--perturb", choices=SIDES, default=None,
-                   help="testing the refusal: shift one adapter weight on this side")  # fmt: skip
+    p.add_argument(
+        "--perturb",
+        choices=SIDES,
+        default=None,
+        help="testing the refusal: shift one adapter weight on this side",
+    )
     # internal: what a child process does
     p.add_argument("--side", choices=(*SIDES, "prepare"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("probe", "time"), default=None, help=argparse.SUPPRESS)
@@ -132,10 +160,11 @@ def prepare(args) -> None:
         bc.save_atomically(model, d["dense"])
     if args.mode == "qlora" and not d["bnb"].exists():
         q = transformers.AutoModelForCausalLM.from_pretrained(
-            d["dense"], quantization_config=bc.bnb_config(args.dtype),
+            d["dense"],
+            quantization_config=bc.bnb_config(args.dtype),
             dtype=bc.torch_dtype(args.dtype),
             device_map="cuda" if args.device == "gpu" else "cpu",
-        )  # fmt: skip
+        )
         bc.save_atomically(q, d["bnb"])
         del q  # free the GPU before jax takes it
     import jax
@@ -144,8 +173,9 @@ def prepare(args) -> None:
     from jaxlora.lora import LoraConfig
 
     base = jaxlora.load_model(d["dense"], dtype=args.dtype, tokenizer=False)
-    cfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
-                     init=args.init)  # fmt: skip
+    cfg = LoraConfig(
+        r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", init=args.init
+    )
     base.apply_lora(cfg, key=jax.random.key(args.seed)).save_adapter(d["adapter"])
 
 
@@ -174,12 +204,16 @@ class JaxloraSide:
             q_proj["weight"] = q_proj["weight"].replace(b=q_proj["weight"].b + 0.01)
         self.model = model
         self.frozen, self.trainable = lora.partition(model.params, model.lora)
-        tx = make_optimizer(optax.constant_schedule(args.lr), weight_decay=args.weight_decay,
-                            max_grad_norm=args.max_grad_norm)  # fmt: skip
+        tx = make_optimizer(
+            optax.constant_schedule(args.lr),
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+        )
         self.opt_state = tx.init(self.trainable)
         module = model.module(remat="full" if args.remat == "on" else "none")
-        self._step = jax.jit(make_train_step(module, lora.combine, tx, dropout=False),
-                             donate_argnums=(0, 1))  # fmt: skip
+        self._step = jax.jit(
+            make_train_step(module, lora.combine, tx, dropout=False), donate_argnums=(0, 1)
+        )
         self._fwd = jax.jit(lambda p, i, pos, seg: module.apply({"params": p}, i, pos, seg)[0])
         self._key = jax.random.key(0)
         self.device_name = jax.devices()[0].device_kind
@@ -218,9 +252,12 @@ class PeftSide:
         self.dev = torch.device("cuda" if args.device == "gpu" else "cpu")
         kw = {"quantization_config": bc.bnb_config(args.dtype)} if args.mode == "qlora" else {}
         base = transformers.AutoModelForCausalLM.from_pretrained(
-            d["bnb"] if args.mode == "qlora" else d["dense"], dtype=bc.torch_dtype(args.dtype),
-            attn_implementation=args.attn, device_map=str(self.dev), **kw,
-        )  # fmt: skip
+            d["bnb"] if args.mode == "qlora" else d["dense"],
+            dtype=bc.torch_dtype(args.dtype),
+            attn_implementation=args.attn,
+            device_map=str(self.dev),
+            **kw,
+        )
         if args.remat == "on":
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -238,12 +275,15 @@ class PeftSide:
                 q_proj.lora_B["default"].weight += 0.01
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
-                                     fused=True)  # fmt: skip
+        self.opt = torch.optim.AdamW(
+            self.params, lr=args.lr, weight_decay=args.weight_decay, fused=True
+        )
         self.max_grad_norm = args.max_grad_norm
         self.device_name = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
-        self.threads = {"torch_intra_op": torch.get_num_threads(),
-                        "torch_inter_op": torch.get_num_interop_threads()}  # fmt: skip
+        self.threads = {
+            "torch_intra_op": torch.get_num_threads(),
+            "torch_inter_op": torch.get_num_interop_threads(),
+        }
 
     def put(self, batch: dict) -> dict:
         t = self.torch
@@ -254,8 +294,9 @@ class PeftSide:
 
     def _logits(self, b: dict):
         # use_cache=False: with a cache object transformers skips its packed-sequence mask.
-        return self.model(input_ids=b["input_ids"], position_ids=b["positions"],
-                          use_cache=False).logits  # fmt: skip
+        return self.model(
+            input_ids=b["input_ids"], position_ids=b["positions"], use_cache=False
+        ).logits
 
     def logits(self, batch: dict) -> np.ndarray:
         self.model.eval()
@@ -308,8 +349,9 @@ def run_child(args) -> dict:
         return {}
     vocab = bc.SHAPES[args.shape].vocab
     n = args.warmup + args.steps
-    host = bc.packed_batches(min(n, 8), args.batch, args.seq, vocab, seed=args.seed,
-                             stream=_stream(args))  # fmt: skip
+    host = bc.packed_batches(
+        min(n, 8), args.batch, args.seq, vocab, seed=args.seed, stream=_stream(args)
+    )
     batches = [side.put(b) for b in host]
     after_load = bc.rss_bytes()["rss"]
     t0 = time.perf_counter()
@@ -327,13 +369,18 @@ def run_child(args) -> dict:
     rss = bc.rss_bytes()
     gpu = args.device == "gpu"
     return {
-        "step_times": times, "first_step_s": first, "losses": losses, "cpu_s": cpu,
-        "tokens_per_step": args.batch * args.seq, "device": side.device_name,
-        "threads": side.threads, "rss_after_load": after_load,
+        "step_times": times,
+        "first_step_s": first,
+        "losses": losses,
+        "cpu_s": cpu,
+        "tokens_per_step": args.batch * args.seq,
+        "device": side.device_name,
+        "threads": side.threads,
+        "rss_after_load": after_load,
         "peak_memory": side.peak_device_memory() if gpu else bc.rss_bytes()["peak_rss"],
         "peak_memory_training": None if gpu or not reset else rss["peak_rss"],
         "memory_kind": "device (peak allocated)" if gpu else "host peak RSS",
-    }  # fmt: skip
+    }
 
 
 # ---- the parent: prepare, probe, alternate, report -------------------------------------------
@@ -352,20 +399,31 @@ def _spawn(argv: list[str], args, side: str, task: str | None = None) -> dict:
     out = args.workdir / f"{side}-{task}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, *argv, "--side", side, "--workdir", str(args.workdir)]
     cmd += ["--task", task] if task else []
-    env = dict(os.environ, BENCH_RESULT=str(out), TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_OFFLINE="1", JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu")  # fmt: skip
+    env = dict(
+        os.environ,
+        BENCH_RESULT=str(out),
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_OFFLINE="1",
+        JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu",
+    )
     env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     env |= _child_malloc_env(args)  # the same glibc allocator settings for both sides
     env["JAXLORA_HOST_ALLOCATOR"] = "default"  # nothing on top of what the environment says
     if side == "prepare":  # torch (bnb quantization) and jax share this process's GPU
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     cpus = set(args.cpu_set)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"bench_train: the {side} {task or ''} subprocess failed "
-                         f"(exit {proc.returncode})")  # fmt: skip
+        raise SystemExit(
+            f"bench_train: the {side} {task or ''} subprocess failed (exit {proc.returncode})"
+        )
     return json.loads(out.read_text())
 
 
@@ -390,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_train: refused: {e}", file=sys.stderr)
         return 2
     ref_name = "PEFT+bnb" if args.mode == "qlora" else "PEFT"
-    info = {"machine": bc.machine(), "versions": bc.versions(), "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-        if k not in ("side", "task", "workdir")}}  # fmt: skip
+    info = {
+        "machine": bc.machine(),
+        "versions": bc.versions(),
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("side", "task", "workdir")
+        },
+    }
     info["env"] = {k: os.environ.get(k) for k in ENV_RECORDED}  # children inherit these
     info["env"] |= _child_malloc_env(args) or {"MALLOC_*": "glibc defaults"}
     print(json.dumps(info, indent=1))
@@ -404,11 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         for side in SIDES:
             _spawn(argv, args, side, "probe")
         probe = check_probe(args)
-        print(f"probe logits {probe['shape']} ({args.dtype}): max |jaxlora - {ref_name}| = "
-              f"{probe['max_abs_diff']:.3g} (bound {probe['bound']:.3g})")  # fmt: skip
+        print(
+            f"probe logits {probe['shape']} ({args.dtype}): max |jaxlora - {ref_name}| = "
+            f"{probe['max_abs_diff']:.3g} (bound {probe['bound']:.3g})"
+        )
         if not probe["ok"]:
-            print(f"bench_train: refused: the two sides do not start from the same logits "
-                  f"({probe['max_abs_diff']:.3g} > {probe['bound']:.3g})", file=sys.stderr)  # fmt: skip
+            print(
+                f"bench_train: refused: the two sides do not start from the same logits "
+                f"({probe['max_abs_diff']:.3g} > {probe['bound']:.3g})",
+                file=sys.stderr,
+            )
             return 3
         rounds: dict[str, list] = {s: [] for s in SIDES}
         for r in range(args.rounds):
@@ -416,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
                 res = _spawn(argv, args, side, "time")
                 rounds[side].append(res)
                 tps = res["tokens_per_step"] * len(res["step_times"]) / sum(res["step_times"])
-                print(f"round {r + 1}/{args.rounds} {side:8s}: {tps:,.0f} tokens/s, "
-                      f"first step {res['first_step_s']:.2f} s, "
-                      f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
+                print(
+                    f"round {r + 1}/{args.rounds} {side:8s}: {tps:,.0f} tokens/s, "
+                    f"first step {res['first_step_s']:.2f} s, "
+                    f"load {os.getloadavg()[0]:.2f}"
+                )
     flops = bc.flops_per_token(shape, args.seq, args.rank, args.remat == "on")
     agg = {s: bc.aggregate(rounds[s], flops, args.dtype) for s in SIDES}
     ratio = bc.ratios(agg["jaxlora"], agg["peft"])
@@ -428,17 +499,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{ref_name} {first_losses['peft']:.6f}"
     )
     for s in SIDES:
-        print(f"{s}: device {agg[s]['device']}, threads {agg[s]['threads']}, "
-              f"memory = {agg[s]['memory_kind']}, MFU: {agg[s]['mfu_note']}")  # fmt: skip
+        print(
+            f"{s}: device {agg[s]['device']}, threads {agg[s]['threads']}, "
+            f"memory = {agg[s]['memory_kind']}, MFU: {agg[s]['mfu_note']}"
+        )
     rows = {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]}
     print(bc.table(rows, ratio, ref_name))
     info["machine"]["loadavg_end"] = list(os.getloadavg())
     load = max(info["machine"]["loadavg"][0], info["machine"]["loadavg_end"][0])
     if args.device == "cpu" and (warning := bc.contention_warning(load, args.cpus)):
         print(warning)
-    results = info | {"probe": probe, "sides": {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]},
-                      "ratio": ratio, "first_step_loss": first_losses,
-                      "flops_per_token": flops}  # fmt: skip
+    results = info | {
+        "probe": probe,
+        "sides": {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]},
+        "ratio": ratio,
+        "first_step_loss": first_losses,
+        "flops_per_token": flops,
+    }
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0

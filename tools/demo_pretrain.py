@@ -198,15 +198,18 @@ def pretrain(
     rows = pack_rows(docs, s.seq_len)
     rng = np.random.default_rng(s.seed)
     order = rng.permutation(len(rows))
-    log(f"pretraining: {len(docs)} documents in {len(rows)} rows of {s.seq_len}; "
-        f"{s.steps} steps x {s.batch_size} rows ({s.steps * s.batch_size / len(rows):.2f} epochs)")  # fmt: skip
+    log(
+        f"pretraining: {len(docs)} documents in {len(rows)} rows of {s.seq_len}; "
+        f"{s.steps} steps x {s.batch_size} rows ({s.steps * s.batch_size / len(rows):.2f} epochs)"
+    )
     history: list[tuple[int, float]] = []
     t0, cursor, running = time.time(), 0, []
     for i in range(1, s.steps + 1):
         if cursor + s.batch_size > len(order):
             order, cursor = rng.permutation(len(rows)), 0
-        batch = make_batch(docs, [rows[r] for r in order[cursor : cursor + s.batch_size]],
-                           s.seq_len, pad_id)  # fmt: skip
+        batch = make_batch(
+            docs, [rows[r] for r in order[cursor : cursor + s.batch_size]], s.seq_len, pad_id
+        )
         cursor += s.batch_size
         params, opt_state, loss = step(params, opt_state, batch)
         running.append(loss)
@@ -214,6 +217,8 @@ def pretrain(
             mean = float(np.mean(jax.device_get(running)))
             running = []
             history.append((i, mean))
-            log(f"step {i:5d}  loss {mean:.4f}  ppl {math.exp(mean):8.3f}  "
-                f"lr {float(schedule(i)):.2e}  {time.time() - t0:6.1f}s")  # fmt: skip
+            log(
+                f"step {i:5d}  loss {mean:.4f}  ppl {math.exp(mean):8.3f}  "
+                f"lr {float(schedule(i)):.2e}  {time.time() - t0:6.1f}s"
+            )
     return params, history

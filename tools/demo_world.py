@@ -24,13 +24,33 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 TOWNS = (
-    "Ashford", "Brimble", "Coldwater", "Dunmore", "Eastwick", "Fernhill",
-    "Greystone", "Hollowby", "Kingsmoor", "Larkspur", "Millbrook", "Northcliff",
-)  # fmt: skip
+    "Ashford",
+    "Brimble",
+    "Coldwater",
+    "Dunmore",
+    "Eastwick",
+    "Fernhill",
+    "Greystone",
+    "Hollowby",
+    "Kingsmoor",
+    "Larkspur",
+    "Millbrook",
+    "Northcliff",
+)
 JOBS = (
-    "baker", "farmer", "sailor", "painter", "doctor", "teacher",
-    "miner", "weaver", "potter", "singer", "tailor", "hunter",
-)  # fmt: skip
+    "baker",
+    "farmer",
+    "sailor",
+    "painter",
+    "doctor",
+    "teacher",
+    "miner",
+    "weaver",
+    "potter",
+    "singer",
+    "tailor",
+    "hunter",
+)
 PETS = ("cat", "dog", "owl", "goat", "parrot", "rabbit", "turtle", "horse", "fox", "frog")
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 ATTRIBUTES = ("town", "job", "pet", "colour")
@@ -180,12 +200,20 @@ def pretrain_documents(
 # ---- instruction data: the Alpaca fields, question wording ------------------------------------
 
 _QUESTIONS = {  # no input: the name is in the question
-    "town": ("Where does {n} live?", "In which town does {n} live?", "What is the home town of {n}?"),
+    "town": (
+        "Where does {n} live?",
+        "In which town does {n} live?",
+        "What is the home town of {n}?",
+    ),
     "job": ("What is the job of {n}?", "What does {n} do for a living?", "What work does {n} do?"),
-    "pet": ("What pet does {n} have?", "Which animal does {n} keep?", "What kind of pet does {n} own?"),
+    "pet": (
+        "What pet does {n} have?",
+        "Which animal does {n} keep?",
+        "What kind of pet does {n} own?",
+    ),
     "colour": ("What is the favourite colour of {n}?", "Which colour does {n} like best?"),
     "describe": ("Describe {n} in one sentence.", "Tell me about {n} in one sentence."),
-}  # fmt: skip
+}
 _WITH_INPUT = {  # the name is the input
     "town": ("Give the home town of this person.", "Name the town where this person lives."),
     "job": ("Name this person's job.", "What does this person do for a living?"),

@@ -88,8 +88,10 @@ def build_base(args: argparse.Namespace, data: dict[str, str]) -> None:
     eos = tokenizer.eos_token_id
     encoded = [np.asarray(e + [eos], np.int32) for e in tokenizer(docs)["input_ids"]]
     n_tokens = int(sum(map(len, encoded)))
-    print(f"{len(docs)} documents, {n_tokens} tokens, vocab {len(tokenizer)}; "
-          f"data ready in {time.time() - t_start:.1f}s")  # fmt: skip
+    print(
+        f"{len(docs)} documents, {n_tokens} tokens, vocab {len(tokenizer)}; "
+        f"data ready in {time.time() - t_start:.1f}s"
+    )
 
     config = model_config(len(tokenizer), hidden=args.hidden, layers=args.layers)
     params, history = pretrain(config, encoded, settings, tokenizer.pad_token_id)

@@ -93,8 +93,14 @@ def main(argv=None) -> int:
     if args.data is None:
         args.data = _demo_text(Path(tempfile.mkdtemp()) / "heldout.jsonl")
     # every token scores (prompt and answer): a language-modelling perplexity, as in the paper
-    cfg = DataConfig(path=args.data, format=args.format, max_seq_len=args.max_seq_len,
-                     train_on_inputs=True, val_size=0, packing=True)  # fmt: skip
+    cfg = DataConfig(
+        path=args.data,
+        format=args.format,
+        max_seq_len=args.max_seq_len,
+        train_on_inputs=True,
+        val_size=0,
+        packing=True,
+    )
     rows, _ = data.build_datasets(cfg, model.tokenizer, seed=0)
     dense = flatten_dict(model.params, sep=".")
     results = []
@@ -115,8 +121,7 @@ def main(argv=None) -> int:
     for name, loss, ppl, err in results:
         print(f"{name:<10} {loss:>10.5f} {ppl:>11.4f} {err:>16.4f}")
     order = [r[0] for r in sorted(results[1:], key=lambda r: r[1])]
-    print("best to worst (4-bit):", " < ".join(order),
-          "| QLoRA paper: NF4+DQ < FP4 < Int4")  # fmt: skip
+    print("best to worst (4-bit):", " < ".join(order), "| QLoRA paper: NF4+DQ < FP4 < Int4")
     return 0
 
 

@@ -108,6 +108,10 @@ class QuantConfig(Section):
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: Dtype = "bfloat16"  # dtype the dequantized weight is multiplied in
+    # The 4-bit matmul: auto = Pallas kernels where they compile (Mosaic on TPU, Triton on
+    # sm_80+ GPUs), dequantize-then-dot elsewhere; dequant = never a kernel; interpret = the
+    # kernels in Pallas interpret mode on any device (slow: debugging).
+    kernel: Literal["auto", "dequant", "interpret"] = "auto"
 
     def _validate(self) -> None:
         check(

@@ -65,6 +65,18 @@ def resolve(path_or_id: str | Path, revision: str | None = None) -> Path:
     return Path(snapshot_download(str(path_or_id), revision=revision, allow_patterns=_HUB_PATTERNS))
 
 
+def resolve_config(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """Like :func:`resolve`, but a hub id fetches ``config.json`` only (planning needs no
+    weights)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir() or path.exists() or str(path_or_id).startswith((".", "/", "~")):
+        return resolve(path_or_id, revision)
+    log.info("downloading %s/config.json from the Hugging Face hub", path_or_id)
+    return Path(
+        snapshot_download(str(path_or_id), revision=revision, allow_patterns=["config.json"])
+    )
+
+
 def read_config(directory: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     """Parse ``config.json`` strictly; returns the architecture and the raw dict."""
     path = directory / "config.json"

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jaxlora.config import MESH_AXES
 from jaxlora.targets.registry import (
     DEQUANT,
     MOSAIC,
@@ -37,8 +38,6 @@ from jaxlora.targets.toolchain import (
     missing_toolchains,
 )
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
 __all__ = [
     "DEQUANT",
     "JAX_VERSION",
@@ -51,27 +50,41 @@ __all__ = [
     "check_jax_version",
     "compile_devices",
     "compile_mesh",
+    "make_mesh",
     "get_target",
     "missing_toolchains",
     "nf4_kernel_for",
 ]
 
 
-def compile_mesh(target: Target | str, *, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh of ``target``'s compile-only devices (one size may be
-    -1: the rest) with Auto axes, laid out as ``jax.make_mesh`` lays out real devices (the
-    TPU torus order, as ``jaxlora.sharding.make_mesh`` gets at run time). libtpu's per-core
-    v4 devices are refused by that layout and keep their topology order."""
-    devices = compile_devices(target)
+def make_mesh(devices, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (real or compile-only; one size may be
+    -1: the rest) with Auto axes, so XLA's partitioner propagates shardings from a jitted
+    step's explicit in/out shardings (``jax.make_mesh`` would otherwise default to explicit
+    sharding-in-types). Laid out as ``jax.make_mesh`` lays out devices (the TPU torus order);
+    libtpu's per-core v4 compile-only devices are refused by that layout and keep their
+    topology order."""
+    devices = list(devices)
     sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sizes.count(-1) > 1:
+        raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
-    if sizes.count(-1) > 1 or len(devices) % known:
-        raise ValueError(f"mesh data×fsdp×tensor={sizes} does not fit {len(devices)} devices")
     if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh data×fsdp×tensor={sizes} != {len(devices)} devices")
+        if n % known:
+            raise ValueError(f"mesh: {n} devices do not divide into data×fsdp×tensor={sizes}")
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise ValueError(
+            f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {int(np.prod(sizes))}, "
+            f"but there are {n} devices"
+        )
     auto = (AxisType.Auto,) * len(MESH_AXES)
     if any(getattr(d, "core_on_chip", 0) for d in devices):  # one device per TensorCore
         return Mesh(np.array(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=auto)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def compile_mesh(target: Target | str, *, data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
+    """:func:`make_mesh` over ``target``'s compile-only devices."""
+    return make_mesh(compile_devices(target), data, fsdp, tensor)

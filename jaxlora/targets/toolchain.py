@@ -26,8 +26,10 @@ once per target and process.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+import sys
 
 import jax
 
@@ -39,6 +41,20 @@ JAX_VERSION = "0.10.2"
 
 TPU_INSTALL = "pip install 'libtpu==0.0.42.*'  (or: pip install 'jax[tpu]==0.10.2')"
 GPU_INSTALL = "pip install jax-cuda12-pjrt==0.10.2 nvidia-cuda-nvcc-cu12"
+
+
+def add_side_directory() -> str | None:
+    """Put a side directory of compile packages on ``sys.path`` (``$JAXLORA_AOT_TOOLCHAIN``,
+    else ``.aot-toolchain/`` in the current directory, where ``.ci/run`` installs the ``aot``
+    extra with ``pip install --target``), so a process that compiles for targets finds libtpu
+    and the CUDA plugin while the project's venv stays free of them. Returns the directory."""
+    path = os.environ.get("JAXLORA_AOT_TOOLCHAIN") or os.path.abspath(".aot-toolchain")
+    if not os.path.isdir(path):
+        return None
+    if path not in sys.path:
+        sys.path.insert(0, path)
+        importlib.invalidate_caches()
+    return path
 
 
 class ToolchainError(RuntimeError):

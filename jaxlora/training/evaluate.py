@@ -43,7 +43,13 @@ def prompts_and_answers(cfg_data, tokenizer, limit: int) -> tuple[list[str], lis
             answers.append(rec[cfg_data.output_field])
         elif cfg_data.format == "chat":
             msgs = rec[cfg_data.messages_field]
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            if not turns:
+                raise data.DataError(
+                    f"{cfg_data.path}: record {len(answers) + 1} has no assistant turn to "
+                    "score exact match against"
+                )
+            last = turns[-1]
             prompts.append(
                 tokenizer.apply_chat_template(
                     msgs[:last], tokenize=False, add_generation_prompt=True
@@ -97,7 +103,7 @@ class Report:
         self.prompts: list[str] = []
         self.answers: list[str] = []
         if self.n and cfg.data.eval_path:
-            held_out = dataclasses.replace(cfg.data, path=cfg.data.eval_path)
+            held_out = dataclasses.replace(cfg.data, path=cfg.data.eval_path, max_examples=None)
             self.prompts, self.answers = prompts_and_answers(held_out, model.tokenizer, self.n)
         self.before = self._measure(trainable)
 

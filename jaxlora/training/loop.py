@@ -21,6 +21,7 @@ from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
 from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, peak_memory_bytes
 from jaxlora.training.run import (
+    for_mesh,
     init_lora,
     jit_eval_step,
     jit_train_step,
@@ -73,7 +74,10 @@ def run(cfg: Config) -> dict:
     # --- the step, sharded over the mesh; trainable params and optimizer state are donated
     tx, schedule = make_tx(cfg, total_steps)
     opt_state = jax.eval_shape(tx.init, trainable)
-    sh = step_shardings(cfg, make_mesh(cfg), frozen, trainable, opt_state)
+    mesh = make_mesh(cfg)
+    kernels, frozen = for_mesh(cfg, mesh, frozen)
+    model = model.replace(kernels=kernels)
+    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
     frozen = sharding.place(frozen, sh.frozen)
     trainable = sharding.place(trainable, sh.trainable)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)

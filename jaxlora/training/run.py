@@ -22,6 +22,7 @@ from jaxlora.model import Model, load_model
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import make_optimizer, make_schedule
 from jaxlora.training.step import make_eval_step, make_train_step
+from jaxlora.weights import kernels_for, prepare
 
 
 def load_base(cfg: Config) -> Model:
@@ -34,6 +35,7 @@ def load_base(cfg: Config) -> Model:
         quant=quant,
         revision=cfg.model.revision,
         quant_kwargs={"blocksize": cfg.quant.blocksize, "double_quant": cfg.quant.double_quant},
+        kernel=cfg.quant.kernel,
     )
     if cfg.model.tokenizer:
         model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
@@ -95,8 +97,20 @@ def make_mesh(cfg: Config) -> Mesh:
     return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
 
+def for_mesh(cfg: Config, mesh: Mesh, frozen):
+    """``(kernels, frozen)``: the kernels for the mesh's devices (``quant.kernel``; the mesh's
+    platform decides, not the process's default backend), written into the frozen tree with
+    each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
+    its devices' own rows."""
+    kernels = kernels_for(list(mesh.devices.flat), cfg.quant.kernel)
+    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules)
+    frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
+    return kernels, frozen
+
+
 def step_shardings(cfg: Config, mesh: Mesh, frozen, trainable, opt_state) -> Shardings:
-    """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs)."""
+    """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs;
+    ``frozen`` as :func:`for_mesh` prepared it)."""
     rules = cfg.mesh.rules
     return Shardings(
         mesh=mesh,

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlora.config import MESH_AXES
+from jaxlora import targets
 from jaxlora.models.llama import MODULE_AXES
 
 log = logging.getLogger(__name__)
@@ -34,26 +34,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over all (global) devices; one size may be -1 (the rest)."""
-    devices = jax.devices() if devices is None else devices
-    sizes = [data, fsdp, tensor]
-    n = len(devices)
-    if sizes.count(-1) > 1:
-        raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if n % known:
-            raise ValueError(f"mesh: {n} devices do not divide into data×fsdp×tensor={sizes}")
-        sizes[sizes.index(-1)] = n // known
-    if int(np.prod(sizes)) != n:
-        raise ValueError(
-            f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} = {int(np.prod(sizes))}, "
-            f"but there are {n} devices"
-        )
-    # Auto axes: XLA's partitioner propagates shardings from the explicit in/out shardings of
-    # the jitted step (jax.make_mesh would otherwise default to explicit sharding-in-types).
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    """A ``(data, fsdp, tensor)`` mesh over all (global) devices, or ``devices``; one size may
+    be -1 (the rest). See :func:`jaxlora.targets.make_mesh`."""
+    return targets.make_mesh(jax.devices() if devices is None else devices, data, fsdp, tensor)
 
 
 def _key_name(k) -> str | None:

@@ -11,22 +11,31 @@ Keeping torch orientation everywhere makes the Hugging Face key table the identi
 transposes on load or export) and keeps NF4's 64-element blocks running along the contracted
 ``in`` axis, which is what the dequant-matmul kernels want.
 
-Which path a product takes is decided here and nowhere else: whether a 4-bit weight goes
-through the fused Pallas kernel or is dequantized for a plain dot (:func:`kernel_applies`,
-:func:`dequantized_operand`), and whether a LoRA weight runs base and adapter as one matmul
-(:func:`fusable_base`). The weight types only state facts (layout, block size, dtype).
+Which path a product takes is decided here and nowhere else, from what the program is built
+for (:class:`Kernels`, chosen from the devices by :func:`kernels_for`) and what the weight is:
+whether a 4-bit weight goes through a Pallas kernel, on each device's rows inside
+``shard_map`` when the program is sharded, or is dequantized for a plain dot (:func:`nf4_path`),
+and whether a LoRA weight runs base and adapter as one matmul (:func:`fusable_base`).
+:func:`prepare` writes that choice into a parameter tree, as static data of its weights, so a
+compiled step contains what its arguments say. The weight types state facts (layout, block
+size, dtype) and own their matmul.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxlora import kernels
+from jaxlora.targets import DEQUANT, TRITON, nf4_kernel_for
 
 log = logging.getLogger(__name__)
 
@@ -85,58 +94,153 @@ def dense_weight(w: Any, dtype: Any) -> jax.Array:
     raise TypeError(f"cannot materialize a {type(w).__name__} weight as a dense matrix")
 
 
-# ---- 4-bit weights: fused kernel or dequantize-then-dot -----------------------------------------
+# ---- what a compiled program contains ----------------------------------------------------------
+
+KERNEL_MODES = ("auto", "dequant", "interpret")
 
 
-def kernel_applies(is_2d: bool, blocksize: int) -> tuple[bool, str]:
-    """``(use_kernel, reason)`` for an NF4 matmul; ``reason`` says why not, for the log.
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels a compiled program contains, decided once from the devices it runs on by
+    :func:`kernels_for` (never from the process's default backend at trace time).
 
-    The kernel mode is :mod:`jaxlora.kernels`' (``auto`` runs kernels on GPU and TPU only).
+    ``platform`` is the devices' (``"cpu"``, ``"gpu"``, ``"tpu"``); ``nf4`` the 4-bit matmul
+    (``"mosaic"``, ``"triton"`` or ``"dequant"``: dequantize-then-dot); ``interpret`` runs Pallas
+    kernels in interpret mode (CPU tests, debugging).
     """
-    mode = kernels.get_mode()
-    if mode == "off":
-        return False, "kernel mode 'off'"
-    if mode == "auto" and jax.default_backend() not in ("gpu", "tpu"):
-        return False, f"kernel mode 'auto' on {jax.default_backend()}: no compiled kernel"
-    if not is_2d:
-        return False, "in_features not a multiple of blocksize (flat layout)"
-    if blocksize not in kernels.KERNEL_BLOCKSIZES:
-        return False, f"blocksize {blocksize} not in {kernels.KERNEL_BLOCKSIZES}"
-    return True, ""
+
+    platform: str = "cpu"
+    nf4: str = "dequant"
+    interpret: bool = False
+
+    @property
+    def fuse_lora(self) -> bool:
+        """Base and adapter as one matmul: measured faster on CPU only (docs/benchmarks.md)."""
+        return self.platform == "cpu"
+
+    def describe(self) -> str:
+        how = " (Pallas interpret mode)" if self.interpret else ""
+        return f"{self.platform}: NF4 matmul {self.nf4}{how}"
+
+
+def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
+    cc = getattr(device, "compute_capability", None)
+    if cc is None:
+        return None
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def kernels_for(devices: Sequence[jax.Device], mode: str = "auto") -> Kernels:
+    """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
+    logged once per choice. ``mode``: ``"auto"`` (Mosaic on TPU, Triton on sm_80+ GPUs,
+    dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel), ``"interpret"`` (the GPU
+    kernels in Pallas interpret mode on any platform: slow; tests and debugging)."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
+    device = devices[0]
+    platform = "gpu" if device.platform == "cuda" else device.platform
+    if mode == "interpret":
+        nf4 = TRITON
+    elif mode == "dequant":
+        nf4 = DEQUANT
+    else:
+        nf4 = nf4_kernel_for(platform, _compute_capability(device))
+    chosen = Kernels(platform=platform, nf4=nf4, interpret=mode == "interpret")
+    if chosen not in _LOGGED:
+        _LOGGED.add(chosen)
+        log.info("kernels for %d %s device(s): %s", len(devices), platform, chosen.describe())
+    return chosen
+
+
+_LOGGED: set = set()
+
+
+@dataclass(frozen=True)
+class NF4Run:
+    """How one 4-bit weight is multiplied in the program being built: the kernel, and the
+    mesh and ``PartitionSpec`` of its codes when the program is sharded (static data of the
+    weight's pytree, so it is part of what a jitted step is compiled for)."""
+
+    kernels: Kernels = Kernels()
+    mesh: Mesh | None = None
+    spec: PartitionSpec | None = None
+    batch_axes: tuple[str, ...] = ()
+
+
+def nf4_path(w: Quantized, run: NF4Run) -> tuple[str, str]:
+    """``(path, reason)``: ``"kernel"``, ``"sharded"`` (the kernel, or dequantize-then-dot,
+    inside ``shard_map`` on each device's rows) or ``"dequant"`` (a plain dot, XLA partitions
+    it), with why for the log."""
+    k = run.kernels
+    sharded = run.mesh is not None and run.mesh.size > 1
+    if not w.is_2d:
+        return "dequant", "in_features not a multiple of blocksize (flat layout)"
+    if k.nf4 != DEQUANT and w.blocksize not in kernels.KERNEL_BLOCKSIZES:
+        return "dequant", f"blocksize {w.blocksize} not in {kernels.KERNEL_BLOCKSIZES}"
+    if sharded and (k.nf4 != DEQUANT or k.platform != "cpu"):
+        return "sharded", f"{k.nf4} on each device's rows (shard_map over {dict(run.mesh.shape)})"
+    if k.nf4 == DEQUANT:
+        return "dequant", f"no Pallas kernel for {k.platform}"
+    return "kernel", k.nf4
+
+
+def rows_spec(run: NF4Run, rows: int) -> PartitionSpec:
+    """The spec of ``x [rows, K]`` for a sharded 4-bit matmul: rows over the batch axes when
+    they divide them (else every device takes every row: decoding, tiny eval batches); ``K``
+    split where the weight's ``K`` is split over a non-batch axis (a row-parallel layer's input,
+    e.g. ``o_proj`` after heads split over ``tensor``)."""
+    mesh, spec = run.mesh, run.spec
+    batch = tuple(a for a in run.batch_axes if mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in batch)
+    row_axes = batch if batch and rows % size == 0 else ()
+    k_entry = spec[1] if len(spec) > 1 else None
+    k_axes = (k_entry,) if isinstance(k_entry, str) else tuple(k_entry or ())
+    x_k = tuple(a for a in k_axes if a not in run.batch_axes)
+    entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+    return PartitionSpec(entry(row_axes), entry(x_k))
 
 
 _FALLBACK_LOGGED: set[tuple] = set()
 
 
-def dequantized_operand(w: Quantized, dtype: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
-    """``None`` when the fused dequant-matmul kernel computes ``x @ Wᵀ``; otherwise the
-    dequantized ``[out, in]`` weight in ``dtype`` (no gradient) for a plain dot, with the
-    reason logged once per shape."""
-    use, reason = kernel_applies(w.is_2d, w.blocksize)
-    if use:
-        return None
-    key = (tuple(w.shape), tuple(x_shape), reason)
+def log_path_once(shape: tuple, x_shape: tuple, path: str, reason: str) -> None:
+    key = (tuple(shape), tuple(x_shape), path, reason)
     if key not in _FALLBACK_LOGGED:
         _FALLBACK_LOGGED.add(key)
-        log.info("NF4 %s x %s: dequantize-then-dot (%s)", x_shape, w.shape, reason)
+        what = "dequantize-then-dot" if path == "dequant" else path
+        log.info("NF4 %s x %s: %s (%s)", x_shape, shape, what, reason)
+
+
+def dequantized_operand(w: Any, dtype: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
+    """``None`` when a kernel computes ``x @ Wᵀ`` for this packed weight; otherwise the
+    dequantized ``[out, in]`` weight in ``dtype`` (no gradient) for a plain dot, logged once
+    per shape."""
+    path, reason = nf4_path(w, w.run)
+    if path != "dequant":
+        return None
+    log_path_once(w.shape, x_shape, path, reason)
     return jax.lax.stop_gradient(w.dequantize(dtype))
 
 
 # ---- LoRA: base and adapter as one matmul, or side by side --------------------------------------
 
 
-def fusable_base(base: Any, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array | None:
+def fusable_base(
+    base: Any, x: jax.Array, a: jax.Array, b: jax.Array, fuse: bool
+) -> jax.Array | None:
     """The dense ``[out, in]`` base to run with the adapter as one matmul
     (``[x | s·xAᵀ]·[W | B]ᵀ``), or ``None`` to run the rank-r branch beside the base.
 
-    It applies on CPU, where it was measured (docs/benchmarks.md), when input, base and adapter
+    It applies when ``fuse`` (the weight's :class:`Kernels` say so: on CPU, where it was
+    measured, docs/benchmarks.md), when input, base and adapter
     share one dtype, the base is an array or a packed weight on its dequantize-then-dot path,
     and there are at least as many tokens as input features (the concatenation copies ``W``
     each call: worth it only then). Elsewhere the branch runs beside the base: on GPU and TPU
     (not measured there), with a packed base that has a fused kernel, and for a float32 adapter
     on a bf16 base (PEFT's mixed-precision sum).
     """
-    if jax.default_backend() != "cpu":  # measured faster on CPU only (docs/benchmarks.md)
+    if not fuse:
         return None
     if not x.dtype == a.dtype == b.dtype:
         return None

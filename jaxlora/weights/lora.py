@@ -91,8 +91,9 @@ class LoRAWeight:
 
     Leaves: ``base`` (array or ``NF4Tensor``, ``[out, in]``), ``a [r, in]``, ``b [out, r]``,
     ``magnitude [out]`` (DoRA only, else ``None``). Static: ``scale`` (s), ``dropout`` (rate),
-    ``use_dora``. :func:`partition` builds halves with ``None`` in place of the other side's
-    leaves; :func:`combine` puts them back together.
+    ``use_dora``, ``fuse`` (base and adapter as one matmul where that applies: set by
+    :func:`jaxlora.weights.prepare` from the program's kernels). :func:`partition` builds
+    halves with ``None`` in place of the other side's leaves; :func:`combine` joins them.
     """
 
     _LEAVES = ("base", "a", "b", "magnitude")
@@ -107,14 +108,16 @@ class LoRAWeight:
         scale: float,
         dropout: float = 0.0,
         use_dora: bool = False,
+        fuse: bool = False,
     ):
         self.base, self.a, self.b, self.magnitude = base, a, b, magnitude
         self.scale = float(scale)
         self.dropout = float(dropout)
         self.use_dora = bool(use_dora)
+        self.fuse = bool(fuse)
 
-    def _aux(self) -> tuple[float, float, bool]:
-        return (self.scale, self.dropout, self.use_dora)
+    def _aux(self) -> tuple[float, float, bool, bool]:
+        return (self.scale, self.dropout, self.use_dora, self.fuse)
 
     def tree_flatten_with_keys(self):
         children = [(jax.tree_util.GetAttrKey(k), getattr(self, k)) for k in self._LEAVES]
@@ -125,12 +128,17 @@ class LoRAWeight:
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        scale, dropout, use_dora = aux
-        return cls(*children, scale=scale, dropout=dropout, use_dora=use_dora)
+        scale, dropout, use_dora, fuse = aux
+        return cls(*children, scale=scale, dropout=dropout, use_dora=use_dora, fuse=fuse)
 
     def replace(self, **kw: Any) -> LoRAWeight:
         fields = {k: getattr(self, k) for k in self._LEAVES}
-        fields |= {"scale": self.scale, "dropout": self.dropout, "use_dora": self.use_dora}
+        fields |= {
+            "scale": self.scale,
+            "dropout": self.dropout,
+            "use_dora": self.use_dora,
+            "fuse": self.fuse,
+        }
         return LoRAWeight(**(fields | kw))
 
     @property
@@ -172,7 +180,7 @@ class LoRAWeight:
         if dropped:
             xl = _dropout(xl, self.dropout, rng)
         flat = xl.reshape(-1, xl.shape[-1])
-        w = None if self.use_dora else fusable_base(self.base, x, self.a, self.b)
+        w = None if self.use_dora else fusable_base(self.base, x, self.a, self.b, self.fuse)
         if w is not None:
             y = _lora_dense(x.reshape(flat.shape), flat, w, self.a, self.b, self.scale)
             return y.reshape(*x.shape[:-1], -1)

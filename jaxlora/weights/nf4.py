@@ -38,9 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import kernels
 from jaxlora.dtypes import FLOAT_DTYPE_NAMES
-from jaxlora.kernels import nf4_matmul
+from jaxlora.kernels import nf4_matmul, nf4_sharded
 from jaxlora.weights import dispatch
 from jaxlora.weights.nf4_format import (
     BLOCKSIZES,
@@ -110,7 +109,9 @@ class NF4Tensor:
     double quantization, float32 without; ``nested_absmax`` float32 ``[ceil(blocks/nbs)]``
     and ``offset`` float32 ``[]`` (both ``None`` without double quantization).
     Static aux data: ``shape``, ``dtype`` (name, what :meth:`dequantize` returns),
-    ``blocksize``, ``quant_type``, ``nested_blocksize`` (``None`` without DQ).
+    ``blocksize``, ``quant_type``, ``nested_blocksize`` (``None`` without DQ), and ``run``
+    (:class:`~jaxlora.weights.dispatch.NF4Run`: the kernel and, in a sharded program, the mesh
+    and spec; set by :func:`jaxlora.weights.prepare`, dequantize-then-dot until then).
     """
 
     _LEAVES = ("codes", "absmax", "nested_absmax", "offset")
@@ -127,6 +128,7 @@ class NF4Tensor:
         blocksize,
         quant_type,
         nested_blocksize,
+        run: dispatch.NF4Run = dispatch.NF4Run(),
     ):
         self.codes, self.absmax = codes, absmax
         self.nested_absmax, self.offset = nested_absmax, offset
@@ -135,6 +137,7 @@ class NF4Tensor:
         self.blocksize: int = blocksize
         self.quant_type: str = quant_type
         self.nested_blocksize: int | None = nested_blocksize
+        self.run = run
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -202,11 +205,18 @@ class NF4Tensor:
         return tuple(getattr(self, k) for k in self._LEAVES), self._aux()
 
     def _aux(self) -> tuple:
-        return (self.shape, self.dtype_name, self.blocksize, self.quant_type, self.nested_blocksize)
+        return (
+            self.shape,
+            self.dtype_name,
+            self.blocksize,
+            self.quant_type,
+            self.nested_blocksize,
+            self.run,
+        )
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        shape, dtype, blocksize, quant_type, nested_blocksize = aux
+        shape, dtype, blocksize, quant_type, nested_blocksize, run = aux
         return cls(
             *children,
             shape=shape,
@@ -214,6 +224,21 @@ class NF4Tensor:
             blocksize=blocksize,
             quant_type=quant_type,
             nested_blocksize=nested_blocksize,
+            run=run,
+        )
+
+    def with_run(self, run: dispatch.NF4Run) -> NF4Tensor:
+        """The same weight, multiplied as ``run`` says (see :func:`jaxlora.weights.prepare`)."""
+        return NF4Tensor(*self.tree_flatten()[0], **self._kw(run))
+
+    def _kw(self, run: dispatch.NF4Run) -> dict:
+        return dict(
+            shape=self.shape,
+            dtype=self.dtype_name,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            nested_blocksize=self.nested_blocksize,
+            run=run,
         )
 
     # ---- properties ---------------------------------------------------------------------
@@ -281,26 +306,47 @@ class NF4Tensor:
     def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """``x [..., in] -> x @ Wᵀ [..., out]`` in ``x.dtype``; no gradient for ``W``.
 
-        Uses the fused Pallas dequant-matmul (``jaxlora.kernels.nf4_matmul``) when the kernel
-        mode allows it and the layout fits; otherwise dequantizes to ``x.dtype`` and dots,
-        logging which path runs (once per shape). ``rng`` is unused (no randomness).
+        The path is :func:`jaxlora.weights.dispatch.nf4_path`'s for ``self.run``: the Pallas
+        dequant-matmul (``jaxlora.kernels.nf4_matmul``), the same on each device's rows inside
+        ``shard_map`` in a sharded program (``jaxlora.kernels.nf4_sharded``: FSDP gathers the
+        4-bit codes), or dequantize to ``x.dtype`` and dot; logged once per shape. ``rng`` is
+        unused (no randomness).
         """
         del rng
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"NF4Tensor.matmul: x has {x.shape[-1]} features, weight {self.shape}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.shape[1])
-        w = dispatch.dequantized_operand(self, x.dtype, x.shape)
-        if w is None:
+        path, reason = dispatch.nf4_path(self, self.run)
+        dispatch.log_path_once(self.shape, x.shape, path, reason)
+        code = tuple(float(c) for c in CODES[self.quant_type])
+        absmax = jax.lax.stop_gradient(self.absmax_f32())
+        k = self.run.kernels
+        if path == "sharded":
+            y = nf4_sharded.nf4_matmul_sharded(
+                x2,
+                jnp.asarray(self.codes),
+                absmax,
+                mesh=self.run.mesh,
+                x_spec=dispatch.rows_spec(self.run, x2.shape[0]),
+                w_spec=self.run.spec,
+                code=code,
+                blocksize=self.blocksize,
+                kernel=k.nf4,
+                interpret=k.interpret,
+            )
+        elif path == "kernel":
             y = nf4_matmul.nf4_matmul(
                 x2,
                 jnp.asarray(self.codes),
-                jax.lax.stop_gradient(self.absmax_f32()),
-                code=tuple(float(c) for c in CODES[self.quant_type]),
+                absmax,
+                code=code,
                 blocksize=self.blocksize,
-                interpret=kernels.interpret(),
+                interpret=k.interpret,
+                platform="tpu" if k.nf4 == "mosaic" else "gpu",
             )
         else:
+            w = jax.lax.stop_gradient(self.dequantize(x.dtype))
             y = jnp.einsum("mi,oi->mo", x2, w, preferred_element_type=jnp.float32).astype(x.dtype)
         return y.reshape(*lead, self.shape[0])
 

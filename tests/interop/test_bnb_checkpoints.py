@@ -24,9 +24,12 @@ CASES = {
 
 def _bnb_config(quant_type="nf4", double_quant=True, storage=torch.uint8):
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage,
-    )  # fmt: skip
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
+    )
 
 
 def _exact_bnb(model):
@@ -57,21 +60,30 @@ def dense_dir(request, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "quant_type, double_quant, storage",
-    [("nf4", True, torch.uint8), ("nf4", False, torch.uint8), ("fp4", True, torch.uint8),
-     ("nf4", True, torch.bfloat16)],
-)  # fmt: skip
+    [
+        ("nf4", True, torch.uint8),
+        ("nf4", False, torch.uint8),
+        ("fp4", True, torch.uint8),
+        ("nf4", True, torch.bfloat16),
+    ],
+)
 def test_transformers_bnb_checkpoint_loads_with_equal_logits(
     dense_dir, tmp_path, quant_type, double_quant, storage
 ):
     q = AutoModelForCausalLM.from_pretrained(
-        dense_dir, quantization_config=_bnb_config(quant_type, double_quant, storage),
-        dtype=torch.float32, device_map="cpu",
-    )  # fmt: skip
+        dense_dir,
+        quantization_config=_bnb_config(quant_type, double_quant, storage),
+        dtype=torch.float32,
+        device_map="cpu",
+    )
     q.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     model = jaxlora.load_model(tmp_path)
-    leaves = [v for v in jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, NF4Tensor))
-              if isinstance(v, NF4Tensor)]  # fmt: skip
+    leaves = [
+        v
+        for v in jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, NF4Tensor))
+        if isinstance(v, NF4Tensor)
+    ]
     assert len(leaves) == 7 * model.config.num_hidden_layers
     assert {t.quant_type for t in leaves} == {quant_type}
     ids = random_ids(2, 9)
@@ -100,9 +112,10 @@ def test_quantize_while_loading_equals_dequantized_reference(dense_dir):
     assert isinstance(w, NF4Tensor)
     # the quantized model is the dense model with its linears replaced by their dequantization
     deq = jax.tree.map(
-        lambda t: t.dequantize() if isinstance(t, NF4Tensor) else t, q.params,
+        lambda t: t.dequantize() if isinstance(t, NF4Tensor) else t,
+        q.params,
         is_leaf=lambda t: isinstance(t, NF4Tensor),
-    )  # fmt: skip
+    )
     dense = dense.replace(params=deq)
     ids = random_ids(2, 9, seed=3)
     np.testing.assert_allclose(np.asarray(q(ids)), np.asarray(dense(ids)), atol=1e-5, rtol=0)

@@ -35,23 +35,70 @@ LAYER_TOL = 1e-5
 
 # name: (family, peft.LoraConfig kwargs, check the merged export)
 CASES = {
-    "plain_llama": ("llama2_mha", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), True),
-    "rslora_qwen2_all_linear": ("qwen2", dict(r=4, lora_alpha=6, use_rslora=True, target_modules="all-linear"), True),
-    "dora_qwen3": ("qwen3", dict(r=3, lora_alpha=5, use_dora=True, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]), True),
+    "plain_llama": (
+        "llama2_mha",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        True,
+    ),
+    "rslora_qwen2_all_linear": (
+        "qwen2",
+        dict(r=4, lora_alpha=6, use_rslora=True, target_modules="all-linear"),
+        True,
+    ),
+    "dora_qwen3": (
+        "qwen3",
+        dict(
+            r=3,
+            lora_alpha=5,
+            use_dora=True,
+            target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+        ),
+        True,
+    ),
     "dora_bias_all": ("llama_bias", dict(r=3, lora_alpha=4, use_dora=True, bias="all"), True),
-    "bias_lora_only": ("llama_bias", dict(r=2, lora_alpha=3, bias="lora_only", target_modules=["q_proj", "o_proj", "gate_proj"]), True),
-    "bias_all_qwen2": ("qwen2", dict(r=2, bias="all", target_modules=["k_proj", "down_proj"]), False),
-    "save_head_and_embed": ("llama2_mha", dict(r=4, modules_to_save=["lm_head", "embed_tokens"]), True),
+    "bias_lora_only": (
+        "llama_bias",
+        dict(r=2, lora_alpha=3, bias="lora_only", target_modules=["q_proj", "o_proj", "gate_proj"]),
+        True,
+    ),
+    "bias_all_qwen2": (
+        "qwen2",
+        dict(r=2, bias="all", target_modules=["k_proj", "down_proj"]),
+        False,
+    ),
+    "save_head_and_embed": (
+        "llama2_mha",
+        dict(r=4, modules_to_save=["lm_head", "embed_tokens"]),
+        True,
+    ),
     "save_all_norms_qwen3": ("qwen3", dict(r=2, modules_to_save=["norm"]), False),
-    "rank_alpha_patterns": ("llama2_mha", dict(
-        r=4, lora_alpha=8, target_modules="all-linear",
-        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 5},
-        alpha_pattern={"v_proj": 3, r"layers\.1\.mlp\..*proj": 11},
-    ), True),
-    "layers_to_transform": ("qwen2", dict(r=3, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]), False),
-    "regex_mistral": ("mistral_window", dict(r=3, target_modules=r".*\.layers\.0\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"), False),
-    "dora_tied_all_linear": ("llama3_gqa_tied_rope", dict(r=3, target_modules="all-linear", use_dora=True), True),
-}  # fmt: skip
+    "rank_alpha_patterns": (
+        "llama2_mha",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 5},
+            alpha_pattern={"v_proj": 3, r"layers\.1\.mlp\..*proj": 11},
+        ),
+        True,
+    ),
+    "layers_to_transform": (
+        "qwen2",
+        dict(r=3, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]),
+        False,
+    ),
+    "regex_mistral": (
+        "mistral_window",
+        dict(r=3, target_modules=r".*\.layers\.0\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"),
+        False,
+    ),
+    "dora_tied_all_linear": (
+        "llama3_gqa_tied_rope",
+        dict(r=3, target_modules="all-linear", use_dora=True),
+        True,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +154,19 @@ def case(request, bases, tmp_path_factory):
     ours = base.load_adapter(peft_dir)
     ours_dir = ours.save_adapter(tmp_path_factory.mktemp(f"ours_{request.param}"))
     return types.SimpleNamespace(
-        name=request.param, family=family, pm=pm, ids=ids, ref=torch_logits(pm, ids),
-        ids_long=ids_long, ref_long=torch_logits(pm, ids_long),
-        peft_dir=peft_dir, ours=ours, ours_dir=ours_dir, base_dir=base_dir, tmp=tmp_path_factory,
-    )  # fmt: skip
+        name=request.param,
+        family=family,
+        pm=pm,
+        ids=ids,
+        ref=torch_logits(pm, ids),
+        ids_long=ids_long,
+        ref_long=torch_logits(pm, ids_long),
+        peft_dir=peft_dir,
+        ours=ours,
+        ours_dir=ours_dir,
+        base_dir=base_dir,
+        tmp=tmp_path_factory,
+    )
 
 
 def test_peft_adapter_imports_with_peft_logits(case):
@@ -168,8 +224,15 @@ def test_merged_export_equals_merge_and_unload(case):
 def test_jaxlora_adapter_loads_in_peft(bases, tmp_path):
     """inject -> 'train' every trainable leaf -> save_adapter -> PEFT: same logits."""
     _, base = bases("llama_bias")
-    cfg = LoraConfig(r=3, alpha=5, init="random", use_dora=True, target_modules="all-linear",
-                     bias="all", modules_to_save=("lm_head",))  # fmt: skip
+    cfg = LoraConfig(
+        r=3,
+        alpha=5,
+        init="random",
+        use_dora=True,
+        target_modules="all-linear",
+        bias="all",
+        modules_to_save=("lm_head",),
+    )
     model = base.apply_lora(cfg, key=jax.random.key(1))
     frozen, trainable = partition(model.params, cfg)
     leaves, tree = jax.tree_util.tree_flatten(trainable)
@@ -190,18 +253,25 @@ def test_overlapping_patterns_keep_their_order(bases, tmp_path):
     change the winner (its in-memory model and its saved adapter then differ); jaxlora reads the
     file's order, as PEFT's from_pretrained does, and writes patterns in their given order."""
     _, base = bases("llama2_mha")
-    cfg = LoraConfig(r=4, alpha=8, init="random", target_modules="all-linear",
-                     alpha_pattern={"v_proj": 3, r"layers\.1\..*proj": 11})  # fmt: skip
+    cfg = LoraConfig(
+        r=4,
+        alpha=8,
+        init="random",
+        target_modules="all-linear",
+        alpha_pattern={"v_proj": 3, r"layers\.1\..*proj": 11},
+    )
     model = base.apply_lora(cfg, key=jax.random.key(3))
     lw = flatten_dict(model.params, sep=".")["model.layers.1.self_attn.v_proj.weight"]
     assert lw.scale == 3 / 4  # "v_proj" comes first, though "layers..." sorts first
     model.save_adapter(tmp_path, base_model_name_or_path="some/base")  # train.py's call form
     assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"] == {
-        "v_proj": 3, r"layers\.1\..*proj": 11
-    }  # fmt: skip
+        "v_proj": 3,
+        r"layers\.1\..*proj": 11,
+    }
     assert list(json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"]) == [
-        "v_proj", r"layers\.1\..*proj"
-    ]  # fmt: skip
+        "v_proj",
+        r"layers\.1\..*proj",
+    ]
     loaded = peft.PeftModel.from_pretrained(make_hf_model("llama2_mha"), tmp_path).eval()
     assert loaded.peft_config["default"].base_model_name_or_path == "some/base"
     ids = random_ids(2, 7, seed=8)
@@ -217,9 +287,14 @@ def test_pissa_reproduces_peft_initialisation(bases, tmp_path):
     targets = ["q_proj", "down_proj"]
     pm = peft.get_peft_model(
         make_hf_model(family),
-        peft.LoraConfig(r=3, lora_alpha=6, init_lora_weights="pissa", target_modules=targets,
-                        task_type="CAUSAL_LM"),
-    )  # fmt: skip
+        peft.LoraConfig(
+            r=3,
+            lora_alpha=6,
+            init_lora_weights="pissa",
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        ),
+    )
     ours = base.apply_lora(LoraConfig(r=3, alpha=6, init="pissa", target_modules=tuple(targets)))
     flat = flatten_dict(ours.params, sep=".")
     n = 0
@@ -268,8 +343,10 @@ def _perturb_lora(pm) -> None:
 def test_unsupported_adapters_are_refused_clearly(bases, tmp_path):
     _, base = bases("llama2_mha")
     # LoRA on the embedding layer.
-    pm = peft.get_peft_model(make_hf_model("llama2_mha"), peft.LoraConfig(
-        target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    pm = peft.get_peft_model(
+        make_hf_model("llama2_mha"),
+        peft.LoraConfig(target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM"),
+    )
     pm.save_pretrained(tmp_path / "embed")
     with pytest.raises(UnsupportedAdapterError, match="embedding LoRA is not supported"):
         base.load_adapter(tmp_path / "embed")
@@ -283,8 +360,10 @@ def test_unsupported_adapters_are_refused_clearly(bases, tmp_path):
         base.load_adapter(tmp_path / "other")
     # Tied embeddings trained as a separate copy (PEFT's modules_to_save on a tied model).
     _, tied = bases("llama3_gqa_tied_rope")
-    pm = peft.get_peft_model(make_hf_model("llama3_gqa_tied_rope"), peft.LoraConfig(
-        modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"))  # fmt: skip
+    pm = peft.get_peft_model(
+        make_hf_model("llama3_gqa_tied_rope"),
+        peft.LoraConfig(modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"),
+    )
     pm.save_pretrained(tmp_path / "tied")
     with pytest.raises(UnsupportedAdapterError, match="tied"):
         tied.load_adapter(tmp_path / "tied")
@@ -295,8 +374,9 @@ def test_unsupported_adapters_are_refused_clearly(bases, tmp_path):
     with pytest.raises(UnsupportedAdapterError, match="pickled"):
         base.load_adapter(tmp_path / "bin")
     # A different PEFT method.
-    peft.get_peft_model(make_hf_model("llama2_mha"), peft.IA3Config(
-        task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ia3")  # fmt: skip
+    peft.get_peft_model(
+        make_hf_model("llama2_mha"), peft.IA3Config(task_type="CAUSAL_LM")
+    ).save_pretrained(tmp_path / "ia3")
     with pytest.raises(UnsupportedAdapterError, match="peft_type='IA3'"):
         base.load_adapter(tmp_path / "ia3")
 

@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 from jax import export
 
-from jaxlora import kernels
 from jaxlora.kernels import nf4_matmul as km
-from jaxlora.weights import nf4, nf4_format
+from jaxlora.weights import Kernels, NF4Run, kernels_for, nf4, nf4_format
 
-
-@pytest.fixture
-def kernel_mode():
-    old = kernels.get_mode()
-    yield kernels.set_mode
-    kernels.set_mode(old)
+# What a weight runs as: the Triton kernels in interpret mode, or dequantize-then-dot.
+RUNS = {
+    "interpret": NF4Run(Kernels(nf4="triton", interpret=True)),
+    "dequant": NF4Run(Kernels(nf4="dequant")),
+}
 
 
 def _operands(m, n, k, dtype, *, seed, quant_type="nf4", blocksize=64):
@@ -70,7 +68,9 @@ def test_kernels_match_reference_in_interpret_mode(platform, dtype, shape):
 @pytest.mark.parametrize("platform", ["gpu", "tpu"], ids=["triton", "mosaic"])
 def test_kernels_fp4_and_other_blocksizes(platform):
     for quant_type, bs in (("fp4", 64), ("nf4", 128), ("nf4", 32)):
-        _, x, dy, codes, absmax, code = _operands(19, 70, 384, jnp.float32, seed=bs, quant_type=quant_type, blocksize=bs)  # fmt: skip
+        _, x, dy, codes, absmax, code = _operands(
+            19, 70, 384, jnp.float32, seed=bs, quant_type=quant_type, blocksize=bs
+        )
         run = functools.partial(
             km.nf4_matmul, code=code, blocksize=bs, interpret=True, platform=platform
         )
@@ -92,7 +92,7 @@ def test_reference_dequantize_is_nf4tensor_dequantize():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grad_through_matmul_equals_dequantize_then_dot(kernel_mode, dtype):
+def test_grad_through_matmul_equals_dequantize_then_dot(dtype):
     t, *_ = _operands(1, 45, 192, dtype, seed=2)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 7, 192)) / np.sqrt(192), dtype)
     tgt = jnp.asarray(np.random.default_rng(4).standard_normal((2, 7, 45)), jnp.float32)
@@ -107,17 +107,16 @@ def test_grad_through_matmul_equals_dequantize_then_dot(kernel_mode, dtype):
         return jnp.sum((y.astype(x.dtype).astype(jnp.float32) - tgt) ** 2)
 
     want = jax.grad(loss_ref)(x)
-    for mode in ("interpret", "off"):
-        kernel_mode(mode)
-        got = jax.grad(loss)(x, t)
+    for run in RUNS.values():
+        got = jax.grad(loss)(x, t.with_run(run))
         _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("mode", ["interpret", "off"])
-def test_frozen_weight_gets_no_gradient(kernel_mode, mode):
-    kernel_mode(mode)
+@pytest.mark.parametrize("mode", sorted(RUNS))
+def test_frozen_weight_gets_no_gradient(mode):
     t, x, *_ = _operands(5, 33, 128, jnp.float32, seed=5)
     t = nf4.quantize(np.asarray(t.dequantize()), double_quant=False)  # float32 absmax leaf
+    t = t.with_run(RUNS[mode])
 
     leaves, treedef = jax.tree.flatten(t)  # [codes, absmax]
 
@@ -128,27 +127,46 @@ def test_frozen_weight_gets_no_gradient(kernel_mode, mode):
     np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
-def test_cpu_default_is_the_logged_fallback(kernel_mode, caplog):
-    kernel_mode("auto")
+def test_cpu_default_is_the_logged_fallback(caplog):
+    auto = kernels_for(jax.devices("cpu"), "auto")
+    assert auto == Kernels(platform="cpu", nf4="dequant")
     t, x, *_ = _operands(3, 17, 64, jnp.float32, seed=6)
+    t = t.with_run(NF4Run(auto))
     with caplog.at_level(logging.INFO, logger="jaxlora.weights.dispatch"):
         y1 = t.matmul(x)
         t.matmul(x)
     msgs = [r.getMessage() for r in caplog.records if "dequantize-then-dot" in r.getMessage()]
-    assert len(msgs) == 1 and "no compiled kernel" in msgs[0]
+    assert len(msgs) == 1 and "no Pallas kernel for cpu" in msgs[0]
     want = x @ np.asarray(t.dequantize()).T
     np.testing.assert_allclose(np.asarray(y1), np.asarray(want), rtol=1e-5, atol=1e-5)
     # Flat layout (in % blocksize != 0): always the fallback, with its reason.
-    kernel_mode("interpret")
     tf = nf4.quantize(np.random.default_rng(7).standard_normal((9, 70)).astype(np.float32))
+    tf = tf.with_run(RUNS["interpret"])
     with caplog.at_level(logging.INFO, logger="jaxlora.weights.dispatch"):
         tf.matmul(jnp.ones((2, 70)))
     assert any("flat layout" in r.getMessage() for r in caplog.records)
 
 
-def test_refusals(kernel_mode):
+def test_the_kernel_follows_the_devices_not_the_default_backend():
+    """A program built for TPU or GPU devices gets their kernel (AOT compiles from a CPU
+    process), and modes name what they force."""
+    cpu = jax.devices("cpu")
+    assert kernels_for(cpu, "interpret") == Kernels("cpu", "triton", interpret=True)
+    assert kernels_for(cpu, "dequant").nf4 == "dequant"
+
+    class Dev:  # what kernels_for reads of a device
+        def __init__(self, platform, cc=None):
+            self.platform, self.compute_capability = platform, cc
+
+    assert kernels_for([Dev("tpu")]) == Kernels("tpu", "mosaic")
+    assert kernels_for([Dev("gpu", "9.0")]) == Kernels("gpu", "triton")
+    assert kernels_for([Dev("cuda", "7.5")]).nf4 == "dequant"  # T4: XLA's Triton needs sm_80+
+    assert not kernels_for([Dev("tpu")]).fuse_lora and kernels_for(cpu).fuse_lora
+
+
+def test_refusals():
     with pytest.raises(ValueError, match="kernel mode"):
-        kernel_mode("fast")
+        kernels_for(jax.devices("cpu"), "fast")
     _, x, _, codes, absmax, code = _operands(3, 17, 64, jnp.float32, seed=8)
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="no compiled Pallas kernel"):

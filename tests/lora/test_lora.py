@@ -176,10 +176,19 @@ def test_unmatched_or_unsupported_targets_are_refused(models):
 
 def test_peft_dict_round_trip_and_peft_reads_ours(tmp_path):
     cfg = LoraConfig(
-        r=5, alpha=7.5, dropout=0.1, target_modules=("v_proj", "q_proj"), bias="lora_only",
-        modules_to_save=("lm_head",), layers_to_transform=(0, 1), rank_pattern={"q_proj": 3},
-        alpha_pattern={"v_proj": 2}, use_rslora=True, use_dora=True, init="gaussian",
-    )  # fmt: skip
+        r=5,
+        alpha=7.5,
+        dropout=0.1,
+        target_modules=("v_proj", "q_proj"),
+        bias="lora_only",
+        modules_to_save=("lm_head",),
+        layers_to_transform=(0, 1),
+        rank_pattern={"q_proj": 3},
+        alpha_pattern={"v_proj": 2},
+        use_rslora=True,
+        use_dora=True,
+        init="gaussian",
+    )
     d = config_to_peft(cfg, "some/base")
     assert config_from_peft(d) == cfg
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
@@ -189,11 +198,20 @@ def test_peft_dict_round_trip_and_peft_reads_ours(tmp_path):
     assert theirs.base_model_name_or_path == "some/base" and theirs.task_type == "CAUSAL_LM"
     # And PEFT's own serialisation of a config parses back to the same meaning.
     peft.LoraConfig(
-        r=5, lora_alpha=7.5, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
-        bias="lora_only", modules_to_save=["lm_head"], layers_to_transform=[0, 1],
-        rank_pattern={"q_proj": 3}, alpha_pattern={"v_proj": 2}, use_rslora=True, use_dora=True,
-        init_lora_weights="gaussian", task_type="CAUSAL_LM",
-    ).save_pretrained(str(tmp_path / "p"))  # fmt: skip
+        r=5,
+        lora_alpha=7.5,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        bias="lora_only",
+        modules_to_save=["lm_head"],
+        layers_to_transform=[0, 1],
+        rank_pattern={"q_proj": 3},
+        alpha_pattern={"v_proj": 2},
+        use_rslora=True,
+        use_dora=True,
+        init_lora_weights="gaussian",
+        task_type="CAUSAL_LM",
+    ).save_pretrained(str(tmp_path / "p"))
     d2 = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert config_from_peft(d2) == cfg
 
@@ -228,8 +246,9 @@ def _layer(out=7, inn=11, r=3, seed=0, dora=False, bias=True):
             self.lin = torch.nn.Linear(inn, out, bias=bias)
 
     torch.manual_seed(seed)
-    pcfg = peft.LoraConfig(r=r, lora_alpha=5, target_modules=["lin"], use_dora=dora,
-                           init_lora_weights=False)  # fmt: skip
+    pcfg = peft.LoraConfig(
+        r=r, lora_alpha=5, target_modules=["lin"], use_dora=dora, init_lora_weights=False
+    )
     pm = peft.get_peft_model(Net(), pcfg)
     layer = pm.base_model.model.lin
     with torch.no_grad():
@@ -237,8 +256,14 @@ def _layer(out=7, inn=11, r=3, seed=0, dora=False, bias=True):
             layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(out))
     get = lambda t: jnp.asarray(t.detach().numpy())
     mag = get(layer.lora_magnitude_vector["default"].weight) if dora else None
-    ours = LoRAWeight(get(layer.base_layer.weight), get(layer.lora_A["default"].weight),
-                      get(layer.lora_B["default"].weight), mag, scale=5 / r, use_dora=dora)  # fmt: skip
+    ours = LoRAWeight(
+        get(layer.base_layer.weight),
+        get(layer.lora_A["default"].weight),
+        get(layer.lora_B["default"].weight),
+        mag,
+        scale=5 / r,
+        use_dora=dora,
+    )
     b = get(layer.base_layer.bias) if bias else None
     return layer, ours, b
 
@@ -346,8 +371,9 @@ def test_default_init_is_a_no_op_with_kaiming_a(models):
 
 def test_gaussian_init_std_is_one_over_r(models):
     params = models("llama2_mha").params
-    out = inject(params, LoraConfig(r=4, init="gaussian", target_modules="all-linear"),
-                 jax.random.key(2))  # fmt: skip
+    out = inject(
+        params, LoraConfig(r=4, init="gaussian", target_modules="all-linear"), jax.random.key(2)
+    )
     a = np.concatenate(
         [np.ravel(v.a) for v in flatten_dict(out, sep=".").values() if isinstance(v, LoRAWeight)]
     )
@@ -376,8 +402,9 @@ def test_partition_trains_only_adapters_biases_and_saved_modules(models):
 
 def test_gradients_and_adamw_state_exist_only_for_trainable(models):
     model = models("llama_bias")
-    cfg = LoraConfig(r=3, bias="lora_only", use_dora=True, init="random",
-                     modules_to_save=("lm_head",))  # fmt: skip
+    cfg = LoraConfig(
+        r=3, bias="lora_only", use_dora=True, init="random", modules_to_save=("lm_head",)
+    )
     params = inject(model.params, cfg, jax.random.key(0))
     frozen, trainable = partition(params, cfg)
     module = model.module()
@@ -474,8 +501,9 @@ def test_loftq_reduces_quantization_error_and_quantizes_the_base(models):
     errors = {}
     for iters in (1, 3):
         # alpha/r = 2: the factors must absorb the scale (PEFT's LoftQ would be off by 2x here).
-        cfg = LoraConfig(r=6, alpha=12, init="loftq", loftq_iters=iters,
-                         target_modules=("q_proj", "gate_proj"))  # fmt: skip
+        cfg = LoraConfig(
+            r=6, alpha=12, init="loftq", loftq_iters=iters, target_modules=("q_proj", "gate_proj")
+        )
         out = inject(params, cfg, jax.random.key(0))
         for k, v in flatten_dict(out, sep=".").items():
             if not isinstance(v, LoRAWeight):
@@ -504,9 +532,17 @@ def test_recipe_section_is_the_library_config_and_to_meta_round_trips():
     from jaxlora.config import load_config
     from jaxlora.lora import to_meta
 
-    cfg = load_config("demo", ["lora.r=4", "lora.target_modules=[q_proj,o_proj]",
-                               "lora.rank_pattern.o_proj=2", "lora.use_dora=true",
-                               "lora.exclude_modules=[k_proj]", "lora.init=pissa_niter_2"]).lora  # fmt: skip
+    cfg = load_config(
+        "demo",
+        [
+            "lora.r=4",
+            "lora.target_modules=[q_proj,o_proj]",
+            "lora.rank_pattern.o_proj=2",
+            "lora.use_dora=true",
+            "lora.exclude_modules=[k_proj]",
+            "lora.init=pissa_niter_2",
+        ],
+    ).lora
     assert type(cfg) is LoraConfig  # one class for recipes and the library
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.use_dora) == (4, 32, 0.05, True)
     assert cfg.target_modules == ("o_proj", "q_proj") and dict(cfg.rank_pattern) == {"o_proj": 2}
@@ -522,14 +558,20 @@ def test_qlora_nf4_base_forward_merge_and_peft_import(models, tmp_path):
     from jaxlora.weights.nf4 import NF4Tensor, quantize
 
     base = models("llama2_mha")
-    q_params = unflatten_dict({
-        k: quantize(v) if k.startswith("model.layers.") and v.ndim == 2 else v
-        for k, v in flatten_dict(base.params, sep=".").items()
-    }, sep=".")  # fmt: skip
-    deq_params = unflatten_dict({
-        k: v.dequantize(jnp.float32) if isinstance(v, NF4Tensor) else v
-        for k, v in flatten_dict(q_params, sep=".").items()
-    }, sep=".")  # fmt: skip
+    q_params = unflatten_dict(
+        {
+            k: quantize(v) if k.startswith("model.layers.") and v.ndim == 2 else v
+            for k, v in flatten_dict(base.params, sep=".").items()
+        },
+        sep=".",
+    )
+    deq_params = unflatten_dict(
+        {
+            k: v.dequantize(jnp.float32) if isinstance(v, NF4Tensor) else v
+            for k, v in flatten_dict(q_params, sep=".").items()
+        },
+        sep=".",
+    )
     cfg = LoraConfig(r=3, alpha=6, target_modules="all-linear", use_dora=True, init="random")
     q_model = base.__class__(**{**vars(base), "params": q_params}).apply_lora(cfg)
     d_model = base.__class__(**{**vars(base), "params": deq_params}).apply_lora(cfg)

@@ -203,8 +203,11 @@ def test_legacy_rope_scaling_fields_parse():
     d.pop("rope_parameters")
     d["rope_theta"] = 500000.0
     d["rope_scaling"] = {
-        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
-    }  # fmt: skip
+    }
     cfg = LlamaConfig.from_hf(d)
     assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor) == ("llama3", 500000.0, 8.0)

@@ -27,8 +27,16 @@ def _per_example_loss(module, params, batch):
 
 
 def test_packed_batch_gives_same_per_example_loss_as_unpacked():
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+    )
     module = LlamaForCausalLM(cfg)
     params = init_params(cfg, jax.random.key(1))
     rng = np.random.default_rng(0)

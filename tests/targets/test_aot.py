@@ -13,7 +13,6 @@ package is missing (``jaxlora.targets.missing_toolchains``).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,34 +20,14 @@ from pathlib import Path
 import pytest
 
 from jaxlora.targets import hlo
+from tests.targets import _toolchain
 
 pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
 
 SCRIPT = Path(__file__).parent / "compile_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}
 LAYERS, D, F = 2, 512, 1024  # as in tests/targets/compile_run.py
-ROOT = Path(__file__).resolve().parents[2]
-SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
-ENV = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-}
-
-
-def _missing() -> dict[str, str]:
-    """``missing_toolchains()`` as the compiling processes see it (with the side directory)."""
-    code = (
-        "import json; from jaxlora.targets import missing_toolchains as m; print(json.dumps(m()))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-MISSING = _missing()
+MISSING = _toolchain.missing()
 
 
 def _needs(*platforms):
@@ -59,7 +38,7 @@ def _needs(*platforms):
 def _run(tmp_path, *args) -> dict:
     out = tmp_path / "out.json"
     cmd = [sys.executable, str(SCRIPT), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=_toolchain.ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -205,12 +205,6 @@ def test_prompts_and_answers_refuses_text_records(tmp_path):
         evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: a chat record without an assistant turn passes check_record, then "
-    "prompts_and_answers fails in max() with 'max() arg is an empty sequence' (no file, no record)",
-)
 def test_prompts_and_answers_names_a_chat_record_without_an_answer(tmp_path):
     records = [{"messages": [{"role": "user", "content": "Name a colour."}]}]
     cfg = DataConfig(path=str(_write_jsonl(tmp_path / "chat.jsonl", records)), format="chat")
@@ -400,12 +394,6 @@ def test_report_without_held_out_answers_has_only_the_loss_row(tmp_path, capsys)
     assert "eval loss" not in capsys.readouterr().out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Report reads the held-out records with the training data's data.max_examples, "
-    "so exact match uses min(exact_match_examples, max_examples) questions; build_datasets "
-    "drops max_examples for the held-out set (eval loss uses all of it)",
-)
 def test_report_exact_match_examples_ignore_the_training_max_examples(report_run, monkeypatch):
     cfg, report, before, *_ = report_run
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_examples=1))

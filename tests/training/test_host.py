@@ -48,8 +48,9 @@ def test_refuses_after_jax_has_run():
 def test_bad_setting_is_an_error():
     env = {k: v for k, v in os.environ.items() if k != "JAXLORA_HOST_ALLOCATOR"}
     env["JAXLORA_HOST_ALLOCATOR"] = "fast"
-    out = subprocess.run([sys.executable, "-c", SNIPPET.format(before="")], env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", SNIPPET.format(before="")], env=env, capture_output=True, text=True
+    )
     assert (
         out.returncode != 0 and "JAXLORA_HOST_ALLOCATOR must be 'tuned' or 'default'" in out.stderr
     )

@@ -34,8 +34,13 @@ def test_eval_rising_while_train_falls_warns_overfitting(tmp_path):
 
 def test_healthy_run_gives_no_warning_and_metrics_resume_without_duplicates(tmp_path):
     m = Monitor(tmp_path, total_steps=20, enabled=True)
-    _feed(m, [{"step": s, "loss": 3.0 / s, "grad_norm": 1.0, "eval_loss": 3.0 / s}
-              for s in range(1, 11)])  # fmt: skip
+    _feed(
+        m,
+        [
+            {"step": s, "loss": 3.0 / s, "grad_norm": 1.0, "eval_loss": 3.0 / s}
+            for s in range(1, 11)
+        ],
+    )
     m.close()
     assert m.warnings == []
     # a resume from step 6 drops the lines a killed run wrote past its checkpoint

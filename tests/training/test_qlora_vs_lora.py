@@ -19,8 +19,12 @@ def _final_eval_loss(out) -> float:
 
 
 def test_demo_qlora_within_3_percent_of_lora(tmp_path):
-    common = ["train.sample_every=0", "train.exact_match_examples=0",
-              "train.save_every=0", "train.eval_every=100"]  # fmt: skip
+    common = [
+        "train.sample_every=0",
+        "train.exact_match_examples=0",
+        "train.save_every=0",
+        "train.eval_every=100",
+    ]
     assert train.main(["recipe=demo", *common, f"output_dir={tmp_path / 'q'}"]) == 0
     assert (
         train.main(["recipe=demo", *common, "quant.type=none", f"output_dir={tmp_path / 'l'}"]) == 0

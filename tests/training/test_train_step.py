@@ -14,8 +14,16 @@ from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.training.optim import make_optimizer, make_schedule
 from jaxlora.training.step import make_train_step
 
-CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)  # fmt: skip
+CFG = LlamaConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-6,
+)
 
 
 def _batch(rows: int, seq: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
@@ -27,9 +35,12 @@ def _batch(rows: int, seq: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
         mask[r, seq - r % 5 :] = 0
     seg = (mask > 0).astype(np.int32)
     return {
-        "input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-        "segment_ids": np.maximum(seg, 1), "positions": np.broadcast_to(np.arange(seq), (rows, seq)).astype(np.int32),
-    }  # fmt: skip
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": mask,
+        "segment_ids": np.maximum(seg, 1),
+        "positions": np.broadcast_to(np.arange(seq), (rows, seq)).astype(np.int32),
+    }
 
 
 def _run(accum: int, micro: int, steps: int = 2):

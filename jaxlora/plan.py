@@ -1,0 +1,109 @@
+"""``python -m jaxlora.plan recipe=<name|yaml> key=value ... target=<name> [search=batch]
+[format=text|json]``
+
+Compiles the recipe's real train step for a TPU or GPU target from this machine, with no
+weights and no device: the model from ``config.json`` alone (a local directory or a hub id),
+parameters abstract (4-bit where the recipe quantizes), the step built by the same code
+``python -m jaxlora.train`` uses. Prints per-device memory (frozen base, trainable parameters,
+optimizer state, temporaries, outputs, the total against the device's memory and the headroom
+left), the kernels chosen, FLOPs per step and compile time. ``search=batch`` finds the largest
+micro-batch that fits with 10 % headroom. These are the compiler's figures, not a run's.
+Targets: ``python -m jaxlora.plan targets``. Compiling needs libtpu / the CUDA PJRT plugin
+(pyproject's ``aot`` extra, in the venv or in ``.aot-toolchain/``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+
+from jaxlora.config import ConfigError, Section, config_from_argv, from_argv
+from jaxlora.targets import TARGETS, ToolchainError
+from jaxlora.targets.toolchain import add_side_directory
+from jaxlora.training.plan import HEADROOM, Plan, compile_step, search_batch
+
+PLAN_KEYS = ("target", "search", "format")
+
+
+@dataclass(frozen=True)
+class PlanArgs(Section):
+    """What ``python -m jaxlora.plan`` takes besides the recipe and its overrides."""
+
+    target: str
+    search: Literal["none", "batch"] = "none"
+    format: Literal["text", "json"] = "text"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render(plan: Plan) -> str:
+    d = plan.per_device
+    free = 1 - d["total_bytes"] / d["device_bytes"]
+    rows = [
+        ("frozen base", d["frozen_bytes"]),
+        ("trainable params", d["trainable_bytes"]),
+        ("optimizer state", d["optimizer_bytes"]),
+        ("arguments (all)", d["arguments_bytes"]),
+        ("temporaries", d["temp_bytes"]),
+        ("outputs", d["output_bytes"]),
+        ("total", d["total_bytes"]),
+        ("device memory", d["device_bytes"]),
+    ]
+    mesh = " × ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    lines = [
+        f"plan for {plan.target}: {plan.devices} device(s), mesh {mesh}, "
+        f"micro-batch {plan.micro_batch} × {plan.seq_len} tokens (compiled figures, not a run)",
+        *(f"  {name:<17} {_gib(v):>12} per device" for name, v in rows),
+        f"  headroom          {100 * free:>10.1f} %  "
+        + ("fits" if d["fits"] else f"DOES NOT FIT (keep >= {100 * HEADROOM:.0f} % free)"),
+        f"  kernels           matmul {plan.kernels['matmul']}, attention "
+        f"{plan.kernels['attention']}",
+        "  flops per device  "
+        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a"),
+        f"  compile           {plan.compile_s:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv == ["targets"]:
+        for name, t in TARGETS.items():
+            print(f"{name:<12} {t.num_devices} × {t.device_kind} ({t.memory_spec})")
+        return 0
+    jax.config.update("jax_platforms", "cpu")  # compile-only devices; no backend to start
+    add_side_directory()
+    ours = [a for a in argv if a.partition("=")[0] in PLAN_KEYS]
+    try:
+        args = from_argv(PlanArgs, ours)
+        cfg = config_from_argv([a for a in argv if a not in ours])
+        if args.search == "batch":
+            batch, plan = search_batch(cfg, args.target)
+            if plan is None:
+                raise ValueError(f"no micro-batch fits {args.target} with this recipe")
+        else:
+            plan = compile_step(cfg, args.target)
+    except (ConfigError, ToolchainError, ValueError, KeyError) as e:
+        print(f"jaxlora.plan: {e}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(render(plan))
+        if args.search == "batch":
+            print(f"  largest micro-batch that fits: {plan.micro_batch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Plan a run for hardware you don't have: the real train step, built by the run builder
+(:mod:`jaxlora.training.run`) from ``config.json`` alone with abstract parameters (4-bit where
+the recipe quantizes), compiled for a named target's devices (:mod:`jaxlora.targets`).
+
+What comes back is the compiler's own account, per device: arguments (frozen base, trainable
+parameters, optimizer state, batch), temporaries, outputs, the total against the device's
+memory, the kernels chosen, FLOPs, and how long compiling took. These are compiled figures,
+not measurements of a run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxlora import lora, targets
+from jaxlora.config import Config
+from jaxlora.dtypes import FLOAT_DTYPES
+from jaxlora.interop import bnb, hf
+from jaxlora.model import Model
+from jaxlora.models.llama import param_shapes
+from jaxlora.targets import hlo
+from jaxlora.training.run import for_mesh, jit_train_step, make_tx, step_shardings
+from jaxlora.weights import quantize
+
+# Keep 10-20 % of device memory free (TUNING.md): a plan that leaves less does not "fit".
+HEADROOM = 0.10
+
+
+@dataclass
+class Plan:
+    """A compiled step for one target: per-device bytes, FLOPs, kernels, compile time."""
+
+    target: str
+    devices: int
+    mesh: dict[str, int]
+    micro_batch: int
+    seq_len: int
+    per_device: dict[str, int | bool]
+    flops_per_device: float | None
+    kernels: dict[str, str]
+    compile_s: float
+    custom_calls: list[str] = field(default_factory=list)
+    hlo_text: str = field(default="", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "devices": self.devices,
+            "mesh": self.mesh,
+            "micro_batch": self.micro_batch,
+            "seq_len": self.seq_len,
+            "per_device": self.per_device,
+            "flops_per_device": self.flops_per_device,
+            "kernels": self.kernels,
+            "compile_s": round(self.compile_s, 2),
+        }
+
+
+def abstract_model(cfg: Config) -> Model:
+    """The base as ``config.json`` describes it, every leaf a ``ShapeDtypeStruct`` (4-bit
+    decoder linears when ``quant.type`` says so): nothing is downloaded but the config."""
+    config, _ = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
+    params = param_shapes(config, FLOAT_DTYPES[cfg.model.dtype])
+    if cfg.quant.type != "none":
+        q = cfg.quant
+        quant = lambda w: quantize(
+            w, blocksize=q.blocksize, quant_type=q.type, double_quant=q.double_quant
+        )
+        flat = flatten_dict(params, sep=".")
+        flat = {
+            k: jax.eval_shape(quant, v) if bnb.is_quantized_weight(k) else v
+            for k, v in flat.items()
+        }
+        params = unflatten_dict(flat, sep=".")
+    return Model(config=config, params=params, dtype=FLOAT_DTYPES[cfg.model.compute_dtype])
+
+
+def _sds(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _bytes_per_device(tree: Any, shardings: Any) -> int:
+    leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in leaves)
+
+
+def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) -> Plan:
+    """Build the recipe's train step for ``target`` with the run builder and compile it."""
+    t = targets.get_target(target)
+    batch = micro_batch or cfg.train.batch_size
+    seq = cfg.data.max_seq_len
+    m = cfg.mesh
+    mesh = targets.compile_mesh(t, data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % rows_split:
+        raise ValueError(
+            f"micro-batch {batch} does not split over data × fsdp = {rows_split} devices of "
+            f"{target}; use a multiple of {rows_split} (train.batch_size)"
+        )
+    model = abstract_model(cfg)
+    lcfg = cfg.lora
+    injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
+    frozen, trainable = lora.partition(injected, lcfg)
+    tx, _ = make_tx(cfg, max(1, cfg.train.max_steps))
+    opt_state = jax.eval_shape(tx.init, trainable)
+    kernels, frozen = for_mesh(cfg, mesh, frozen)
+    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
+    accum = cfg.train.grad_accum
+    rows = (accum, batch, seq)
+    batch_sds = {
+        k: jax.ShapeDtypeStruct(rows, dt, sharding=sh.batch)
+        for k, dt in (
+            ("input_ids", jnp.int32),
+            ("targets", jnp.int32),
+            ("loss_mask", jnp.float32),
+            ("segment_ids", jnp.int32),
+            ("positions", jnp.int32),
+        )
+    }
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
+    step = jit_train_step(cfg, model.replace(kernels=kernels), tx, sh)
+    start = time.perf_counter()
+    compiled = step.lower(
+        _sds(trainable, sh.trainable),
+        _sds(opt_state, sh.opt_state),
+        _sds(frozen, sh.frozen),
+        batch_sds,
+        key,
+    ).compile()
+    compile_s = time.perf_counter() - start
+    text = compiled.as_text()
+    mem = compiled.memory_analysis()
+    args = {
+        "frozen_bytes": _bytes_per_device(frozen, sh.frozen),
+        "trainable_bytes": _bytes_per_device(trainable, sh.trainable),
+        "optimizer_bytes": _bytes_per_device(opt_state, sh.opt_state),
+    }
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    total -= mem.alias_size_in_bytes  # donated: trainable params and optimizer state
+    total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    per_device = args | {
+        "arguments_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "total_bytes": total,
+        "device_bytes": t.memory_bytes,
+        "fits": total <= (1 - HEADROOM) * t.memory_bytes,
+    }
+    cost = compiled.cost_analysis()
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return Plan(
+        target=target,
+        devices=mesh.size,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        micro_batch=batch,
+        seq_len=seq,
+        per_device=per_device,
+        flops_per_device=float(flops) if flops else float(hlo.nf4_kernel_flops(text)) or None,
+        kernels={"matmul": kernels.nf4, "attention": "eager"},
+        compile_s=compile_s,
+        custom_calls=sorted(hlo.custom_call_targets(text)),
+        hlo_text=text,
+    )
+
+
+def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, Plan | None]:
+    """The largest micro-batch whose step fits ``target`` with :data:`HEADROOM` to spare
+    (doubling, then bisecting, in multiples of the devices the rows split over), and its plan;
+    ``(0, None)`` when even the smallest does not fit."""
+    fits: dict[int, Plan] = {}
+    m = cfg.mesh
+    mesh = targets.compile_mesh(
+        targets.get_target(target), data=m.data, fsdp=m.fsdp, tensor=m.tensor
+    )
+    unit = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def ok(k: int) -> bool:
+        b = k * unit
+        plan = compile_step(cfg, target, micro_batch=b)
+        if plan.per_device["fits"]:
+            fits[k] = plan
+        return bool(plan.per_device["fits"])
+
+    lo, hi = 0, 1
+    while hi * unit <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo * unit, fits.get(lo)

@@ -1,0 +1,42 @@
+"""The compile toolchain as the compiling test processes see it: the ``aot`` extra in the
+venv, or in a side directory put on their ``PYTHONPATH`` only (``$JAXLORA_AOT_TOOLCHAIN``,
+default ``.aot-toolchain/``, where ``.ci/run`` installs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+}
+
+
+def missing() -> dict[str, str]:
+    """``missing_toolchains()`` as the compiling processes see it (with the side directory)."""
+    code = (
+        "import json; from jaxlora.targets import missing_toolchains as m; print(json.dumps(m()))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_script(script: Path, *args: str, timeout: int = 900) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

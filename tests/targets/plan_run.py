@@ -1,0 +1,69 @@
+"""Compile the real train step (``jaxlora.training.plan.compile_step``) for one platform's
+targets and print what the compiler reports as JSON; run by tests/targets/test_plan.py in its
+own process, with the compile toolchain on ``PYTHONPATH``::
+
+    JAX_PLATFORMS=cpu python tests/targets/plan_run.py --platform tpu --model DIR --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from jaxlora.config import load_config  # noqa: E402
+from jaxlora.targets import hlo  # noqa: E402
+from jaxlora.training.plan import compile_step  # noqa: E402
+
+RUNS = {  # (target, data, fsdp, tensor)
+    "tpu": [("tpu-v5e-1", 1, 1, 1), ("tpu-v5e-8", 1, 8, 1), ("tpu-v5e-8", 2, 2, 2)],
+    "gpu": [("h100-1", 1, 1, 1), ("h100-8", 1, 8, 1), ("h100-8", 2, 2, 2)],
+}
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--platform", choices=sorted(RUNS), required=True)
+parser.add_argument("--model", required=True, help="a directory with config.json (no weights)")
+parser.add_argument("--seq", type=int, nargs="+", default=[128])
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+out = []
+for seq in args.seq:
+    for target, data, fsdp, tensor in RUNS[args.platform]:
+        cfg = load_config(
+            "demo",
+            [
+                f"model.path={args.model}",
+                "model.tokenizer=null",
+                "quant.type=nf4",
+                "lora.target_modules=all-linear",
+                "lora.r=8",
+                "lora.alpha=16",
+                "data.max_seq_len=" + str(seq),
+                "train.batch_size=8",
+                "train.grad_accum=2",
+                "train.remat=full",
+                f"mesh.data={data}",
+                f"mesh.fsdp={fsdp}",
+                f"mesh.tensor={tensor}",
+            ],
+        )
+        plan = compile_step(cfg, target)
+        gathers = hlo.collectives(plan.hlo_text, "all-gather")
+        gathered: dict[str, int] = {}
+        for g in gathers:
+            for dt, n in g.bytes_by_dtype().items():
+                gathered[dt] = gathered.get(dt, 0) + n
+        out.append(
+            plan.to_json()
+            | {
+                "custom_calls": plan.custom_calls,
+                "nf4_kernel_flops": hlo.nf4_kernel_flops(plan.hlo_text),
+                "gathered_bytes": gathered,
+            }
+        )
+with open(args.out, "w") as f:
+    json.dump(out, f)
