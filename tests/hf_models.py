@@ -45,6 +45,22 @@ FAMILIES = {
 }
 
 
+def tiny_config():
+    """The tiny jaxlora-side Llama config the unit tests build params from (odd sizes, GQA)."""
+    from jaxlora.models.config import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+    )
+
+
 def hf_config(family: str, **overrides):
     import transformers
 

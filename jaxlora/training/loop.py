@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -20,6 +21,7 @@ from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
 from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, peak_memory_bytes
+from jaxlora.training.plan import memory_line, memory_report
 from jaxlora.training.run import (
     for_mesh,
     init_lora,
@@ -83,6 +85,8 @@ def run(cfg: Config) -> dict:
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)
     train_step = jit_train_step(cfg, model, tx, sh)
     eval_step = jit_eval_step(cfg, model)
+    if kernels.platform != "cpu":  # compile now and say what the step needs (jaxlora.plan)
+        train_step = _compile_and_report(train_step, trainable, opt_state, frozen, sh, cfg)
 
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
     meta = run_meta(cfg)
@@ -190,3 +194,21 @@ def _step_record(step: int, m: dict, schedule, step_time: float, *, compiled: bo
     if (mem := peak_memory_bytes()) is not None:
         record["peak_memory_bytes"] = mem
     return record
+
+
+def _compile_and_report(train_step, trainable, opt_state, frozen, sh, cfg: Config):
+    """The step compiled ahead of the first batch, with its per-device memory logged as
+    ``python -m jaxlora.plan`` reports it; the compiled step is what the loop then calls."""
+    t = cfg.train
+    rows = (t.grad_accum, t.batch_size, cfg.data.max_seq_len)
+    ints = ("input_ids", "targets", "segment_ids", "positions")
+    batch = {
+        k: jax.ShapeDtypeStruct(rows, jnp.int32 if k in ints else jnp.float32, sharding=sh.batch)
+        for k in (*ints, "loss_mask")
+    }
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
+    compiled = train_step.lower(trainable, opt_state, frozen, batch, key).compile()
+    stats = jax.devices()[0].memory_stats() or {}
+    report = memory_report(compiled, stats.get("bytes_limit"))
+    log.info("plan: the step needs %s", memory_line(report))
+    return compiled

@@ -138,23 +138,11 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     ).compile()
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
-    mem = compiled.memory_analysis()
-    args = {
+    per_device = {
         "frozen_bytes": _bytes_per_device(frozen, sh.frozen),
         "trainable_bytes": _bytes_per_device(trainable, sh.trainable),
         "optimizer_bytes": _bytes_per_device(opt_state, sh.opt_state),
-    }
-    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-    total -= mem.alias_size_in_bytes  # donated: trainable params and optimizer state
-    total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    per_device = args | {
-        "arguments_bytes": mem.argument_size_in_bytes,
-        "temp_bytes": mem.temp_size_in_bytes,
-        "output_bytes": mem.output_size_in_bytes,
-        "total_bytes": total,
-        "device_bytes": t.memory_bytes,
-        "fits": total <= (1 - HEADROOM) * t.memory_bytes,
-    }
+    } | memory_report(compiled, t.memory_bytes)
     cost = compiled.cost_analysis()
     flops = cost.get("flops") if isinstance(cost, dict) else None
     return Plan(
@@ -170,6 +158,38 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         custom_calls=sorted(hlo.custom_call_targets(text)),
         hlo_text=text,
     )
+
+
+def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
+    """Per-device bytes of a compiled step (XLA's ``memory_analysis``): arguments, temporaries,
+    outputs, their total (donated buffers counted once; the compiler's peak where it reports
+    one), and whether it fits ``device_bytes`` with :data:`HEADROOM` to spare."""
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    total -= mem.alias_size_in_bytes  # donated: trainable params and optimizer state
+    total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    return {
+        "arguments_bytes": mem.argument_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "total_bytes": total,
+        "device_bytes": device_bytes,
+        "fits": None if not device_bytes else total <= (1 - HEADROOM) * device_bytes,
+    }
+
+
+def memory_line(report: dict[str, Any]) -> str:
+    """One line: total per device against the device's memory, and the headroom left."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    line = f"{gib(report['total_bytes'])} per device (temporaries {gib(report['temp_bytes'])})"
+    if report["device_bytes"]:
+        free = 1 - report["total_bytes"] / report["device_bytes"]
+        line += f" of {gib(report['device_bytes'])}: {100 * free:.1f} % headroom"
+        if not report["fits"]:
+            line += (
+                f" (under {100 * HEADROOM:.0f} %: lower the micro-batch, raise grad_accum, remat)"
+            )
+    return line
 
 
 def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, Plan | None]:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
 from jaxlora.models.llama import MODULE_AXES
+from jaxlora.weights import NF4Tensor
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,15 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None]) -> An
         spec = spec_for(logical_axes_for(path, len(shape)), shape, rules, mesh)
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    def node(path, leaf):
+        if not isinstance(leaf, NF4Tensor):
+            return one(path, leaf)
+        sh = jax.tree_util.tree_map_with_path(lambda p, x: one(path + p, x), leaf)
+        if leaf.is_2d:  # codes follow their absmax: a split of `in` on whole 64-blocks only
+            sh = sh.replace_leaves(codes=sh.absmax)
+        return sh
+
+    return jax.tree_util.tree_map_with_path(node, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:

@@ -227,6 +227,11 @@ class NF4Tensor:
             run=run,
         )
 
+    def replace_leaves(self, **leaves: Any) -> NF4Tensor:
+        """The same weight with some of its leaves (``codes``, ``absmax``, ...) replaced."""
+        kids = {k: getattr(self, k) for k in self._LEAVES} | leaves
+        return NF4Tensor(*(kids[k] for k in self._LEAVES), **self._kw(self.run))
+
     def with_run(self, run: dispatch.NF4Run) -> NF4Tensor:
         """The same weight, multiplied as ``run`` says (see :func:`jaxlora.weights.prepare`)."""
         return NF4Tensor(*self.tree_flatten()[0], **self._kw(run))

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 
 from jaxlora.data.packing import Example, PackedDataset
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
+from tests.hf_models import tiny_config
 
 
 def _per_example_loss(module, params, batch):
@@ -27,16 +27,7 @@ def _per_example_loss(module, params, batch):
 
 
 def test_packed_batch_gives_same_per_example_loss_as_unpacked():
-    cfg = LlamaConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-    )
+    cfg = tiny_config()
     module = LlamaForCausalLM(cfg)
     params = init_params(cfg, jax.random.key(1))
     rng = np.random.default_rng(0)

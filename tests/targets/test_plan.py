@@ -24,17 +24,19 @@ MISSING = _toolchain.missing()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """config.json only: planning needs no weights. Widths are multiples of the 64-element
-    NF4 block (the kernel layout) and of the mesh splits."""
+    """config.json only: planning needs no weights. Widths hold a multiple of 8 NF4 blocks of
+    64, so FSDP over 8 devices splits ``in`` on whole blocks (else the weight stays whole), and
+    every per-device ``in`` is a multiple of 512, the TPU kernel's K tile (a smaller one is
+    padded up to it, which the FLOPs count would show as extra work)."""
     d = tmp_path_factory.mktemp("plan_model")
     LlamaConfig(
         vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=1024,
+        intermediate_size=2048,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
         max_position_embeddings=512,
     ).save_pretrained(d)
     return d

@@ -17,9 +17,9 @@ import optax
 import pytest
 
 from jaxlora import data, lora
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import init_params
 from jaxlora.training.checkpoint import Checkpointer, ResumeError, check_compatible, meta_json
+from tests.hf_models import tiny_config
 
 # A failed Orbax restore (the damaged and mismatched checkpoints below) leaves its asyncio read
 # tasks and coroutines behind; they are reported when collected, during whichever test runs then.
@@ -28,16 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
 ]
 
-CFG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-6,
-)
+CFG = tiny_config()
 LORA = lora.LoraConfig(r=2, alpha=4, init="random", modules_to_save=("lm_head",))
 META = {
     "base_model": "tiny",

@@ -16,26 +16,17 @@ import pytest
 import jaxlora
 from jaxlora import data, lora
 from jaxlora.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.sampling import generate
 from jaxlora.training import evaluate
 from jaxlora.training.step import make_eval_step
 from tests._tokenizers import make_tokenizer
+from tests.hf_models import tiny_config
 
 DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo"
 NEW_TOKENS = 12  # one max_new_tokens for every generation here: one compiled loop per bucket
 
-CFG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-6,
-)
+CFG = tiny_config()
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -9,21 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.training.optim import make_optimizer, make_schedule
 from jaxlora.training.step import make_train_step
+from tests.hf_models import tiny_config
 
-CFG = LlamaConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-6,
-)
+CFG = tiny_config()
 
 
 def _batch(rows: int, seq: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
