@@ -50,6 +50,10 @@ MEANINGS: dict[str, str] = {
     "4.127 instead of 4.5 bits per parameter.",
     "quant.compute_dtype": "Dtype a dequantized 4-bit weight is multiplied in "
     "(`bnb_4bit_compute_dtype`).",
+    "quant.kernel": "The 4-bit matmul, chosen for the devices the step is built for: `auto` = "
+    "Pallas kernels where they compile (Mosaic on TPU, Triton on compute capability 8.0+), "
+    "dequantize-then-dot elsewhere; `dequant` = never a kernel; `interpret` = the kernels in "
+    "Pallas interpret mode on any device (slow; debugging). See docs/kernels.md.",
     # lora
     "lora.r": "Adapter rank. 4-8 format/style, 16-32 instruction tuning, 64-128 reasoning or "
     "new knowledge; QLoRA often wants more than 16-bit LoRA. See tuning.md.",

@@ -71,7 +71,24 @@ class Checkpointer:
         ]
 
     def restore(self, step: int, trainable_like, opt_state_like, expect_meta: dict):
-        """Restore into the structure (and shardings) of ``*_like``; refuse a foreign checkpoint."""
+        """Restore into the structure (and shardings) of ``*_like``; refuse a foreign checkpoint.
+
+        A checkpoint that cannot be read (damaged files, a missing part) or that holds state of
+        other shapes than this run's is a :class:`ResumeError` naming the step directory."""
+        where = self.directory / str(step)
+        try:
+            return self._restore(step, trainable_like, opt_state_like, expect_meta)
+        except ResumeError:
+            raise
+        except (KeyError, ValueError, OSError) as e:  # Orbax, tensorstore and json errors
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise ResumeError(
+                f"{where}: the checkpoint holds state that cannot be restored into this run "
+                f"({type(e).__name__}: {detail}); remove that step to resume from an earlier one"
+            ) from e
+
+    def _restore(self, step: int, trainable_like, opt_state_like, expect_meta: dict):
         meta = self.read_meta(step)
         check_compatible(meta, expect_meta, self.directory / str(step))
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(t))
