@@ -1,0 +1,195 @@
+"""Flash attention (chunked jnp, splash and Pallas GPU in interpret mode) against eager attention:
+outputs at real tokens and the gradients of a loss that masks padding, float32, 1e-5; padding
+rows output 0. Then the model: logits at real tokens and LoRA gradients with a flash impl."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlora.kernels.attention_chunked import block_pairs, chunked_attention
+from jaxlora.lora import LoraConfig, combine, inject, partition
+from jaxlora.models.attention import attention
+from jaxlora.models.config import LlamaConfig
+from jaxlora.models.llama import LlamaForCausalLM, init_params
+
+TOL = 1e-5
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _close(ours, ref, tol=TOL):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        scale = max(float(jnp.max(jnp.abs(b))), 1.0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * scale, rtol=0)
+
+
+def _case(B, KV, G, S, D, segments, seed=0):
+    """Random q, k, v, a cotangent that is 0 on padding rows (the loss masks padding), ids."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, KV, G, S, D))
+    k = jax.random.normal(ks[1], (B, KV, S, D))
+    v = jax.random.normal(ks[2], (B, KV, S, D))
+    seg = np.ones((B, S), np.int32)
+    if segments == "packed":  # three documents in row 0, two in the last row
+        seg[0, S // 3 :] = 2
+        seg[0, 2 * S // 3 :] = 3
+        seg[-1, S // 2 :] = 2
+    elif segments == "padded":  # right padding in row 0, left padding in the last row
+        seg[0, S - 4 :] = 0
+        seg[-1, :3] = 0
+    elif segments == "packed+padded":
+        seg[0, S // 2 :] = 2
+        seg[0, S - 3 :] = 0
+        seg[-1, :2] = 0
+    seg = jnp.asarray(seg)
+    do = jax.random.normal(ks[3], q.shape) * (seg != 0)[:, None, None, :, None]
+    return q, k, v, do, seg
+
+
+def _vjp(impl, q, k, v, do, seg, window, **kw):
+    fn = lambda q, k, v: attention(
+        q, k, v, segment_ids=seg, scale=q.shape[-1] ** -0.5, sliding_window=window, impl=impl, **kw
+    )
+    out, pull = jax.vjp(jax.jit(fn), q, k, v)
+    return out, pull(do)
+
+
+def _check_against_eager(impl, q, k, v, do, seg, window, **kw):
+    out, grads = _vjp(impl, q, k, v, do, seg, window, **kw)
+    ref, ref_grads = _vjp("eager", q, k, v, do, seg, window)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
+    assert not np.any(np.asarray(jnp.where(real, 0, out))), "padding rows must output 0"
+    _close(grads, ref_grads)
+
+
+CASES = [  # (B, KV, G, S, D, segments, window)
+    (2, 2, 2, 11, 8, "packed", None),
+    (1, 1, 4, 19, 8, "padded", 5),  # MQA, odd length, window
+    (2, 4, 1, 13, 16, "packed+padded", None),  # MHA
+    (2, 2, 3, 23, 8, "packed+padded", 4),
+]
+
+
+@pytest.mark.parametrize("blocks", [(8, 8), (8, 16), (16, 8), (512, 512)])
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_eager(case, blocks):
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    bq, bkv = blocks
+    kw = dict(scale=shape[-1] ** -0.5, sliding_window=window, block_q=bq, block_kv=bkv)
+    out, grads = jax.vjp(jax.jit(lambda q, k, v: chunked_attention(q, k, v, seg, **kw)), q, k, v)
+    ref, ref_grads = _vjp("eager", q, k, v, do, seg, window)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
+    assert not np.any(np.asarray(jnp.where(real, 0, out)))
+    _close(grads(do), ref_grads)
+
+
+def test_chunked_entry_point_matches_eager():
+    _check_against_eager("chunked", *_case(2, 2, 2, 37, 8, "packed+padded"), window=None)
+
+
+def test_block_pairs_skip_only_masked_blocks():
+    # Brute force: a pair is listed iff its block holds an allowed (causal, in-window) entry.
+    for bq, bkv, window in [(4, 4, None), (4, 8, 5), (8, 4, 3), (4, 4, 1)]:
+        n = 32
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        allowed = (j <= i) & ((j > i - window) if window else True)
+        want = {
+            (a, b)
+            for a in range(n // bq)
+            for b in range(n // bkv)
+            if allowed[a * bq : (a + 1) * bq, b * bkv : (b + 1) * bkv].any()
+        }
+        got = {tuple(p) for p in block_pairs(n // bq, n // bkv, bq, bkv, True, window).tolist()}
+        assert got == want
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:])
+def test_splash_interpret_matches_eager(case):
+    *shape, segments, window = case
+    _check_against_eager("splash", *_case(*shape, segments), window=window, interpret=True)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] is None])
+def test_pallas_gpu_interpret_matches_eager(case):
+    *shape, segments, window = case
+    _check_against_eager("pallas_gpu", *_case(*shape, segments), window=window, interpret=True)
+
+
+def test_pallas_gpu_refuses_a_window():
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        _vjp("pallas_gpu", *_case(1, 1, 2, 8, 8, "padded"), window=3, interpret=True)
+
+
+def test_unknown_impl_and_window_without_causal_are_refused():
+    q, k, v, _, seg = _case(1, 1, 2, 8, 8, "padded")
+    with pytest.raises(ValueError, match="impl"):
+        attention(q, k, v, segment_ids=seg, scale=1.0, impl="flash")
+    with pytest.raises(ValueError, match="causal"):
+        attention(q, k, v, segment_ids=seg, scale=1.0, causal=False, sliding_window=3)
+
+
+def _masked_loss(module, params, ids, seg):
+    positions = jnp.maximum(jnp.cumsum(seg != 0, axis=1) - 1, 0)
+    logits, _ = module.apply({"params": params}, ids, positions, seg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    mask = (seg[:, 1:] != 0) & (seg[:, 1:] == seg[:, :-1])
+    return jnp.sum(ce * mask) / jnp.sum(mask), logits
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_model_with_chunked_attention_matches_eager(remat):
+    # GQA, a sliding-window layer and a full one, packed and padded rows.
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        sliding_windows=(4, None),
+    )
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    params = inject(init_params(cfg, jax.random.key(0)), lora_cfg, jax.random.key(1))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 61, size=(2, 13)), jnp.int32)
+    seg = np.ones((2, 13), np.int32)
+    seg[0, 6:] = 2
+    seg[1, 10:] = 0
+    seg = jnp.asarray(seg)
+    frozen, trainable = partition(params, lora_cfg)
+
+    def run(impl):
+        module = LlamaForCausalLM(cfg, remat=remat, attn_impl=impl)
+        loss = lambda t: _masked_loss(module, combine(frozen, t), ids, seg)
+        return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+    (loss, logits), grads = run("chunked")
+    (ref_loss, ref_logits), ref_grads = run("eager")
+    real = (seg != 0)[..., None]
+    _close(jnp.where(real, logits, 0), jnp.where(real, ref_logits, 0), tol=1e-4)
+    _close((loss, grads), (ref_loss, ref_grads), tol=1e-4)
+
+
+def test_model_refuses_unknown_impl():
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+    )
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="attn_impl"):
+        LlamaForCausalLM(cfg, attn_impl="flash").init(jax.random.key(0), ids, ids, ids)
