@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
@@ -28,6 +29,7 @@ GiB = 2**30
 
 def tpu_device(topology: str, accelerator: str):
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another compile may hold libtpu
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
@@ -89,9 +91,15 @@ def step_temp(impl: str, seq: int, layers: int, remat: str, sharding) -> int:
     tok = jax.ShapeDtypeStruct((1, 1, seq), jnp.int32, sharding=sharding)
     batch = {k: tok for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding)
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
-        put(trainable), put(opt_state), put(frozen), batch, rng
-    )
+    # jaxlora.lora picks its CPU-only fused LoRA matmul (which copies every base weight) from
+    # jax.default_backend() at trace time; here that is this machine's CPU, not the target, so
+    # it is shown the target's platform while tracing.
+    with mock.patch.object(
+        jax, "default_backend", lambda: next(iter(sharding.device_set)).platform
+    ):
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
+            put(trainable), put(opt_state), put(frozen), batch, rng
+        )
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
 

@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
                    help="transformers attn_implementation (jaxlora's is eager-style)")  # fmt: skip
+    p.add_argument("--jax-attn", choices=("eager", "chunked"), default="eager")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")  # fmt: skip
@@ -178,6 +179,7 @@ class JaxloraSide:
                             max_grad_norm=args.max_grad_norm)  # fmt: skip
         self.opt_state = tx.init(self.trainable)
         module = model.module(remat="full" if args.remat == "on" else "none")
+        module = module.clone(attn_impl=args.jax_attn)
         self._step = jax.jit(make_train_step(module, lora.combine, tx, dropout=False),
                              donate_argnums=(0, 1))  # fmt: skip
         self._fwd = jax.jit(lambda p, i, pos, seg: module.apply({"params": p}, i, pos, seg)[0])

@@ -57,11 +57,13 @@ def cudnn_attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    implementation: str = "cudnn",
 ) -> jax.Array:
     """cuDNN flash attention on ``q (B, KV, G, S, D)``, ``k, v (B, KV, S, D)``.
 
     Each row of ``segment_ids`` must be ``1 … 1 0 … 0`` (one sequence, right-padded): the
     segment ids only give each row's length. Packed rows: use :func:`pallas_gpu_attention`.
+    ``implementation="xla"`` runs the same call through XLA (tests on CPU: cuDNN needs a GPU).
     """
     kv = k.shape[1]
     lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
@@ -74,7 +76,7 @@ def cudnn_attention(
         query_seq_lengths=lengths,
         key_value_seq_lengths=lengths,
         local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
-        implementation="cudnn",
+        implementation=implementation,
     )
     return _zero_padding(_from_bshd(out, kv), segment_ids)
 

@@ -34,6 +34,19 @@ def _block(n: int, largest: int) -> int:
     return b
 
 
+def _check_precision(dtype) -> None:
+    """Mosaic refuses a 16-bit matmul asked for float32 contract precision, which a process-wide
+    ``jax_default_matmul_precision`` of "highest" or "float32" asks for (splash's dots take no
+    precision argument). Say so, instead of a Mosaic error at compile time."""
+    precision = jax.config.jax_default_matmul_precision
+    if jnp.dtype(dtype).itemsize == 2 and precision not in (None, "default", "bfloat16"):
+        raise ValueError(
+            f"splash attention on {jnp.dtype(dtype).name} inputs needs the default matmul "
+            f"precision, not {precision!r} (Mosaic cannot compile 16-bit matmuls at float32 "
+            "precision): trace the step under jax.default_matmul_precision('default')"
+        )
+
+
 def make_kernel(
     heads: int,
     length: int,
@@ -96,6 +109,7 @@ def splash_attention(
     def one(q, k, v, seg):  # one sequence: q (H, S, D), k, v (KV, S, D)
         return kernel(q, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
 
+    _check_precision(q.dtype)
     out = jax.vmap(one)(q, k, v, seg)  # (B, H, S, D)
     out = out.reshape(B, KV, G, sp, D)[:, :, :, :S]
     return jnp.where((segment_ids != 0)[:, None, None, :, None], out, 0)
