@@ -8,7 +8,9 @@ compiler's temporary bytes (``memory_analysis().temp_size_in_bytes``) per implem
 ``attention``: one layer's attention core, forward and backward (dq, dk, dv from a cotangent),
 at Llama-3-8B's attention shapes (32 query heads, 8 kv heads, head_dim 128, bf16).
 ``step``: ``jaxlora.step.make_train_step`` for Llama-3-8B (``--layers`` of them) with LoRA
-(r 16, all-linear) over a bf16 base, remat per layer, one packed row of ``--seq`` tokens.
+(r 16, all-linear) over a bf16 base (``--base nf4``: QLoRA), remat per layer, one row of
+``--seq`` tokens. A compile that does not fit prints the compiler's message, whose "required"
+figure counts the arguments (the weights) too.
 Nothing runs: it needs ``jax[tpu]`` (libtpu) to compile and no TPU.
 """
 
@@ -54,7 +56,7 @@ def attention_temp(impl: str, seq: int, sharding) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def step_temp(impl: str, seq: int, layers: int, remat: str, sharding) -> int:
+def step_temp(impl: str, seq: int, layers: int, remat: str, sharding, base: str = "bf16") -> int:
     import jax
     import jax.numpy as jnp
     import optax
@@ -62,6 +64,7 @@ def step_temp(impl: str, seq: int, layers: int, remat: str, sharding) -> int:
     from jaxlora.lora import LoraConfig, combine, inject, partition
     from jaxlora.models.config import LlamaConfig
     from jaxlora.models.llama import LlamaForCausalLM, init_params
+    from jaxlora.nf4 import quantize
     from jaxlora.optim import make_optimizer
     from jaxlora.step import make_train_step
 
@@ -77,9 +80,16 @@ def step_temp(impl: str, seq: int, layers: int, remat: str, sharding) -> int:
         rope_theta=500000.0,
     )
     lora_cfg = LoraConfig(r=16, alpha=32, target_modules="all-linear")
-    params = jax.eval_shape(
-        lambda k: inject(init_params(cfg, k, jnp.bfloat16), lora_cfg, k), jax.random.key(0)
-    )
+
+    def init(key):
+        params = init_params(cfg, key, jnp.bfloat16)
+        if base == "nf4":  # QLoRA: every decoder projection NF4 + double quant, blocks of 64
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, w: quantize(w) if w.ndim == 2 and "layers" in str(p) else w, params
+            )
+        return inject(params, lora_cfg, key)
+
+    params = jax.eval_shape(init, jax.random.key(0))
     frozen, trainable = partition(params, lora_cfg)
     tx = make_optimizer(optax.constant_schedule(1e-4), weight_decay=0.0, max_grad_norm=1.0)
     opt_state = jax.eval_shape(tx.init, trainable)
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--layers", type=int, default=32, help="step: decoder layers")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="full")
+    p.add_argument("--base", choices=("bf16", "nf4"), default="bf16", help="step: base weights")
     p.add_argument("--topology", default="v5e:2x2")
     p.add_argument("--accelerator", default="v5litepod-4", help="TPU_ACCELERATOR_TYPE")
     args = p.parse_args(argv)
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.what == "attention":
                     temps[seq] = attention_temp(impl, seq, sharding)
                 else:
-                    temps[seq] = step_temp(impl, seq, args.layers, args.remat, sharding)
+                    temps[seq] = step_temp(impl, seq, args.layers, args.remat, sharding, args.base)
                 print(f"{impl:>8} S={seq:>6}: temp {temps[seq] / GiB:8.3f} GiB", flush=True)
             except Exception as e:  # a compile that fails (e.g. out of memory) is a result here
                 print(f"{impl:>8} S={seq:>6}: FAILED {type(e).__name__}: {str(e)[:300]}")

@@ -2,12 +2,12 @@
 
 Two kernels, because neither covers every mask the model uses:
 
-=============  ======  ===============  ===========================  ===
-kernel         causal  sliding window   segments                     GQA
-=============  ======  ===============  ===========================  ===
-``cudnn``      yes     yes              one per row, right-padded    yes
-``pallas_gpu``  yes     no               any (packing, padding)       k/v repeated
-=============  ======  ===============  ===========================  ===
+==============  ======  ==============  =========================  ============
+kernel          causal  sliding window  segments                   GQA
+==============  ======  ==============  =========================  ============
+``cudnn``       yes     yes             one per row, right-padded  native
+``pallas_gpu``  yes     no              any (packing, padding)     k/v repeated
+==============  ======  ==============  =========================  ============
 
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
   attention (forward and backward kernels). Its public API masks padding only through

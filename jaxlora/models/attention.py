@@ -1,18 +1,17 @@
-"""Attention (one entry point over eager and flash implementations) and the SwiGLU gate.
+"""Attention, and the SwiGLU gate.
 
-:func:`attention` runs the model's self-attention with the implementation its caller names:
-eager (below), or a flash kernel from ``jaxlora.kernels`` whose memory is linear in the length.
-Eager is the parity reference; the rest of this docstring is about it.
+:func:`attention` is the model's one self-attention entry point. Its caller names the
+implementation: eager (:func:`attend`, below) or a flash kernel from ``jaxlora.kernels``, whose
+memory is linear in the length (docs/attention.md).
 
-Eager (materialized-scores) attention and the SwiGLU gate each have a hand-written backward.
-
-Both compute exactly what ``transformers``' eager path computes: ``softmax(q·kᵀ·scale, masked to
-the float32 minimum) · v`` with the softmax in float32, and ``silu(gate) · up``. The custom VJPs
-exist for speed. Autodiff of the attention composition makes about ten passes over the
-``[B, heads, S, S]`` scores (scale, select, max, exp, sum, divide forward; the transposes of each
-backward), most of them memory-bound. The backward here is the one flash attention uses on
-materialized probabilities, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, which is one pass once ``dP`` is
-there (measured in tools/bench_train.py: see docs/benchmarks.md).
+Eager attention is the parity reference: it computes exactly what ``transformers``' eager path
+computes, ``softmax(q·kᵀ·scale, masked to the float32 minimum) · v`` with the softmax in float32;
+:func:`swiglu` computes ``silu(gate) · up``. Both have hand-written backwards, for speed.
+Autodiff of the attention composition makes about ten passes over the ``[B, heads, S, S]``
+scores (scale, select, max, exp, sum, divide forward; the transposes of each backward), most of
+them memory-bound. The backward here is the one flash attention uses on materialized
+probabilities, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, which is one pass once ``dP`` is there
+(measured in tools/bench_train.py: see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -153,6 +152,26 @@ def attention(
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids, **kw)
     return pallas_gpu_attention(q, k, v, segment_ids, **kw, interpret=interpret)
+
+
+def choose_impl(
+    platform: str, seq_len: int, *, packed: bool = True, sliding_window: bool = False
+) -> str:
+    """The attention implementation for a step compiled for ``platform`` (the target devices'
+    ``device.platform``: "tpu", "gpu", "cpu"), from what was measured (docs/attention.md).
+
+    TPU: splash. GPU: cuDNN for unpacked rows; Pallas flash for packed rows, which has no
+    sliding window, so packed rows with a window fall back to chunked. CPU: chunked from 1024
+    tokens (less CPU time than eager, equal or faster wall time, linear memory), eager below
+    (a tie at 256 tokens; eager is the reference).
+    """
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda"):
+        if not packed:
+            return "cudnn"
+        return "chunked" if sliding_window else "pallas_gpu"
+    return "chunked" if seq_len >= 1024 else "eager"
 
 
 @jax.custom_vjp
