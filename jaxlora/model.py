@@ -61,7 +61,13 @@ class Model:
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
-        return LlamaForCausalLM(self.config, dtype=self.dtype, param_dtype=param_dtype, remat=remat)
+        return LlamaForCausalLM(
+            self.config,
+            dtype=self.dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            attn_impl=self.kernels.attention,
+        )
 
     def __call__(
         self,

@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="eager",
         help="transformers attn_implementation (jaxlora's is eager-style)",
     )
+    p.add_argument("--jax-attn", choices=("eager", "chunked"), default="eager")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument(
         "--dtype",
@@ -211,6 +212,7 @@ class JaxloraSide:
         )
         self.opt_state = tx.init(self.trainable)
         module = model.module(remat="full" if args.remat == "on" else "none")
+        module = module.clone(attn_impl=args.jax_attn)
         self._step = jax.jit(
             make_train_step(module, lora.combine, tx, dropout=False), donate_argnums=(0, 1)
         )

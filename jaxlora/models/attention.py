@@ -1,12 +1,17 @@
-"""Eager (materialized-scores) attention and the SwiGLU gate, each with a hand-written backward.
+"""Attention, and the SwiGLU gate.
 
-Both compute exactly what ``transformers``' eager path computes: ``softmax(q·kᵀ·scale, masked to
-the float32 minimum) · v`` with the softmax in float32, and ``silu(gate) · up``. The custom VJPs
-exist for speed. Autodiff of the attention composition makes about ten passes over the
-``[B, heads, S, S]`` scores (scale, select, max, exp, sum, divide forward; the transposes of each
-backward), most of them memory-bound. The backward here is the one flash attention uses on
-materialized probabilities, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, which is one pass once ``dP`` is
-there (measured in tools/bench_train.py: see docs/benchmarks.md).
+:func:`attention` is the model's one self-attention entry point. Its caller names the
+implementation: eager (:func:`attend`, below) or a flash kernel from ``jaxlora.kernels``, whose
+memory is linear in the length (docs/attention.md).
+
+Eager attention is the parity reference: it computes exactly what ``transformers``' eager path
+computes, ``softmax(q·kᵀ·scale, masked to the float32 minimum) · v`` with the softmax in float32;
+:func:`swiglu` computes ``silu(gate) · up``. Both have hand-written backwards, for speed.
+Autodiff of the attention composition makes about ten passes over the ``[B, heads, S, S]``
+scores (scale, select, max, exp, sum, divide forward; the transposes of each backward), most of
+them memory-bound. The backward here is the one flash attention uses on materialized
+probabilities, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, which is one pass once ``dP`` is there
+(measured in tools/bench_train.py: see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jaxlora.kernels.attention_chunked import chunked_attention
+from jaxlora.kernels.attention_gpu import cudnn_attention, pallas_gpu_attention
+from jaxlora.kernels.attention_splash import splash_attention
 
 _NEG = jnp.finfo(jnp.float32).min  # transformers' additive mask value (float32 softmax)
 
@@ -63,6 +72,86 @@ def _attend_bwd(scale, res, do):
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attention_mask(
+    q_slots: jax.Array,
+    k_slots: jax.Array,
+    q_segments: jax.Array,
+    k_segments: jax.Array,
+    window: int | None,
+    causal: bool = True,
+) -> jax.Array:
+    """Boolean ``[B, 1, 1, Sq, Sk]``: causal, same non-zero segment, inside the sliding window.
+
+    Slots are absolute token indices (``[Sq]`` and ``[Sk]``), segments ``[B, Sq]``/``[B, Sk]``
+    (0 = padding). Packed examples get distinct segment ids, so they never see each other.
+    """
+    allowed = jnp.ones((q_slots.shape[0], k_slots.shape[0]), bool)  # (Sq, Sk)
+    if causal:
+        allowed &= k_slots[None, :] <= q_slots[:, None]
+    if window is not None:  # transformers: kv_idx > q_idx - sliding_window
+        allowed &= k_slots[None, :] > q_slots[:, None] - window
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    return (allowed[None] & same)[:, None, None]  # (B, 1, 1, Sq, Sk)
+
+
+IMPLS = ("eager", "chunked", "splash", "cudnn", "pallas_gpu")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    impl: str = "eager",
+    interpret: bool = False,
+) -> jax.Array:
+    """Self-attention over one sequence per row, heads first: ``q (B, KV, G, S, D)``,
+    ``k, v (B, KV, S, D)`` -> ``(B, KV, G, S, D)``, query heads ``kv * G + g`` sharing kv head
+    ``kv``. Token ``i`` attends to token ``j`` when ``j <= i`` (``causal``),
+    ``j > i - sliding_window`` and ``segment_ids [B, S]`` give both the same non-zero id
+    (0 = padding; packed documents have distinct ids).
+
+    ``impl`` is chosen by the caller from the compile target, never from the process's backend:
+
+    * ``"eager"``: materialized float32 scores (:func:`attend`), any backend; the reference.
+    * ``"chunked"``: flash attention in plain JAX (online softmax over key blocks, backward
+      recomputing them), any backend, memory linear in ``S``; the CPU alternative to eager.
+    * ``"splash"``: Pallas splash attention, TPU.
+    * ``"cudnn"``: cuDNN flash attention, GPU; rows must be unpacked (one sequence, right-padded).
+    * ``"pallas_gpu"``: Pallas (Triton) flash attention, GPU; any segments, no sliding window.
+
+    ``interpret`` runs the Pallas kernels (splash, pallas_gpu) in interpret mode (tests on CPU).
+
+    Padding rows (segment 0) have no key to attend to. Eager gives them the uniform average
+    over all keys, as ``transformers``' eager attention does; the flash implementations output
+    0 there (and pass no gradient through them). Either way no real token attends to a padding
+    token, so outputs at real tokens, and every gradient of a loss that masks padding, are the
+    same for all implementations.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if sliding_window is not None and not causal:
+        raise ValueError("a sliding window needs causal attention")
+    if k.shape[2] != q.shape[3]:
+        raise ValueError(f"self-attention: {q.shape[3]} queries but {k.shape[2]} keys")
+    kw = dict(scale=scale, causal=causal, sliding_window=sliding_window)
+    if impl == "eager":
+        slots = jnp.arange(q.shape[3])
+        mask = attention_mask(slots, slots, segment_ids, segment_ids, sliding_window, causal)
+        return attend(q, k, v, mask, scale)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, segment_ids, **kw)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids, **kw, interpret=interpret)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, **kw)
+    return pallas_gpu_attention(q, k, v, segment_ids, **kw, interpret=interpret)
 
 
 @jax.custom_vjp

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
-from jaxlora.models.attention import attend, swiglu
+from jaxlora.models.attention import IMPLS, attend, attention, attention_mask, swiglu
 from jaxlora.models.config import LlamaConfig
 from jaxlora.weights.dispatch import dense
 
@@ -115,36 +115,23 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_mask(
-    q_slots: jax.Array,
-    k_slots: jax.Array,
-    q_segments: jax.Array,
-    k_segments: jax.Array,
-    window: int | None,
-) -> jax.Array:
-    """Boolean ``[B, 1, 1, Sq, Sk]``: causal, same non-zero segment, inside the sliding window.
-
-    Slots are absolute token indices (``[Sq]`` and ``[Sk]``), segments ``[B, Sq]``/``[B, Sk]``
-    (0 = padding). Packed examples get distinct segment ids, so they never see each other.
-    """
-    allowed = k_slots[None, :] <= q_slots[:, None]  # (Sq, Sk)
-    if window is not None:  # transformers: kv_idx > q_idx - sliding_window
-        allowed &= k_slots[None, :] > q_slots[:, None] - window
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    return (allowed[None] & same)[:, None, None]  # (B, 1, 1, Sq, Sk)
-
-
 class Attention(nn.Module):
     """Self-attention of one layer. ``rope_cs`` is ``(cos, sin)`` from :func:`rope_tables` and
     ``mask`` the boolean ``[B, 1, 1, S, T]`` from :func:`attention_mask`, both built once per
     forward pass by :class:`Layers`. With a ``cache`` (decoding), this step's keys and values are
-    written at ``cache["index"]`` and ``mask`` covers the whole cache."""
+    written at ``cache["index"]`` and ``mask`` covers the whole cache.
+
+    ``attn_impl`` other than ``"eager"`` (see :func:`jaxlora.models.attention.attention`) runs
+    flash attention from ``segment_ids [B, S]`` and ``sliding_window`` instead of ``mask``
+    (which is then None); decoding with a cache stays eager."""
 
     config: LlamaConfig
     param_dtype: Any = jnp.float32
+    attn_impl: str = "eager"
+    sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
         cfg = self.config
         S = x.shape[1]
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -170,7 +157,13 @@ class Attention(nn.Module):
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         chex.assert_shape(q, (x.shape[0], KV, H // KV, S, D))
         chex.assert_equal_shape([k, v])
-        out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
+        if mask is not None:
+            out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
+        else:
+            window, impl = self.sliding_window, self.attn_impl
+            out = attention(
+                q, k, v, segment_ids=segment_ids, scale=D**-0.5, sliding_window=window, impl=impl
+            )
         out = rearrange(out, "b kv g s d -> b s (kv g d)")
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
         return out, cache
@@ -192,12 +185,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: LlamaConfig
     param_dtype: Any = jnp.float32
+    attn_impl: str = "eager"
+    sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="input_layernorm")(x)
-        h, cache = Attention(cfg, pd, name="self_attn")(h, rope_cs, mask, cache)
+        attn = Attention(cfg, pd, self.attn_impl, self.sliding_window, name="self_attn")
+        h, cache = attn(h, rope_cs, mask, cache, segment_ids)
         x = x + h
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         return x + MLP(cfg, pd, name="mlp")(h), cache
@@ -208,12 +204,14 @@ class Layers(nn.Module):
 
     The RoPE tables and one attention mask per distinct sliding window are built here, once,
     and shared by the layers. With ``caches`` (decoding; every layer's cache is at the same
-    index), the key segments are the cached ones with this step's written in.
+    index), the key segments are the cached ones with this step's written in. A flash
+    ``attn_impl`` needs no mask: it gets the segment ids (decoding stays eager, with masks).
     """
 
     config: LlamaConfig
     remat: str = "none"
     param_dtype: Any = jnp.float32
+    attn_impl: str = "eager"
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, caches=None):
@@ -227,9 +225,12 @@ class Layers(nn.Module):
                 caches[0]["segment_ids"], segment_ids, (0, idx)
             )
             q_slots = q_slots + idx
+        if self.attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}, got {self.attn_impl!r}")
+        eager = self.attn_impl == "eager" or caches is not None
         k_slots = jnp.arange(k_segments.shape[1])
         masks = {
-            w: attention_mask(q_slots, k_slots, segment_ids, k_segments, w)
+            w: attention_mask(q_slots, k_slots, segment_ids, k_segments, w) if eager else None
             for w in set(cfg.sliding_windows)
         }
         layer_cls = DecoderLayer
@@ -238,9 +239,8 @@ class Layers(nn.Module):
         new_caches = []
         for i, window in enumerate(cfg.sliding_windows):
             cache = None if caches is None else caches[i]
-            x, cache = layer_cls(cfg, self.param_dtype, name=str(i))(
-                x, rope_cs, masks[window], cache
-            )
+            layer = layer_cls(cfg, self.param_dtype, self.attn_impl, window, name=str(i))
+            x, cache = layer(x, rope_cs, masks[window], cache, segment_ids)
             if cache is not None:
                 cache = cache | {"segment_ids": k_segments}
             new_caches.append(cache)
@@ -266,15 +266,15 @@ class LlamaModel(nn.Module):
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    attn_impl: str = "eager"
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None):
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
-        x, caches = Layers(cfg, self.remat, self.param_dtype, name="layers")(
-            x, positions, segment_ids, caches
-        )
+        layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, name="layers")
+        x, caches = layers(x, positions, segment_ids, caches)
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
         return x, embed, caches
 
@@ -284,18 +284,21 @@ class LlamaForCausalLM(nn.Module):
 
     ``positions [B, S]`` are RoPE positions; ``segment_ids [B, S]`` (0 = padding) restrict
     attention to tokens of the same segment, which serves padding masks and packed batches alike.
+    ``attn_impl`` names the attention implementation (static; chosen by whoever builds the step
+    for its target: see :func:`jaxlora.models.attention.attention`); decoding is always eager.
     """
 
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    attn_impl: str = "eager"
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
         h, embed_w, caches = LlamaModel(
-            cfg, self.dtype, self.param_dtype, self.remat, name="model"
+            cfg, self.dtype, self.param_dtype, self.remat, self.attn_impl, name="model"
         )(input_ids, positions, segment_ids, caches)
         if return_hidden:
             return h, caches

@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict:
     tx, schedule = make_tx(cfg, total_steps)
     opt_state = jax.eval_shape(tx.init, trainable)
     mesh = make_mesh(cfg)
-    kernels, frozen = for_mesh(cfg, mesh, frozen)
+    kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
     model = model.replace(kernels=kernels)
     sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
     frozen = sharding.place(frozen, sh.frozen)

@@ -97,12 +97,18 @@ def make_mesh(cfg: Config) -> Mesh:
     return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
 
-def for_mesh(cfg: Config, mesh: Mesh, frozen):
+def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
     """``(kernels, frozen)``: the kernels for the mesh's devices (``quant.kernel``; the mesh's
     platform decides, not the process's default backend), written into the frozen tree with
     each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
     its devices' own rows."""
-    kernels = kernels_for(list(mesh.devices.flat), cfg.quant.kernel)
+    kernels = kernels_for(
+        list(mesh.devices.flat),
+        cfg.quant.kernel,
+        seq_len=cfg.data.max_seq_len,
+        packed=cfg.data.packing,
+        sliding_window=any(w is not None for w in model_config.sliding_windows),
+    )
     specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules)
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
     return kernels, frozen

@@ -112,6 +112,7 @@ class Kernels:
     platform: str = "cpu"
     nf4: str = "dequant"
     interpret: bool = False
+    attention: str = "eager"
 
     @property
     def fuse_lora(self) -> bool:
@@ -120,7 +121,7 @@ class Kernels:
 
     def describe(self) -> str:
         how = " (Pallas interpret mode)" if self.interpret else ""
-        return f"{self.platform}: NF4 matmul {self.nf4}{how}"
+        return f"{self.platform}: NF4 matmul {self.nf4}{how}, attention {self.attention}"
 
 
 def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
@@ -131,11 +132,40 @@ def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def kernels_for(devices: Sequence[jax.Device], mode: str = "auto") -> Kernels:
+def attention_for(
+    platform: str, seq_len: int, *, packed: bool = True, sliding_window: bool = False
+) -> str:
+    """The attention implementation for a program on ``platform``, from what was measured
+    (docs/attention.md). TPU: splash. GPU: cuDNN for unpacked rows; Pallas flash for packed
+    rows, which has no sliding window, so packed rows with a window take chunked. CPU: chunked
+    from 1024 tokens (less CPU time than eager, equal or faster wall time, linear memory), eager
+    below (a tie at 256 tokens; eager is the reference)."""
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda"):
+        if not packed:
+            return "cudnn"
+        return "chunked" if sliding_window else "pallas_gpu"
+    return "chunked" if seq_len >= 1024 else "eager"
+
+
+def kernels_for(
+    devices: Sequence[jax.Device],
+    mode: str = "auto",
+    *,
+    seq_len: int = 0,
+    packed: bool = True,
+    sliding_window: bool = False,
+) -> Kernels:
     """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
     logged once per choice. ``mode``: ``"auto"`` (Mosaic on TPU, Triton on sm_80+ GPUs,
     dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel), ``"interpret"`` (the GPU
-    kernels in Pallas interpret mode on any platform: slow; tests and debugging)."""
+    kernels in Pallas interpret mode on any platform: slow; tests and debugging).
+
+    Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
+    ``sliding_window`` or not): on one device the platform's flash kernel; on several, the
+    Pallas attention kernels do not run inside ``shard_map`` yet, so a TPU or GPU mesh takes
+    ``"chunked"`` (flash attention in plain JAX, which XLA partitions; memory linear in S)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     device = devices[0]
@@ -146,7 +176,13 @@ def kernels_for(devices: Sequence[jax.Device], mode: str = "auto") -> Kernels:
         nf4 = DEQUANT
     else:
         nf4 = nf4_kernel_for(platform, _compute_capability(device))
-    chosen = Kernels(platform=platform, nf4=nf4, interpret=mode == "interpret")
+    attention = attention_for(platform, seq_len, packed=packed, sliding_window=sliding_window)
+    if len(devices) > 1 and attention in ("splash", "pallas_gpu", "cudnn"):
+        attention = "chunked"
+    interpret = mode == "interpret"
+    if interpret and attention in ("splash", "pallas_gpu", "cudnn"):
+        attention = "chunked"  # interpreting a Pallas attention kernel per step is too slow
+    chosen = Kernels(platform=platform, nf4=nf4, interpret=interpret, attention=attention)
     if chosen not in _LOGGED:
         _LOGGED.add(chosen)
         log.info("kernels for %d %s device(s): %s", len(devices), platform, chosen.describe())

@@ -61,6 +61,10 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
     for run in (one, fsdp8, mixed):
         assert run["kernels"]["matmul"] == {"tpu": "mosaic", "gpu": "triton"}[platform]
         assert KERNEL_CALL[platform] in run["custom_calls"], run["custom_calls"]
+    # flash attention: the platform's Pallas kernel on one device (splash on TPU, Pallas flash
+    # for packed rows on GPU); on a mesh, flash attention in plain JAX, which XLA partitions
+    assert one["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
+    assert fsdp8["kernels"]["attention"] == mixed["kernels"]["attention"] == "chunked"
     for run in (fsdp8, mixed):
         # FSDP gathers the 4-bit codes; the only other gathers are small float leaves (absmax
         # dequantized by the caller, LoRA factors), never a 16-bit copy of a frozen weight

@@ -1,0 +1,318 @@
+"""Flash attention (chunked jnp, splash and Pallas GPU in interpret mode) against eager attention:
+outputs at real tokens and the gradients of a loss that masks padding, float32, 1e-5; padding
+rows output 0. Then the model: logits at real tokens and LoRA gradients with a flash impl."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export
+
+from jaxlora.kernels.attention_chunked import block_pairs, chunked_attention
+from jaxlora.kernels.attention_gpu import cudnn_attention
+from jaxlora.lora import LoraConfig, combine, inject, partition
+from jaxlora.models.attention import attention
+from jaxlora.models.config import LlamaConfig
+from jaxlora.models.llama import LlamaForCausalLM, init_params
+from jaxlora.targets.toolchain import add_side_directory
+from jaxlora.weights.dispatch import Kernels, attention_for, kernels_for
+
+TOL = 1e-5
+# libtpu in the venv, or in the side directory .ci/run installs it to (put on sys.path by the
+# test that compiles, only: see tests/targets/_toolchain.py)
+SIDE = os.environ.get("JAXLORA_AOT_TOOLCHAIN") or os.path.abspath(".aot-toolchain")
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isdir(f"{SIDE}/libtpu")
+
+
+def _close(ours, ref, tol=TOL):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        scale = max(float(jnp.max(jnp.abs(b))), 1.0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * scale, rtol=0)
+
+
+def _case(B, KV, G, S, D, segments, seed=0):
+    """Random q, k, v, a cotangent that is 0 on padding rows (the loss masks padding), ids."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, KV, G, S, D))
+    k = jax.random.normal(ks[1], (B, KV, S, D))
+    v = jax.random.normal(ks[2], (B, KV, S, D))
+    seg = np.ones((B, S), np.int32)
+    if segments == "packed":  # three documents in row 0, two in the last row
+        seg[0, S // 3 :] = 2
+        seg[0, 2 * S // 3 :] = 3
+        seg[-1, S // 2 :] = 2
+    elif segments == "padded":  # right padding in row 0, left padding in the last row
+        seg[0, S - 4 :] = 0
+        seg[-1, :3] = 0
+    elif segments == "packed+padded":
+        seg[0, S // 2 :] = 2
+        seg[0, S - 3 :] = 0
+        seg[-1, :2] = 0
+    seg = jnp.asarray(seg)
+    do = jax.random.normal(ks[3], q.shape) * (seg != 0)[:, None, None, :, None]
+    return q, k, v, do, seg
+
+
+def _vjp(fn, q, k, v, do):
+    out, pull = jax.vjp(jax.jit(fn), q, k, v)
+    return out, pull(do)
+
+
+def _impl(impl, seg, window, **kw):
+    return lambda q, k, v: attention(
+        q, k, v, segment_ids=seg, scale=q.shape[-1] ** -0.5, sliding_window=window, impl=impl, **kw
+    )
+
+
+def _check_against_eager(fn, q, k, v, do, seg, window):
+    """``fn(q, k, v)`` against eager: real rows equal, padding rows 0, the same gradients."""
+    out, grads = _vjp(fn, q, k, v, do)
+    ref, ref_grads = _vjp(_impl("eager", seg, window), q, k, v, do)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
+    assert not np.any(np.asarray(jnp.where(real, 0, out))), "padding rows must output 0"
+    _close(grads, ref_grads)
+
+
+CASES = [  # (B, KV, G, S, D, segments, window)
+    (2, 2, 2, 11, 8, "packed", None),
+    (1, 1, 4, 19, 8, "padded", 5),  # MQA, odd length, window
+    (2, 4, 1, 13, 16, "packed+padded", None),  # MHA
+    (2, 2, 3, 23, 8, "packed+padded", 4),
+]
+
+
+@pytest.mark.parametrize("blocks", [(8, 8), (8, 16), (16, 8), (512, 512)])
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_eager(case, blocks):
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    bq, bkv = blocks
+    kw = dict(scale=shape[-1] ** -0.5, sliding_window=window, block_q=bq, block_kv=bkv)
+    _check_against_eager(
+        lambda q, k, v: chunked_attention(q, k, v, seg, **kw), q, k, v, do, seg, window
+    )
+
+
+def test_chunked_entry_point_matches_eager():
+    q, k, v, do, seg = _case(2, 2, 2, 37, 8, "packed+padded")
+    _check_against_eager(_impl("chunked", seg, None), q, k, v, do, seg, None)
+
+
+def test_block_pairs_skip_only_masked_blocks():
+    # Brute force: a pair is listed iff its block holds an allowed (causal, in-window) entry.
+    for bq, bkv, window in [(4, 4, None), (4, 8, 5), (8, 4, 3), (4, 4, 1)]:
+        n = 32
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        allowed = (j <= i) & ((j > i - window) if window else True)
+        want = {
+            (a, b)
+            for a in range(n // bq)
+            for b in range(n // bkv)
+            if allowed[a * bq : (a + 1) * bq, b * bkv : (b + 1) * bkv].any()
+        }
+        got = {tuple(p) for p in block_pairs(n // bq, n // bkv, bq, bkv, True, window).tolist()}
+        assert got == want
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_splash_interpret_matches_eager(case):
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    fn = _impl("splash", seg, window, interpret=True)
+    _check_against_eager(fn, q, k, v, do, seg, window)
+
+
+def test_splash_bf16():
+    # The tests run with jax_default_matmul_precision="highest", which Mosaic cannot compile
+    # for bf16 matmuls: the adaptor says so, and runs under the default precision.
+    q, k, v, do, seg = (
+        x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+        for x in _case(1, 2, 2, 40, 128, "packed+padded")
+    )
+    splash = _impl("splash", seg, None, interpret=True)
+    with pytest.raises(ValueError, match="default_matmul_precision"):
+        _vjp(splash, q, k, v, do)
+    with jax.default_matmul_precision("default"):
+        out, grads = _vjp(splash, q, k, v, do)
+        ref, ref_grads = _vjp(_impl("eager", seg, None), q, k, v, do)
+    real = (seg != 0)[:, None, None, :, None]
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    _close(f32(jnp.where(real, out, 0)), f32(jnp.where(real, ref, 0)), tol=2e-2)
+    _close(f32(grads), f32(ref_grads), tol=2e-2)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] is None])
+def test_pallas_gpu_interpret_matches_eager(case):
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    fn = _impl("pallas_gpu", seg, window, interpret=True)
+    _check_against_eager(fn, q, k, v, do, seg, window)
+
+
+def _lowered_for(platform, impl, seq=256):
+    """StableHLO of the attention forward and backward lowered for ``platform`` (any host)."""
+    B, KV, G, D = 1, 2, 2, 128
+
+    def fwd_bwd(q, k, v, seg, do):
+        fn = lambda q, k, v: attention(q, k, v, segment_ids=seg, scale=D**-0.5, impl=impl)
+        out, pull = jax.vjp(fn, q, k, v)
+        return out, pull(do)
+
+    q = jax.ShapeDtypeStruct((B, KV, G, seq, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, KV, seq, D), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((B, seq), jnp.int32)
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exp = export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)
+    with jax.default_matmul_precision("default"):  # bf16 on TPU: see test_splash_bf16
+        return exp(q, kv, kv, seg, q).mlir_module()
+
+
+def test_splash_lowers_for_tpu():
+    # forward, dq and dkv kernels (compiling the Mosaic IR needs libtpu: see below)
+    assert _lowered_for("tpu", "splash").count("tpu_custom_call") >= 3
+
+
+def test_pallas_gpu_lowers_for_cuda():
+    # forward, backward preprocessing and the fused dq/dk/dv kernel
+    assert _lowered_for("cuda", "pallas_gpu").count("__gpu$xla.gpu.triton") >= 3
+
+
+@pytest.mark.aot
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install 'jax[tpu]')")
+def test_splash_compiles_for_v5e_in_linear_memory():
+    """Llama-3-8B attention (32 heads, 8 kv heads, head_dim 128, bf16) at S = 8192, forward
+    and backward, compiled for one v5e chip: eager needs 16.3 GiB of temporaries there."""
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    add_side_directory()
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another compile may hold libtpu
+    device = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+    sharding = SingleDeviceSharding(device)
+    S, D = 8192, 128
+
+    def fwd_bwd(q, k, v, seg, do):
+        fn = lambda q, k, v: attention(q, k, v, segment_ids=seg, scale=D**-0.5, impl="splash")
+        out, pull = jax.vjp(fn, q, k, v)
+        return out, pull(do)
+
+    sds = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    q, kv = sds((1, 8, 4, S, D)), sds((1, 8, S, D))
+    with jax.default_matmul_precision("default"):  # the tests' "highest" fails for bf16
+        compiled = jax.jit(fwd_bwd).lower(q, kv, kv, sds((1, S), jnp.int32), q).compile()
+    # 0.19 GiB measured: splash's float32 logsumexp residual, (32, S, 128 lanes), and copies of it
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**30
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cudnn_adaptor_through_xla_matches_eager(case):
+    # cuDNN needs a GPU; jax.nn.dot_product_attention's XLA implementation takes the same call,
+    # which checks the adaptor's layouts, lengths and window. Rows: one sequence, right-padded.
+    *shape, _, window = case
+    q, k, v, do, _ = _case(*shape, "padded")
+    S = q.shape[3]
+    seg = jnp.asarray((np.arange(S)[None, :] < np.array([S - 4, S])[: q.shape[0], None]) * 1)
+    do = do * (seg != 0)[:, None, None, :, None]
+    kw = dict(scale=q.shape[-1] ** -0.5, sliding_window=window, implementation="xla")
+    fn = lambda q, k, v: cudnn_attention(q, k, v, seg, **kw)
+    _check_against_eager(fn, q, k, v, do, seg, window)
+
+
+def test_pallas_gpu_refuses_a_window():
+    q, k, v, do, seg = _case(1, 1, 2, 8, 8, "padded")
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        _vjp(_impl("pallas_gpu", seg, 3, interpret=True), q, k, v, do)
+
+
+def test_unknown_impl_and_window_without_causal_are_refused():
+    q, k, v, _, seg = _case(1, 1, 2, 8, 8, "padded")
+    with pytest.raises(ValueError, match="impl"):
+        attention(q, k, v, segment_ids=seg, scale=1.0, impl="flash")
+    with pytest.raises(ValueError, match="causal"):
+        attention(q, k, v, segment_ids=seg, scale=1.0, causal=False, sliding_window=3)
+
+
+def test_attention_follows_the_devices():
+    assert attention_for("tpu", 128) == "splash"
+    assert attention_for("gpu", 4096, packed=False, sliding_window=True) == "cudnn"
+    assert attention_for("gpu", 4096) == "pallas_gpu"
+    assert attention_for("gpu", 4096, sliding_window=True) == "chunked"
+    assert attention_for("cpu", 256) == "eager"
+    assert attention_for("cpu", 2048) == "chunked"
+    cpu = jax.devices("cpu")
+    assert kernels_for(cpu, seq_len=128).attention == "eager"
+    assert kernels_for(cpu, seq_len=2048).attention == "chunked"
+
+    class Tpu:
+        platform = "tpu"
+
+    # one chip: splash; a mesh: chunked, which XLA partitions (no shard_map'd Pallas attention)
+    assert kernels_for([Tpu()], seq_len=2048) == Kernels("tpu", "mosaic", attention="splash")
+    assert kernels_for([Tpu()] * 8, seq_len=2048).attention == "chunked"
+
+
+def _masked_loss(module, params, ids, seg):
+    positions = jnp.maximum(jnp.cumsum(seg != 0, axis=1) - 1, 0)
+    logits, _ = module.apply({"params": params}, ids, positions, seg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    mask = (seg[:, 1:] != 0) & (seg[:, 1:] == seg[:, :-1])
+    return jnp.sum(ce * mask) / jnp.sum(mask), logits
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_model_with_chunked_attention_matches_eager(remat):
+    # GQA, a sliding-window layer and a full one, packed and padded rows.
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        sliding_windows=(4, None),
+    )
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    params = inject(init_params(cfg, jax.random.key(0)), lora_cfg, jax.random.key(1))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 61, size=(2, 13)), jnp.int32)
+    seg = np.ones((2, 13), np.int32)
+    seg[0, 6:] = 2
+    seg[1, 10:] = 0
+    seg = jnp.asarray(seg)
+    frozen, trainable = partition(params, lora_cfg)
+
+    def run(impl):
+        module = LlamaForCausalLM(cfg, remat=remat, attn_impl=impl)
+        loss = lambda t: _masked_loss(module, combine(frozen, t), ids, seg)
+        return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+    (loss, logits), grads = run("chunked")
+    (ref_loss, ref_logits), ref_grads = run("eager")
+    real = (seg != 0)[..., None]
+    _close(jnp.where(real, logits, 0), jnp.where(real, ref_logits, 0), tol=1e-4)
+    _close((loss, grads), (ref_loss, ref_grads), tol=1e-4)
+
+
+def test_model_refuses_unknown_impl():
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+    )
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="attn_impl"):
+        LlamaForCausalLM(cfg, attn_impl="flash").init(jax.random.key(0), ids, ids, ids)
