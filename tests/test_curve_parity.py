@@ -24,19 +24,47 @@ import torch
 
 import jaxlora
 from jaxlora import lora
+from jaxlora.interop.peft import adapter_tensors
 from jaxlora.lora import LoraConfig
-from jaxlora.optim import make_optimizer
-from jaxlora.peft_io import adapter_tensors
+from jaxlora.training.optim import make_optimizer
 from tests.hf_models import make_hf_model
 from tools.bench_common import packed_batches
 
 STEPS = 32
-LOSS_RTOL = 1e-3
+# Step 1 is before any update: the two sides evaluate the same float32 function with different
+# kernels (MKL vs XLA matmuls, their own softmax and reductions), a few ulps apart per op.
+# Measured on an AMD EPYC: loss <= 1.0e-7, gradient norm <= 2.3e-7 relative. Bound 1e-5.
+STEP1_RTOL = 1e-5
+# The 32-step curve (losses, gradient norms) and the final adapter change: under AdamW two
+# float32 runs drift apart, because m/(sqrt(v) + eps) turns a rounding difference in a
+# near-zero gradient into a full-size step, and the drift grows along the trajectory (the
+# loss gap is ~1e-7 for the first steps, ~1e-6 by step 32). Measured on an AMD EPYC with
+# the default code paths and with other instruction sets emulated on either side
+# (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 or AVX; torch ATEN_CPU_CAPABILITY=avx2 or default,
+# MKL_ENABLE_INSTRUCTIONS=AVX2, MKL_CBWR=COMPATIBLE with one thread): losses <= 1.4e-5,
+# gradient norms <= 1.1e-4, adapter changes <= 1.1e-4 of each tensor's largest change.
+# Bound 1e-3 for all three, ~9x the largest; a wrong scale, mask or optimizer step is off by
+# far more.
+CURVE_RTOL = 1e-3
 HP = dict(lr=4e-3, b1=0.85, b2=0.98, eps=1e-7, weight_decay=0.05, max_grad_norm=2.0)
 # Weights with std 0.2: at transformers' 0.02 the final RMSNorm caps the logits near 0.8, so a
 # LoRA on the decoder barely moves the loss and the curve would test little.
 MODEL = dict(num_key_value_heads=2, num_hidden_layers=2, initializer_range=0.2)
 BATCHES = packed_batches(4, 3, 19, 61, seed=5, min_doc=3)
+
+
+def _optax_adamw():
+    """jaxlora's optimizer (clipping + AdamW) with :data:`HP`."""
+    hp = {k: HP[k] for k in ("weight_decay", "max_grad_norm", "b1", "b2", "eps")}
+    return make_optimizer(optax.constant_schedule(HP["lr"]), **hp)
+
+
+def _torch_adamw(params):
+    """torch's AdamW with :data:`HP` (clipping is a separate call on the torch side)."""
+    betas = (HP["b1"], HP["b2"])
+    return torch.optim.AdamW(
+        params, lr=HP["lr"], betas=betas, eps=HP["eps"], weight_decay=HP["weight_decay"]
+    )
 
 
 def _bnb_exact(model):
@@ -59,11 +87,16 @@ def base_dirs(tmp_path_factory):
     make_hf_model("llama2_mha", dense, seed=3, **MODEL)
     bnb_dir = tmp_path_factory.mktemp("bnb")
     q = AutoModelForCausalLM.from_pretrained(
-        dense, dtype=torch.float32, device_map="cpu",
+        dense,
+        dtype=torch.float32,
+        device_map="cpu",
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32),
-    )  # fmt: skip
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
     q.save_pretrained(bnb_dir)
     return {"dense": dense, "bnb": bnb_dir}
 
@@ -72,13 +105,11 @@ def train_jaxlora(base_dir, adapter_dir):
     """Losses, gradient norms and the final adapter tensors (PEFT key names)."""
     import jax
 
-    from jaxlora.step import make_train_step
+    from jaxlora.training.step import make_train_step
 
     model = jaxlora.load_model(base_dir, adapter=adapter_dir, tokenizer=False)
     frozen, trainable = lora.partition(model.params, model.lora)
-    tx = make_optimizer(optax.constant_schedule(HP["lr"]), weight_decay=HP["weight_decay"],
-                        max_grad_norm=HP["max_grad_norm"], b1=HP["b1"], b2=HP["b2"],
-                        eps=HP["eps"])  # fmt: skip
+    tx = _optax_adamw()
     opt_state = tx.init(trainable)
     step = jax.jit(make_train_step(model.module(), lora.combine, tx, dropout=False))
     losses, norms = [], []
@@ -105,13 +136,13 @@ def train_peft(base_dir, adapter_dir, quantized: bool):
         _bnb_exact(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=HP["lr"], betas=(HP["b1"], HP["b2"]), eps=HP["eps"],
-                            weight_decay=HP["weight_decay"])  # fmt: skip
+    opt = _torch_adamw(params)
     losses, norms = [], []
     for i in range(STEPS):
         b = {k: torch.as_tensor(v) for k, v in BATCHES[i % len(BATCHES)].items()}
-        logits = model(input_ids=b["input_ids"].long(), position_ids=b["positions"].long(),
-                       use_cache=False).logits  # fmt: skip
+        logits = model(
+            input_ids=b["input_ids"].long(), position_ids=b["positions"].long(), use_cache=False
+        ).logits
         ce = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), b["targets"].long().reshape(-1), reduction="none"
         )
@@ -147,18 +178,23 @@ def test_loss_curves_and_final_adapters_match_peft(base_dirs, tmp_path, mode):
     assert ref_loss[-4:].mean() < ref_loss[:4].mean() - 0.5, ref_loss
     clipped = ref_norm > HP["max_grad_norm"]
     assert clipped.any() and not clipped.all(), ref_norm
-    np.testing.assert_allclose(ours_loss, ref_loss, rtol=LOSS_RTOL, atol=0)
-    np.testing.assert_allclose(ours_norm, ref_norm, rtol=LOSS_RTOL, atol=0)
+    # the first step, before any update, to float32 rounding; then the whole curve
+    np.testing.assert_allclose(ours_loss[0], ref_loss[0], rtol=STEP1_RTOL, atol=0)
+    np.testing.assert_allclose(ours_norm[0], ref_norm[0], rtol=STEP1_RTOL, atol=0)
+    np.testing.assert_allclose(ours_loss, ref_loss, rtol=CURVE_RTOL, atol=0)
+    np.testing.assert_allclose(ours_norm, ref_norm, rtol=CURVE_RTOL, atol=0)
 
-    # final adapters: same keys; what training changed (final − initial) agrees to 1e-3 of
-    # its own size, for every tensor
+    # final adapters: same keys; what training changed (final − initial) agrees to CURVE_RTOL
+    # of its own size, for every tensor
     assert set(ours) == set(ref)
     for key in sorted(ref):
         delta_ref = ref[key] - init[key]
         delta_ours = ours[key] - init[key]
         scale = np.abs(delta_ref).max()
         assert scale > 1e-3, key  # every adapter tensor trained
-        np.testing.assert_allclose(delta_ours, delta_ref, rtol=0, atol=1e-3 * scale, err_msg=key)
+        np.testing.assert_allclose(
+            delta_ours, delta_ref, rtol=0, atol=CURVE_RTOL * scale, err_msg=key
+        )
 
 
 def test_adamw_and_clipping_match_torch():
@@ -166,16 +202,15 @@ def test_adamw_and_clipping_match_torch():
     rng = np.random.default_rng(0)
     shapes = [(7, 11), (13,), (3, 5)]
     params = [rng.normal(size=s).astype(np.float32) for s in shapes]
-    grads = [[rng.normal(size=s).astype(np.float32) * (0.05 if t % 2 else 1.0) for s in shapes]
-             for t in range(6)]  # fmt: skip
-    tx = make_optimizer(optax.constant_schedule(HP["lr"]), weight_decay=HP["weight_decay"],
-                        max_grad_norm=HP["max_grad_norm"], b1=HP["b1"], b2=HP["b2"],
-                        eps=HP["eps"])  # fmt: skip
+    grads = [
+        [rng.normal(size=s).astype(np.float32) * (0.05 if t % 2 else 1.0) for s in shapes]
+        for t in range(6)
+    ]
+    tx = _optax_adamw()
     ours = [np.asarray(p) for p in params]
     state = tx.init(ours)
     tp = [torch.nn.Parameter(torch.tensor(p)) for p in params]
-    opt = torch.optim.AdamW(tp, lr=HP["lr"], betas=(HP["b1"], HP["b2"]), eps=HP["eps"],
-                            weight_decay=HP["weight_decay"])  # fmt: skip
+    opt = _torch_adamw(tp)
     norms = []
     for g in grads:
         updates, state = tx.update(g, state, ours)
