@@ -15,7 +15,7 @@ import pytest
 
 from jaxlora import train
 from jaxlora.export import main as export_main
-from jaxlora.safetensors_io import SafetensorsFile
+from jaxlora.interop.safetensors import read_file
 from tests.hf_models import make_run_assets
 
 # One worker runs this module, so its module-scoped runs happen once.
@@ -29,11 +29,18 @@ def assets(tmp_path_factory):
 
 def _args(assets, out, *extra):
     return [
-        f"model.path={assets['model']}", f"data.path={assets['train']}", "data.val_size=0",
-        f"data.eval_path={assets['eval']}", "data.max_seq_len=192", "train.batch_size=4",
-        "train.log_every=1", "train.eval_every=4", "train.save_every=4", f"output_dir={out}",
+        f"model.path={assets['model']}",
+        f"data.path={assets['train']}",
+        "data.val_size=0",
+        f"data.eval_path={assets['eval']}",
+        "data.max_seq_len=192",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.save_every=4",
+        f"output_dir={out}",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -41,8 +48,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _adapter(out: Path) -> dict[str, np.ndarray]:
-    f = SafetensorsFile(out / "adapter" / "adapter_model.safetensors")
-    return {k: np.array(f.get(k)) for k in f.keys()}
+    return read_file(out / "adapter" / "adapter_model.safetensors")
 
 
 # ---- configuration errors: exit 2, a message naming the key, nothing written ----------------
@@ -88,9 +94,17 @@ def test_target_module_that_matches_nothing_is_an_error(assets, tmp_path, capsys
 @pytest.fixture(scope="module")
 def short_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("short") / "run"
-    rc = train.main(_args(assets, out, "train.max_steps=12", "train.lr=3e-3",
-                          "train.exact_match_examples=4", "train.sample_every=6",
-                          "train.sample_prompts=['What is 2 plus 3?']"))  # fmt: skip
+    rc = train.main(
+        _args(
+            assets,
+            out,
+            "train.max_steps=12",
+            "train.lr=3e-3",
+            "train.exact_match_examples=4",
+            "train.sample_every=6",
+            "train.sample_prompts=['What is 2 plus 3?']",
+        )
+    )
     assert rc == 0
     return out
 
@@ -158,11 +172,18 @@ def test_resume_against_another_base_is_refused(assets, short_run, tmp_path, cap
     other = tmp_path / "other"
     shutil.copytree(assets["model"], other)
     cfg = json.loads((other / "config.json").read_text())
-    make_hf_model("llama2_mha", other, seed=99, vocab_size=cfg["vocab_size"], hidden_size=64,
-                  intermediate_size=128)  # fmt: skip
+    make_hf_model(
+        "llama2_mha",
+        other,
+        seed=99,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+    )
     config = (short_run / "config.yaml").read_bytes()
-    rc = train.main(_args(assets, short_run, "train.max_steps=16", "train.resume=true",
-                          f"model.path={other}"))  # fmt: skip
+    rc = train.main(
+        _args(assets, short_run, "train.max_steps=16", "train.resume=true", f"model.path={other}")
+    )
     assert rc == 2
     assert "different base model" in capsys.readouterr().err
     assert (short_run / "config.yaml").read_bytes() == config
@@ -179,8 +200,17 @@ def test_resume_with_another_rank_is_refused(assets, short_run, capsys):
 
 def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoints(assets, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = train.main(_args(assets, out, "train.max_steps=12", "train.lr=1e30", "train.save_every=1",
-                          "train.max_grad_norm=0", "train.warmup_ratio=0"))  # fmt: skip
+    rc = train.main(
+        _args(
+            assets,
+            out,
+            "train.max_steps=12",
+            "train.lr=1e30",
+            "train.save_every=1",
+            "train.max_grad_norm=0",
+            "train.warmup_ratio=0",
+        )
+    )
     assert rc == 3
     err = capsys.readouterr().err
     assert "not finite" in err and "lower train.lr" in err
@@ -206,8 +236,9 @@ def test_sigkill_and_resume_gives_bit_identical_adapter(assets, tmp_path):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jaxlora.train", *_args(assets, out, *common)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).parents[1])  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1]
+    )
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once a checkpoint exists and training has moved past it
         done = [r["step"] for r in _metrics(out)] if (out / "metrics.jsonl").exists() else []
