@@ -148,8 +148,17 @@ def _tpu_devices(target: Target) -> list[jax.Device]:
     return list(topo.devices)
 
 
+def _find(name: str):
+    """``importlib.util.find_spec``, with a missing parent package (no ``jax_plugins`` at all)
+    meaning "not installed" instead of an error."""
+    try:
+        return importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return None
+
+
 def _cuda_plugin_path() -> str:
-    spec = importlib.util.find_spec("jax_plugins.xla_cuda12")
+    spec = _find("jax_plugins.xla_cuda12")
     path = None
     if spec is not None and spec.submodule_search_locations:
         path = os.path.join(list(spec.submodule_search_locations)[0], "xla_cuda_plugin.so")
@@ -210,6 +219,6 @@ def missing_toolchains() -> dict[str, str]:
     (a present CUDA plugin without ptxas/libdevice shows up in :func:`compile_devices`)."""
     have = {
         "tpu": importlib.util.find_spec("libtpu") is not None,
-        "gpu": importlib.util.find_spec("jax_plugins.xla_cuda12") is not None,
+        "gpu": _find("jax_plugins.xla_cuda12") is not None,
     }
     return {p: hint for p, hint in (("tpu", TPU_INSTALL), ("gpu", GPU_INSTALL)) if not have[p]}
