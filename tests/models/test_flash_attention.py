@@ -4,6 +4,7 @@ rows output 0. Then the model: logits at real tokens and LoRA gradients with a f
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -22,6 +23,7 @@ from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.targets.toolchain import add_side_directory
 from jaxlora.weights.dispatch import Kernels, attention_for, kernels_for
+from tests.hf_models import tiny_config
 
 TOL = 1e-5
 # libtpu in the venv, or in the side directory .ci/run installs it to (put on sys.path by the
@@ -285,17 +287,7 @@ def _masked_loss(module, params, ids, seg):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_model_with_chunked_attention_matches_eager(remat):
     # GQA, a sliding-window layer and a full one, packed and padded rows.
-    cfg = LlamaConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-        sliding_windows=(4, None),
-    )
+    cfg = dataclasses.replace(tiny_config(), sliding_windows=(4, None))
     lora_cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
     params = inject(init_params(cfg, jax.random.key(0)), lora_cfg, jax.random.key(1))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 61, size=(2, 13)), jnp.int32)
