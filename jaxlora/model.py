@@ -114,10 +114,18 @@ class Model:
         return self.replace(params=lora.inject(self.params, cfg, key), lora=cfg)
 
     def load_adapter(self, directory: str | Path) -> Model:
-        """A new Model with the PEFT adapter in ``directory`` applied (see ``interop.peft``)."""
+        """A new Model with the PEFT adapter in ``directory`` applied (see ``interop.peft``).
+
+        An adapter a run saved carries the tokenizer with the run's prompt format as its chat
+        template (:mod:`jaxlora.data.prompts`); when ``directory`` has tokenizer files they
+        replace the base's (a model loaded without a tokenizer stays without one)."""
         self._no_adapter_yet(directory)
         params, cfg = peft.load_adapter(self.params, directory)
-        return self.replace(params=params, lora=cfg)
+        tokenizer = self.tokenizer
+        if tokenizer is not None and (own := _load_tokenizer(Path(directory))) is not None:
+            log.info("tokenizer (and its chat template) from the adapter directory %s", directory)
+            tokenizer = own
+        return self.replace(params=params, lora=cfg, tokenizer=tokenizer)
 
     def save_adapter(
         self, directory: str | Path, base_model_name_or_path: str | None = None
@@ -178,7 +186,9 @@ def load_model(
       quant: ``None`` | ``"nf4"`` | ``"fp4"``: quantize every decoder linear to 4 bits while
         streaming (embeddings, norms and ``lm_head`` stay in ``dtype``). A bitsandbytes 4-bit
         checkpoint is read as stored, whatever this says.
-      adapter: a PEFT LoRA adapter directory to apply on top.
+      adapter: a PEFT LoRA adapter directory to apply on top; its tokenizer files, when it has
+        them (a jaxlora run's adapter does), replace the base's: they carry the run's prompt
+        format as the chat template.
       kernel: the 4-bit matmul (``"auto"``, ``"dequant"``, ``"interpret"``), chosen for the
         devices the model runs on (``jax.devices()``); see ``weights.kernels_for``.
     """

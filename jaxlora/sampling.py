@@ -9,14 +9,16 @@ any parameter tree the model accepts (plain, NF4, LoRA-wrapped). The command lin
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlora import data
+from jaxlora.data.prompts import Prompt
 from jaxlora.model import Model, default_positions
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.weights import prepare
@@ -59,10 +61,52 @@ def _sample(logits, key, temperature, top_k, top_p):
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("module", "max_new_tokens", "temperature", "top_k", "top_p"),
-)
+class DecodeState(NamedTuple):
+    """Where decoding is: ``step`` tokens written to ``out [B, max_new_tokens]``, the next
+    token's ``logits [B, V]``, the caches, which rows are ``done`` (EOS produced), each row's
+    last position, the sampling key."""
+
+    step: jax.Array
+    logits: jax.Array
+    caches: list
+    out: jax.Array
+    done: jax.Array
+    pos: jax.Array
+    key: jax.Array
+
+
+def _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens):
+    """Run the left-padded prompts ``[B, P]`` through the model, filling fresh caches."""
+    B, P = input_ids.shape
+    caches = init_caches(module.config, B, P + max_new_tokens, module.dtype)
+    positions = default_positions(attention_mask)
+    logits, caches = module.apply({"params": params}, input_ids, positions, attention_mask, caches)
+    out = jnp.full((B, max_new_tokens), eos_ids[0], jnp.int32)
+    done = jnp.zeros((B,), bool)
+    return DecodeState(jnp.int32(0), logits[:, -1], caches, out, done, positions[:, -1], key)
+
+
+def _decode(module, params, state: DecodeState, eos_ids, temperature, top_k, top_p):
+    """Sample one token per row from ``state.logits``, write it, and run it through the model."""
+    key, sub = jax.random.split(state.key)
+    tok = _sample(state.logits.astype(jnp.float32), sub, temperature, top_k, top_p)
+    tok = jnp.where(state.done, eos_ids[0], tok).astype(jnp.int32)
+    out = state.out.at[:, state.step].set(tok)
+    done = state.done | jnp.isin(tok, eos_ids)
+    pos = state.pos + 1
+    ones = jnp.ones((tok.shape[0], 1), jnp.int32)
+    logits, caches = module.apply(
+        {"params": params}, tok[:, None], pos[:, None], ones, state.caches
+    )
+    return DecodeState(state.step + 1, logits[:, -1], caches, out, done, pos, key)
+
+
+_SAMPLING = ("temperature", "top_k", "top_p")
+_prefill_jit = jax.jit(_prefill, static_argnames=("module", "max_new_tokens"))
+_decode_jit = jax.jit(_decode, static_argnames=("module", *_SAMPLING), donate_argnames="state")
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", *_SAMPLING))
 def generate_ids(
     module: LlamaForCausalLM,
     params,
@@ -76,33 +120,12 @@ def generate_ids(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> jax.Array:
-    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (EOS after EOS)."""
-    B, P = input_ids.shape
-    caches = init_caches(module.config, B, P + max_new_tokens, module.dtype)
-    positions = default_positions(attention_mask)
-    logits, caches = module.apply({"params": params}, input_ids, positions, attention_mask, caches)
-    last_pos = positions[:, -1]
-    out = jnp.full((B, max_new_tokens), eos_ids[0], jnp.int32)
-
-    def cond(state):
-        step, _, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, logits, caches, out, done, pos, key = state
-        key, sub = jax.random.split(key)
-        tok = _sample(logits.astype(jnp.float32), sub, temperature, top_k, top_p)
-        tok = jnp.where(done, eos_ids[0], tok).astype(jnp.int32)
-        out = out.at[:, step].set(tok)
-        done = done | jnp.isin(tok, eos_ids)
-        pos = pos + 1
-        logits, caches = module.apply(
-            {"params": params}, tok[:, None], pos[:, None], jnp.ones((B, 1), jnp.int32), caches
-        )
-        return step + 1, logits[:, -1], caches, out, done, pos, key
-
-    state = (jnp.int32(0), logits[:, -1], caches, out, jnp.zeros((B,), bool), last_pos, key)
-    return jax.lax.while_loop(cond, body, state)[3]
+    """Left-padded prompts ``[B, P]`` -> new tokens ``[B, max_new_tokens]`` (EOS after EOS),
+    in one compiled loop that stops when every row is done."""
+    state = _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens)
+    cond = lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done)
+    body = lambda s: _decode(module, params, s, eos_ids, temperature, top_k, top_p)
+    return jax.lax.while_loop(cond, body, state).out
 
 
 def _bucket(n: int, lo: int) -> int:
@@ -110,32 +133,21 @@ def _bucket(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, n - 1).bit_length())
 
 
-def generate(
-    model: Model,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    chat: bool = False,
-    params: Any = None,
-) -> list[str]:
-    """Complete each prompt (greedy by default). ``chat`` renders it with the chat template."""
-    tok = model.tokenizer
+class Prepared(NamedTuple):
+    """A batch of prompts as the compiled loop takes them."""
+
+    n: int  # real prompts (the batch is padded to a power of two)
+    ids: jax.Array
+    mask: jax.Array
+    eos_ids: jax.Array
+
+
+def _prepare_prompts(tok, prompts: Sequence[Prompt]) -> Prepared:
     if tok is None:
         raise ValueError("this model has no tokenizer; call generate_ids with token ids instead")
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise ValueError("chat=True but the tokenizer has no chat_template")
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-    encoded = [tok(p)["input_ids"] for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts to complete")
+    encoded = [data.encode_prompt(tok, p) for p in prompts]
     n = len(encoded)
     # Shapes come in powers of two, so the jitted loop compiles once per bucket, not once per
     # call: extra rows repeat the first prompt (and are dropped), extra columns are left padding.
@@ -149,12 +161,44 @@ def generate(
         mask[i, width - len(e) :] = 1
     eos = tok.eos_token_id
     eos_ids = jnp.asarray(eos if isinstance(eos, list) else [eos], jnp.int32)
+    return Prepared(n, jnp.asarray(ids), jnp.asarray(mask), eos_ids)
+
+
+def _texts(tok, new: np.ndarray, eos_ids: jax.Array, n: int) -> list[str]:
+    """Each of the first ``n`` rows of new tokens decoded up to (not including) its first EOS."""
+    texts, eos_set = [], set(np.asarray(eos_ids).tolist())
+    for row in np.asarray(new)[:n]:
+        stop = [i for i, t in enumerate(row) if t in eos_set]
+        texts.append(tok.decode(row[: stop[0]] if stop else row, skip_special_tokens=True))
+    return texts
+
+
+def generate(
+    model: Model,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    params: Any = None,
+) -> list[str]:
+    """Complete each prompt (greedy by default), in one compiled loop.
+
+    A prompt is text, sent as written (with the tokenizer's BOS, as training adds it), or a
+    conversation — a list of ``{"role", "content"}`` messages, e.g. ``data.user_prompt("...")``
+    — rendered with the model's chat template, which carries the run's prompt format
+    (:mod:`jaxlora.data.prompts`).
+    """
+    tok = model.tokenizer
+    batch = _prepare_prompts(tok, prompts)
     new = generate_ids(
         model.module(),
         prepare(model.params if params is None else params, model.kernels),
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        eos_ids,
+        batch.ids,
+        batch.mask,
+        batch.eos_ids,
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -163,8 +207,42 @@ def generate(
     )
     if not new.is_fully_addressable:  # multi-host: every process needs every row to decode
         new = multihost_utils.process_allgather(new, tiled=True)
-    texts, eos_set = [], set(np.asarray(eos_ids).tolist())
-    for row in np.asarray(new)[:n]:
-        stop = [i for i, t in enumerate(row) if t in eos_set]
-        texts.append(tok.decode(row[: stop[0]] if stop else row, skip_special_tokens=True))
-    return texts
+    return _texts(tok, np.asarray(new), batch.eos_ids, batch.n)
+
+
+class Partial(NamedTuple):
+    """What :func:`stream` has produced so far: each prompt's text and whether it is finished."""
+
+    texts: list[str]
+    done: list[bool]
+
+
+def stream(
+    model: Model,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Iterator[Partial]:
+    """:func:`generate`, one token at a time: yields a :class:`Partial` after every step.
+
+    The same prefill and decode step as :func:`generate`'s compiled loop (so the same tokens),
+    each jitted on its own so the host sees every token as it is produced.
+    """
+    tok = model.tokenizer
+    batch = _prepare_prompts(tok, prompts)
+    module, params = model.module(), prepare(model.params, model.kernels)
+    state = _prefill_jit(
+        module, params, batch.ids, batch.mask, batch.eos_ids, jax.random.key(seed), max_new_tokens
+    )
+    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    for step in range(max_new_tokens):
+        state = _decode_jit(module, params, state, batch.eos_ids, **sampling)
+        out, done = jax.device_get((state.out, state.done))
+        texts = _texts(tok, out[:, : step + 1], batch.eos_ids, batch.n)
+        yield Partial(texts, [bool(d) for d in done[: batch.n]])
+        if done.all():
+            return

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +13,11 @@ import pytest
 import torch
 
 import jaxlora
+from jaxlora import data
 from jaxlora.config import ConfigError, from_argv
 from jaxlora.generate import GenerateArgs
-from jaxlora.sampling import _sample, generate_ids, init_caches
+from jaxlora.generate import main as generate_main
+from jaxlora.sampling import _sample, generate, generate_ids, init_caches, stream
 from tests.hf_models import make_hf_model, random_ids
 
 
@@ -97,14 +103,23 @@ def test_cli_prompts_are_taken_as_written_and_repeat():
     assert args.prompt == ("Reverse: a b c", "42") and args.top_k == 3
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["model=x"],
+        ["model=x", "prompt=a", "interactive=true"],
+        ["model=x", "prompt=a", "prompts=f"],
+    ],
+)
+def test_cli_takes_exactly_one_source_of_prompts(argv):
+    with pytest.raises(ConfigError, match="one of them"):
+        from_argv(GenerateArgs, argv, repeatable=("prompt",))
+
+
 def test_generate_buckets_shapes_and_each_row_matches_its_own_run():
     """``generate`` pads batch and prompt width to powers of two: prompts of other lengths and
     counts in the same bucket reuse one compiled loop, and a row's completion does not depend on
     the rows (or padding) beside it."""
-    from pathlib import Path
-
-    from jaxlora.sampling import generate
-
     demo = Path(__file__).resolve().parents[1] / "assets" / "demo" / "base"
     model = jaxlora.load_model(demo)
     prompts = ["In which town does", "What kind of pet does Funbil Tenmi", "Describe"]
@@ -117,3 +132,143 @@ def test_generate_buckets_shapes_and_each_row_matches_its_own_run():
     generate(model, prompts[:2] + ["Where"], max_new_tokens=new)  # the 4-row bucket again
     generate(model, prompts + ["Who", "Why"], max_new_tokens=new)  # 5 rows -> 8: new shape
     assert generate_ids._cache_size() == before + 3
+
+
+# ---- the command: templates, streaming, prompts files, the REPL (the demo base: real tokenizer) --
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo" / "base"
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return jaxlora.load_model(DEMO)
+
+
+def _run(capsys, *argv, stdin=None):
+    rc = generate_main([f"model={DEMO}", f"max_new_tokens={NEW}", *argv], stdin=stdin)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_prompt_is_a_user_turn_of_the_chat_template_unless_raw(demo, capsys):
+    q = "In which town does Malmi Galpus live?"
+    templated = generate(demo, [data.user_prompt(q)], max_new_tokens=NEW)[0]
+    raw = generate(demo, [q], max_new_tokens=NEW)[0]
+    assert data.encode_prompt(demo.tokenizer, data.user_prompt(q)) != data.encode_prompt(
+        demo.tokenizer, q
+    )  # the demo base has a chat template: the two prompts differ
+    assert _run(capsys, f"prompt={q}") == (0, f"### {q}\n{templated}\n", "")
+    assert _run(capsys, f"prompt={q}", "raw=true")[1] == f"### {q}\n{raw}\n"
+
+
+def test_stream_yields_growing_text_that_ends_as_generate(demo):
+    prompts = [data.user_prompt("Describe Fivas Runson in one sentence."), "In which"]
+    partials = list(stream(demo, prompts, max_new_tokens=NEW))
+    final = generate(demo, prompts, max_new_tokens=NEW)
+    assert partials[-1].texts == final
+    for before, after in zip(partials, partials[1:], strict=False):
+        for b, a in zip(before.texts, after.texts, strict=True):
+            assert a.startswith(b.rstrip("\ufffd"))
+    assert len(partials) <= NEW
+
+
+def test_streamed_and_whole_answers_print_the_same(capsys):
+    qs = [f"prompt={q}" for q in ("Where does Malmi Galpus live?", "Name a town.", "Hi")]
+    rc, streamed, _ = _run(capsys, *qs, "batch_size=2")
+    assert rc == 0
+    assert _run(capsys, *qs, "stream=false")[1] == streamed
+    assert streamed.count("### ") == 3
+
+
+def test_prompts_file_of_each_kind_and_output_jsonl(demo, tmp_path, capsys):
+    msgs = [{"role": "user", "content": "Name a town."}]
+    lines = [
+        {"prompt": "Where does Malmi Galpus live?"},
+        {"messages": msgs},
+        {"instruction": "Name this person's job.", "input": "Malmi Galpus"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    out = tmp_path / "answers.jsonl"
+    rc, printed, _ = _run(capsys, f"prompts={path}", f"output={out}")
+    want = generate(
+        demo,
+        [
+            data.user_prompt("Where does Malmi Galpus live?"),
+            msgs,
+            data.user_prompt("Name this person's job.", "Malmi Galpus"),
+        ],
+        max_new_tokens=NEW,
+    )
+    labels = [
+        "Where does Malmi Galpus live?",
+        "Name a town.",
+        "Name this person's job. [Malmi Galpus]",
+    ]
+    assert rc == 0
+    assert printed == "\n".join(f"### {lab}\n{w}\n" for lab, w in zip(labels, want, strict=True))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows == [{"prompt": lab, "completion": w} for lab, w in zip(labels, want, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('{"prompt": "a"', "not valid JSON"),
+        ('{"question": "a"}', "expected a 'prompt', 'messages' or 'instruction' field"),
+        ('{"messages": [{"role": "user"}]}', "{role, content}"),
+        ('["a"]', "expected a JSON object"),
+        ('{"prompt": 3}', "'prompt' must be a string"),
+    ],
+)
+def test_a_malformed_prompts_line_is_named_and_nothing_is_written(tmp_path, capsys, line, needle):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    out = tmp_path / "answers.jsonl"
+    out.write_text("kept\n")
+    rc, printed, err = _run(capsys, f"prompts={path}", f"output={out}")
+    assert rc == 2 and printed == "" and f"{path}:2" in err and needle in err
+    assert out.read_text() == "kept\n"
+
+
+def test_interactive_keeps_the_conversation_and_reset_starts_over(demo, capsys):
+    stdin = io.StringIO("Where does Malmi Galpus live?\nAnd his pet?\n/reset\nName a town.\n")
+    rc, printed, err = _run(capsys, "interactive=true", stdin=stdin)
+    first = [{"role": "user", "content": "Where does Malmi Galpus live?"}]
+    (r1,) = generate(demo, [first], max_new_tokens=NEW)
+    second = [
+        *first,
+        {"role": "assistant", "content": r1},
+        {"role": "user", "content": "And his pet?"},
+    ]
+    (r2,) = generate(demo, [second], max_new_tokens=NEW)
+    (r3,) = generate(demo, [data.user_prompt("Name a town.")], max_new_tokens=NEW)
+    assert rc == 0 and printed == f"{r1}\n{r2}\n{r3}\n"
+    assert "/reset" in err and "conversation cleared" in err
+
+
+def test_interactive_raw_continues_one_transcript(demo, capsys):
+    stdin = io.StringIO("Malmi Galpus lives in\n and\n")
+    rc, printed, _ = _run(capsys, "interactive=true", "raw=true", stdin=stdin)
+    (r1,) = generate(demo, ["Malmi Galpus lives in"], max_new_tokens=NEW)
+    (r2,) = generate(demo, ["Malmi Galpus lives in" + r1 + " and"], max_new_tokens=NEW)
+    assert rc == 0 and printed == f"{r1}\n{r2}\n"
+
+
+def test_a_model_without_a_chat_template_gets_text_as_written(tmp_path, capsys):
+    model_dir = tmp_path / "no_template"
+    base = jaxlora.load_model(DEMO)
+    base.tokenizer.chat_template = None
+    base.tokenizer.save_pretrained(model_dir)
+    for f in DEMO.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (model_dir / f.name).write_bytes(f.read_bytes())
+    rc = generate_main([f"model={model_dir}", f"max_new_tokens={NEW}", "prompt=Hello"])
+    out, err = capsys.readouterr()
+    (want,) = generate(base, ["Hello"], max_new_tokens=NEW)
+    assert rc == 0 and out == f"### Hello\n{want}\n" and "no chat template" in err
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "Hello"}]}\n')
+    rc = generate_main([f"model={model_dir}", f"prompts={path}"])
+    assert rc == 2 and "needs a chat template" in capsys.readouterr().err

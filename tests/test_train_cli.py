@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from jaxlora import train
 from jaxlora.export import main as export_main
@@ -153,6 +154,117 @@ def test_export_from_checkpoint(short_run, tmp_path, fmt):
     else:
         assert json.loads((out / "config.json").read_text())["quantization_config"]
         assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---- the prompt format travels with every export (issue: generate answers as trained) ---------
+
+
+def _training_ids(tokenizer_dir: Path, cfg_data, record: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, whole example ids) of ``record`` as the run tokenized it for training."""
+    from jaxlora import data
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    (ex,), _ = data.tokenize([record], tok, cfg_data)
+    first_trained = int(np.argmax(ex.trained))
+    return ex.tokens[:first_trained].tolist(), ex.tokens.tolist()
+
+
+def _template_ids(directory: Path, messages: list[dict], gen: bool) -> list[int]:
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)["input_ids"]
+
+
+def test_every_export_carries_the_alpaca_prompt_as_its_chat_template(short_run, tmp_path):
+    """transformers' ``apply_chat_template`` on any export builds the ids the run trained on:
+    the prompt (with the generation prompt) and the whole example (answer and EOS)."""
+    from jaxlora import data
+    from jaxlora.config import load_config
+
+    cfg = load_config(str(short_run / "config.yaml"))
+    dirs = [short_run / "adapter"]
+    for fmt in ("peft", "merged", "bnb4"):
+        assert (
+            export_main([f"checkpoint={short_run}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 0
+        )
+        dirs.append(tmp_path / fmt)
+    dirs.append(tmp_path / "bnb4" / "adapter")
+    records = [json.loads(line) for line in Path(cfg.data.eval_path).read_text().splitlines()][:3]
+    records[1] = {"instruction": "Add these.", "input": "2 and 3", "output": "It is 5."}
+    base_tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    assert base_tok.chat_template and "### Instruction" not in base_tok.chat_template
+    for rec in records:
+        convo = data.user_prompt(rec["instruction"], rec["input"])
+        prompt_ids, example_ids = _training_ids(cfg.model.path, cfg.data, rec)
+        for d in dirs:
+            assert _template_ids(d, convo, gen=True) == prompt_ids, d
+            answered = [*convo, {"role": "assistant", "content": rec["output"]}]
+            assert _template_ids(d, answered, gen=False) == example_ids, d
+        text = AutoTokenizer.from_pretrained(str(dirs[0])).apply_chat_template(
+            convo, tokenize=False, add_generation_prompt=True
+        )
+        assert text == "<s>" + data.alpaca_prompt(rec["instruction"], rec["input"])
+
+
+def test_transformers_and_peft_greedy_answer_equals_jaxlora_generate(short_run, assets):
+    """The run's adapter, prompted through its own tokenizer's chat template: PEFT on the
+    float32 base in transformers and jaxlora on the same base give the same greedy tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import jaxlora
+    from jaxlora import data
+    from jaxlora.sampling import generate
+
+    adapter = short_run / "adapter"
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    hf = AutoModelForCausalLM.from_pretrained(str(assets["model"]), dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, str(adapter)).eval()
+    ours = jaxlora.load_model(assets["model"], adapter=adapter)
+    questions = ["What is 2 plus 3?", "What is 7 plus 1?", "What is 4 plus 4?"]
+    answers = generate(ours, [data.user_prompt(q) for q in questions], max_new_tokens=8)
+    for q, ans in zip(questions, answers, strict=True):
+        enc = tok.apply_chat_template(
+            data.user_prompt(q), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = pm.generate(
+                **enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        theirs = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert ans == theirs, (q, ans, theirs)
+    assert any(a.startswith("It is") for a in answers)  # the run learned the answer format
+
+
+def test_a_chat_run_exports_the_template_it_trained_with(assets, tmp_path):
+    """Chat data is rendered with the tokenizer's own template; that template is what the
+    adapter carries, and it rebuilds the training prompt ids."""
+    from jaxlora.config import load_config
+
+    convos = [
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"It is {a + b}."},
+        ]
+        for a in range(1, 9)
+        for b in range(1, 4)
+    ]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convos))
+    out = tmp_path / "run"
+    argv = _args(assets, out, f"data.path={chat}", "data.format=chat", "train.max_steps=2")
+    held_out = ("data.eval_path", "data.val_size")
+    argv = [a for a in argv if not a.startswith(held_out)]
+    argv += ["data.eval_path=null", "data.val_size=4", "train.exact_match_examples=0"]
+    assert train.main(argv) == 0
+    cfg = load_config(str(out / "config.yaml"))
+    exported = AutoTokenizer.from_pretrained(str(out / "adapter"))
+    assert exported.chat_template == AutoTokenizer.from_pretrained(cfg.model.path).chat_template
+    convo = convos[5]
+    prompt_ids, example_ids = _training_ids(cfg.model.path, cfg.data, {"messages": convo})
+    assert _template_ids(out / "adapter", convo[:2], gen=True) == prompt_ids
+    assert _template_ids(out / "adapter", convo, gen=False) == example_ids
 
 
 def test_existing_checkpoints_without_resume_are_not_overwritten(assets, short_run, capsys):

@@ -10,6 +10,9 @@
    or, with ``eval_path``, that held-out file is the validation set.
 4. :meth:`PackedDataset.build <jaxlora.data.packing.PackedDataset.build>` and
    :func:`~jaxlora.data.packing.batches`: rows, batches, the checkpointable iterator.
+
+:mod:`~jaxlora.data.prompts` is the other direction: the prompt format a run trains with, as
+the chat template its exports carry, and the one prompt encoder everything that samples uses.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import numpy as np
 
 from jaxlora.config import DataConfig
 from jaxlora.data.packing import BatchIterator, DataError, Example, PackedDataset, batches
+from jaxlora.data.prompts import Prompt, alpaca_chat_template, has_template, install_template
+from jaxlora.data.prompts import encode as encode_prompt
+from jaxlora.data.prompts import render as render_prompt
+from jaxlora.data.prompts import user as user_prompt
 from jaxlora.data.records import check_record, load_records, load_tokenizer
 from jaxlora.data.tokenize import (
     ALPACA_TEMPLATE,
@@ -38,15 +45,22 @@ __all__ = [
     "DataError",
     "Example",
     "PackedDataset",
+    "Prompt",
     "TokenizeStats",
+    "alpaca_chat_template",
     "alpaca_prompt",
     "batches",
     "build_datasets",
     "check_record",
+    "encode_prompt",
+    "has_template",
+    "install_template",
     "load_records",
     "load_tokenizer",
+    "render_prompt",
     "split_validation",
     "tokenize",
+    "user_prompt",
 ]
 
 log = logging.getLogger(__name__)

@@ -31,31 +31,30 @@ def eval_loss(eval_step, trainable, frozen, ds, batch_size: int) -> float | None
     return total / max(count, 1.0)
 
 
-def prompts_and_answers(cfg_data, tokenizer, limit: int) -> tuple[list[str], list[str]]:
-    """The first ``limit`` held-out records as (prompt text, reference answer)."""
+def prompts_and_answers(cfg_data, limit: int) -> tuple[list[data.Prompt], list[str]]:
+    """The first ``limit`` held-out records as (prompt, reference answer). A prompt is the
+    conversation up to the answer, rendered by the run's chat template when sampled
+    (:mod:`jaxlora.data.prompts`: for ``alpaca`` data, the Alpaca template)."""
     records = data.load_records(cfg_data)
-    prompts, answers = [], []
+    prompts: list[data.Prompt] = []
+    answers: list[str] = []
     for rec in records.select(range(min(limit, len(records)))):
         if cfg_data.format == "alpaca":
-            prompts.append(
-                data.alpaca_prompt(rec[cfg_data.instruction_field], rec.get(cfg_data.input_field))
-            )
+            instruction = rec[cfg_data.instruction_field]
+            prompts.append(data.user_prompt(instruction, rec.get(cfg_data.input_field)))
             answers.append(rec[cfg_data.output_field])
         elif cfg_data.format == "chat":
-            msgs = rec[cfg_data.messages_field]
+            msgs = [
+                {"role": m["role"], "content": m["content"]} for m in rec[cfg_data.messages_field]
+            ]
             turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
             if not turns:
                 raise data.DataError(
                     f"{cfg_data.path}: record {len(answers) + 1} has no assistant turn to "
                     "score exact match against"
                 )
-            last = turns[-1]
-            prompts.append(
-                tokenizer.apply_chat_template(
-                    msgs[:last], tokenize=False, add_generation_prompt=True
-                )
-            )
-            answers.append(msgs[last]["content"])
+            prompts.append(msgs[: turns[-1]])
+            answers.append(msgs[turns[-1]]["content"])
         else:
             raise ValueError(
                 "exact match needs question/answer records (data.format alpaca or chat)"
@@ -74,21 +73,18 @@ def exact_match(
     return float(np.mean(hits)) if hits else float("nan"), outs
 
 
-def format_prompt(cfg_data, tokenizer, instruction: str) -> str:
-    """A user prompt as the model saw prompts in training: the Alpaca template for ``alpaca``
-    data, the tokenizer's chat template for ``chat``, the raw text for ``text``."""
-    if cfg_data.format == "alpaca":
-        return data.alpaca_prompt(instruction)
-    if cfg_data.format == "chat":
-        msgs = [{"role": "user", "content": instruction}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return instruction
+def format_prompt(cfg_data, instruction: str) -> data.Prompt:
+    """A user prompt as the model saw prompts in training: a one-turn conversation (rendered by
+    the run's chat template) for ``alpaca`` and ``chat`` data, the raw text for ``text``."""
+    if cfg_data.format == "text":
+        return instruction
+    return data.user_prompt(instruction)
 
 
 def print_samples(model, cfg, write: Callable, step: int) -> None:
     """Greedy answers to the recipe's ``train.sample_prompts``, formatted like the training data."""
     t = cfg.train
-    prompts = [format_prompt(cfg.data, model.tokenizer, p) for p in t.sample_prompts]
+    prompts = [format_prompt(cfg.data, p) for p in t.sample_prompts]
     outs = generate(model, prompts, max_new_tokens=t.sample_max_new_tokens)
     for prompt, text in zip(t.sample_prompts, outs, strict=True):
         write(f"[sample @ step {step}] {prompt!r} -> {text!r}")
@@ -100,11 +96,11 @@ class Report:
     def __init__(self, cfg, model, frozen, trainable, loss_fn: Callable[[Any], float | None]):
         self.cfg, self.model, self.frozen, self.loss_fn = cfg, model, frozen, loss_fn
         self.n = cfg.train.exact_match_examples
-        self.prompts: list[str] = []
+        self.prompts: list[data.Prompt] = []
         self.answers: list[str] = []
         if self.n and cfg.data.eval_path:
             held_out = dataclasses.replace(cfg.data, path=cfg.data.eval_path, max_examples=None)
-            self.prompts, self.answers = prompts_and_answers(held_out, model.tokenizer, self.n)
+            self.prompts, self.answers = prompts_and_answers(held_out, self.n)
         self.before = self._measure(trainable)
 
     def _measure(self, trainable) -> dict[str, Any]:
@@ -141,8 +137,9 @@ class Report:
                     strict=False,
                 )
             )[:3]:
+                text = data.render_prompt(self.model.tokenizer, p)
                 print(
-                    f"\n--- prompt ---\n{p}\n--- reference: {ref!r}\n"
+                    f"\n--- prompt ---\n{text}\n--- reference: {ref!r}\n"
                     f"--- before:    {b!r}\n--- after:     {a!r}"
                 )
             out = Path(self.cfg.output_dir) / "report.json"

@@ -41,6 +41,9 @@ def load_base(cfg: Config) -> Model:
         model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
     if model.tokenizer is None:
         raise ConfigError(f"model.path={cfg.model.path} has no tokenizer; set model.tokenizer")
+    # The prompt format this run trains with becomes the tokenizer's chat template, so every
+    # export (adapter, merged, bnb4) carries it and sampling prompts the way training did.
+    data.install_template(model.tokenizer, cfg.data)
     return model
 
 

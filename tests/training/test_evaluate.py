@@ -143,21 +143,26 @@ def test_prompts_and_answers_for_alpaca_records(tmp_path, fields):
         records = [{names[k]: v for k, v in r.items()} for r in ALPACA]
         kw = {"instruction_field": "question", "input_field": "context", "output_field": "answer"}
     cfg = DataConfig(path=str(_write_jsonl(tmp_path / "eval.jsonl", records)), **kw)
-    prompts, answers = evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=10)
+    prompts, answers = evaluate.prompts_and_answers(cfg, limit=10)
     assert prompts == [
-        "Below is an instruction that describes a task. Write a response that appropriately "
+        [{"role": "user", "content": "Name a colour."}],
+        [{"role": "user", "content": "Name a colour.", "input": "sky"}],
+        [{"role": "user", "content": "What is two plus three?"}],
+    ]
+    # rendered by the run's template (installed on the tokenizer as every run does): the
+    # Alpaca prompt the model was trained on, after the BOS this tokenizer adds
+    tok = data.install_template(make_tokenizer(), cfg)
+    assert [data.render_prompt(tok, p) for p in prompts] == [
+        "<s>Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n",
-        "Below is an instruction that describes a task, paired with an input that provides further "
-        "context. Write a response that appropriately completes the request.\n\n"
+        "<s>Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nName a colour.\n\n### Input:\nsky\n\n### Response:\n",
-        data.alpaca_prompt("What is two plus three?"),
+        "<s>" + data.alpaca_prompt("What is two plus three?"),
     ]
     assert answers == ["Blue.", " The sky is blue. ", "It is five."]  # as written
-    assert evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=2) == (
-        prompts[:2],
-        answers[:2],
-    )
-    assert evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=0) == ([], [])
+    assert evaluate.prompts_and_answers(cfg, limit=2) == (prompts[:2], answers[:2])
+    assert evaluate.prompts_and_answers(cfg, limit=0) == ([], [])
 
 
 def test_prompts_and_answers_for_chat_records_end_at_the_last_assistant_turn(tmp_path):
@@ -180,8 +185,9 @@ def test_prompts_and_answers_for_chat_records_end_at_the_last_assistant_turn(tmp
         },
     ]
     cfg = DataConfig(path=str(_write_jsonl(tmp_path / "chat.jsonl", records)), format="chat")
-    prompts, answers = evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=5)
-    assert prompts == [
+    prompts, answers = evaluate.prompts_and_answers(cfg, limit=5)
+    assert prompts == [records[0]["messages"][:1], records[1]["messages"][:4]]
+    assert [data.render_prompt(make_tokenizer(), p) for p in prompts] == [
         "<s><|user|>\nName a colour.\n<|assistant|>\n",
         "<s><|system|>\nBe brief.\n<|user|>\nWhat is two plus three?\n<|assistant|>\nIt is five."
         "</s>\n<|user|>\nAnd two plus two?\n<|assistant|>\n",
@@ -193,14 +199,14 @@ def test_prompts_and_answers_refuses_text_records(tmp_path):
     path = _write_jsonl(tmp_path / "text.jsonl", [{"text": "The sky is blue."}])
     cfg = DataConfig(path=str(path), format="text")
     with pytest.raises(ValueError, match="exact match needs question/answer records"):
-        evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=1)
+        evaluate.prompts_and_answers(cfg, limit=1)
 
 
 def test_prompts_and_answers_names_a_chat_record_without_an_answer(tmp_path):
     records = [{"messages": [{"role": "user", "content": "Name a colour."}]}]
     cfg = DataConfig(path=str(_write_jsonl(tmp_path / "chat.jsonl", records)), format="chat")
     with pytest.raises(data.DataError, match="assistant"):
-        evaluate.prompts_and_answers(cfg, make_tokenizer(), limit=1)
+        evaluate.prompts_and_answers(cfg, limit=1)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +214,7 @@ def test_prompts_and_answers_names_a_chat_record_without_an_answer(tmp_path):
     [
         (
             "alpaca",
-            "Below is an instruction that describes a task. Write a response that appropriately "
+            "<s>Below is an instruction that describes a task. Write a response that appropriately "
             "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n",
         ),
         ("chat", "<s><|user|>\nName a colour.\n<|assistant|>\n"),
@@ -217,7 +223,9 @@ def test_prompts_and_answers_names_a_chat_record_without_an_answer(tmp_path):
 )
 def test_format_prompt_renders_as_the_training_data(fmt, want):
     cfg = DataConfig(path="unused.jsonl", format=fmt)
-    assert evaluate.format_prompt(cfg, make_tokenizer(), "Name a colour.") == want
+    tok = data.install_template(make_tokenizer(), cfg)
+    prompt = evaluate.format_prompt(cfg, "Name a colour.")
+    assert data.render_prompt(tok, prompt) == want
 
 
 # ---- exact_match, print_samples (the demo model: a real tokenizer and vocabulary) ----------------
@@ -227,6 +235,8 @@ def test_format_prompt_renders_as_the_training_data(fmt, want):
 def demo():
     """The demo base, two held-out alpaca prompts and the base's own greedy answers."""
     model = jaxlora.load_model(DEMO / "base")
+    # as a run on alpaca data has it (training.run.load_base): the Alpaca chat template
+    data.install_template(model.tokenizer, DataConfig(path="unused.jsonl", format="alpaca"))
     records = [json.loads(line) for line in (DEMO / "data" / "eval.jsonl").read_text().splitlines()]
     prompts = [data.alpaca_prompt(r["instruction"], r["input"]) for r in records[:2]]
     return model, prompts, generate(model, prompts, max_new_tokens=NEW_TOKENS)
@@ -341,7 +351,10 @@ def test_report_measures_before_and_after_prints_the_table_and_writes_report_jso
     report_run, capsys
 ):
     cfg, report, _, after, want, prompts, outs_before, outs_after = report_run
-    assert report.prompts == prompts and report.answers == outs_after
+    # the held-out questions as conversations, which the run's Alpaca template renders into
+    # exactly the prompts the answers were generated from (after the tokenizer's BOS)
+    rendered = [data.render_prompt(report.model.tokenizer, p) for p in report.prompts]
+    assert rendered == ["<s>" + p for p in prompts] and report.answers == outs_after
     summary = report.finish(after)
     assert summary == want  # per-example outputs stay out of the summary
     assert json.loads((Path(cfg.output_dir) / "report.json").read_text()) == want
@@ -353,7 +366,7 @@ def test_report_measures_before_and_after_prints_the_table_and_writes_report_jso
     assert f"  {'exact match':<12} {b['exact_match']:>10.4f} {a['exact_match']:>10.4f}\n" in out
     for p, ref, ob, oa in zip(prompts, outs_after, outs_before, outs_after, strict=True):
         assert (
-            f"--- prompt ---\n{p}\n--- reference: {ref!r}\n--- before:    {ob!r}\n"
+            f"--- prompt ---\n<s>{p}\n--- reference: {ref!r}\n--- before:    {ob!r}\n"
             f"--- after:     {oa!r}"
         ) in out
 
