@@ -23,7 +23,12 @@ MIXED = AttentionMesh(AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor")), ROWS,
 
 def test_kv_heads_split_when_they_divide_else_query_groups_with_kv_replicated():
     kv = layout(MIXED, batch=4, kv_heads=8, groups=4)
-    assert (kv.q, kv.kv, kv.segments, kv.heads) == (P(ROWS, "tensor"), P(ROWS, "tensor"), P(ROWS), "kv")
+    assert (kv.q, kv.kv, kv.segments, kv.heads) == (
+        P(ROWS, "tensor"),
+        P(ROWS, "tensor"),
+        P(ROWS),
+        "kv",
+    )
     mqa = layout(MIXED, batch=4, kv_heads=1, groups=8)
     assert (mqa.q, mqa.kv, mqa.heads) == (P(ROWS, None, "tensor"), P(ROWS), "groups")
 
