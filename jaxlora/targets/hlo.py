@@ -226,14 +226,17 @@ def matmul_flops(hlo_text: str) -> int:
 
 
 def pallas_kernels(hlo_text: str) -> dict[str, int]:
-    """How many calls of each Pallas kernel the module makes, by the name JAX gives the call
-    (the path segment before ``/pallas_call`` in its metadata, e.g. ``mha_forward``,
-    ``splash_mha_fwd``, ``nf4_matmul_fwd``)."""
+    """How many calls of each Pallas kernel (Mosaic or Triton) the module makes, by kernel
+    name: Mosaic calls are named after their kernel (``splash_mha_fwd_segmented_residuals``,
+    ``nf4_matmul_fwd_tpu``); Triton calls are ``pallas_call`` s whose metadata path ends in
+    the kernel (``.../mha_forward/pallas_call``)."""
     counts: dict[str, int] = {}
-    for _, _, opcode, line in _instructions(hlo_text):
-        if opcode != "custom-call":
+    for name, _, opcode, line in _instructions(hlo_text):
+        if opcode != "custom-call" or not (MOSAIC_CALL in line or TRITON_CALL in line):
             continue
-        m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', line)
-        if m is not None:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        kernel = re.sub(r"\.[0-9]+$", "", name)
+        if kernel == "pallas_call":
+            m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', line)
+            kernel = m.group(1) if m else kernel
+        counts[kernel] = counts.get(kernel, 0) + 1
     return counts

@@ -21,7 +21,14 @@ pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
 
 SCRIPT = Path(__file__).parent / "plan_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}
-ATTENTION_KERNELS = {"tpu": {"SPLASH_TBD"}, "gpu": {"mha_forward", "mha_backward"}}
+ATTENTION_KERNELS = {  # forward and backward kernels, by name (hlo.pallas_kernels)
+    "tpu": {
+        "splash_mha_fwd_segmented_residuals",
+        "splash_mha_dq_segmented_no_residuals",
+        "splash_mha_dkv_segmented_no_residuals",
+    },
+    "gpu": {"mha_forward", "mha_backward"},
+}
 MISSING = _toolchain.missing()
 
 
