@@ -37,6 +37,7 @@ import jax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 Axes = tuple[str, ...]
+KERNELS = ("splash", "cudnn", "pallas_gpu")  # the attention custom calls XLA cannot partition
 
 
 @dataclass(frozen=True)

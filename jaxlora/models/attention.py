@@ -98,15 +98,14 @@ def attention_mask(
     return (allowed[None] & same)[:, None, None]  # (B, 1, 1, Sq, Sk)
 
 
-IMPLS = ("eager", "chunked", "splash", "cudnn", "pallas_gpu")
-KERNEL_IMPLS = ("splash", "cudnn", "pallas_gpu")  # custom calls XLA cannot partition
+IMPLS = ("eager", "chunked", *attention_sharded.KERNELS)
 
 
 @dataclass(frozen=True)
 class AttentionImpl:
     """An implementation (``name``, one of :data:`IMPLS`) and where it runs: Pallas
-    ``interpret`` mode, and for a sharded program the mesh, on which a kernel of
-    :data:`KERNEL_IMPLS` runs inside ``shard_map`` on each device's rows and heads
+    ``interpret`` mode, and for a sharded program the mesh, on which a kernel
+    (``attention_sharded.KERNELS``) runs inside ``shard_map`` on each device's rows and heads
     (``jaxlora.kernels.attention_sharded``). Static data of the model, like a bare name."""
 
     name: str = "eager"
@@ -161,7 +160,8 @@ def attention(
     token, so outputs at real tokens, and every gradient of a loss that masks padding, are the
     same for all implementations.
     """
-    name = impl_name(impl)
+    run = impl if isinstance(impl, AttentionImpl) else AttentionImpl(impl)
+    name = impl_name(run)
     if sliding_window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
     if k.shape[2] != q.shape[3]:
@@ -173,18 +173,16 @@ def attention(
         return attend(q, k, v, mask, scale)
     if name == "chunked":
         return chunked_attention(q, k, v, segment_ids, **kw)
-    if isinstance(impl, AttentionImpl):
-        interpret = interpret or impl.interpret
+    interpret = interpret or run.interpret
     if name == "splash":
         kernel = functools.partial(splash_attention, **kw, interpret=interpret)
     elif name == "cudnn":
         kernel = functools.partial(cudnn_attention, **kw)
     else:
         kernel = functools.partial(pallas_gpu_attention, **kw, interpret=interpret)
-    mesh = impl.mesh if isinstance(impl, AttentionImpl) else None
-    if mesh is None or mesh.mesh.size == 1:
+    if run.mesh is None or run.mesh.mesh.size == 1:
         return kernel(q, k, v, segment_ids)
-    return attention_sharded.sharded(kernel, q, k, v, segment_ids, mesh)
+    return attention_sharded.sharded(kernel, q, k, v, segment_ids, run.mesh)
 
 
 @jax.custom_vjp

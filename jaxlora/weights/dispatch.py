@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxlora import kernels
+from jaxlora.kernels.attention_sharded import KERNELS as ATTENTION_KERNELS
 from jaxlora.kernels.attention_sharded import AttentionMesh, head_split
 from jaxlora.targets import DEQUANT, TRITON, nf4_kernel_for
 
@@ -124,12 +125,9 @@ class Kernels:
     def describe(self) -> str:
         how = " (Pallas interpret mode)" if self.interpret else ""
         where = ""
-        if self.attention_mesh is not None and self.attention in _KERNEL_ATTENTION:
+        if self.attention_mesh is not None and self.attention in ATTENTION_KERNELS:
             where = f" under shard_map over {dict(self.attention_mesh.mesh.shape)}"
         return f"{self.platform}: NF4 matmul {self.nf4}{how}, attention {self.attention}{where}"
-
-
-_KERNEL_ATTENTION = ("splash", "pallas_gpu", "cudnn")  # custom calls: shard_map'd on a mesh
 
 
 def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
@@ -192,7 +190,7 @@ def kernels_for(
     interpret = mode == "interpret"
     attention = attention_for(platform, seq_len, packed=packed, sliding_window=sliding_window)
     attention, reason = _attention_on(attention, len(devices), mesh, heads, interpret)
-    on_mesh = mesh if attention in _KERNEL_ATTENTION and len(devices) > 1 else None
+    on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
     chosen = Kernels(platform, nf4, interpret, attention, on_mesh)
     if chosen not in _LOGGED:
         _LOGGED.add(chosen)
@@ -216,7 +214,7 @@ def _attention_on(
     """``(attention, reason)``: the platform's choice, or ``"chunked"`` where its kernel cannot
     run (interpret mode; a mesh without the roles of its axes, or whose head axis does not
     split the heads whole)."""
-    if attention not in _KERNEL_ATTENTION:
+    if attention not in ATTENTION_KERNELS:
         return attention, "no attention kernel for this platform and batch"
     if interpret:  # interpreting a Pallas attention kernel per step is too slow
         return "chunked", "Pallas interpret mode"

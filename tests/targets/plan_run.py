@@ -81,6 +81,9 @@ for seq in args.seq:
                 "nf4_kernel_flops": hlo.nf4_kernel_flops(plan.hlo_text),
                 "attention_kernel_flops": hlo.attention_kernel_flops(plan.hlo_text),
                 "gathered_bytes": gathered,
+                "gathered_16bit_shapes": sorted(
+                    {a.dims for g in gathers for a in g.results if a.dtype in ("bf16", "f16")}
+                ),
                 "attention_gathers": [g.line[:300] for g in gathers if for_attention(g.line)],
             }
         )

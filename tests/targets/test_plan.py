@@ -30,6 +30,7 @@ ATTENTION_KERNELS = {  # forward and backward kernels, by name (hlo.pallas_kerne
     "gpu": {"mha_forward", "mha_backward"},
 }
 MISSING = _toolchain.missing()
+VOCAB, HIDDEN, RANK = 256, 1024, 8  # the model below, and plan_run.py's lora.r
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def model_dir(tmp_path_factory):
     padded up to it, which the FLOPs count would show as extra work)."""
     d = tmp_path_factory.mktemp("plan_model")
     LlamaConfig(
-        vocab_size=256,
-        hidden_size=1024,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
         intermediate_size=2048,
         num_hidden_layers=2,
         num_attention_heads=16,
@@ -79,9 +80,14 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
         # the kernel runs where the activations already are: no all-gather made for attention
         assert run["attention_gathers"] == [], run["attention_gathers"]
         # FSDP gathers the 4-bit codes and the 8-bit codes of their absmax; the only other
-        # gathers are small float leaves (LoRA factors, norms), never a 16-bit frozen weight
+        # gathers are small float leaves: LoRA factors, norms and the unquantized lm_head
+        # (XLA may gather those after their cast to the bf16 compute dtype), never a 16-bit
+        # copy of a 4-bit weight: every 16-bit array gathered has the LoRA rank as a dimension
+        # or is lm_head's [vocab / tensor, hidden]
         assert run["gathered_bytes"].get("u8", 0) > 0, run["gathered_bytes"]
-        assert "bf16" not in run["gathered_bytes"], run["gathered_bytes"]
+        lm_head = [VOCAB // run["mesh"]["tensor"], HIDDEN]
+        for dims in run["gathered_16bit_shapes"]:
+            assert RANK in dims or dims == lm_head, run["gathered_16bit_shapes"]
         # each device computes 1/8 of the NF4 matmuls ...
         assert run["nf4_kernel_flops"] * 8 == pytest.approx(one["nf4_kernel_flops"], rel=0.10)
         # ... and of the step: XLA's cost analysis on TPU; on GPU, whose compile-only
