@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from jaxlora import lora
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf, merged, peft
+from jaxlora.models.attention import AttentionImpl
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.weights import Kernels, kernels_for, prepare
@@ -61,12 +62,13 @@ class Model:
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
+        k = self.kernels
         return LlamaForCausalLM(
             self.config,
             dtype=self.dtype,
             param_dtype=param_dtype,
             remat=remat,
-            attn_impl=self.kernels.attention,
+            attn_impl=AttentionImpl(k.attention, k.interpret, k.attention_mesh),
         )
 
     def __call__(

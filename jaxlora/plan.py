@@ -66,7 +66,10 @@ def render(plan: Plan) -> str:
         f"  kernels           matmul {plan.kernels['matmul']}, attention "
         f"{plan.kernels['attention']}",
         "  flops per device  "
-        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a"),
+        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a")
+        + {"cost_analysis": " (XLA cost analysis)", "hlo_matmuls": " (matmuls in the HLO)"}[
+            plan.flops_source
+        ],
         f"  compile           {plan.compile_s:.1f} s",
     ]
     return "\n".join(lines)

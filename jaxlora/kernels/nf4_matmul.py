@@ -2,7 +2,8 @@
 
 ``W`` is ``[N, K]`` in torch orientation, held as bnb bytes ``codes [N, K/2]`` (uint8, high
 nibble first) and a float32 ``absmax [N, K/blocksize]`` (a double-quantized absmax is
-dequantized before the call: it is 1/64 of the elements and cheap in XLA). The VJP gives
+dequantized before the call, by :func:`dequantize_absmax`: it is 1/64 of the elements and
+cheap in XLA). The VJP gives
 ``dx = dy @ dequant(W)`` with a second kernel and no gradient for the frozen weight.
 
 Backends: GPU -> Pallas Triton kernels (``nf4_triton``), TPU -> Pallas Mosaic kernels
@@ -21,6 +22,46 @@ import jax.numpy as jnp
 from jaxlora.kernels import nf4_tpu, nf4_triton
 
 PLATFORMS = ("gpu", "tpu")
+
+
+def no_fma(product: jax.Array, nonneg: jax.Array) -> jax.Array:
+    """``product``, rounded to float32 on its own before any later add.
+
+    Under ``jit`` XLA (CPU and GPU) contracts ``a * b + c`` into one FMA, which rounds once
+    and differs from bnb by an ulp; optimization barriers and reduce_precision are removed
+    before codegen. XOR-ing the bits with the sign bit of ``nonneg`` (values >= 0, so the
+    XOR is a no-op) is opaque to the compiler and keeps the multiply and the add apart.
+    """
+    zero = jax.lax.bitcast_convert_type(nonneg, jnp.uint32) >> 31
+    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) ^ zero
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def dequantize_absmax(
+    codes: jax.Array,
+    nested_absmax: jax.Array,
+    offset: jax.Array,
+    *,
+    table: tuple[float, ...],
+    nested_blocksize: int,
+    first_row: jax.Array | int = 0,
+    first_col: jax.Array | int = 0,
+    cols: int | None = None,
+) -> jax.Array:
+    """A double-quantized absmax ``codes [n, kb]`` (uint8) as float32:
+    ``table[code] · nested_absmax[i // nested_blocksize] + offset``, where ``i`` is the entry's
+    index in the whole weight's flat absmax, ``(first_row + r) · cols + first_col + c`` (a
+    shard starts at ``first_row, first_col`` of a ``[·, cols]`` absmax; the whole one at 0, 0).
+
+    Two float32 roundings, as bnb's ``dequantize_blockwise`` followed by ``absmax += offset``.
+    """
+    n, kb = codes.shape
+    cols = kb if cols is None else cols
+    rows = first_row + jax.lax.broadcasted_iota(jnp.int32, (n, kb), 0)
+    index = rows * cols + first_col + jax.lax.broadcasted_iota(jnp.int32, (n, kb), 1)
+    nested = jnp.asarray(nested_absmax)[index // nested_blocksize]
+    scaled = no_fma(jnp.asarray(table, jnp.float32)[codes] * nested, nested)
+    return scaled + jnp.asarray(offset)
 
 
 def dequantize_reference(

@@ -8,16 +8,19 @@ the two ``PartitionSpec`` s that the logical-axis rules give (``jaxlora.sharding
 
 * ``x [M, K]``: rows over the batch axes, e.g. ``P(("data", "fsdp"), None)``; ``K`` split
   only where the weight's ``K`` is split the same way (the input of a row-parallel layer).
-* ``W [N, K]`` as ``codes [N, K/2]`` (uint8) and ``absmax [N, K/blocksize]`` (float32; a
-  double-quantized absmax is dequantized by the caller, elementwise on its shards), both with
-  the same spec, e.g. ``P("tensor", "fsdp")`` for q/k/v/gate/up (out = heads/mlp, in = embed)
-  and ``P("fsdp", "tensor")`` for o/down (out = embed, in = heads/mlp).
+* ``W [N, K]`` as ``codes [N, K/2]`` (uint8) and ``absmax [N, K/blocksize]`` (float32, or
+  the uint8 codes of a double-quantized absmax with its replicated ``nested_absmax`` and
+  ``offset``), both with the same spec, e.g. ``P("tensor", "fsdp")`` for q/k/v/gate/up
+  (out = heads/mlp, in = embed) and ``P("fsdp", "tensor")`` for o/down (out = embed,
+  in = heads/mlp).
 
 From these, per mesh axis of the weight (worked out once, in :func:`plan`):
 
 * FSDP: an axis that splits ``W`` but also splits ``x``'s rows (or is not used by ``x``'s
-  ``K``) is **gathered**: ``all_gather`` of the uint8 codes and float32 absmax (4.5 bits per
-  weight at blocksize 64), never of a bf16 weight.
+  ``K``) is **gathered**: ``all_gather`` of the uint8 codes and the absmax, never of a bf16
+  weight. A double-quantized absmax is gathered as its 8-bit codes and dequantized on each
+  device after the gather (4 + 8/64 = 4.125 bits per weight at blocksize 64, 3.88× fewer
+  bytes than bf16; a float32 absmax would make it 4.5 bits, 3.56×).
 * Column parallel: a leading axis of ``N`` that ``x`` does not use stays split; the output
   ``y [M, N]`` comes out split on it (``P(rows, "tensor")``).
 * Row parallel: an axis that splits ``K`` of both ``x`` and ``W`` stays split; each device
@@ -75,6 +78,8 @@ class Plan:
     blocksize: int
     kernel: str
     interpret: bool
+    absmax_table: tuple[float, ...] | None = None  # double-quantized absmax: its 256 values
+    nested_blocksize: int | None = None
 
 
 def _axes(entry) -> Axes:
@@ -104,6 +109,8 @@ def plan(
     blocksize: int,
     kernel: str,
     interpret: bool = False,
+    absmax_table: tuple[float, ...] | None = None,
+    nested_blocksize: int | None = None,
 ) -> Plan:
     """Check the specs against the shapes (``x [M, K]``, ``W [N, K]``) and derive the plan.
 
@@ -162,6 +169,8 @@ def plan(
         blocksize=blocksize,
         kernel=kernel,
         interpret=interpret,
+        absmax_table=absmax_table,
+        nested_blocksize=nested_blocksize,
     )
 
 
@@ -172,10 +181,31 @@ def _gather(a: jax.Array, axes: Axes, dim: int) -> jax.Array:
     return jax.lax.all_gather(a, axes[0] if len(axes) == 1 else axes, axis=dim, tiled=True)
 
 
-def _local_weight(p: Plan, codes: jax.Array, absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """This device's ``codes [n, k/2]`` and ``absmax [n, k/bs]`` after the FSDP gathers."""
+def _first(axes: Axes, local: int) -> jax.Array | int:
+    """Where this device's block starts along a dimension split over ``axes`` (kept split)."""
+    return jax.lax.axis_index(axes[0] if len(axes) == 1 else axes) * local if axes else 0
+
+
+def _local_weight(p: Plan, codes, absmax, nested, offset) -> tuple[jax.Array, jax.Array]:
+    """This device's ``codes [n, k/2]`` and float32 ``absmax [n, k/bs]`` after the FSDP
+    gathers; a double-quantized absmax is gathered as codes and dequantized here, each entry
+    with the nested scale of its place in the whole weight."""
     codes = _gather(_gather(codes, p.gather_n, 0), p.gather_k, 1)
     absmax = _gather(_gather(absmax, p.gather_n, 0), p.gather_k, 1)
+    if p.nested_blocksize is None:
+        return codes, absmax
+    n, kb = absmax.shape
+    whole_kb = kb * math.prod(p.mesh.shape[a] for a in p.keep_k)
+    absmax = nf4_matmul.dequantize_absmax(
+        absmax,
+        nested,
+        offset,
+        table=p.absmax_table,
+        nested_blocksize=p.nested_blocksize,
+        first_row=_first(p.keep_n, n),
+        first_col=_first(p.keep_k, kb),
+        cols=whole_kb,
+    )
     return codes, absmax
 
 
@@ -199,49 +229,53 @@ def _local_input_grad(p: Plan, dy, codes, absmax):
     return nf4_matmul.reference_input_grad(dy, codes, absmax, **kw)
 
 
-def _forward(p: Plan, x, codes, absmax):
-    def body(x, codes, absmax):
-        y = _local_forward(p, x, *_local_weight(p, codes, absmax))
+def _forward(p: Plan, x, w):
+    def body(x, *w):
+        y = _local_forward(p, x, *_local_weight(p, *w))
         return jax.lax.psum(y, p.keep_k) if p.keep_k else y  # row parallel: partial sums
 
     return jax.shard_map(
         body,
         mesh=p.mesh,
-        in_specs=(p.x_spec, p.w_spec, p.w_spec),
+        in_specs=(p.x_spec, *_weight_specs(p)),
         out_specs=p.out_spec,
         check_vma=False,
-    )(x, codes, absmax)
+    )(x, *w)
 
 
-def _input_grad(p: Plan, dy, codes, absmax):
-    def body(dy, codes, absmax):
+def _input_grad(p: Plan, dy, w):
+    def body(dy, *w):
         # Tie the shards to dy, so XLA re-gathers here instead of reusing (CSE) the forward
         # pass's gathered weight and keeping it alive until the backward pass.
-        dy, codes, absmax = jax.lax.optimization_barrier((dy, codes, absmax))
-        dx = _local_input_grad(p, dy, *_local_weight(p, codes, absmax))
+        dy, *w = jax.lax.optimization_barrier((dy, *w))
+        dx = _local_input_grad(p, dy, *_local_weight(p, *w))
         return jax.lax.psum(dx, p.keep_n) if p.keep_n else dx  # column parallel: partial dx
 
     return jax.shard_map(
         body,
         mesh=p.mesh,
-        in_specs=(p.out_spec, p.w_spec, p.w_spec),
+        in_specs=(p.out_spec, *_weight_specs(p)),
         out_specs=p.x_spec,
         check_vma=False,
-    )(dy, codes, absmax)
+    )(dy, *w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _matmul(x, codes, absmax, p: Plan):
-    return _forward(p, x, codes, absmax)
+def _weight_specs(p: Plan) -> tuple[PartitionSpec, ...]:
+    """codes and absmax split like the weight; the tiny nested absmax and offset replicated."""
+    return p.w_spec, p.w_spec, PartitionSpec(), PartitionSpec()
 
 
-def _matmul_fwd(x, codes, absmax, p: Plan):
-    return _forward(p, x, codes, absmax), (codes, absmax)  # sharded: re-gathered in bwd
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, p: Plan):
+    return _forward(p, x, w)
 
 
-def _matmul_bwd(p: Plan, res, dy):
-    codes, absmax = res
-    return _input_grad(p, dy, codes, absmax), None, None  # frozen weight: no cotangent
+def _matmul_fwd(x, w, p: Plan):
+    return _forward(p, x, w), w  # sharded: re-gathered in bwd
+
+
+def _matmul_bwd(p: Plan, w, dy):
+    return _input_grad(p, dy, w), None  # the frozen weight gets no cotangent
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -259,17 +293,22 @@ def nf4_matmul_sharded(
     blocksize: int,
     kernel: str,
     interpret: bool = False,
+    nested: tuple[jax.Array, jax.Array, tuple[float, ...], int] | None = None,
 ) -> jax.Array:
     """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype`` on ``mesh``, differentiable in
     ``x`` only; the result is sharded as ``P(rows of x, kept N axes)`` (see module doc).
 
-    ``codes [N, K/2]`` uint8 and ``absmax [N, K/blocksize]`` float32 share ``w_spec``;
-    ``code`` is the 16-value table (NF4 or FP4); ``kernel`` is ``"mosaic"``, ``"triton"`` or
-    ``"dequant"``.
+    ``codes [N, K/2]`` uint8 and ``absmax [N, K/blocksize]`` share ``w_spec``; ``absmax`` is
+    float32, or with ``nested = (nested_absmax, offset, table, nested_blocksize)`` the uint8
+    codes of a double-quantized absmax (``table``: their 256 values; see
+    ``nf4_matmul.dequantize_absmax``). ``code`` is the 16-value table (NF4 or FP4);
+    ``kernel`` is ``"mosaic"``, ``"triton"`` or ``"dequant"``.
     """
-    if codes.dtype != jnp.uint8 or absmax.dtype != jnp.float32 or x.ndim != 2:
+    want = jnp.float32 if nested is None else jnp.uint8
+    if codes.dtype != jnp.uint8 or absmax.dtype != want or x.ndim != 2:
         raise ValueError(
-            f"nf4 sharded matmul: want x [M, K], uint8 codes, float32 absmax; got x{x.shape}, "
+            f"nf4 sharded matmul: want x [M, K], uint8 codes, {jnp.dtype(want).name} absmax "
+            f"({'with' if nested else 'without'} double quantization); got x{x.shape}, "
             f"{codes.dtype} codes, {absmax.dtype} absmax"
         )
     n, k = codes.shape[0], codes.shape[1] * 2
@@ -278,6 +317,12 @@ def nf4_matmul_sharded(
             f"nf4 sharded matmul: absmax {absmax.shape} does not match codes {codes.shape} "
             f"at blocksize {blocksize}"
         )
+    nested_absmax, offset, table, nested_blocksize = nested or (
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        None,
+        None,
+    )
     p = plan(
         mesh,
         x_spec,
@@ -287,5 +332,7 @@ def nf4_matmul_sharded(
         blocksize=blocksize,
         kernel=kernel,
         interpret=interpret,
+        absmax_table=table,
+        nested_blocksize=nested_blocksize,
     )
-    return _matmul(x, codes, absmax, p)
+    return _matmul(x, (codes, absmax, nested_absmax, offset), p)

@@ -17,10 +17,12 @@ probabilities, ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, which is one pass once 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
+from jaxlora.kernels import attention_sharded
 from jaxlora.kernels.attention_chunked import chunked_attention
 from jaxlora.kernels.attention_gpu import cudnn_attention, pallas_gpu_attention
 from jaxlora.kernels.attention_splash import splash_attention
@@ -96,7 +98,27 @@ def attention_mask(
     return (allowed[None] & same)[:, None, None]  # (B, 1, 1, Sq, Sk)
 
 
-IMPLS = ("eager", "chunked", "splash", "cudnn", "pallas_gpu")
+IMPLS = ("eager", "chunked", *attention_sharded.KERNELS)
+
+
+@dataclass(frozen=True)
+class AttentionImpl:
+    """An implementation (``name``, one of :data:`IMPLS`) and where it runs: Pallas
+    ``interpret`` mode, and for a sharded program the mesh, on which a kernel
+    (``attention_sharded.KERNELS``) runs inside ``shard_map`` on each device's rows and heads
+    (``jaxlora.kernels.attention_sharded``). Static data of the model, like a bare name."""
+
+    name: str = "eager"
+    interpret: bool = False
+    mesh: attention_sharded.AttentionMesh | None = None
+
+
+def impl_name(impl: str | AttentionImpl) -> str:
+    """The implementation's name, checked against :data:`IMPLS`."""
+    name = impl.name if isinstance(impl, AttentionImpl) else impl
+    if name not in IMPLS:
+        raise ValueError(f"attention impl (attn_impl) must be one of {IMPLS}, got {name!r}")
+    return name
 
 
 def attention(
@@ -108,7 +130,7 @@ def attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
-    impl: str = "eager",
+    impl: str | AttentionImpl = "eager",
     interpret: bool = False,
 ) -> jax.Array:
     """Self-attention over one sequence per row, heads first: ``q (B, KV, G, S, D)``,
@@ -117,7 +139,8 @@ def attention(
     ``j > i - sliding_window`` and ``segment_ids [B, S]`` give both the same non-zero id
     (0 = padding; packed documents have distinct ids).
 
-    ``impl`` is chosen by the caller from the compile target, never from the process's backend:
+    ``impl`` is chosen by the caller from the compile target, never from the process's backend
+    (a name, or an :class:`AttentionImpl` that also says where it runs):
 
     * ``"eager"``: materialized float32 scores (:func:`attend`), any backend; the reference.
     * ``"chunked"``: flash attention in plain JAX (online softmax over key blocks, backward
@@ -127,6 +150,9 @@ def attention(
     * ``"pallas_gpu"``: Pallas (Triton) flash attention, GPU; any segments, no sliding window.
 
     ``interpret`` runs the Pallas kernels (splash, pallas_gpu) in interpret mode (tests on CPU).
+    With an :class:`AttentionImpl` on a mesh of several devices, the kernels run inside
+    ``shard_map`` (batch rows over the batch axes, heads over the head axis); eager and chunked
+    are plain JAX, which XLA partitions.
 
     Padding rows (segment 0) have no key to attend to. Eager gives them the uniform average
     over all keys, as ``transformers``' eager attention does; the flash implementations output
@@ -134,24 +160,29 @@ def attention(
     token, so outputs at real tokens, and every gradient of a loss that masks padding, are the
     same for all implementations.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    run = impl if isinstance(impl, AttentionImpl) else AttentionImpl(impl)
+    name = impl_name(run)
     if sliding_window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
     if k.shape[2] != q.shape[3]:
         raise ValueError(f"self-attention: {q.shape[3]} queries but {k.shape[2]} keys")
     kw = dict(scale=scale, causal=causal, sliding_window=sliding_window)
-    if impl == "eager":
+    if name == "eager":
         slots = jnp.arange(q.shape[3])
         mask = attention_mask(slots, slots, segment_ids, segment_ids, sliding_window, causal)
         return attend(q, k, v, mask, scale)
-    if impl == "chunked":
+    if name == "chunked":
         return chunked_attention(q, k, v, segment_ids, **kw)
-    if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, **kw, interpret=interpret)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids, **kw)
-    return pallas_gpu_attention(q, k, v, segment_ids, **kw, interpret=interpret)
+    interpret = interpret or run.interpret
+    if name == "splash":
+        kernel = functools.partial(splash_attention, **kw, interpret=interpret)
+    elif name == "cudnn":
+        kernel = functools.partial(cudnn_attention, **kw)
+    else:
+        kernel = functools.partial(pallas_gpu_attention, **kw, interpret=interpret)
+    if run.mesh is None or run.mesh.mesh.size == 1:
+        return kernel(q, k, v, segment_ids)
+    return attention_sharded.sharded(kernel, q, k, v, segment_ids, run.mesh)
 
 
 @jax.custom_vjp

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
-from jaxlora.models.attention import IMPLS, attend, attention, attention_mask, swiglu
+from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
 from jaxlora.models.config import LlamaConfig
 from jaxlora.weights.dispatch import dense
 
@@ -225,9 +225,7 @@ class Layers(nn.Module):
                 caches[0]["segment_ids"], segment_ids, (0, idx)
             )
             q_slots = q_slots + idx
-        if self.attn_impl not in IMPLS:
-            raise ValueError(f"attn_impl must be one of {IMPLS}, got {self.attn_impl!r}")
-        eager = self.attn_impl == "eager" or caches is not None
+        eager = impl_name(self.attn_impl) == "eager" or caches is not None
         k_slots = jnp.arange(k_segments.shape[1])
         masks = {
             w: attention_mask(q_slots, k_slots, segment_ids, k_segments, w) if eager else None

@@ -8,9 +8,11 @@ instruction per line::
     %cc = bf16[16,64]{1,0} custom-call(...), custom_call_target="tpu_custom_call", ...
 
 These helpers find the custom-call targets (``tpu_custom_call`` is a Mosaic kernel,
-``__gpu$xla.gpu.triton`` a Triton one), the collectives with their element types and
-per-device result bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights", and
-the FLOPs of the NF4 kernel calls.
+``__gpu$xla.gpu.triton`` a Triton one), the Pallas kernels by name (an NF4 matmul, splash or
+Pallas flash attention), the collectives with their element types and per-device result
+bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights", and a step's matmul
+FLOPs counted from its instructions (:func:`matmul_flops`), which is what a compile-only GPU
+executable offers in place of XLA's cost analysis.
 """
 
 from __future__ import annotations
@@ -147,3 +149,94 @@ def nf4_kernel_flops(hlo_text: str) -> int:
         out, lhs = _arrays(shape)[0], _arrays(operands.group(1))[0]
         total += 2 * out.dims[0] * out.dims[1] * lhs.dims[1]
     return total
+
+
+def _ops_in(line: str) -> list[str]:
+    """The operand names of an instruction line, ``op(%a, %b)`` or ``op(f32[..] %a, ...)``."""
+    args = line[line.index("(", line.index("=")) :]
+    return re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+
+
+def _dims(line: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([0-9,]*)\}", line)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def dot_flops(hlo_text: str) -> int:
+    """``2 · |out| · |contracted|`` summed over the module's ``dot`` instructions (those in
+    fused computations included: XLA:GPU keeps its GEMM fusions as dots in the text). Operand
+    shapes come from where each operand is defined in the same computation."""
+    total, shapes = 0, {}
+    for line in hlo_text.splitlines():
+        if line.endswith("{") and "=" not in line.split("(", 1)[0]:  # a computation starts
+            shapes = dict(re.findall(r"([\w.\-]+): ([a-z]+[0-9]*\[[0-9,]*\])", line))
+            continue
+        m = _INSTR.match(line)
+        if m is None:
+            continue
+        rest = m.group("rest")
+        op = _OPCODE.search(rest)
+        if op is None:
+            continue
+        shapes[m.group("name")] = rest[: op.start()]
+        if op.group(1) != "dot":
+            continue
+        out = _arrays(rest[: op.start()])[0]
+        lhs = _arrays(shapes[_ops_in(line)[0]])[0]
+        contracted = math.prod(lhs.dims[d] for d in _dims(line, "lhs_contracting_dims"))
+        total += 2 * math.prod(out.dims) * contracted
+    return total
+
+
+# Pallas flash attention kernels on GPU (jax.experimental.pallas.ops.gpu.attention), by the
+# name in their metadata, and how many [S, S] matmuls each makes: the forward QKᵀ and PV; the
+# backward recomputes QKᵀ and forms dO·Vᵀ, Pᵀ·dO, dSᵀ·Q and dS·K (the preprocessing call is
+# elementwise). cuDNN's fused attention, by custom-call target, does the same products.
+ATTENTION_MATMULS = {
+    "mha_forward/": 2,
+    "mha_backward/": 5,
+    "__cudnn$fmhaSoftmaxBackward": 5,
+    "__cudnn$fmhaSoftmax": 2,
+}
+
+
+def attention_kernel_flops(hlo_text: str) -> int:
+    """Per-device matmul FLOPs of the GPU flash attention kernel calls: ``2·B·H·S²·D`` per
+    ``[S, S]`` product (:data:`ATTENTION_MATMULS`) from the call's ``q [B, S, H, D]``, counted
+    dense (the causal blocks a kernel skips are not subtracted)."""
+    total = 0
+    for _, shape, opcode, line in _instructions(hlo_text):
+        if opcode != "custom-call":
+            continue
+        products = next((n for key, n in ATTENTION_MATMULS.items() if key in line), 0)
+        if not products:
+            continue
+        operands = re.search(r"operand_layout_constraints=\{([^}]*)\}", line)
+        q = _arrays(operands.group(1) if operands else shape)[0]
+        b, s, h, d = q.dims
+        total += products * 2 * b * h * s * s * d
+    return total
+
+
+def matmul_flops(hlo_text: str) -> int:
+    """A step's per-device matmul FLOPs counted from its compiled HLO: XLA's dots, the NF4
+    kernel calls and the GPU flash attention calls. Elementwise work is not counted: it is a
+    few percent of a transformer step's FLOPs and splits over the devices as the matmuls do."""
+    return dot_flops(hlo_text) + nf4_kernel_flops(hlo_text) + attention_kernel_flops(hlo_text)
+
+
+def pallas_kernels(hlo_text: str) -> dict[str, int]:
+    """How many calls of each Pallas kernel (Mosaic or Triton) the module makes, by kernel
+    name: Mosaic calls are named after their kernel (``splash_mha_fwd_segmented_residuals``,
+    ``nf4_matmul_fwd_tpu``); Triton calls are ``pallas_call`` s whose metadata path ends in
+    the kernel (``.../mha_forward/pallas_call``)."""
+    counts: dict[str, int] = {}
+    for name, _, opcode, line in _instructions(hlo_text):
+        if opcode != "custom-call" or not (MOSAIC_CALL in line or TRITON_CALL in line):
+            continue
+        kernel = re.sub(r"\.[0-9]+$", "", name)
+        if kernel == "pallas_call":
+            m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', line)
+            kernel = m.group(1) if m else kernel
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return counts

@@ -44,6 +44,7 @@ class Plan:
     seq_len: int
     per_device: dict[str, int | bool]
     flops_per_device: float | None
+    flops_source: str  # "cost_analysis" (XLA's), or "hlo_matmuls" (counted: hlo.matmul_flops)
     kernels: dict[str, str]
     compile_s: float
     custom_calls: list[str] = field(default_factory=list)
@@ -58,6 +59,7 @@ class Plan:
             "seq_len": self.seq_len,
             "per_device": self.per_device,
             "flops_per_device": self.flops_per_device,
+            "flops_source": self.flops_source,
             "kernels": self.kernels,
             "compile_s": round(self.compile_s, 2),
         }
@@ -152,7 +154,8 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         micro_batch=batch,
         seq_len=seq,
         per_device=per_device,
-        flops_per_device=float(flops) if flops else float(hlo.nf4_kernel_flops(text)) or None,
+        flops_per_device=float(flops) if flops else float(hlo.matmul_flops(text)) or None,
+        flops_source="cost_analysis" if flops else "hlo_matmuls",
         kernels={"matmul": kernels.nf4, "attention": kernels.attention},
         compile_s=compile_s,
         custom_calls=sorted(hlo.custom_call_targets(text)),

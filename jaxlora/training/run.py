@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError
 from jaxlora.interop import hf
+from jaxlora.kernels.attention_sharded import AttentionMesh
 from jaxlora.model import Model, load_model
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import make_optimizer, make_schedule
@@ -104,13 +105,17 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
     """``(kernels, frozen)``: the kernels for the mesh's devices (``quant.kernel``; the mesh's
     platform decides, not the process's default backend), written into the frozen tree with
     each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
-    its devices' own rows."""
+    its devices' own rows; attention kernels split the batch over the batch axes and the heads
+    over the axis the ``heads`` rule names."""
+    kv_heads = model_config.num_key_value_heads
     kernels = kernels_for(
         list(mesh.devices.flat),
         cfg.quant.kernel,
         seq_len=cfg.data.max_seq_len,
         packed=cfg.data.packing,
         sliding_window=any(w is not None for w in model_config.sliding_windows),
+        mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
+        heads=(kv_heads, model_config.num_attention_heads // kv_heads),
     )
     specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules)
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)

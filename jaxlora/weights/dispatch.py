@@ -35,6 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxlora import kernels
+from jaxlora.kernels.attention_sharded import KERNELS as ATTENTION_KERNELS
+from jaxlora.kernels.attention_sharded import AttentionMesh, head_split
 from jaxlora.targets import DEQUANT, TRITON, nf4_kernel_for
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class Kernels:
     nf4: str = "dequant"
     interpret: bool = False
     attention: str = "eager"
+    attention_mesh: AttentionMesh | None = None
 
     @property
     def fuse_lora(self) -> bool:
@@ -121,7 +124,10 @@ class Kernels:
 
     def describe(self) -> str:
         how = " (Pallas interpret mode)" if self.interpret else ""
-        return f"{self.platform}: NF4 matmul {self.nf4}{how}, attention {self.attention}"
+        where = ""
+        if self.attention_mesh is not None and self.attention in ATTENTION_KERNELS:
+            where = f" under shard_map over {dict(self.attention_mesh.mesh.shape)}"
+        return f"{self.platform}: NF4 matmul {self.nf4}{how}, attention {self.attention}{where}"
 
 
 def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
@@ -156,16 +162,21 @@ def kernels_for(
     seq_len: int = 0,
     packed: bool = True,
     sliding_window: bool = False,
+    mesh: AttentionMesh | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> Kernels:
     """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
-    logged once per choice. ``mode``: ``"auto"`` (Mosaic on TPU, Triton on sm_80+ GPUs,
-    dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel), ``"interpret"`` (the GPU
-    kernels in Pallas interpret mode on any platform: slow; tests and debugging).
+    logged once per choice with the reason for the attention. ``mode``: ``"auto"`` (Mosaic on
+    TPU, Triton on sm_80+ GPUs, dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel),
+    ``"interpret"`` (the GPU kernels in Pallas interpret mode on any platform: slow; tests and
+    debugging).
 
     Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
-    ``sliding_window`` or not): on one device the platform's flash kernel; on several, the
-    Pallas attention kernels do not run inside ``shard_map`` yet, so a TPU or GPU mesh takes
-    ``"chunked"`` (flash attention in plain JAX, which XLA partitions; memory linear in S)."""
+    ``sliding_window`` or not) on several devices: the platform's kernel inside ``shard_map``
+    (``jaxlora.kernels.attention_sharded``) when ``mesh`` says which axes split the batch and
+    the heads and ``heads = (kv_heads, query heads per kv head)`` split whole over its head
+    axis; otherwise ``"chunked"`` (flash attention in plain JAX, which XLA partitions; memory
+    linear in S)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     device = devices[0]
@@ -176,17 +187,46 @@ def kernels_for(
         nf4 = DEQUANT
     else:
         nf4 = nf4_kernel_for(platform, _compute_capability(device))
-    attention = attention_for(platform, seq_len, packed=packed, sliding_window=sliding_window)
-    if len(devices) > 1 and attention in ("splash", "pallas_gpu", "cudnn"):
-        attention = "chunked"
     interpret = mode == "interpret"
-    if interpret and attention in ("splash", "pallas_gpu", "cudnn"):
-        attention = "chunked"  # interpreting a Pallas attention kernel per step is too slow
-    chosen = Kernels(platform=platform, nf4=nf4, interpret=interpret, attention=attention)
+    attention = attention_for(platform, seq_len, packed=packed, sliding_window=sliding_window)
+    attention, reason = _attention_on(attention, len(devices), mesh, heads, interpret)
+    on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
+    chosen = Kernels(platform, nf4, interpret, attention, on_mesh)
     if chosen not in _LOGGED:
         _LOGGED.add(chosen)
-        log.info("kernels for %d %s device(s): %s", len(devices), platform, chosen.describe())
+        log.info(
+            "kernels for %d %s device(s): %s (%s)",
+            len(devices),
+            platform,
+            chosen.describe(),
+            reason,
+        )
     return chosen
+
+
+def _attention_on(
+    attention: str,
+    n_devices: int,
+    mesh: AttentionMesh | None,
+    heads: tuple[int, int] | None,
+    interpret: bool,
+) -> tuple[str, str]:
+    """``(attention, reason)``: the platform's choice, or ``"chunked"`` where its kernel cannot
+    run (interpret mode; a mesh without the roles of its axes, or whose head axis does not
+    split the heads whole)."""
+    if attention not in ATTENTION_KERNELS:
+        return attention, "no attention kernel for this platform and batch"
+    if interpret:  # interpreting a Pallas attention kernel per step is too slow
+        return "chunked", "Pallas interpret mode"
+    if n_devices == 1:
+        return attention, "one device"
+    if mesh is None or heads is None:
+        return "chunked", "several devices but no mesh axes for the batch and heads given"
+    try:
+        split = head_split(mesh, *heads)
+    except ValueError as e:
+        return "chunked", str(e)
+    return attention, f"each device's batch rows and heads ({split}) inside shard_map"
 
 
 _LOGGED: set = set()

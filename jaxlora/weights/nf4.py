@@ -46,13 +46,13 @@ from jaxlora.weights.nf4_format import (
     CODES,
     DYNAMIC_MAP,
     double_quantize,
-    no_fma,
     pack,
     quantize_4bit_flat,
     unpack,
 )
 
 logger = logging.getLogger(__name__)
+DQ_TABLE = tuple(float(c) for c in DYNAMIC_MAP)  # the 8-bit absmax codes' values
 
 
 def quantize(
@@ -284,11 +284,14 @@ class NF4Tensor:
         """
         if not self.double_quant:
             return jnp.asarray(self.absmax, jnp.float32)
-        flat = jnp.asarray(self.absmax).reshape(-1)
-        nested = jnp.repeat(jnp.asarray(self.nested_absmax), self.nested_blocksize)
-        nested = nested[: flat.shape[0]]
-        scaled = no_fma(jnp.asarray(DYNAMIC_MAP)[flat] * nested, nested)
-        return (scaled + jnp.asarray(self.offset)).reshape(self.absmax.shape)
+        flat = jnp.asarray(self.absmax).reshape(1, -1)
+        return nf4_matmul.dequantize_absmax(
+            flat,
+            self.nested_absmax,
+            self.offset,
+            table=DQ_TABLE,
+            nested_blocksize=self.nested_blocksize,
+        ).reshape(self.absmax.shape)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """``[out, in]`` weight: ``code[nibble] * absmax`` in float32, then cast to ``dtype``
@@ -314,8 +317,8 @@ class NF4Tensor:
         The path is :func:`jaxlora.weights.dispatch.nf4_path`'s for ``self.run``: the Pallas
         dequant-matmul (``jaxlora.kernels.nf4_matmul``), the same on each device's rows inside
         ``shard_map`` in a sharded program (``jaxlora.kernels.nf4_sharded``: FSDP gathers the
-        4-bit codes), or dequantize to ``x.dtype`` and dot; logged once per shape. ``rng`` is
-        unused (no randomness).
+        4-bit codes and 8-bit absmax codes), or dequantize to ``x.dtype`` and dot; logged once
+        per shape. ``rng`` is unused (no randomness).
         """
         del rng
         if x.shape[-1] != self.shape[1]:
@@ -325,13 +328,16 @@ class NF4Tensor:
         path, reason = dispatch.nf4_path(self, self.run)
         dispatch.log_path_once(self.shape, x.shape, path, reason)
         code = tuple(float(c) for c in CODES[self.quant_type])
-        absmax = jax.lax.stop_gradient(self.absmax_f32())
         k = self.run.kernels
         if path == "sharded":
+            nested = None  # FSDP gathers 8-bit absmax codes, dequantized on each device
+            if self.double_quant:
+                nested = (self.nested_absmax, self.offset, DQ_TABLE, self.nested_blocksize)
             y = nf4_sharded.nf4_matmul_sharded(
                 x2,
                 jnp.asarray(self.codes),
-                absmax,
+                jnp.asarray(self.absmax),
+                nested=nested,
                 mesh=self.run.mesh,
                 x_spec=dispatch.rows_spec(self.run, x2.shape[0]),
                 w_spec=self.run.spec,
@@ -344,7 +350,7 @@ class NF4Tensor:
             y = nf4_matmul.nf4_matmul(
                 x2,
                 jnp.asarray(self.codes),
-                absmax,
+                jax.lax.stop_gradient(self.absmax_f32()),
                 code=code,
                 blocksize=self.blocksize,
                 interpret=k.interpret,

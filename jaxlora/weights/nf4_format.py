@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), index = 4-bit code.
@@ -185,16 +183,3 @@ def double_quantize(xp: Any, absmax: Any, nested_blocksize: int) -> tuple[Any, A
     offset = mean_f32(xp, absmax)
     codes, nested = quantize_dynamic_blockwise(xp, absmax - offset, nested_blocksize)
     return codes, nested, xp.asarray(offset, np.float32)
-
-
-def no_fma(product: jax.Array, nonneg: jax.Array) -> jax.Array:
-    """``product``, rounded to float32 on its own before any later add.
-
-    Under ``jit`` XLA (CPU and GPU) contracts ``a * b + c`` into one FMA, which rounds once
-    and differs from bnb by an ulp; optimization barriers and reduce_precision are removed
-    before codegen. XOR-ing the bits with the sign bit of ``nonneg`` (values >= 0, so the
-    XOR is a no-op) is opaque to the compiler and keeps the multiply and the add apart.
-    """
-    zero = jax.lax.bitcast_convert_type(nonneg, jnp.uint32) >> 31
-    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) ^ zero
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)

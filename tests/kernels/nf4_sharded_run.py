@@ -14,6 +14,7 @@ entry, the output shardings, and the element types of the all-gathers in the com
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxlora.kernels import nf4_matmul, nf4_sharded  # noqa: E402
 from jaxlora.targets import hlo  # noqa: E402
+from jaxlora.weights.nf4 import DQ_TABLE  # noqa: E402
 
 MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2), "fsdp4_tensor2": (1, 4, 2)}
 ROWS = ("data", "fsdp")
@@ -42,8 +44,10 @@ LAYOUTS = {  # name -> (x spec [M, K], weight spec [N, K/2] and [N, K/bs])
     "column": (P(ROWS, None), P("tensor", "fsdp")),
     "row": (P(ROWS, "tensor"), P("fsdp", "tensor")),
 }
-# M = 8·3 rows; N = 8·5 (splits over fsdp 8 and over tensor); K = 8 blocks of 64.
-M, N, K, BS = 24, 40, 512, 64
+# M = 8·3 rows; N = 8·5 (splits over fsdp 8 and over tensor); K = 8 blocks of 64. Nested
+# blocks of 24 absmax entries (bnb uses 256) start mid-row and mid-shard, so a device that
+# indexed its absmax codes' nested scales from its shard and not the whole weight would show.
+M, N, K, BS, NBS = 24, 40, 512, 64, 24
 
 
 def operands():
@@ -53,7 +57,14 @@ def operands():
     absmax = jnp.asarray(rng.uniform(0.5, 2.0, (N, K // BS)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
-    return code, codes, absmax, x, dy
+    nested = (
+        jnp.asarray(rng.uniform(0.5, 2.0, (N * K // BS + NBS - 1) // NBS), jnp.float32),
+        jnp.float32(0.25),
+        DQ_TABLE,
+        NBS,
+    )
+    dq_codes = jnp.asarray(rng.integers(0, 256, (N, K // BS)), jnp.uint8)
+    return code, codes, absmax, x, dy, nested, dq_codes
 
 
 def rel_err(got, want) -> float:
@@ -62,20 +73,27 @@ def rel_err(got, want) -> float:
 
 
 def main():
-    code, codes, absmax, x, dy = operands()
-    y_ref = nf4_matmul.reference_forward(x, codes, absmax, code=code, blocksize=BS)
-    dx_ref = nf4_matmul.reference_input_grad(dy, codes, absmax, code=code, blocksize=BS)
+    code, codes, absmax_f32, x, dy, nested, dq_codes = operands()
+    dq_absmax = nf4_matmul.dequantize_absmax(
+        dq_codes, nested[0], nested[1], table=nested[2], nested_blocksize=nested[3]
+    )
+    absmaxes = {"f32": (absmax_f32, None, absmax_f32), "dq": (dq_codes, nested, dq_absmax)}
     results = {}
     for mesh_name, sizes in MESHES.items():
         mesh = jax.make_mesh(sizes, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-        for layout, (x_spec, w_spec) in LAYOUTS.items():
+        for (layout, (x_spec, w_spec)), (aname, (absmax, dq, whole)) in itertools.product(
+            LAYOUTS.items(), absmaxes.items()
+        ):
+            y_ref = nf4_matmul.reference_forward(x, codes, whole, code=code, blocksize=BS)
+            dx_ref = nf4_matmul.reference_input_grad(dy, codes, whole, code=code, blocksize=BS)
 
-            def f(x, codes, absmax, dy, x_spec=x_spec, w_spec=w_spec, mesh=mesh):
+            def f(x, codes, absmax, dy, x_spec=x_spec, w_spec=w_spec, mesh=mesh, dq=dq):
                 def mm(x):
                     return nf4_sharded.nf4_matmul_sharded(
                         x,
                         codes,
                         absmax,
+                        nested=dq,
                         mesh=mesh,
                         x_spec=x_spec,
                         w_spec=w_spec,
@@ -95,7 +113,7 @@ def main():
             compiled = jax.jit(f).lower(*ins).compile()
             y, dx = compiled(*ins)
             gathers = hlo.collectives(compiled.as_text(), "all-gather")
-            results[f"{mesh_name}/{layout}"] = {
+            results[f"{mesh_name}/{layout}/{aname}"] = {
                 "y_err": rel_err(y, y_ref),
                 "dx_err": rel_err(dx, dx_ref),
                 "y_spec": str(y.sharding.spec),

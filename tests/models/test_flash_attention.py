@@ -271,7 +271,8 @@ def test_attention_follows_the_devices():
     class Tpu:
         platform = "tpu"
 
-    # one chip: splash; a mesh: chunked, which XLA partitions (no shard_map'd Pallas attention)
+    # one chip: splash; several devices with no mesh roles given: chunked, which XLA
+    # partitions (with them, splash under shard_map: tests/kernels/test_attention_sharded.py)
     assert kernels_for([Tpu()], seq_len=2048) == Kernels("tpu", "mosaic", attention="splash")
     assert kernels_for([Tpu()] * 8, seq_len=2048).attention == "chunked"
 

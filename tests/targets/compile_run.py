@@ -9,8 +9,9 @@ Run in its own process, one platform per process::
 
 The function: ``LAYERS`` residual MLP blocks ``x + down(silu(up(x)))`` with NF4 ``up``
 (column parallel, ``W [F, D]`` on ``("tensor", "fsdp")``) and ``down`` (row parallel,
-``W [D, F]`` on ``("fsdp", "tensor")``), ``x [M, D]`` bf16 with rows over ``(data, fsdp)``,
-and the gradient of a scalar loss in ``x``. It is compiled for one chip and for 8 (meshes
+``W [D, F]`` on ``("fsdp", "tensor")``), double-quantized as QLoRA's are (8-bit absmax codes
+split like the weight, the nested scales and offset replicated), ``x [M, D]`` bf16 with rows
+over ``(data, fsdp)``, and the gradient of a scalar loss in ``x``. It is compiled for one chip and for 8 (meshes
 fsdp=8 and data2×fsdp2×tensor2), and for each compile the script records: compile seconds,
 the custom-call targets, the all-gathers (element types, per-device bytes), per-device
 FLOPs (XLA's cost analysis on TPU, where the Mosaic kernels carry a cost estimate; counted
@@ -40,8 +41,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from jaxlora import targets  # noqa: E402
 from jaxlora.kernels import nf4_sharded  # noqa: E402
 from jaxlora.targets import hlo  # noqa: E402
+from jaxlora.weights.nf4 import DQ_TABLE  # noqa: E402
 
-LAYERS, M, D, F, BS = 2, 256, 512, 1024, 64
+LAYERS, M, D, F, BS, NBS = 2, 256, 512, 1024, 64, 256
 ROWS = ("data", "fsdp")
 UP = (P(ROWS, None), P("tensor", "fsdp"))  # x spec, W spec (column parallel)
 DOWN = (P(ROWS, "tensor"), P("fsdp", "tensor"))  # row parallel
@@ -52,13 +54,16 @@ MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 
 def make_loss(mesh, kernel: str):
     """``loss(x, weights)``: the MLP stack and a scalar; weights is a list of
-    ``(up_codes, up_absmax, down_codes, down_absmax)``."""
+    ``((up_codes, up_absmax, up_nested), (down_codes, down_absmax, down_nested))``, absmax the
+    uint8 codes of a double-quantized absmax, nested ``(nested_absmax, offset)``."""
 
-    def mm(x, c, a, specs):
+    def mm(x, w, specs):
+        c, a, (nested, offset) = w
         return nf4_sharded.nf4_matmul_sharded(
             x,
             c,
             a,
+            nested=(nested, offset, DQ_TABLE, NBS),
             mesh=mesh,
             x_spec=specs[0],
             w_spec=specs[1],
@@ -68,9 +73,9 @@ def make_loss(mesh, kernel: str):
         )
 
     def loss(x, weights):
-        for uc, ua, dc, da in weights:
-            h = jax.nn.silu(mm(x, uc, ua, UP))  # [M, F], F split over tensor
-            x = x + mm(h, dc, da, DOWN)  # [M, D]
+        for up, down in weights:
+            h = jax.nn.silu(mm(x, up, UP))  # [M, F], F split over tensor
+            x = x + mm(h, down, DOWN)  # [M, D]
         return jnp.mean(jnp.square(x.astype(jnp.float32)))
 
     return loss
@@ -80,17 +85,12 @@ def abstract_args(mesh):
     def s(shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
+    def weight(n, k, spec):
+        nested = (s((n * k // BS // NBS,), jnp.float32, P()), s((), jnp.float32, P()))
+        return s((n, k // 2), jnp.uint8, spec), s((n, k // BS), jnp.uint8, spec), nested
+
     x = s((M, D), jnp.bfloat16, P(ROWS, None))
-    weights = [
-        (
-            s((F, D // 2), jnp.uint8, UP[1]),
-            s((F, D // BS), jnp.float32, UP[1]),
-            s((D, F // 2), jnp.uint8, DOWN[1]),
-            s((D, F // BS), jnp.float32, DOWN[1]),
-        )
-        for _ in range(LAYERS)
-    ]
-    return x, weights
+    return x, [(weight(F, D, UP[1]), weight(D, F, DOWN[1])) for _ in range(LAYERS)]
 
 
 def compile_once(target_name: str, mesh_sizes: tuple[int, int, int]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -22,6 +23,21 @@ RUNS = {  # (target, data, fsdp, tensor)
     "tpu": [("tpu-v5e-1", 1, 1, 1), ("tpu-v5e-8", 1, 8, 1), ("tpu-v5e-8", 2, 2, 2)],
     "gpu": [("h100-1", 1, 1, 1), ("h100-8", 1, 8, 1), ("h100-8", 2, 2, 2)],
 }
+
+PROJECTION = re.compile(r"[qkvo]_proj/")
+
+
+def for_attention(gather_line: str) -> bool:
+    """Whether an all-gather was made for attention itself (its inputs or outputs) rather than
+    for a projection's weights: its op_name has ``self_attn/`` followed by anything but a
+    q/k/v/o projection (XLA writes a combined op's paths as ``self_attn/(a:b:...)``)."""
+    name = re.search(r'op_name="([^"]*)"', gather_line)
+    for rest in (name.group(1) if name else "").split("self_attn/")[1:]:
+        paths = rest[1 : rest.index(")")].split(":") if rest.startswith("(") else [rest]
+        if not all(PROJECTION.match(p) for p in paths):
+            return True
+    return False
+
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--platform", choices=sorted(RUNS), required=True)
@@ -61,8 +77,14 @@ for seq in args.seq:
             plan.to_json()
             | {
                 "custom_calls": plan.custom_calls,
+                "pallas_kernels": hlo.pallas_kernels(plan.hlo_text),
                 "nf4_kernel_flops": hlo.nf4_kernel_flops(plan.hlo_text),
+                "attention_kernel_flops": hlo.attention_kernel_flops(plan.hlo_text),
                 "gathered_bytes": gathered,
+                "gathered_16bit_shapes": sorted(
+                    {a.dims for g in gathers for a in g.results if a.dtype in ("bf16", "f16")}
+                ),
+                "attention_gathers": [g.line[:300] for g in gathers if for_attention(g.line)],
             }
         )
 with open(args.out, "w") as f:

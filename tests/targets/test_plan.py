@@ -1,7 +1,9 @@
 """The real train step (NF4 base + LoRA on every linear, packed [accum, batch, seq] batch,
 remat, AdamW), built by the run builder ``python -m jaxlora.train`` uses, compiled for a TPU
-topology and for 8 H100s from this CPU machine: it compiles, the Pallas NF4 kernel is in the
-compiled program, FSDP moves 4-bit codes, and each of 8 devices computes 1/8 of the work.
+topology and for 8 H100s from this CPU machine: it compiles, the Pallas NF4 kernel and flash
+attention are in the compiled program (on 8 devices, inside shard_map, with no all-gather of
+activations for attention), FSDP moves 4-bit codes, and each of 8 devices computes 1/8 of the
+work.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
 
 SCRIPT = Path(__file__).parent / "plan_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}
+ATTENTION_KERNELS = {  # forward and backward kernels, by name (hlo.pallas_kernels)
+    "tpu": {
+        "splash_mha_fwd_segmented_residuals",
+        "splash_mha_dq_segmented_no_residuals",
+        "splash_mha_dkv_segmented_no_residuals",
+    },
+    "gpu": {"mha_forward", "mha_backward"},
+}
 MISSING = _toolchain.missing()
+VOCAB, HIDDEN, RANK = 256, 1024, 8  # the model below, and plan_run.py's lora.r
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +41,8 @@ def model_dir(tmp_path_factory):
     padded up to it, which the FLOPs count would show as extra work)."""
     d = tmp_path_factory.mktemp("plan_model")
     LlamaConfig(
-        vocab_size=256,
-        hidden_size=1024,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
         intermediate_size=2048,
         num_hidden_layers=2,
         num_attention_heads=16,
@@ -61,17 +72,29 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
     for run in (one, fsdp8, mixed):
         assert run["kernels"]["matmul"] == {"tpu": "mosaic", "gpu": "triton"}[platform]
         assert KERNEL_CALL[platform] in run["custom_calls"], run["custom_calls"]
-    # flash attention: the platform's Pallas kernel on one device (splash on TPU, Pallas flash
-    # for packed rows on GPU); on a mesh, flash attention in plain JAX, which XLA partitions
-    assert one["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
-    assert fsdp8["kernels"]["attention"] == mixed["kernels"]["attention"] == "chunked"
+        # flash attention, on one device and on each device's rows and heads of a mesh
+        # (shard_map): splash on TPU, Pallas flash for packed rows on GPU, forward and backward
+        assert run["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
+        assert ATTENTION_KERNELS[platform] <= set(run["pallas_kernels"]), run["pallas_kernels"]
     for run in (fsdp8, mixed):
-        # FSDP gathers the 4-bit codes; the only other gathers are small float leaves (absmax
-        # dequantized by the caller, LoRA factors), never a 16-bit copy of a frozen weight
+        # the kernel runs where the activations already are: no all-gather made for attention
+        assert run["attention_gathers"] == [], run["attention_gathers"]
+        # FSDP gathers the 4-bit codes and the 8-bit codes of their absmax; the only other
+        # gathers are small float leaves: LoRA factors, norms and the unquantized lm_head
+        # (XLA may gather those after their cast to the bf16 compute dtype), never a 16-bit
+        # copy of a 4-bit weight: every 16-bit array gathered has the LoRA rank as a dimension
+        # or is lm_head's [vocab / tensor, hidden]
         assert run["gathered_bytes"].get("u8", 0) > 0, run["gathered_bytes"]
-        assert "bf16" not in run["gathered_bytes"], run["gathered_bytes"]
-        # each device computes 1/8 of the NF4 matmuls (XLA's cost analysis covers TPU only)
+        lm_head = [VOCAB // run["mesh"]["tensor"], HIDDEN]
+        for dims in run["gathered_16bit_shapes"]:
+            assert RANK in dims or dims == lm_head, run["gathered_16bit_shapes"]
+        # each device computes 1/8 of the NF4 matmuls ...
         assert run["nf4_kernel_flops"] * 8 == pytest.approx(one["nf4_kernel_flops"], rel=0.10)
-        if one["flops_per_device"] and platform == "tpu":
-            ratio = run["flops_per_device"] * 8 / one["flops_per_device"]
-            assert 0.9 <= ratio <= 1.1, ratio
+        # ... and of the step: XLA's cost analysis on TPU; on GPU, whose compile-only
+        # executables have none, the matmuls counted from the HLO (jaxlora.targets.hlo:
+        # dots, NF4 kernel calls, flash attention calls)
+        assert run["flops_source"] == {"tpu": "cost_analysis", "gpu": "hlo_matmuls"}[platform]
+        ratio = run["flops_per_device"] * 8 / one["flops_per_device"]
+        assert 0.9 <= ratio <= 1.1, ratio
+        if platform == "gpu":  # each device's flash attention: its batch rows and heads
+            assert run["attention_kernel_flops"] * 8 == one["attention_kernel_flops"], run

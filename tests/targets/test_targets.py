@@ -1,6 +1,7 @@
 """jaxlora.targets without any compile toolchain: the registry's numbers, the NF4 kernel each
 target gets, the GPU target configs, the JAX version pin, the install hints, and the HLO
-readers on text shaped like XLA:TPU's and XLA:GPU's compiled modules."""
+readers on text shaped like XLA:TPU's and XLA:GPU's compiled modules: collectives, kernels by
+name, and the FLOPs a GPU step is counted at (dots, NF4 and flash attention calls)."""
 
 from __future__ import annotations
 
@@ -159,3 +160,33 @@ def test_hlo_readers():
     assert ag.nbytes == 3 * (256 * 512) + 3 * (8 * 512 * 4)  # u8 codes + f32 absmax
     assert hlo.nf4_kernel_flops(TPU_HLO) == 2 * 64 * 512 * 512
     assert hlo.nf4_kernel_flops(GPU_HLO) == 2 * 64 * 256 * 512
+
+
+# From the real step compiled for one H100 (tests/targets/plan_run.py), cut: a GEMM fusion
+# (its dot's operands are the computation's parameters), a Pallas flash forward call, and a
+# splash kernel as XLA:TPU names it.
+STEP_HLO = """
+%gemm_fusion_dot.99_computation (parameter_0: f32[1024,8,128], parameter_1: f32[8,8,128]) -> f32[8,1024,8] {
+  %parameter_0 = f32[1024,8,128]{2,1,0} parameter(0), metadata={scheduling_name="parameter_0"}
+  %parameter_1 = f32[8,8,128]{2,1,0} parameter(1), metadata={scheduling_name="parameter_1"}
+  ROOT %dot.170 = f32[8,1024,8]{2,1,0} dot(%parameter_0, %parameter_1), lhs_batch_dims={1}, lhs_contracting_dims={2}, rhs_batch_dims={1}, rhs_contracting_dims={2}, metadata={op_name="jit(step)/q_proj/dot_general"}
+}
+
+ENTRY %main.1 (p.1: f32[8,128,16,64]) -> f32[8,128,16,64] {
+  %pallas_call.24 = (f32[8,128,16,64]{3,2,1,0}, f32[8,16,128]{2,1,0}) custom-call(%a, %b, %c, %d), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, s32[8,128]{1,0}}, metadata={op_name="jit(step)/layers/0/self_attn/jit(mha)/mha_forward/pallas_call"}
+  %splash_mha_dq_segmented_no_residuals.3 = f32[8,16,128,64]{3,2,1,0:T(8,128)} custom-call(%e), custom_call_target="tpu_custom_call", operand_layout_constraints={f32[8,16,128,64]{3,2,1,0}}
+}
+"""
+
+
+def test_step_flops_and_kernels_from_the_hlo():
+    dot = 2 * (8 * 1024 * 8) * 128  # |out| · the contracted 128 of parameter_0
+    mha_forward = 2 * (2 * 8 * 16 * 128 * 128 * 64)  # QKᵀ and PV: B 8, H 16, S 128, D 64
+    assert hlo.dot_flops(STEP_HLO) == dot
+    assert hlo.attention_kernel_flops(STEP_HLO) == mha_forward
+    assert hlo.matmul_flops(STEP_HLO) == dot + mha_forward
+    assert hlo.pallas_kernels(STEP_HLO) == {
+        "mha_forward": 1,
+        "splash_mha_dq_segmented_no_residuals": 1,
+    }
+    assert hlo.pallas_kernels(GPU_HLO) == {"nf4_matmul_dx": 1}
