@@ -199,7 +199,7 @@ class TrainConfig(Section):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     remat: Literal["none", "full", "dots"] = "none"  # activation-recompute policy per layer
-    loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (0 = whole [tokens, vocab])
+    loss_chunk: int = 512  # tokens per chunk of the cross-entropy (0 = whole [tokens, vocab])
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
