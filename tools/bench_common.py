@@ -79,6 +79,12 @@ SHAPES = {
     "tiny": Shape(
         "tiny", 256, 704, 4, 4, 2, 2048, False, dict(rope_type="default", rope_theta=10000.0)
     ),
+    # The 57 M-parameter shape of issue 15: a real vocabulary (Llama 2's 32,000, untied head)
+    # on a CPU-sized body: 8 layers of width 512, GQA 8/4 heads of 64, intermediate 1472
+    # (23 × 64, for the NF4 2-D layout): 57.2 M parameters, 32.8 M of them embedding and head.
+    "57m": Shape(
+        "57m", 512, 1472, 8, 8, 4, 32000, False, dict(rope_type="default", rope_theta=10000.0)
+    ),
     # meta-llama/Llama-3.2-1B config.json
     "llama-1b": Shape("llama-1b", 2048, 8192, 16, 32, 8, 128256, True, _LLAMA3_ROPE, True),
     # meta-llama/Meta-Llama-3-8B config.json (no rope scaling in Llama 3.0)

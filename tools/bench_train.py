@@ -3,6 +3,7 @@
     python tools/bench_train.py --shape tiny --mode lora  --out lora.json    # CPU
     python tools/bench_train.py --shape tiny --mode qlora --out qlora.json   # CPU
     python tools/bench_train.py --shape llama-8b --mode qlora --batch 2 --seq 2048 --remat on
+    python tools/bench_train.py --shape 57m --mode lora --loss-chunk 0       # whole logits
 
 One random-init Hugging Face checkpoint of the shape is built once (cached under
 ``--cache-dir``); QLoRA uses one bitsandbytes NF4 + double-quant copy of it, made by
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `tools.*` and `jaxlora` importable
     sys.path.insert(0, str(ROOT))
 
+from jaxlora.config.recipe import TrainConfig  # noqa: E402
 from tools import bench_common as bc  # noqa: E402
 
 SIDES = ("jaxlora", "peft")
@@ -74,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="transformers attn_implementation (jaxlora's is eager-style)",
     )
     p.add_argument("--jax-attn", choices=("eager", "chunked"), default="eager")
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=TrainConfig.loss_chunk,
+        help="jaxlora's train.loss_chunk: tokens per chunk of the cross-entropy, 0 = whole "
+        "logits (default: the recipe default)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument(
         "--dtype",
@@ -128,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cpus must be in 1..{len(usable)}, got {args.cpus}")
     args.cpu_set = usable[: args.cpus]
     args.threads = args.cpus if args.threads is None else args.threads
+    if args.loss_chunk < 0:
+        p.error(f"--loss-chunk must be >= 0 (0 = whole logits), got {args.loss_chunk}")
     for name in ("batch", "seq", "steps", "warmup", "rounds", "rank", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -214,7 +225,8 @@ class JaxloraSide:
         module = model.module(remat="full" if args.remat == "on" else "none")
         module = module.clone(attn_impl=args.jax_attn)
         self._step = jax.jit(
-            make_train_step(module, lora.combine, tx, dropout=False), donate_argnums=(0, 1)
+            make_train_step(module, lora.combine, tx, dropout=False, loss_chunk=args.loss_chunk),
+            donate_argnums=(0, 1),
         )
         self._fwd = jax.jit(lambda p, i, pos, seg: module.apply({"params": p}, i, pos, seg)[0])
         self._key = jax.random.key(0)

@@ -129,6 +129,10 @@ MEANINGS: dict[str, str] = {
     "train.remat": "Activation recompute per decoder layer: `none`, `full` (least memory; "
     "the forward runs twice, about +50 % matmul work for LoRA) or `dots` (keeps matmul "
     "outputs, recomputes the rest).",
+    "train.loss_chunk": "Tokens per chunk of the cross-entropy: each chunk's logits are formed, "
+    "reduced and differentiated on the spot, so the float32 `[tokens, vocab]` logits never "
+    "exist at once (Llama 3 at 8,192 tokens: 4 GiB). Same loss and gradients as `0` (whole "
+    "logits) up to summation order, and as fast on CPU. See memory.md.",
     "train.seed": "Seed for adapter init, dropout and (unless `data.shuffle_seed`) data order.",
     "train.log_every": "Write a `metrics.jsonl` / TensorBoard record every N steps (the first "
     "and last step and every eval step are always written).",

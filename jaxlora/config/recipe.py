@@ -168,7 +168,14 @@ class TrainConfig(Section):
             ["batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints"], GE1
         ),
         **dict.fromkeys(
-            ["eval_every", "save_every", "sample_every", "weight_decay", "exact_match_examples"],
+            [
+                "eval_every",
+                "save_every",
+                "sample_every",
+                "weight_decay",
+                "exact_match_examples",
+                "loss_chunk",
+            ],
             GE0,
         ),
         **dict.fromkeys(["adam_beta1", "adam_beta2"], UNIT),
@@ -192,6 +199,7 @@ class TrainConfig(Section):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     remat: Literal["none", "full", "dots"] = "none"  # activation-recompute policy per layer
+    loss_chunk: int = 512  # tokens per chunk of the cross-entropy (0 = whole [tokens, vocab])
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
-from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, peak_memory_bytes
+from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor
 from jaxlora.training.plan import memory_line, memory_report
 from jaxlora.training.run import (
     for_mesh,
@@ -130,6 +130,7 @@ def run(cfg: Config) -> dict:
                     f"(step {ckpt.latest_step()}) is kept. Try: {NONFINITE_ADVICE}"
                 )
             record = _step_record(step, m, schedule, step_time, compiled=step == start + 1)
+            record |= monitor.memory(step)
             if (
                 val_ds is not None
                 and t.eval_every
@@ -191,8 +192,6 @@ def _step_record(step: int, m: dict, schedule, step_time: float, *, compiled: bo
         record["compile_time"] = step_time
     else:
         record |= {"tokens_per_sec": m["tokens"] / step_time, "step_time": step_time}
-    if (mem := peak_memory_bytes()) is not None:
-        record["peak_memory_bytes"] = mem
     return record
 
 

@@ -1,12 +1,13 @@
 """What a careful practitioner watches while training: metrics, a progress bar, and warnings.
 
 * ``output_dir/metrics.jsonl``: one JSON object per logged step (step, loss, lr, grad_norm,
-  tokens_per_sec, step_time, peak_memory_bytes where the backend reports it; eval_loss on eval
-  steps). Written by process 0 only, appended and flushed line by line; on resume, lines past
-  the restored step are dropped so the file has no gap and no duplicate step.
+  tokens_per_sec, step_time; memory_bytes and peak_memory_bytes where the device reports them
+  (accelerators; not the CPU); eval_loss on eval steps). Written by process 0 only, appended
+  and flushed line by line; on resume, lines past the restored step are dropped so the file has
+  no gap and no duplicate step.
 * TensorBoard event files in ``output_dir/tb``.
 * Warnings with advice (TUNING.md): non-finite loss, gradient-norm spikes, eval loss rising while
-  train loss falls (overfitting).
+  train loss falls (overfitting), device-memory headroom under 10 % (the guides keep 10–20 %).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +30,37 @@ NONFINITE_ADVICE = (
 )
 
 
-def peak_memory_bytes() -> int | None:
-    """Peak device memory in use on the first local device, where the backend reports it."""
-    stats = jax.local_devices()[0].memory_stats()
-    if not stats:
-        return None
-    return stats.get("peak_bytes_in_use")
+MEMORY_ADVICE = (
+    "lower train.batch_size and raise train.grad_accum by the same factor (same effective "
+    "batch), set train.remat=full, lower train.loss_chunk, or move memory off the device: "
+    "activations and optimizer state to host memory (train.remat=offload, "
+    "train.optimizer_offload=host) or optimizer state in 8 bits (train.optimizer=adamw_8bit)"
+)
+MIN_HEADROOM = 0.10  # below this fraction of device memory free, warn (the guides keep 10–20 %)
+
+MemoryStats = Callable[[], Mapping[str, int] | None]
+
+
+def device_memory_stats() -> Mapping[str, int] | None:
+    """The first local device's allocator statistics (``bytes_in_use``, ``peak_bytes_in_use``,
+    ``bytes_limit``), or ``None`` where the backend keeps none (the CPU)."""
+    return jax.local_devices()[0].memory_stats()
 
 
 class Monitor:
     """Sinks for metrics (jsonl, TensorBoard, progress bar) and the training-health warnings."""
 
     def __init__(
-        self, output_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        memory_stats: MemoryStats = device_memory_stats,
     ):
         self.enabled = enabled
+        self._memory_stats = memory_stats
+        self._memory_warned = False
         self.path = Path(output_dir) / "metrics.jsonl"
         self._grad_ema: float | None = None
         self._train_ema: float | None = None
@@ -81,7 +99,30 @@ class Monitor:
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
         shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "grad_norm") if k in record}
-        self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        postfix = {k: f"{v:.3g}" for k, v in shown.items()}
+        if "memory_bytes" in record:
+            postfix["mem"] = f"{record['memory_bytes'] / 2**30:.1f}G"
+            postfix["peak"] = f"{record['peak_memory_bytes'] / 2**30:.1f}G"
+        self._bar.set_postfix(postfix, refresh=False)
+
+    def memory(self, step: int) -> dict[str, int]:
+        """Device memory in use and its peak so far, for this step's record (``{}`` where the
+        device keeps no statistics); warns once, with advice, when the peak leaves less than
+        :data:`MIN_HEADROOM` of the device's memory free."""
+        stats = self._memory_stats()
+        if not stats:
+            return {}
+        used, peak = int(stats["bytes_in_use"]), int(stats["peak_bytes_in_use"])
+        limit = stats.get("bytes_limit")
+        if limit and not self._memory_warned and 1 - peak / limit < MIN_HEADROOM:
+            self._memory_warned = True
+            self.warn(
+                f"step {step}: device memory peaked at {peak / 2**30:.2f} of "
+                f"{limit / 2**30:.2f} GiB ({100 * (1 - peak / limit):.1f} % headroom, under "
+                f"{100 * MIN_HEADROOM:.0f} %): the next longer batch may run out. "
+                f"To free memory: {MEMORY_ADVICE}"
+            )
+        return {"memory_bytes": used, "peak_memory_bytes": peak}
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

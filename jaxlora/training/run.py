@@ -141,7 +141,13 @@ def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
     jitted with explicit shardings; trainable params and optimizer state are donated."""
     module = model.module(remat=cfg.train.remat)
     return jax.jit(
-        make_train_step(module, lora.combine, tx, dropout=cfg.lora.dropout > 0),
+        make_train_step(
+            module,
+            lora.combine,
+            tx,
+            dropout=cfg.lora.dropout > 0,
+            loss_chunk=cfg.train.loss_chunk,
+        ),
         in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
         out_shardings=(sh.trainable, sh.opt_state, sh.replicated),
         donate_argnums=(0, 1),
@@ -150,4 +156,5 @@ def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
 
 def jit_eval_step(cfg: Config, model: Model):
     """``eval_step(trainable, frozen, batch) -> (loss_sum, token_count)``, jitted."""
-    return jax.jit(make_eval_step(model.module(remat=cfg.train.remat), lora.combine))
+    module = model.module(remat=cfg.train.remat)
+    return jax.jit(make_eval_step(module, lora.combine, loss_chunk=cfg.train.loss_chunk))

@@ -4,6 +4,10 @@ that refuses non-finite updates.
 Gradient accumulation sums per-token losses (and their gradients) over micro-batches and divides
 once by the number of trained tokens of the whole batch, so ``accum × micro`` equals one big batch
 exactly, whatever the padding — not a mean of per-micro-batch means.
+
+With ``loss_chunk > 0`` the loss is taken from the final hidden states ``loss_chunk`` tokens at a
+time (:mod:`jaxlora.training.loss`), so the ``[tokens, vocab]`` float32 logits never exist at
+once; ``0`` forms them whole.
 """
 
 from __future__ import annotations
@@ -16,23 +20,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlora.training.loss import chunked_ce_sum, head_weight
+
 Batch = dict[str, jax.Array]  # input_ids, targets, loss_mask, segment_ids, positions: [..., B, S]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def loss_sum(module, params, batch: Batch, rng: jax.Array | None = None):
-    """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of its tokens."""
+def loss_sum(
+    module, params, batch: Batch, rng: jax.Array | None = None, *, chunk: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of its tokens;
+    ``chunk > 0``: over chunks of that many tokens (the same sum, one reduction order apart)."""
     chex.assert_equal_shape([batch[k] for k in BATCH_KEYS])
     chex.assert_rank(batch["input_ids"], 2)
     rngs = {"dropout": rng} if rng is not None else {}
-    logits, _ = module.apply(
-        {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"], rngs=rngs
-    )
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"]
-    )
+    args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    if chunk == 0:
+        logits, _ = module.apply({"params": params}, *args, rngs=rngs)
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["targets"]
+        )
+        return jnp.sum(ce * mask), jnp.sum(mask)
+    h, _ = module.apply({"params": params}, *args, rngs=rngs, return_hidden=True)
+    head = head_weight(module.config, params)
+    # the head's LoRA-dropout key: one stream apart from the ones Linen derives for the layers
+    head_rng = None if rng is None else jax.random.fold_in(rng, 0x4EAD)
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    total = chunked_ce_sum(flat(h), head, flat(batch["targets"]), flat(mask), chunk, head_rng)
+    return total, jnp.sum(mask)
 
 
 def real_tokens(batch: Batch) -> jax.Array:
@@ -41,7 +57,12 @@ def real_tokens(batch: Batch) -> jax.Array:
 
 
 def make_train_step(
-    module, combine: Callable[[Any, Any], Any], tx: optax.GradientTransformation, *, dropout: bool
+    module,
+    combine: Callable[[Any, Any], Any],
+    tx: optax.GradientTransformation,
+    *,
+    dropout: bool,
+    loss_chunk: int = 0,
 ):
     """``step(trainable, opt_state, frozen, batch [accum, B, S], rng)`` ->
     ``(trainable, opt_state, metrics)``.
@@ -49,10 +70,12 @@ def make_train_step(
     Gradients are taken with respect to ``trainable`` only; ``frozen`` (the base, possibly NF4)
     never gets a gradient or optimizer state. A step whose loss or gradient norm is not finite
     leaves ``trainable`` and ``opt_state`` unchanged and reports ``finite = False``.
+    ``loss_chunk``: tokens per chunk of the loss (:func:`loss_sum`; 0 = whole logits).
     """
 
     def micro_loss(trainable, frozen, mb, rng):
-        return loss_sum(module, combine(frozen, trainable), mb, rng if dropout else None)
+        params = combine(frozen, trainable)
+        return loss_sum(module, params, mb, rng if dropout else None, chunk=loss_chunk)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -88,10 +111,10 @@ def make_train_step(
     return step
 
 
-def make_eval_step(module, combine: Callable[[Any, Any], Any]):
+def make_eval_step(module, combine: Callable[[Any, Any], Any], *, loss_chunk: int = 0):
     """``eval_step(trainable, frozen, batch [B, S]) -> (loss_sum, token_count)`` (no dropout)."""
 
     def eval_step(trainable, frozen, batch: Batch):
-        return loss_sum(module, combine(frozen, trainable), batch)
+        return loss_sum(module, combine(frozen, trainable), batch, chunk=loss_chunk)
 
     return eval_step

@@ -157,6 +157,8 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("train.remat=some", ["train.remat", "none, full, dots"]),
         ("train.max_steps=0", ["train.max_steps", "-1"]),
         ("train.batch_size=0", ["train.batch_size", ">= 1"]),
+        ("train.loss_chunk=-1", ["train.loss_chunk", ">= 0", "got -1"]),
+        ("train.loss_chunk=1k", ["train.loss_chunk", "an integer", "'1k'"]),
         ("train.sample_prompts=[]", ["train.sample_prompts", "sample_every"]),
         ("model.dtype=float16", ["model.dtype", "float32, bfloat16"]),
         ("quant.type=int8", ["quant.type", "none, nf4, fp4"]),

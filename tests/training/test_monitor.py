@@ -49,3 +49,32 @@ def test_healthy_run_gives_no_warning_and_metrics_resume_without_duplicates(tmp_
     m2.close()
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def _stats(used, peak, limit=16 * 2**30):
+    return lambda: {"bytes_in_use": used, "peak_bytes_in_use": peak, "bytes_limit": limit}
+
+
+def test_memory_in_records_and_bar_and_low_headroom_warns_once(tmp_path):
+    """Device memory (an injected statistics source standing in for an accelerator's) goes
+    into the record and the progress bar; a peak past 90 % of the device warns, once."""
+    gib = 2**30
+    m = Monitor(tmp_path, total_steps=3, enabled=True, memory_stats=_stats(10 * gib, 12 * gib))
+    mem = m.memory(1)
+    assert mem == {"memory_bytes": 10 * gib, "peak_memory_bytes": 12 * gib}
+    m.log({"step": 1, "loss": 2.0, "grad_norm": 1.0} | mem)
+    assert m.warnings == []  # 25 % headroom
+    assert m._bar.postfix.endswith("mem=10.0G, peak=12.0G")
+    m._memory_stats = _stats(14 * gib, int(14.5 * gib))  # 9.4 % headroom
+    m.memory(2)
+    m.memory(3)
+    assert len(m.warnings) == 1 and "9.4 % headroom" in m.warnings[0]
+    assert "train.grad_accum" in m.warnings[0] and "train.remat=full" in m.warnings[0]
+    m.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["memory_bytes"] == 10 * gib and row["peak_memory_bytes"] == 12 * gib
+
+
+def test_no_memory_fields_where_the_device_keeps_no_statistics(tmp_path):
+    m = Monitor(tmp_path, total_steps=1, enabled=False, memory_stats=lambda: None)
+    assert m.memory(1) == {} and m.warnings == []
