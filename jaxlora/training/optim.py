@@ -154,3 +154,40 @@ def group_table(groups: Any) -> Mapping[str, Group]:
     key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
     return {".".join(key(k) for k in path): g for path, g in flat}
 
+
+
+class LossScaleState(NamedTuple):
+    """Dynamic loss scaling around an optimizer's state (float16 compute)."""
+
+    scale: jax.Array  # [] float32: the factor the next step multiplies its loss by
+    good_steps: jax.Array  # [] int32: finite steps since the scale last changed
+    inner: Any
+
+
+def dynamic_loss_scale(
+    inner: optax.GradientTransformation, init_scale: float, growth_interval: int
+) -> optax.GradientTransformation:
+    """``inner`` fed gradients of a loss multiplied by ``state.scale``, as torch's
+    ``GradScaler``: divide them by the scale; if any is not finite, skip the step (zero
+    updates, ``inner``'s state kept) and halve the scale; after ``growth_interval`` finite steps
+    in a row, double it. The scale never falls below 1."""
+
+    def init(params):
+        return LossScaleState(jnp.float32(init_scale), jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(grads, state, params=None):
+        grads = jax.tree.map(lambda g: g / state.scale, grads)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_inner = inner.update(grads, state.inner, params)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        new_inner = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_inner, state.inner)
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= growth_interval
+        scale = jnp.where(
+            finite,
+            jnp.where(grow, state.scale * 2, state.scale),
+            jnp.maximum(state.scale / 2, 1.0),
+        )
+        return updates, LossScaleState(scale, jnp.where(grow, 0, good), new_inner)
+
+    return optax.GradientTransformation(init, update)

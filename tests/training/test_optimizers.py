@@ -166,3 +166,65 @@ def test_groups_scale_the_update_like_a_param_group_lr():
                "bias": -1.6 * jnp.ones((5,))}},  # fmt: skip
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("saved_lr", [None, 3e-4])
+def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(tmp_path, saved_lr):
+    """Every trainable tensor's LR and weight decay equal those of its param group in PEFT's
+    ``create_loraplus_optimizer`` (LoRA on every linear with biases and DoRA magnitudes, a
+    ``modules_to_save`` head and norm); with ``train.modules_to_save_lr`` the saved modules take
+    that LR instead. Tensors are matched by their PEFT names (``interop.peft.adapter_tensors``)."""
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    import jaxlora
+    from jaxlora import lora
+    from jaxlora.interop.peft import adapter_tensors
+    from jaxlora.interop.peft_config import config_from_peft
+    from tests.hf_models import make_hf_model
+
+    kw = dict(
+        r=4,
+        target_modules="all-linear",
+        bias="lora_only",
+        use_dora=True,
+        modules_to_save=["lm_head", "model.norm"],
+    )
+    lr, ratio, wd = 1e-3, 16.0, 0.1
+    pm = peft.get_peft_model(make_hf_model("llama_bias", tmp_path), peft.LoraConfig(**kw))
+    opt = create_loraplus_optimizer(
+        pm, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
+    )
+    names = {id(p): n for n, p in pm.named_parameters()}
+    theirs = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            key = names[id(p)].replace(".default", "").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+            key = key.replace(".modules_to_save.", ".")
+            saved = key.startswith(("base_model.model.lm_head.", "base_model.model.model.norm."))
+            theirs[key] = (saved_lr if saved and saved_lr else group["lr"], group["weight_decay"] > 0)
+
+    cfg = config_from_peft(peft.LoraConfig(**kw).to_dict())
+    model = jaxlora.load_model(tmp_path).apply_lora(cfg, key=jax.random.key(0))
+    frozen, trainable = lora.partition(model.params, cfg)
+    groups = param_groups(
+        trainable,
+        loraplus_lr_ratio=ratio,
+        modules_to_save=cfg.modules_to_save,
+        modules_to_save_lr_scale=None if saved_lr is None else saved_lr / lr,
+    )
+    # mark each trainable tensor with its index, find it under its PEFT name
+    table = list(group_table(groups).values())
+    marked = jax.tree.map(
+        lambda x, i: jnp.full(x.shape, i, jnp.float32),
+        trainable,
+        jax.tree.unflatten(jax.tree.structure(trainable), list(range(len(table)))),
+    )
+    ours = {}
+    for key, arr in adapter_tensors(lora.combine(frozen, marked), cfg).items():
+        g = table[int(arr.reshape(-1)[0])]
+        ours[key] = (g.lr_scale * lr, g.decay)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-12), key
+        assert ours[key][1] == theirs[key][1], key
