@@ -182,6 +182,7 @@ class TrainConfig(Section):
         "adam_eps": GT0,
         "sample_max_new_tokens": GE1,
         "sgd_momentum": UNIT,
+        "optimizer_8bit_min_size": GE0,
         "modules_to_save_lr": GT0,
         "loss_scale_init": (lambda v: v >= 1, ">= 1"),
         "loss_scale_growth_interval": GE1,
@@ -199,13 +200,15 @@ class TrainConfig(Section):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     optimizer: Literal["adamw", "adamw_8bit", "adafactor", "lion", "sgd"] = "adamw"
+    # adamw_8bit: parameters with fewer values keep float32 moments (bnb's min_8bit_size)
+    optimizer_8bit_min_size: int = 4096
     sgd_momentum: float = 0.0
     modules_to_save_lr: float | None = None  # None = train.lr
     # host: optimizer state in host memory (pinned_host), streamed to the device per update
     optimizer_offload: Literal["none", "host"] = "none"
     # activation-recompute policy per layer; offload = save matmul outputs in host memory
     remat: Literal["none", "full", "dots", "offload"] = "none"
-    loss_scale_init: float = 2.0**15  # model.compute_dtype=float16 only: dynamic loss scaling
+    loss_scale_init: float = 2.0**16  # model.compute_dtype=float16 only: dynamic loss scaling
     loss_scale_growth_interval: int = 2000  # good steps before the scale doubles
     seed: int = 0
     log_every: int = 10

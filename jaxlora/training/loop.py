@@ -133,9 +133,10 @@ def run(cfg: Config) -> dict:
             record = _step_record(step, m, schedule, step_time, compiled=step == start + 1)
             if skipped:  # float16 gradients overflowed: the update was skipped, the scale halved
                 record["skipped"] = True
+                scale = float(m["loss_scale"])
                 monitor.write(
-                    f"step {step}: float16 gradients overflowed at loss scale "
-                    f"{m['loss_scale']:g}; update skipped, scale lowered to {max(m['loss_scale'] / 2, 1):g}"
+                    f"step {step}: float16 gradients overflowed at loss scale {scale:g}; "
+                    f"update skipped, scale lowered to {max(scale / 2, 1):g}"
                 )
             if (
                 val_ds is not None

@@ -80,7 +80,11 @@ class Monitor:
             if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "grad_norm", "loss_scale") if k in record}
+        shown = {
+            k: record[k]
+            for k in ("loss", "eval_loss", "lr", "grad_norm", "loss_scale")
+            if k in record
+        }
         self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, n: int = 1) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora.training.adam8bit import scale_by_adam_8bit
+from jaxlora.training import adam8bit
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "lion", "sgd")
 
@@ -105,18 +105,20 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     momentum: float = 0.0,
+    min_8bit_size: int = adam8bit.MIN_8BIT_SIZE,
     groups: Any = None,
 ) -> optax.GradientTransformation:
     """``clip_by_global_norm`` (if ``max_grad_norm`` > 0), then optimizer ``name``; with
     ``groups`` (from :func:`param_groups`), each leaf's update × its factor and decay only where
-    its group decays. ``b1``, ``b2``, ``eps`` are Adam's (``adamw``, ``adamw_8bit``);
+    its group decays. ``b1``, ``b2``, ``eps`` are Adam's (``adamw``, ``adamw_8bit``, whose
+    parameters under ``min_8bit_size`` values keep float32 moments);
     ``momentum`` is SGD's (torch's coupled weight decay: ``wd·p`` joins the gradient)."""
     mask = None if groups is None else jax.tree.map(lambda g: g.decay, groups, is_leaf=_is_group)
     if name == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     elif name == "adamw_8bit":
         tx = optax.chain(
-            scale_by_adam_8bit(b1=b1, b2=b2, eps=eps),
+            adam8bit.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, min_8bit_size=min_8bit_size),
             optax.add_decayed_weights(weight_decay, mask),
             optax.scale_by_learning_rate(schedule),
         )
@@ -153,7 +155,6 @@ def group_table(groups: Any) -> Mapping[str, Group]:
     flat, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_group)
     key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
     return {".".join(key(k) for k in path): g for path, g in flat}
-
 
 
 class LossScaleState(NamedTuple):

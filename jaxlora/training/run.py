@@ -83,6 +83,7 @@ def make_tx(
         b2=t.adam_beta2,
         eps=t.adam_eps,
         momentum=t.sgd_momentum,
+        min_8bit_size=t.optimizer_8bit_min_size,
         groups=groups,
     )
     if cfg.model.compute_dtype == "float16":

@@ -155,7 +155,10 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("train.warmup_ratio=1.5", ["train.warmup_ratio", "[0, 1]"]),
         ("train.schedule=step", ["train.schedule", "cosine, linear, constant"]),
         ("train.remat=some", ["train.remat", "none, full, dots, offload"]),
-        ("train.optimizer=adam8bit", ["train.optimizer", "adamw, adamw_8bit, adafactor, lion, sgd"]),
+        (
+            "train.optimizer=adam8bit",
+            ["train.optimizer", "adamw, adamw_8bit, adafactor, lion, sgd"],
+        ),
         ("train.optimizer_offload=cpu", ["train.optimizer_offload", "none, host", "'cpu'"]),
         ("train.modules_to_save_lr=0", ["train.modules_to_save_lr", "> 0"]),
         ("train.loss_scale_init=0.5", ["train.loss_scale_init", ">= 1"]),

@@ -47,8 +47,12 @@ def _bnb_step(p, opt, g: np.ndarray):
     p.grad = torch.from_numpy(g.copy())
     opt.step()
     st = opt.state[p]
-    m = adam8bit.Quantized8bit(st["state1"].numpy().reshape(-1).copy(), st["absmax1"].numpy().copy())
-    v = adam8bit.Quantized8bit(st["state2"].numpy().reshape(-1).copy(), st["absmax2"].numpy().copy())
+    m = adam8bit.Quantized8bit(
+        st["state1"].numpy().reshape(-1).copy(), st["absmax1"].numpy().copy()
+    )
+    v = adam8bit.Quantized8bit(
+        st["state2"].numpy().reshape(-1).copy(), st["absmax2"].numpy().copy()
+    )
     return p.detach().numpy().copy(), m, v
 
 
@@ -113,7 +117,9 @@ def test_adamw_8bit_moments_equal_bitsandbytes_after_one_and_two_updates():
     far_v2 = _check_moment(state[0].nu, ref_v2, v2, UNSIGNED_DYNAMIC_MAP)
     p2 = np.asarray(optax.apply_updates(jnp.asarray(ref_p1), upd))
     np.testing.assert_allclose(p2, ref_p2, rtol=2**-22, atol=8 * LR * 2**-23)
-    print(f"bnb CPU farther codes: m {far_m:.4%} v {far_v:.4%}, step 2 m {far_m2:.4%} v {far_v2:.4%}")
+    print(
+        f"bnb CPU farther codes: m {far_m:.4%} v {far_v:.4%}, step 2 m {far_m2:.4%} v {far_v2:.4%}"
+    )
 
 
 def test_adamw_8bit_state_is_a_quarter_of_float32_adamw():
@@ -162,8 +168,13 @@ def test_groups_scale_the_update_like_a_param_group_lr():
     upd, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_close(
         upd,
-        {"x": {"a": -0.1 * 1.5 * jnp.ones((3, 5)), "b": -1.6 * 1.5 * jnp.ones((5, 3)),
-               "bias": -1.6 * jnp.ones((5,))}},  # fmt: skip
+        {
+            "x": {
+                "a": -0.1 * 1.5 * jnp.ones((3, 5)),
+                "b": -1.6 * 1.5 * jnp.ones((5, 3)),
+                "bias": -1.6 * jnp.ones((5,)),
+            }
+        },  # fmt: skip
         rtol=1e-6,
     )
 
@@ -199,10 +210,17 @@ def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(tmp_path, sav
     theirs = {}
     for group in opt.param_groups:
         for p in group["params"]:
-            key = names[id(p)].replace(".default", "").replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+            key = (
+                names[id(p)]
+                .replace(".default", "")
+                .replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+            )
             key = key.replace(".modules_to_save.", ".")
             saved = key.startswith(("base_model.model.lm_head.", "base_model.model.model.norm."))
-            theirs[key] = (saved_lr if saved and saved_lr else group["lr"], group["weight_decay"] > 0)
+            theirs[key] = (
+                saved_lr if saved and saved_lr else group["lr"],
+                group["weight_decay"] > 0,
+            )
 
     cfg = config_from_peft(peft.LoraConfig(**kw).to_dict())
     model = jaxlora.load_model(tmp_path).apply_lora(cfg, key=jax.random.key(0))
