@@ -140,9 +140,9 @@ MEANINGS: dict[str, str] = {
     "train.sgd_momentum": "`sgd`: momentum (0 = plain SGD, torch's default).",
     "train.modules_to_save_lr": "Learning rate of `lora.modules_to_save` modules (fully "
     "trained heads or embeddings often want 5-10x less than the adapters); `null` = `train.lr`.",
-    "train.optimizer_offload": "`host`: optimizer state kept in host memory (`pinned_host`) and "
-    "streamed to the device for the update each step, what bitsandbytes' paged optimizers buy; "
-    "saves its bytes on the device, costs a transfer per step (docs/memory.md).",
+    "train.optimizer_offload": "`host`: optimizer state kept in host memory (`pinned_host`) "
+    "between steps and brought to the device for the update (bitsandbytes' paged optimizers, "
+    "the JAX way). Not yet a saving: the compiled step's device peak rises (docs/memory.md).",
     "train.loss_scale_init": "`model.compute_dtype=float16`: the first loss scale (torch's "
     "GradScaler: 2^16). A step whose gradients overflow is skipped and the scale halved.",
     "train.loss_scale_growth_interval": "`float16`: finite steps in a row after which the loss "
