@@ -55,6 +55,7 @@ def render(plan: Plan) -> str:
         ("outputs", d["output_bytes"]),
         ("total", d["total_bytes"]),
         ("device memory", d["device_bytes"]),
+        ("in host memory", d["host_bytes"]),
     ]
     mesh = " × ".join(f"{k}={v}" for k, v in plan.mesh.items())
     lines = [

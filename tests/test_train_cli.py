@@ -367,3 +367,25 @@ def test_sigkill_and_resume_gives_bit_identical_adapter(assets, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_float16_overflow_steps_are_skipped_and_logged(assets, tmp_path, capsys):
+    """An injected overflow: at a loss scale of 2^40 the float16 backward overflows on every
+    step, so each is skipped (the run goes on), the scale halves, and metrics.jsonl and the
+    progress output say so."""
+    out = tmp_path / "run"
+    rc = train.main(
+        _args(
+            assets,
+            out,
+            "train.max_steps=3",
+            "model.compute_dtype=float16",
+            f"train.loss_scale_init={2.0**40}",
+        )
+    )
+    assert rc == 0
+    logged = _metrics(out)
+    assert [r["loss_scale"] for r in logged] == [2.0**40, 2.0**39, 2.0**38]
+    assert all(r["skipped"] and np.isfinite(r["loss"]) for r in logged)
+    err = capsys.readouterr()
+    assert f"update skipped, scale lowered to {2.0**39:g}" in err.out + err.err

@@ -57,7 +57,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per round (>= 1)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating")
-    p.add_argument("--remat", choices=("off", "on"), default="off")
+    p.add_argument(
+        "--remat",
+        choices=("off", "on", "offload"),
+        default="off",
+        help="offload: jaxlora's remat=offload (matmul outputs in host memory); PEFT: no remat",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw_8bit", "adafactor", "lion", "sgd"),
+        default="adamw",
+        help="jaxlora's train.optimizer; PEFT: bnb AdamW8bit for adamw_8bit, else torch AdamW",
+    )
+    p.add_argument(
+        "--optimizer-offload",
+        choices=("none", "host"),
+        default="none",
+        help="jaxlora's train.optimizer_offload (state in pinned_host between updates)",
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument(
@@ -218,15 +235,31 @@ class JaxloraSide:
         self.frozen, self.trainable = lora.partition(model.params, model.lora)
         tx = make_optimizer(
             optax.constant_schedule(args.lr),
+            name=args.optimizer,
             weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm,
         )
         self.opt_state = tx.init(self.trainable)
-        module = model.module(remat="full" if args.remat == "on" else "none")
-        module = module.clone(attn_impl=args.jax_attn)
+        memory, out = None, {}
+        if args.optimizer_offload == "host":
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            here = jax.tree.map(lambda _: dev, self.opt_state)
+            host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), here)
+            memory, out = (here, host), {"out_shardings": (None, host, None)}
+            self.opt_state = jax.device_put(self.opt_state, host)
+        remat = {"off": "none", "on": "full", "offload": "offload"}[args.remat]
+        module = model.module(remat=remat).clone(attn_impl=args.jax_attn)
         self._step = jax.jit(
-            make_train_step(module, lora.combine, tx, dropout=False, loss_chunk=args.loss_chunk),
+            make_train_step(
+                module,
+                lora.combine,
+                tx,
+                dropout=False,
+                loss_chunk=args.loss_chunk,
+                state_memory=memory,
+            ),
             donate_argnums=(0, 1),
+            **out,
         )
         self._fwd = jax.jit(lambda p, i, pos, seg: module.apply({"params": p}, i, pos, seg)[0])
         self._key = jax.random.key(0)
@@ -289,9 +322,14 @@ class PeftSide:
                 q_proj.lora_B["default"].weight += 0.01
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(
-            self.params, lr=args.lr, weight_decay=args.weight_decay, fused=True
-        )
+        if args.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            self.opt = bnb.optim.AdamW8bit(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(
+                self.params, lr=args.lr, weight_decay=args.weight_decay, fused=True
+            )
         self.max_grad_norm = args.max_grad_norm
         self.device_name = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
         self.threads = {

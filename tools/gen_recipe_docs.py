@@ -38,7 +38,9 @@ MEANINGS: dict[str, str] = {
     "or a hub id such as `meta-llama/Llama-3.1-8B`. Required.",
     "model.dtype": "Storage dtype of the unquantized base weights (all of them with "
     "`quant.type=none`; embeddings, norms and `lm_head` with NF4/FP4).",
-    "model.compute_dtype": "Activation dtype. `bfloat16` on TPU/GPU; `float32` on CPU.",
+    "model.compute_dtype": "Activation dtype. `bfloat16` on TPU and Ampere+ GPUs; `float16` on "
+    "GPUs without bf16 (T4, V100), with dynamic loss scaling (`train.loss_scale_*`; refused on "
+    "TPU); `float32` on CPU. Trainable parameters and optimizer math stay float32.",
     "model.revision": "Hub revision (branch, tag or commit) of `model.path`.",
     "model.tokenizer": "Tokenizer directory or hub id when it is not next to the weights "
     "(`null` = `model.path`).",
@@ -86,6 +88,9 @@ MEANINGS: dict[str, str] = {
     "starts closer to the 16-bit model), `random` (B != 0 as well: for tests).",
     "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
     "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
+    "lora.loraplus_lr_ratio": "LoRA+ (PEFT's `create_loraplus_optimizer`): LoRA B, DoRA "
+    "magnitudes, 1-D and bias parameters train at this many times `train.lr` (biases without "
+    "weight decay). `null` = off; the paper uses 2-16, with `train.lr` about half of plain LoRA's.",
     # data
     "data.path": "Training records: a `.json`/`.jsonl`/`.csv`/`.parquet` file, a directory of "
     "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required.",
@@ -126,9 +131,26 @@ MEANINGS: dict[str, str] = {
     "train.adam_beta1": "AdamW first-moment decay.",
     "train.adam_beta2": "AdamW second-moment decay.",
     "train.adam_eps": "AdamW epsilon.",
+    "train.optimizer": "`adamw` (float32 moments), `adamw_8bit` (bitsandbytes' `AdamW8bit`: "
+    "moments in 8 bits, blocks of 256, ~1/4 of the bytes), `adafactor` (factored second moment, "
+    "no first), `lion` (one moment; use 3-10x lower `train.lr`), `sgd`. LR ranges: "
+    "docs/tuning.md.",
+    "train.optimizer_8bit_min_size": "`adamw_8bit`: parameters with fewer values keep float32 "
+    "moments (bitsandbytes' `min_8bit_size`); 0 = every parameter in 8 bits.",
+    "train.sgd_momentum": "`sgd`: momentum (0 = plain SGD, torch's default).",
+    "train.modules_to_save_lr": "Learning rate of `lora.modules_to_save` modules (fully "
+    "trained heads or embeddings often want 5-10x less than the adapters); `null` = `train.lr`.",
+    "train.optimizer_offload": "`host`: optimizer state kept in host memory (`pinned_host`) "
+    "between steps and brought to the device for the update (bitsandbytes' paged optimizers, "
+    "the JAX way). Not yet a saving: the compiled step's device peak rises (docs/memory.md).",
+    "train.loss_scale_init": "`model.compute_dtype=float16`: the first loss scale (torch's "
+    "GradScaler: 2^16). A step whose gradients overflow is skipped and the scale halved.",
+    "train.loss_scale_growth_interval": "`float16`: finite steps in a row after which the loss "
+    "scale doubles (torch's GradScaler: 2000).",
     "train.remat": "Activation recompute per decoder layer: `none`, `full` (least memory; "
-    "the forward runs twice, about +50 % matmul work for LoRA) or `dots` (keeps matmul "
-    "outputs, recomputes the rest).",
+    "the forward runs twice, about +50 % matmul work for LoRA), `dots` (keeps matmul "
+    "outputs, recomputes the rest) or `offload` (keeps what `dots` keeps in host memory: "
+    "device memory of `full`, less recompute; costs transfers).",
     "train.loss_chunk": "Tokens per chunk of the cross-entropy: each chunk's logits are formed, "
     "reduced and differentiated on the spot, so the float32 `[tokens, vocab]` logits never "
     "exist at once (Llama 3 at 8,192 tokens: 4 GiB). Same loss and gradients as `0` (whole "

@@ -59,6 +59,9 @@ class LoraConfig(Section):
       (A ~ N(0, std=1/r), B = 0), ``"pissa"``, ``"pissa_niter_<K>"``, ``"loftq"``.
     * ``dtype``: jaxlora-only (not in adapter_config.json): dtype of A, B and the DoRA magnitude.
       PEFT keeps adapters in float32 (``autocast_adapter_dtype=True``), hence the default.
+    * ``loraplus_lr_ratio``: jaxlora-only, an optimizer setting as PEFT's
+      ``create_loraplus_optimizer(loraplus_lr_ratio=...)``: LoRA B (and 1-D parameters) train
+      at this many times ``train.lr`` (LoRA+, arXiv:2402.12354; the paper suggests 2-16).
 
     Lists may be given as lists, tuples or (names only) sets; they are stored as tuples.
     """
@@ -68,6 +71,7 @@ class LoraConfig(Section):
         "r": GT0,
         "alpha": GT0,
         "loftq_iters": GE1,
+        "loraplus_lr_ratio": GT0,
         "dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     }
 
@@ -87,6 +91,7 @@ class LoraConfig(Section):
     init: str = "default"
     loftq_iters: int = 1
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):

@@ -82,6 +82,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 
 Dtype = Literal["float32", "bfloat16"]
+# float16 computes (GPUs without bf16: T4, V100) with dynamic loss scaling (train.loss_scale_*);
+# trainable parameters and the optimizer stay float32.
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class ModelConfig(Section):
     _prefix: ClassVar[str] = "model."
     path: str  # a local Hugging Face directory or a hub id (e.g. meta-llama/Llama-3.1-8B)
     dtype: Dtype = "bfloat16"
-    compute_dtype: Dtype = "bfloat16"
+    compute_dtype: ComputeDtype = "bfloat16"
     revision: str | None = None  # hub revision (branch, tag or commit)
     tokenizer: str | None = None  # tokenizer dir or hub id; None = model.path
 
@@ -185,6 +188,11 @@ class TrainConfig(Section):
         "max_grad_norm": GE0,
         "adam_eps": GT0,
         "sample_max_new_tokens": GE1,
+        "sgd_momentum": UNIT,
+        "optimizer_8bit_min_size": GE0,
+        "modules_to_save_lr": GT0,
+        "loss_scale_init": (lambda v: v >= 1, ">= 1"),
+        "loss_scale_growth_interval": GE1,
     }
     batch_size: int = 8  # rows (of data.max_seq_len tokens) per micro-batch, global
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -198,7 +206,17 @@ class TrainConfig(Section):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    remat: Literal["none", "full", "dots"] = "none"  # activation-recompute policy per layer
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor", "lion", "sgd"] = "adamw"
+    # adamw_8bit: parameters with fewer values keep float32 moments (bnb's min_8bit_size)
+    optimizer_8bit_min_size: int = 4096
+    sgd_momentum: float = 0.0
+    modules_to_save_lr: float | None = None  # None = train.lr
+    # host: optimizer state in host memory (pinned_host), streamed to the device per update
+    optimizer_offload: Literal["none", "host"] = "none"
+    # activation-recompute policy per layer; offload = save matmul outputs in host memory
+    remat: Literal["none", "full", "dots", "offload"] = "none"
+    loss_scale_init: float = 2.0**16  # model.compute_dtype=float16 only: dynamic loss scaling
+    loss_scale_growth_interval: int = 2000  # good steps before the scale doubles
     loss_chunk: int = 512  # tokens per chunk of the cross-entropy (0 = whole [tokens, vocab])
     seed: int = 0
     log_every: int = 10

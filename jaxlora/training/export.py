@@ -65,7 +65,7 @@ def export_checkpoint(
         if step is None:
             raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
         model, frozen, trainable = init_lora(cfg, load_base(cfg), jax.random.key(0))
-        tx, _ = make_tx(cfg, 1)
+        tx, _ = make_tx(cfg, 1, trainable)
         trainable, *_ = ckpt.restore(step, trainable, tx.init(trainable), run_meta(cfg))
     finally:
         ckpt.close()

@@ -74,7 +74,7 @@ def run(cfg: Config) -> dict:
     )
 
     # --- the step, sharded over the mesh; trainable params and optimizer state are donated
-    tx, schedule = make_tx(cfg, total_steps)
+    tx, schedule = make_tx(cfg, total_steps, trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
     mesh = make_mesh(cfg)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
@@ -123,7 +123,8 @@ def run(cfg: Config) -> dict:
             m = jax.device_get(m)
             now = time.perf_counter()
             step_time, prev = now - prev, now
-            if not m["finite"]:
+            skipped = "loss_scale" in m and not m["finite"] and np.isfinite(m["loss"])
+            if not m["finite"] and not skipped:
                 raise TrainingDiverged(
                     f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
                     f"the update was not applied and the last good checkpoint "
@@ -131,13 +132,25 @@ def run(cfg: Config) -> dict:
                 )
             record = _step_record(step, m, schedule, step_time, compiled=step == start + 1)
             record |= monitor.memory(step)
+            if skipped:  # float16 gradients overflowed: the update was skipped, the scale halved
+                record["skipped"] = True
+                scale = float(m["loss_scale"])
+                monitor.write(
+                    f"step {step}: float16 gradients overflowed at loss scale {scale:g}; "
+                    f"update skipped, scale lowered to {max(scale / 2, 1):g}"
+                )
             if (
                 val_ds is not None
                 and t.eval_every
                 and (step % t.eval_every == 0 or step == total_steps)
             ):
                 record["eval_loss"] = evaluate_loss(trainable)
-            if step % t.log_every == 0 or "eval_loss" in record or step in (1, total_steps):
+            if (
+                step % t.log_every == 0
+                or "eval_loss" in record
+                or skipped
+                or step in (1, total_steps)
+            ):
                 monitor.log(record)
             # every process joins (the parameters are sharded); only process 0 prints
             if t.sample_every and step % t.sample_every == 0:
@@ -188,6 +201,8 @@ def _step_record(step: int, m: dict, schedule, step_time: float, *, compiled: bo
         "tokens": int(m["tokens"]),
         "trained_tokens": int(m["trained_tokens"]),
     }
+    if "loss_scale" in m:  # float16: the dynamic loss scale this step used
+        record["loss_scale"] = float(m["loss_scale"])
     if compiled:
         record["compile_time"] = step_time
     else:

@@ -98,7 +98,11 @@ class Monitor:
             if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "grad_norm") if k in record}
+        shown = {
+            k: record[k]
+            for k in ("loss", "eval_loss", "lr", "grad_norm", "loss_scale")
+            if k in record
+        }
         postfix = {k: f"{v:.3g}" for k, v in shown.items()}
         if "memory_bytes" in record:
             postfix["mem"] = f"{record['memory_bytes'] / 2**30:.1f}G"

@@ -112,7 +112,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     lcfg = cfg.lora
     injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
     frozen, trainable = lora.partition(injected, lcfg)
-    tx, _ = make_tx(cfg, max(1, cfg.train.max_steps))
+    tx, _ = make_tx(cfg, max(1, cfg.train.max_steps), trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
     sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
@@ -166,12 +166,17 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
 def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
     """Per-device bytes of a compiled step (XLA's ``memory_analysis``): arguments, temporaries,
     outputs, their total (donated buffers counted once; the compiler's peak where it reports
-    one), and whether it fits ``device_bytes`` with :data:`HEADROOM` to spare."""
+    one), and whether it fits ``device_bytes`` with :data:`HEADROOM` to spare; ``host_bytes``
+    is what the step keeps in the device's host memory instead."""
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
     total -= mem.alias_size_in_bytes  # donated: trainable params and optimizer state
     total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    # What lives in host memory (pinned_host): offloaded optimizer state and activations.
+    host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes
+    host += mem.host_output_size_in_bytes - mem.host_alias_size_in_bytes
     return {
+        "host_bytes": host,
         "arguments_bytes": mem.argument_size_in_bytes,
         "temp_bytes": mem.temp_size_in_bytes,
         "output_bytes": mem.output_size_in_bytes,

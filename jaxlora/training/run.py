@@ -21,7 +21,12 @@ from jaxlora.interop import hf
 from jaxlora.kernels.attention_sharded import AttentionMesh
 from jaxlora.model import Model, load_model
 from jaxlora.training import checkpoint, sharding
-from jaxlora.training.optim import make_optimizer, make_schedule
+from jaxlora.training.optim import (
+    dynamic_loss_scale,
+    make_optimizer,
+    make_schedule,
+    param_groups,
+)
 from jaxlora.training.step import make_eval_step, make_train_step
 from jaxlora.weights import kernels_for, prepare
 
@@ -55,18 +60,38 @@ def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, An
     return model, frozen, trainable
 
 
-def make_tx(cfg: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with the recipe's schedule; returns ``(optimizer, schedule)``."""
+def make_tx(
+    cfg: Config, total_steps: int, trainable: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``train.optimizer`` with the recipe's schedule and, with LoRA+
+    (``lora.loraplus_lr_ratio``) or ``train.modules_to_save_lr``, per-group LRs over
+    ``trainable`` (arrays or shape structs); returns ``(optimizer, schedule)``."""
     t = cfg.train
     schedule = make_schedule(t.lr, total_steps, t.warmup_ratio, t.schedule)
+    groups = None
+    if cfg.lora.loraplus_lr_ratio is not None or t.modules_to_save_lr is not None:
+        groups = param_groups(
+            trainable,
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+            modules_to_save=cfg.lora.modules_to_save,
+            modules_to_save_lr_scale=None
+            if t.modules_to_save_lr is None
+            else t.modules_to_save_lr / t.lr,
+        )
     tx = make_optimizer(
         schedule,
+        name=t.optimizer,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         b1=t.adam_beta1,
         b2=t.adam_beta2,
         eps=t.adam_eps,
+        momentum=t.sgd_momentum,
+        min_8bit_size=t.optimizer_8bit_min_size,
+        groups=groups,
     )
+    if cfg.model.compute_dtype == "float16":
+        tx = dynamic_loss_scale(tx, t.loss_scale_init, t.loss_scale_growth_interval)
     return tx, schedule
 
 
@@ -92,7 +117,8 @@ class Shardings:
     mesh: Mesh
     frozen: Any
     trainable: Any
-    opt_state: Any
+    opt_state: Any  # in host memory (pinned_host) with train.optimizer_offload=host
+    opt_state_device: Any  # where the update runs: opt_state's shardings in device memory
     batch: NamedSharding  # [accum, rows, seq]: rows over data × fsdp
     replicated: NamedSharding
 
@@ -108,6 +134,12 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
     its devices' own rows; attention kernels split the batch over the batch axes and the heads
     over the axis the ``heads`` rule names."""
     kv_heads = model_config.num_key_value_heads
+    platform = mesh.devices.flat[0].platform
+    if cfg.model.compute_dtype == "float16" and platform == "tpu":
+        raise ConfigError(
+            "model.compute_dtype=float16: TPUs compute in bfloat16 (no float16 matmul, no loss "
+            "scaling needed); set model.compute_dtype=bfloat16"
+        )
     kernels = kernels_for(
         list(mesh.devices.flat),
         cfg.quant.kernel,
@@ -126,11 +158,16 @@ def step_shardings(cfg: Config, mesh: Mesh, frozen, trainable, opt_state) -> Sha
     """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs;
     ``frozen`` as :func:`for_mesh` prepared it)."""
     rules = cfg.mesh.rules
+    state = sharding.tree_shardings(opt_state, mesh, rules)
+    home = state
+    if cfg.train.optimizer_offload == "host":
+        home = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state)
     return Shardings(
         mesh=mesh,
         frozen=sharding.tree_shardings(frozen, mesh, rules),
         trainable=sharding.tree_shardings(trainable, mesh, rules),
-        opt_state=sharding.tree_shardings(opt_state, mesh, rules),
+        opt_state=home,
+        opt_state_device=state,
         batch=sharding.batch_sharding(mesh, ndim=3, leading=1),
         replicated=sharding.replicated(mesh),
     )
@@ -140,6 +177,8 @@ def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
     """``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``,
     jitted with explicit shardings; trainable params and optimizer state are donated."""
     module = model.module(remat=cfg.train.remat)
+    offload = cfg.train.optimizer_offload == "host"
+    memory = (sh.opt_state_device, sh.opt_state) if offload else None
     return jax.jit(
         make_train_step(
             module,
@@ -147,6 +186,7 @@ def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
             tx,
             dropout=cfg.lora.dropout > 0,
             loss_chunk=cfg.train.loss_chunk,
+            state_memory=memory,
         ),
         in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
         out_shardings=(sh.trainable, sh.opt_state, sh.replicated),

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora.training.loss import chunked_ce_sum, head_weight
+from jaxlora.training.optim import LossScaleState
 
 Batch = dict[str, jax.Array]  # input_ids, targets, loss_mask, segment_ids, positions: [..., B, S]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -63,6 +64,7 @@ def make_train_step(
     *,
     dropout: bool,
     loss_chunk: int = 0,
+    state_memory: tuple[Any, Any] | None = None,
 ):
     """``step(trainable, opt_state, frozen, batch [accum, B, S], rng)`` ->
     ``(trainable, opt_state, metrics)``.
@@ -71,30 +73,46 @@ def make_train_step(
     never gets a gradient or optimizer state. A step whose loss or gradient norm is not finite
     leaves ``trainable`` and ``opt_state`` unchanged and reports ``finite = False``.
     ``loss_chunk``: tokens per chunk of the loss (:func:`loss_sum`; 0 = whole logits).
+
+    With ``tx`` from :func:`~jaxlora.training.optim.dynamic_loss_scale` (float16 compute) the
+    loss is multiplied by the state's scale before differentiating, so small gradients survive
+    float16; ``tx`` unscales, skips a step whose gradients overflowed and lowers the scale
+    (the state moves on, ``trainable`` does not). ``state_memory = (device, host)`` shardings:
+    the optimizer state lives in host memory and comes to the device only for the update.
     """
 
-    def micro_loss(trainable, frozen, mb, rng):
+    def micro_loss(trainable, frozen, mb, rng, factor):
         params = combine(frozen, trainable)
-        return loss_sum(module, params, mb, rng if dropout else None, chunk=loss_chunk)
+        rng = rng if dropout else None
+        loss, count = loss_sum(module, params, mb, rng, chunk=loss_chunk)
+        return loss * factor, (loss, count)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(trainable, opt_state, frozen, batch: Batch, rng: jax.Array):
         accum = batch["input_ids"].shape[0]
+        scaled = isinstance(opt_state, LossScaleState)
+        # Scaled: each micro-batch's summed loss × scale / (the batch's trained tokens), so the
+        # float16 backward carries mean-loss gradients × scale, as torch's GradScaler does.
+        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        factor = opt_state.scale / total if scaled else jnp.float32(1)
 
         def body(carry, xs):
             g_acc, l_acc, n_acc = carry
             mb, key = xs
-            (loss, count), g = grad_fn(trainable, frozen, mb, key)
+            (_, (loss, count)), g = grad_fn(trainable, frozen, mb, key, factor)
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + count), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.float32(0), jnp.float32(0))
         (grads, loss, count), _ = jax.lax.scan(body, init, (batch, jax.random.split(rng, accum)))
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        if not scaled:
+            grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss / count
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads) / (opt_state.scale if scaled else 1)
+        if state_memory is not None:  # host -> device for the update only
+            opt_state = jax.device_put(opt_state, state_memory[0])
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -106,7 +124,13 @@ def make_train_step(
             "tokens": real_tokens(batch),
             "finite": finite,
         }
-        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
+        if scaled:  # the scale this step used; tx has already skipped or applied it
+            metrics["loss_scale"] = opt_state.scale
+        else:
+            new_opt_state = keep(new_opt_state, opt_state)
+        if state_memory is not None:
+            new_opt_state = jax.device_put(new_opt_state, state_memory[1])
+        return keep(new_trainable, trainable), new_opt_state, metrics
 
     return step
 

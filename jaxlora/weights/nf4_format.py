@@ -72,6 +72,40 @@ b8ba1f4b b88aefb3 b8378034 b7b24206 b70205ff b65a1a94 b513a3b7 00000000 3513a3b7
 """
 DYNAMIC_MAP = np.array([int(h, 16) for h in _DYNAMIC_MAP_HEX.split()], np.uint32).view(np.float32)
 
+# create_dynamic_map(signed=False): bnb's 8-bit optimizers store Adam's second moment (>= 0)
+# with it; the same construction with one more fraction bit and no negative half.
+_UNSIGNED_DYNAMIC_MAP_HEX = """
+00000000 34ae7baa 35500998 360e9b38 3692ccf6 36de4c51 3714e5d5 3783126e 37e171a0 381fe868
+384f1800 387e479a 3896bb99 38ae5364 38c5eb31 3906594b 394154ca 397c5049 399ba5e4 39b923a2
+39d6a163 39f41f22 3a08ce71 3a178d50 3a264c30 3a350b10 3a43c9ef 3a5288d0 3a6147af 3a70068e
+3a7ec56e 3a958106 3aba5e35 3adf3b64 3b020c4a 3b147ae1 3b26e978 3b395810 3b4bc6a7 3b5e3540
+3b70a3d7 3b818937 3b8ac082 3b93f7cf 3b9d2f1a 3ba66666 3baf9db2 3bb8d4fd 3bc20c4a 3bcb4395
+3bd47ae1 3bddb22e 3be6e978 3bf020c5 3bf9580f 3c0147ae 3c05e354 3c0a7ef9 3c0f1aa0 3c13b645
+3c1851eb 3c1ced92 3c218937 3c2f5c2a 3c466667 3c5d70a3 3c747ae2 3c85c28f 3c9147af 3c9ccccd
+3ca851eb 3cb3d70b 3cbf5c29 3ccae147 3cd66667 3ce1eb87 3ced70a3 3cf8f5c3 3d023d70 3d080000
+3d0dc28f 3d13851f 3d1947af 3d1f0a3d 3d24cccd 3d2a8f5c 3d3051eb 3d36147b 3d3bd70a 3d41999a
+3d475c28 3d4d1eb8 3d52e147 3d58a3d7 3d5e6667 3d6428f7 3d69eb87 3d6fae15 3d7570a3 3d7b3333
+3d807ae2 3d835c2a 3d863d71 3d891eb8 3d8c0000 3d8ee148 3d91c290 3d94a3d7 3d97851f 3d9a6667
+3d9d47af 3da028f6 3da30a3e 3da5eb85 3da8cccd 3dabae15 3dae8f5c 3db170a4 3db451eb 3db73333
+3dba147b 3dbcf5c3 3dbfd70b 3dc2b852 3dc5999a 3dc87ae2 3dcb5c29 3dd40000 3de26666 3df0cccd
+3dff3333 3e06cccc 3e0e0000 3e153334 3e1c6666 3e23999a 3e2acccc 3e320000 3e393334 3e406666
+3e47999a 3e4ecccc 3e560000 3e5d3334 3e646666 3e6b999a 3e72cccc 3e7a0000 3e809999 3e843333
+3e87cccd 3e8b6666 3e8f0000 3e92999a 3e963333 3e99cccc 3e9d6666 3ea10000 3ea4999a 3ea83333
+3eabcccc 3eaf6666 3eb30000 3eb6999a 3eba3333 3ebdcccc 3ec16666 3ec50000 3ec8999a 3ecc3333
+3ecfcccc 3ed36666 3ed70000 3eda999a 3ede3333 3ee1cccc 3ee56666 3ee90000 3eec999a 3ef03333
+3ef3cccc 3ef76666 3efb0000 3efe9999 3f01199a 3f02e666 3f04b333 3f068000 3f084ccc 3f0a199a
+3f0be666 3f0db334 3f0f8000 3f114ccd 3f13199a 3f14e666 3f16b334 3f188000 3f1a4ccd 3f1c199a
+3f1de666 3f1fb334 3f218000 3f234ccd 3f25199a 3f26e666 3f28b334 3f2a8000 3f2c4ccd 3f2e199a
+3f2fe666 3f31b334 3f338000 3f354ccd 3f37199a 3f38e666 3f3ab334 3f3c8000 3f3e4ccd 3f40199a
+3f41e666 3f43b334 3f458000 3f474ccc 3f49199a 3f4ae666 3f4cb334 3f4e8000 3f504ccc 3f52199a
+3f53e666 3f55b334 3f578000 3f594ccc 3f5b199a 3f5ce666 3f5eb334 3f608000 3f624ccc 3f64199a
+3f65e666 3f67b334 3f698000 3f6b4ccc 3f6d199a 3f6ee666 3f70b334 3f728000 3f744ccc 3f76199a
+3f77e666 3f79b334 3f7b8000 3f7d4ccc 3f7f199a 3f800000
+"""
+UNSIGNED_DYNAMIC_MAP = np.array(
+    [int(h, 16) for h in _UNSIGNED_DYNAMIC_MAP_HEX.split()], np.uint32
+).view(np.float32)
+
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 _TINY = np.float32(1e-38)  # bnb clamps absmax to this before dividing
@@ -126,13 +160,14 @@ def unpack(xp: Any, packed: Any) -> Any:
     return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
-def dynamic_quantize(xp: Any, v: Any) -> Any:
-    """Float32 values in [-1, 1] -> nearest DYNAMIC_MAP index, bnb's CUDA ``dQuantize<0>``.
+def dynamic_quantize(xp: Any, v: Any, table: np.ndarray = DYNAMIC_MAP) -> Any:
+    """Float32 values in [-1, 1] -> nearest index of ``table`` (256 sorted values, the dynamic
+    map or :data:`UNSIGNED_DYNAMIC_MAP`), bnb's CUDA ``dQuantize<0>``.
 
     A 7-step binary search from pivot 127, then a float32 midpoint test against the
     neighbour on the side ``v`` lies; a tie keeps the search's final pivot.
     """
-    code = xp.asarray(DYNAMIC_MAP)
+    code = xp.asarray(table)
     pivot = xp.full(v.shape, 127, np.int32)
     lo_p, up_p = xp.zeros_like(pivot), xp.full_like(pivot, 255)
     lower, upper = xp.full(v.shape, -1.0, np.float32), xp.full(v.shape, 1.0, np.float32)

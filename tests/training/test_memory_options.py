@@ -1,0 +1,166 @@
+"""What the memory options change and what they must not: float16 with dynamic loss scaling
+(an overflowing step is skipped and the scale lowered), optimizer state in host memory and
+activations offloaded to host memory (the same numbers as without)."""
+
+from __future__ import annotations
+
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlora import lora
+from jaxlora.config import ConfigError, load_config
+from jaxlora.lora import LoraConfig
+from jaxlora.models.llama import LlamaForCausalLM, init_params
+from jaxlora.training import run as run_builder
+from jaxlora.training.optim import LossScaleState, dynamic_loss_scale, make_optimizer
+from jaxlora.training.step import loss_sum, make_train_step
+from tests.hf_models import tiny_config
+from tests.training.test_train_step import _batch
+
+CFG = tiny_config()
+
+
+def _lora_trees():
+    params = init_params(CFG, jax.random.key(0))
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    return lora.partition(lora.inject(params, cfg, jax.random.key(1)), cfg)
+
+
+def _batches(n: int, accum: int = 2, micro: int = 2):
+    out = []
+    for s in range(n):
+        b = _batch(accum * micro, seed=s)
+        out.append({k: v.reshape(accum, micro, *v.shape[1:]) for k, v in b.items()})
+    return out
+
+
+def test_float16_overflow_is_skipped_the_scale_halves_then_grows():
+    """Step 1 at scale 2^40: the float16 backward overflows (the logits' cotangent is ~2^40 /
+    tokens), so nothing moves but the scale (halved, the optimizer state kept). From a sane
+    scale, two finite steps (growth_interval=2) double it and the adapters train."""
+    frozen, trainable = _lora_trees()
+    module = LlamaForCausalLM(CFG, dtype=jnp.float16)
+    inner = make_optimizer(optax.constant_schedule(1e-2), weight_decay=0.0, max_grad_norm=1.0)
+    tx = dynamic_loss_scale(inner, init_scale=2.0**40, growth_interval=2)
+    step = jax.jit(make_train_step(module, lora.combine, tx, dropout=False))
+    state = tx.init(trainable)
+    batches = _batches(3)
+
+    new, new_state, m = step(trainable, state, frozen, batches[0], jax.random.key(0))
+    assert not bool(m["finite"]) and np.isfinite(float(m["loss"]))
+    assert float(m["loss_scale"]) == 2.0**40
+    assert float(new_state.scale) == 2.0**39 and int(new_state.good_steps) == 0
+    chex.assert_trees_all_equal(new, trainable)
+    chex.assert_trees_all_equal(new_state.inner, state.inner)
+
+    state = LossScaleState(jnp.float32(2.0**10), jnp.zeros([], jnp.int32), state.inner)
+    params = trainable
+    for i, b in enumerate(batches[1:]):
+        params, state, m = step(params, state, frozen, b, jax.random.key(i))
+        assert bool(m["finite"])
+    assert float(state.scale) == 2.0**11 and int(state.good_steps) == 0
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, trainable)
+    assert all(d > 0 for d in jax.tree.leaves(moved))
+
+
+def test_scaled_float16_gradients_are_the_unscaled_ones():
+    """Loss scaling only moves the float16 backward's range: at a scale where nothing
+    overflows, the update equals float16 training without scaling to float16 precision of the
+    backward (the grads pass through float16 activations: 2^-10 relative per rounding; the
+    scaled and unscaled backward round differently, compared after AdamW's normalization)."""
+    frozen, trainable = _lora_trees()
+    module = LlamaForCausalLM(CFG, dtype=jnp.float16)
+    sgd = lambda: make_optimizer(
+        optax.constant_schedule(1.0), name="sgd", weight_decay=0.0, max_grad_norm=0
+    )
+    plain = jax.jit(make_train_step(module, lora.combine, sgd(), dropout=False))
+    tx = dynamic_loss_scale(sgd(), init_scale=2.0**8, growth_interval=100)
+    scaled = jax.jit(make_train_step(module, lora.combine, tx, dropout=False))
+    b = _batches(1)[0]
+    p1, _, m1 = plain(trainable, sgd().init(trainable), frozen, b, jax.random.key(0))
+    p2, _, m2 = scaled(trainable, tx.init(trainable), frozen, b, jax.random.key(0))
+    assert float(m1["loss"]) == float(m2["loss"])  # the forward is the same program
+    g1 = jax.tree.map(jnp.subtract, trainable, p1)  # lr 1: the update is the gradient
+    g2 = jax.tree.map(jnp.subtract, trainable, p2)
+    # float16 has 11 significant bits: a gradient element summed over the batch's tokens in
+    # float16 differs by a few 2^-11 relative between two scalings; elements near zero are
+    # bounded by that of the largest element of their tensor.
+    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(c, a, rtol=0, atol=float(jnp.max(jnp.abs(a))) * 2**-7)
+
+
+def _step_losses(memory: bool, remat: str = "none"):
+    frozen, trainable = _lora_trees()
+    module = LlamaForCausalLM(CFG, remat=remat)
+    tx = make_optimizer(optax.constant_schedule(1e-2), weight_decay=0.01, max_grad_norm=1.0)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state_sh = jax.tree.map(lambda _: dev, tx.init(trainable))
+    host_sh = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state_sh)
+    mem = (state_sh, host_sh) if memory else None
+    step = jax.jit(
+        make_train_step(module, lora.combine, tx, dropout=False, state_memory=mem),
+        out_shardings=(None, host_sh if memory else state_sh, None),
+    )
+    state = jax.device_put(tx.init(trainable), host_sh if memory else state_sh)
+    losses = []
+    for i, b in enumerate(_batches(3)):
+        trainable, state, m = step(trainable, state, frozen, b, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
+    return losses, trainable, kinds
+
+
+def test_optimizer_state_in_host_memory_trains_the_same():
+    """The state lives in pinned_host between steps; the update is the same arithmetic on the
+    same values, so losses and adapters equal the device-resident run's (1e-6)."""
+    ref_losses, ref, kinds = _step_losses(memory=False)
+    losses, got, host_kinds = _step_losses(memory=True)
+    assert host_kinds == {"pinned_host"} and kinds == {"device"}
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_remat_offload_gives_the_same_gradients(quant):
+    """Offloading the saved matmul outputs to host memory moves bytes, not numbers: the loss
+    and LoRA gradients equal ``dots``' (the same values saved, kept on the device) to 1e-6,
+    and the no-remat step's to the bound of the other remat policies (1e-5: recomputing the
+    norms and activations in the backward fuses them differently, a few roundings apart; the
+    loss, computed before any recompute, to 1e-6)."""
+    from jaxlora.weights.nf4 import quantize
+
+    params = init_params(CFG, jax.random.key(0))
+    if quant:
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, v: quantize(v, blocksize=32) if v.ndim == 2 and "layers" in str(p) else v,
+            params,
+        )
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    frozen, trainable = lora.partition(lora.inject(params, cfg, jax.random.key(1)), cfg)
+    batch = {k: jnp.asarray(v) for k, v in _batch(4, seq=12).items()}
+
+    def grads(remat):
+        module = LlamaForCausalLM(CFG, remat=remat)
+        fn = lambda t: loss_sum(module, lora.combine(frozen, t), batch)[0]
+        return jax.jit(jax.value_and_grad(fn))(trainable)
+
+    ref_loss, ref = grads("none")
+    dots_loss, dots = grads("dots")
+    loss, g = grads("offload")
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(dots_loss), rtol=1e-6)
+    chex.assert_trees_all_close(g, dots, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_is_refused_on_a_tpu_naming_bfloat16():
+    cfg = load_config("demo", ["model.compute_dtype=float16"])
+    tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+    with pytest.raises(ConfigError, match="model.compute_dtype=float16.*bfloat16"):
+        run_builder.for_mesh(cfg, tpu, {}, None)
