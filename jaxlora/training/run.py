@@ -133,13 +133,13 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
     each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
     its devices' own rows; attention kernels split the batch over the batch axes and the heads
     over the axis the ``heads`` rule names."""
-    kv_heads = model_config.num_key_value_heads
     platform = mesh.devices.flat[0].platform
     if cfg.model.compute_dtype == "float16" and platform == "tpu":
         raise ConfigError(
             "model.compute_dtype=float16: TPUs compute in bfloat16 (no float16 matmul, no loss "
             "scaling needed); set model.compute_dtype=bfloat16"
         )
+    kv_heads = model_config.num_key_value_heads
     kernels = kernels_for(
         list(mesh.devices.flat),
         cfg.quant.kernel,
