@@ -22,6 +22,7 @@ from jaxlora import lora
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.config import LlamaConfig
+from jaxlora.models.stacking import stacked_runs
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.weights import Kernels, kernels_for, prepare
 
@@ -60,6 +61,8 @@ class Model:
     kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
+        """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
+        them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
         return LlamaForCausalLM(
             self.config,
@@ -67,6 +70,7 @@ class Model:
             param_dtype=param_dtype,
             remat=remat,
             attn_impl=self.kernels.attention,
+            runs=stacked_runs(self.params),
         )
 
     def __call__(

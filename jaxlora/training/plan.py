@@ -26,7 +26,14 @@ from jaxlora.interop import bnb, hf
 from jaxlora.model import Model
 from jaxlora.models.llama import param_shapes
 from jaxlora.targets import hlo
-from jaxlora.training.run import for_mesh, jit_train_step, make_tx, step_shardings
+from jaxlora.training.run import (
+    for_mesh,
+    jit_train_step,
+    make_tx,
+    scans,
+    stack_for_scan,
+    step_shardings,
+)
 from jaxlora.weights import quantize
 
 # Keep 10-20 % of device memory free (TUNING.md): a plan that leaves less does not "fit".
@@ -110,6 +117,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     lcfg = cfg.lora
     injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
     frozen, trainable = lora.partition(injected, lcfg)
+    frozen, trainable, _ = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
     tx, _ = make_tx(cfg, max(1, cfg.train.max_steps))
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
@@ -127,7 +135,8 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         )
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
-    step = jit_train_step(cfg, model.replace(kernels=kernels), tx, sh)
+    model = model.replace(params=lora.combine(frozen, trainable), kernels=kernels)
+    step = jit_train_step(cfg, model, tx, sh)
     start = time.perf_counter()
     compiled = step.lower(
         _sds(trainable, sh.trainable),
