@@ -22,8 +22,8 @@ from jaxlora import lora
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.config import LlamaConfig
-from jaxlora.models.stacking import stacked_runs
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)

@@ -66,7 +66,10 @@ def render(plan: Plan) -> str:
         f"  kernels           matmul {plan.kernels['matmul']}, attention "
         f"{plan.kernels['attention']}",
         "  flops per device  "
-        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a"),
+        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a")
+        + (
+            " (layers scanned: model.scan_layers=false for XLA's count)" if plan.scan_layers else ""
+        ),
         f"  compile           {plan.compile_s:.1f} s",
     ]
     return "\n".join(lines)

@@ -302,9 +302,7 @@ class LlamaModel(nn.Module):
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
-        layers = Layers(
-            cfg, self.remat, self.param_dtype, self.attn_impl, self.runs, name="layers"
-        )
+        layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, self.runs, name="layers")
         x, caches = layers(x, positions, segment_ids, caches)
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
         return x, embed, caches

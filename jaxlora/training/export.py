@@ -16,8 +16,8 @@ from jaxlora import lora
 from jaxlora.config import load_config
 from jaxlora.interop import hf
 from jaxlora.interop.merged import param_dtype
-from jaxlora.training import checkpoint
 from jaxlora.models.stacking import unstack_layers
+from jaxlora.training import checkpoint
 from jaxlora.training.run import init_lora, load_base, make_tx, run_meta, stack_for_scan
 
 log = logging.getLogger(__name__)

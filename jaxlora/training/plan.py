@@ -53,6 +53,7 @@ class Plan:
     flops_per_device: float | None
     kernels: dict[str, str]
     compile_s: float
+    scan_layers: bool = False
     custom_calls: list[str] = field(default_factory=list)
     hlo_text: str = field(default="", repr=False)
 
@@ -67,6 +68,7 @@ class Plan:
             "flops_per_device": self.flops_per_device,
             "kernels": self.kernels,
             "compile_s": round(self.compile_s, 2),
+            "scan_layers": self.scan_layers,
         }
 
 
@@ -117,7 +119,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     lcfg = cfg.lora
     injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
     frozen, trainable = lora.partition(injected, lcfg)
-    frozen, trainable, _ = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
+    frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
     tx, _ = make_tx(cfg, max(1, cfg.train.max_steps))
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
@@ -161,12 +163,22 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         micro_batch=batch,
         seq_len=seq,
         per_device=per_device,
-        flops_per_device=float(flops) if flops else float(hlo.nf4_kernel_flops(text)) or None,
+        flops_per_device=_flops(flops, text, scanned=runs is not None),
         kernels={"matmul": kernels.nf4, "attention": kernels.attention},
         compile_s=compile_s,
+        scan_layers=runs is not None,
         custom_calls=sorted(hlo.custom_call_targets(text)),
         hlo_text=text,
     )
+
+
+def _flops(xla_flops: float | None, hlo_text: str, *, scanned: bool) -> float | None:
+    """FLOPs per device: XLA's cost analysis, else the NF4 kernels' counted from the HLO;
+    None for a step that scans its layers, where both would count each scanned layer once
+    (a while loop's body is analysed once, not once per iteration)."""
+    if scanned:
+        return None
+    return float(xla_flops) if xla_flops else float(hlo.nf4_kernel_flops(hlo_text)) or None
 
 
 def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:

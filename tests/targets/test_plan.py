@@ -54,22 +54,26 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
     _toolchain.run_script(
         SCRIPT, "--platform", platform, "--model", str(model_dir), "--out", str(out)
     )
-    one, fsdp8, mixed = json.loads(out.read_text())
+    one, fsdp8, mixed, scanned = json.loads(out.read_text())
     assert (one["devices"], fsdp8["devices"], mixed["devices"]) == (1, 8, 8)
     assert fsdp8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert mixed["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    for run in (one, fsdp8, mixed):
+    assert not any(r["scan_layers"] for r in (one, fsdp8, mixed)) and scanned["scan_layers"]
+    for run in (one, fsdp8, mixed, scanned):
         assert run["kernels"]["matmul"] == {"tpu": "mosaic", "gpu": "triton"}[platform]
         assert KERNEL_CALL[platform] in run["custom_calls"], run["custom_calls"]
     # flash attention: the platform's Pallas kernel on one device (splash on TPU, Pallas flash
     # for packed rows on GPU); on a mesh, flash attention in plain JAX, which XLA partitions
     assert one["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
     assert fsdp8["kernels"]["attention"] == mixed["kernels"]["attention"] == "chunked"
-    for run in (fsdp8, mixed):
+    for run in (fsdp8, mixed, scanned):
         # FSDP gathers the 4-bit codes; the only other gathers are small float leaves (absmax
         # dequantized by the caller, LoRA factors), never a 16-bit copy of a frozen weight
         assert run["gathered_bytes"].get("u8", 0) > 0, run["gathered_bytes"]
         assert "bf16" not in run["gathered_bytes"], run["gathered_bytes"]
+        if run is scanned:  # stacked layers under shard_map: the same per-layer program
+            assert scanned["nf4_kernel_flops"] * 2 == pytest.approx(fsdp8["nf4_kernel_flops"])
+            continue
         # each device computes 1/8 of the NF4 matmuls (XLA's cost analysis covers TPU only)
         assert run["nf4_kernel_flops"] * 8 == pytest.approx(one["nf4_kernel_flops"], rel=0.10)
         if one["flops_per_device"] and platform == "tpu":
