@@ -20,6 +20,7 @@ Models are the ``config.json`` files in ``assets/configs/`` (the published Huggi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -32,9 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "assets" / "configs"
 MODELS = ["Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Mistral-7B-v0.3"]
 TARGETS = [
-    "tpu-v5e-1", "tpu-v5e-8", "tpu-v6e-1", "h100-1", "h100-8",
-    "a100-40g-1", "l4-1", "rtx4090-1", "t4-1",
-]  # fmt: skip
+    "tpu-v5e-1",
+    "tpu-v5e-8",
+    "tpu-v6e-1",
+    "h100-1",
+    "h100-8",
+    "a100-40g-1",
+    "l4-1",
+    "rtx4090-1",
+    "t4-1",
+]
 QUANT = {"qlora": ["recipe=llama_qlora"], "lora": ["recipe=llama_lora"]}
 
 
@@ -101,10 +109,8 @@ def render(results: list[dict]) -> str:
         "| compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(results, key=lambda r: (MODELS.index(r["model"]), r["quant"], r["seq"],
-                                             TARGETS.index(r["target"]) if r["target"] in TARGETS else 99)):  # fmt: skip
-        if r["layers"] is not None:
-            continue
+    order = lambda r: (MODELS.index(r["model"]), r["quant"], r["seq"], TARGETS.index(r["target"]))
+    for r in sorted((r for r in results if r["layers"] is None), key=order):
         head = f"| {r['model']} | {r['quant']} | {r['seq']} | {r['target']} "
         if "error" in r:
             lines.append(head + f"| error: {' '.join(r['error'])[:80]} | | | | |")
@@ -129,7 +135,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     ap.add_argument("--quant", nargs="+", default=list(QUANT), choices=list(QUANT))
     ap.add_argument("--seq", nargs="+", type=int, default=[2048, 8192])
-    ap.add_argument("--targets", nargs="+", default=TARGETS)
+    ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
     ap.add_argument("--layers", nargs="+", type=int, default=[None])
     ap.add_argument("--scan", nargs="+", default=["auto"], choices=["auto", "true", "false"])
     ap.add_argument("--search", default="none", choices=["none", "batch"])
@@ -144,21 +150,26 @@ def main() -> None:
         print(render(done))
         return
     seen = {row_key(r) for r in done}
+    grid = itertools.product(
+        args.models, args.quant, args.seq, args.targets, args.layers, args.scan
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            for quant in args.quant:
-                for seq in args.seq:
-                    for target in args.targets:
-                        for layers in args.layers:
-                            for scan in args.scan:
-                                row = dict(model=model, quant=quant, seq=seq, target=target,
-                                           layers=layers, scan=scan, search=args.search)  # fmt: skip
-                                if row_key(row) in seen:
-                                    continue
-                                result = run_row(row, Path(tmp))
-                                with args.out.open("a") as f:
-                                    f.write(json.dumps(result) + "\n")
-                                print(json.dumps(result)[:300], flush=True)
+        for model, quant, seq, target, layers, scan in grid:
+            row = dict(
+                model=model,
+                quant=quant,
+                seq=seq,
+                target=target,
+                layers=layers,
+                scan=scan,
+                search=args.search,
+            )
+            if row_key(row) in seen:
+                continue
+            result = run_row(row, Path(tmp))
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(json.dumps(result)[:300], flush=True)
 
 
 if __name__ == "__main__":
