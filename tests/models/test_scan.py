@@ -164,3 +164,28 @@ def test_generation_with_stacked_layers_equals_unrolled(halves):
     )
     assert scanned.module().runs is not None and unrolled.module().runs is None
     np.testing.assert_array_equal(gen(scanned), gen(unrolled))
+
+
+def test_stacked_leaves_shard_like_one_layer_with_the_layer_axis_whole(halves):
+    """Every stacked leaf gets one layer's logical axes behind an unsharded layer axis, so the
+    mesh rules split each layer as they split it unrolled (NF4 codes and absmax included)."""
+    from jaxlora.training.sharding import logical_axes_for
+
+    (frozen, _), (sf, _), _ = halves
+    one = dict(jax.tree_util.tree_flatten_with_path(frozen)[0])
+    stacked = jax.tree_util.tree_flatten_with_path(sf)[0]
+    sharded = 0
+    for path, leaf in stacked:
+        run = next(
+            (k.key for k in path if stacking.parse_run_key(str(getattr(k, "key", "")))), None
+        )
+        if run is None:
+            continue
+        start = stacking.parse_run_key(run)[0]
+        layer_path = tuple(
+            jax.tree_util.DictKey(str(start)) if getattr(k, "key", None) == run else k for k in path
+        )
+        want = logical_axes_for(layer_path, np.ndim(one[layer_path]))
+        assert logical_axes_for(path, np.ndim(leaf)) == (None, *want)
+        sharded += any(a is not None for a in want)
+    assert sharded >= 8  # the two norms of each of the 4 runs (flat-layout NF4 replicates)
