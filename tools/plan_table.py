@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -94,12 +95,18 @@ def run_row(row: dict, tmp: Path) -> dict:
         *plan_argv(row, model_dir(row["model"], row["layers"], tmp)),
     ]
     env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - start
+    # CPU seconds of the whole plan process: on a shared machine far steadier than wall time
+    times = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu_s() - cpu0}
     if proc.returncode != 0:
-        return row | {"error": proc.stderr.strip().splitlines()[-1:], "wall_s": wall}
-    return row | {"plan": json.loads(proc.stdout[proc.stdout.index("{") :]), "wall_s": wall}
+        return row | {"error": proc.stderr.strip().splitlines()[-1:]} | times
+    return row | {"plan": json.loads(proc.stdout[proc.stdout.index("{") :])} | times
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def render(results: list[dict]) -> str:
