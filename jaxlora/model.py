@@ -24,6 +24,7 @@ from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.attention import AttentionImpl
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Model:
     kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
+        """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
+        them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
         k = self.kernels
         return LlamaForCausalLM(
@@ -69,6 +72,7 @@ class Model:
             param_dtype=param_dtype,
             remat=remat,
             attn_impl=AttentionImpl(k.attention, k.interpret, k.attention_mesh),
+            runs=stacked_runs(self.params),
         )
 
     def __call__(

@@ -71,6 +71,7 @@ def render(plan: Plan) -> str:
         + {"cost_analysis": " (XLA cost analysis)", "hlo_matmuls": " (matmuls in the HLO)"}[
             plan.flops_source
         ],
+        +(" (layers scanned: model.scan_layers=false for XLA's count)" if plan.scan_layers else ""),
         f"  compile           {plan.compile_s:.1f} s",
     ]
     return "\n".join(lines)

@@ -24,17 +24,20 @@ from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.weights import prepare
 
 
-def init_caches(config, batch: int, length: int, dtype) -> list[dict[str, jax.Array]]:
-    """Empty per-layer caches: k/v ``[B, kv_heads, T, head_dim]``, segment ids ``[B, T]``."""
+def init_caches(config, batch: int, length: int, dtype, runs=None) -> list[dict[str, jax.Array]]:
+    """Empty caches: k/v ``[B, kv_heads, T, head_dim]``, segment ids ``[B, T]``, one per layer;
+    with ``runs`` (a module scanning stacked layers), one per run with a leading layer axis."""
     shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    spans = runs or tuple((i, i + 1) for i in range(config.num_hidden_layers))
+    lead = lambda start, stop: () if runs is None else (stop - start,)
     return [
         {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, length), jnp.int32),
-            "index": jnp.zeros((), jnp.int32),
+            "k": jnp.zeros(lead(*r) + shape, dtype),
+            "v": jnp.zeros(lead(*r) + shape, dtype),
+            "segment_ids": jnp.zeros(lead(*r) + (batch, length), jnp.int32),
+            "index": jnp.zeros(lead(*r), jnp.int32),
         }
-        for _ in range(config.num_hidden_layers)
+        for r in spans
     ]
 
 
@@ -78,7 +81,7 @@ class DecodeState(NamedTuple):
 def _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens):
     """Run the left-padded prompts ``[B, P]`` through the model, filling fresh caches."""
     B, P = input_ids.shape
-    caches = init_caches(module.config, B, P + max_new_tokens, module.dtype)
+    caches = init_caches(module.config, B, P + max_new_tokens, module.dtype, module.runs)
     positions = default_positions(attention_mask)
     logits, caches = module.apply({"params": params}, input_ids, positions, attention_mask, caches)
     out = jnp.full((B, max_new_tokens), eos_ids[0], jnp.int32)

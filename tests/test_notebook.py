@@ -114,6 +114,7 @@ def test_notebook_runs_on_cpu_with_the_demo(tmp_path):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "skipped: not a TPU runtime" in text  # the TPU-only cell explains itself on CPU
+    assert "skipped: no planning target" in text  # so does the plan cell
     assert "CPU runtime: computing in float32" in text
     assert "max |logit difference|" in text  # the merged model was checked in transformers
     assert "PUSH_TO_HUB = False: not uploading" in text

@@ -307,6 +307,49 @@ def test_resume_with_another_rank_is_refused(assets, short_run, capsys):
     assert "lora.r: 16 -> 4" in capsys.readouterr().err
 
 
+# ---- scanned layers: the same first step, the same adapter on the way out -------------------
+
+
+@pytest.fixture(scope="module")
+def scanned_run(assets, tmp_path_factory):
+    """One step with the layers scanned over stacked parameters (samples decode with stacked
+    caches), no dropout (scanned and unrolled layers draw different dropout masks)."""
+    out = tmp_path_factory.mktemp("scanned") / "run"
+    common = ("train.max_steps=1", "train.save_every=1", "lora.dropout=0")
+    extra = ("train.sample_every=1", "train.sample_prompts=['What is 2 plus 3?']")
+    assert train.main(_args(assets, out, "model.scan_layers=true", *common, *extra)) == 0
+    return out
+
+
+def test_scanned_run_equals_unrolled_at_step_1(assets, scanned_run, tmp_path):
+    """Step 1 of AdamW moves each weight by ``lr·g/(|g|+eps)``: gradients an ulp apart
+    (tests/models/test_scan.py) give adapters within 1e-6 of their scale."""
+    ref = tmp_path / "ref"
+    common = ("train.max_steps=1", "train.save_every=1", "lora.dropout=0")
+    assert train.main(_args(assets, ref, "model.scan_layers=false", *common)) == 0
+    got, want = _adapter(scanned_run), _adapter(ref)
+    assert got.keys() == want.keys()  # Hugging Face names, layers unstacked
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-6 * max(1.0, np.abs(w).max()))
+
+
+def test_export_from_a_scanned_checkpoint(scanned_run, tmp_path):
+    out = tmp_path / "peft"
+    assert export_main([f"checkpoint={scanned_run}", "format=peft", f"out={out}"]) == 0
+    name = "adapter_model.safetensors"
+    assert (out / name).read_bytes() == (scanned_run / "adapter" / name).read_bytes()
+
+
+def test_resume_with_other_layers_is_refused(assets, scanned_run, capsys):
+    rc = train.main(
+        _args(
+            assets, scanned_run, "model.scan_layers=false", "train.max_steps=2", "train.resume=true"
+        )
+    )
+    assert rc == 2
+    assert "model.scan_layers differs" in capsys.readouterr().err
+
+
 # ---- NaN: stop, keep the last good checkpoint, say what to try -----------------------------
 
 

@@ -97,6 +97,10 @@ class ModelConfig(Section):
     compute_dtype: ComputeDtype = "bfloat16"
     revision: str | None = None  # hub revision (branch, tag or commit)
     tokenizer: str | None = None  # tokenizer dir or hub id; None = model.path
+    # Scan the decoder layers over stacked parameters in the train step (compiles one layer per
+    # run of alike layers instead of every layer): auto = on for TPU/GPU meshes (and plan), off
+    # on CPU, where compiling is fast and the unrolled step is as fast (docs/planning.md).
+    scan_layers: bool | Literal["auto"] = "auto"
 
     def _validate(self) -> None:
         check(self.path != "", "model.path", "must be a local directory or a hub id, got ''")

@@ -23,6 +23,7 @@ from einops import rearrange
 from jaxlora.config import LOGICAL_AXES
 from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
 from jaxlora.models.config import LlamaConfig
+from jaxlora.models.stacking import run_key
 from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight, by the Hugging Face module name that owns it (torch orientation).
@@ -202,18 +203,24 @@ class DecoderLayer(nn.Module):
 
 
 class Layers(nn.Module):
-    """``layers/0 ... layers/N-1``, unrolled so each layer keeps its Hugging Face path.
+    """The decoder layers: ``layers/0 ... layers/N-1`` unrolled, each under its Hugging Face
+    path, or, with ``runs``, each run of layers ``start .. stop-1`` scanned over parameters
+    stacked under ``layers/start:stop`` (:mod:`jaxlora.models.stacking`), which compiles one
+    layer per run instead of every layer.
 
     The RoPE tables and one attention mask per distinct sliding window are built here, once,
     and shared by the layers. With ``caches`` (decoding; every layer's cache is at the same
-    index), the key segments are the cached ones with this step's written in. A flash
-    ``attn_impl`` needs no mask: it gets the segment ids (decoding stays eager, with masks).
+    index; one cache per layer unrolled, one per run with a leading layer axis scanned: see
+    :func:`jaxlora.sampling.init_caches`), the key segments are the cached ones with this step's
+    written in. A flash ``attn_impl`` needs no mask: it gets the segment ids (decoding stays
+    eager, with masks).
     """
 
     config: LlamaConfig
     remat: str = "none"
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
+    runs: tuple[tuple[int, int], ...] | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, caches=None):
@@ -223,9 +230,10 @@ class Layers(nn.Module):
         q_slots, k_segments = jnp.arange(S), segment_ids
         if caches is not None:
             idx = caches[0]["index"]
-            k_segments = jax.lax.dynamic_update_slice(
-                caches[0]["segment_ids"], segment_ids, (0, idx)
-            )
+            idx = idx if self.runs is None else idx[0]  # scanned: one index per stacked layer
+            cached = caches[0]["segment_ids"]
+            cached = cached if self.runs is None else cached[0]
+            k_segments = jax.lax.dynamic_update_slice(cached, segment_ids, (0, idx))
             q_slots = q_slots + idx
         eager = impl_name(self.attn_impl) == "eager" or caches is not None
         k_slots = jnp.arange(k_segments.shape[1])
@@ -235,14 +243,34 @@ class Layers(nn.Module):
         }
         layer_cls = DecoderLayer
         if self.remat != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
+            # prevent_cse=False under scan: the loop already keeps XLA from merging the
+            # recomputation into the forward (flax's advice for remat inside scan).
+            layer_cls = nn.remat(
+                DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=self.runs is None
+            )
+        args = (self.param_dtype, self.attn_impl)
+        spans = self.runs or tuple((i, i + 1) for i in range(cfg.num_hidden_layers))
         new_caches = []
-        for i, window in enumerate(cfg.sliding_windows):
-            cache = None if caches is None else caches[i]
-            layer = layer_cls(cfg, self.param_dtype, self.attn_impl, window, name=str(i))
+        for j, (start, stop) in enumerate(spans):
+            windows = set(cfg.sliding_windows[start:stop])
+            if len(windows) != 1:
+                raise ValueError(f"layers {start}..{stop - 1} mix sliding windows {windows}")
+            window = windows.pop()
+            cache = None if caches is None else caches[j]
+            if self.runs is None:
+                layer = layer_cls(cfg, *args, window, name=str(start))
+            else:
+                layer = nn.scan(
+                    layer_cls,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    length=stop - start,
+                )(cfg, *args, window, name=run_key(start, stop))
             x, cache = layer(x, rope_cs, masks[window], cache, segment_ids)
             if cache is not None:
-                cache = cache | {"segment_ids": k_segments}
+                segs = k_segments if self.runs is None else jnp.stack([k_segments] * (stop - start))
+                cache = cache | {"segment_ids": segs}
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)
 
@@ -267,13 +295,14 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attn_impl: str = "eager"
+    runs: tuple[tuple[int, int], ...] | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None):
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
-        layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, name="layers")
+        layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, self.runs, name="layers")
         x, caches = layers(x, positions, segment_ids, caches)
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
         return x, embed, caches
@@ -286,6 +315,7 @@ class LlamaForCausalLM(nn.Module):
     attention to tokens of the same segment, which serves padding masks and packed batches alike.
     ``attn_impl`` names the attention implementation (static; chosen by whoever builds the step
     for its target: see :func:`jaxlora.models.attention.attention`); decoding is always eager.
+    ``runs`` scans the layers over stacked parameters (see :class:`Layers`).
     """
 
     config: LlamaConfig
@@ -293,12 +323,13 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attn_impl: str = "eager"
+    runs: tuple[tuple[int, int], ...] | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
         h, embed_w, caches = LlamaModel(
-            cfg, self.dtype, self.param_dtype, self.remat, self.attn_impl, name="model"
+            cfg, self.dtype, self.param_dtype, self.remat, self.attn_impl, self.runs, name="model"
         )(input_ids, positions, segment_ids, caches)
         if return_hidden:
             return h, caches

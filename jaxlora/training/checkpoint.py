@@ -122,6 +122,12 @@ def check_compatible(saved: dict, expected: dict, where: Path) -> None:
             f"this run ({expected.get('base_model')!r}, fingerprint "
             f"{expected.get('base_fingerprint')}); refusing to resume"
         )
+    if saved.get("layers", "unrolled") != expected.get("layers", "unrolled"):
+        raise ResumeError(
+            f"{where} holds layers {saved.get('layers', 'unrolled')} but this run has "
+            f"{expected.get('layers')} (model.scan_layers differs); resume with the setting "
+            "it was trained with"
+        )
     for section in ("lora", "quant"):
         a, b = saved.get(section, {}), expected.get(section, {})
         diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

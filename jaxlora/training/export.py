@@ -16,8 +16,9 @@ from jaxlora import lora
 from jaxlora.config import load_config
 from jaxlora.interop import hf
 from jaxlora.interop.merged import param_dtype
+from jaxlora.models.stacking import unstack_layers
 from jaxlora.training import checkpoint
-from jaxlora.training.run import init_lora, load_base, make_tx, run_meta
+from jaxlora.training.run import init_lora, load_base, make_tx, run_meta, stack_for_scan
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,14 @@ def export_checkpoint(
         if step is None:
             raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
         model, frozen, trainable = init_lora(cfg, load_base(cfg), jax.random.key(0))
+        # the checkpoint's trees are laid out as its run stacked them (model.scan_layers)
+        stacked = ckpt.read_meta(step).get("layers", "unrolled") != "unrolled"
+        _, trainable, runs = stack_for_scan(frozen, trainable, model.config, stacked)
         tx, _ = make_tx(cfg, 1, trainable)
-        trainable, *_ = ckpt.restore(step, trainable, tx.init(trainable), run_meta(cfg))
+        trainable, *_ = ckpt.restore(step, trainable, tx.init(trainable), run_meta(cfg, runs))
     finally:
         ckpt.close()
-    model = model.replace(params=lora.combine(frozen, trainable))
+    model = model.replace(params=lora.combine(frozen, unstack_layers(trainable)))
     out = Path(out)
     if fmt == "peft":
         model.save_adapter(out, base_model_name_or_path=cfg.model.path)

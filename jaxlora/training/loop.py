@@ -24,6 +24,7 @@ from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor
 from jaxlora.training.plan import memory_line, memory_report
 from jaxlora.training.run import (
     for_mesh,
+    hf_adapter_params,
     init_lora,
     jit_eval_step,
     jit_train_step,
@@ -31,6 +32,8 @@ from jaxlora.training.run import (
     make_mesh,
     make_tx,
     run_meta,
+    scans,
+    stack_for_scan,
     step_shardings,
 )
 
@@ -74,9 +77,12 @@ def run(cfg: Config) -> dict:
     )
 
     # --- the step, sharded over the mesh; trainable params and optimizer state are donated
+    mesh = make_mesh(cfg)
+    # layers stacked for scan on accelerators; the model holds the stacked tree from here on
+    frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
+    model = model.replace(params=lora.combine(frozen, trainable))
     tx, schedule = make_tx(cfg, total_steps, trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
-    mesh = make_mesh(cfg)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
     model = model.replace(kernels=kernels)
     sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
@@ -89,7 +95,7 @@ def run(cfg: Config) -> dict:
         train_step = _compile_and_report(train_step, trainable, opt_state, frozen, sh, cfg)
 
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
-    meta = run_meta(cfg)
+    meta = run_meta(cfg, runs)
     pc, pi = jax.process_count(), jax.process_index()
     batches = data.batches(
         train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
@@ -168,7 +174,7 @@ def run(cfg: Config) -> dict:
     # Every process takes part in gathering the (possibly multi-host-sharded) adapter weights;
     # process 0 then writes them.
     trainable_host = multihost_utils.process_allgather(trainable, tiled=True)
-    model = model.replace(params=lora.combine(frozen, trainable_host))
+    model = model.replace(params=hf_adapter_params(frozen, trainable_host))
     summary = {"steps": total_steps, "warnings": monitor.warnings}
     if main_process:
         model.save_adapter(out / "adapter", base_model_name_or_path=cfg.model.path)

@@ -26,7 +26,14 @@ from jaxlora.interop import bnb, hf
 from jaxlora.model import Model
 from jaxlora.models.llama import param_shapes
 from jaxlora.targets import hlo
-from jaxlora.training.run import for_mesh, jit_train_step, make_tx, step_shardings
+from jaxlora.training.run import (
+    for_mesh,
+    jit_train_step,
+    make_tx,
+    scans,
+    stack_for_scan,
+    step_shardings,
+)
 from jaxlora.weights import quantize
 
 # Keep 10-20 % of device memory free (TUNING.md): a plan that leaves less does not "fit".
@@ -47,6 +54,7 @@ class Plan:
     flops_source: str  # "cost_analysis" (XLA's), or "hlo_matmuls" (counted: hlo.matmul_flops)
     kernels: dict[str, str]
     compile_s: float
+    scan_layers: bool = False
     custom_calls: list[str] = field(default_factory=list)
     hlo_text: str = field(default="", repr=False)
 
@@ -62,6 +70,7 @@ class Plan:
             "flops_source": self.flops_source,
             "kernels": self.kernels,
             "compile_s": round(self.compile_s, 2),
+            "scan_layers": self.scan_layers,
         }
 
 
@@ -112,6 +121,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     lcfg = cfg.lora
     injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
     frozen, trainable = lora.partition(injected, lcfg)
+    frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
     tx, _ = make_tx(cfg, max(1, cfg.train.max_steps), trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
@@ -129,7 +139,8 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         )
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
-    step = jit_train_step(cfg, model.replace(kernels=kernels), tx, sh)
+    model = model.replace(params=lora.combine(frozen, trainable), kernels=kernels)
+    step = jit_train_step(cfg, model, tx, sh)
     start = time.perf_counter()
     compiled = step.lower(
         _sds(trainable, sh.trainable),
@@ -154,13 +165,23 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         micro_batch=batch,
         seq_len=seq,
         per_device=per_device,
-        flops_per_device=float(flops) if flops else float(hlo.matmul_flops(text)) or None,
+        flops_per_device=_flops(flops, text, scanned=runs is not None),
         flops_source="cost_analysis" if flops else "hlo_matmuls",
         kernels={"matmul": kernels.nf4, "attention": kernels.attention},
         compile_s=compile_s,
+        scan_layers=runs is not None,
         custom_calls=sorted(hlo.custom_call_targets(text)),
         hlo_text=text,
     )
+
+
+def _flops(xla_flops: float | None, hlo_text: str, *, scanned: bool) -> float | None:
+    """FLOPs per device: XLA's cost analysis, else the NF4 kernels' counted from the HLO;
+    None for a step that scans its layers, where both would count each scanned layer once
+    (a while loop's body is analysed once, not once per iteration)."""
+    if scanned:
+        return None
+    return float(xla_flops) if xla_flops else float(hlo.matmul_flops(hlo_text)) or None
 
 
 def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:

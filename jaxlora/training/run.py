@@ -20,6 +20,7 @@ from jaxlora.config import Config, ConfigError
 from jaxlora.interop import hf
 from jaxlora.kernels.attention_sharded import AttentionMesh
 from jaxlora.model import Model, load_model
+from jaxlora.models import stacking
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import (
     dynamic_loss_scale,
@@ -60,6 +61,33 @@ def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, An
     return model, frozen, trainable
 
 
+def scans(cfg: Config, mesh: Mesh) -> bool:
+    """Whether the step scans its layers: ``model.scan_layers``, where ``auto`` is on for a
+    TPU/GPU mesh (compiling unrolled layers takes minutes there: docs/planning.md) and off on
+    CPU (a CPU step compiles in seconds either way)."""
+    if cfg.model.scan_layers == "auto":
+        return mesh.devices.flat[0].platform != "cpu"
+    return cfg.model.scan_layers
+
+
+def stack_for_scan(frozen, trainable, model_config, scan: bool):
+    """``(frozen, trainable, runs)``: both halves with their layers stacked into the runs of
+    their combined tree when ``scan`` (:mod:`jaxlora.models.stacking`), or as they are with
+    ``runs = None``."""
+    if not scan:
+        return frozen, trainable, None
+    runs = stacking.layer_runs(lora.combine(frozen, trainable), model_config.sliding_windows)
+    return stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs), runs
+
+
+def hf_adapter_params(frozen, trainable) -> Any:
+    """The Hugging Face-shaped tree for writing an adapter from a step's halves: layers
+    unstacked, the frozen leaves as shapes only (an adapter holds none of them, so the base is
+    never copied)."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+    return stacking.unstack_layers(lora.combine(shapes, trainable))
+
+
 def make_tx(
     cfg: Config, total_steps: int, trainable: Any
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -95,8 +123,9 @@ def make_tx(
     return tx, schedule
 
 
-def run_meta(cfg: Config) -> dict:
-    """What a checkpoint must agree with to be resumed or exported: base identity and configs."""
+def run_meta(cfg: Config, runs=None) -> dict:
+    """What a checkpoint must agree with to be resumed or exported: base identity, configs and
+    the layout of its layers (``runs`` when stacked for scan, else ``"unrolled"``)."""
     quant = {
         "type": cfg.quant.type,
         "blocksize": cfg.quant.blocksize,
@@ -107,6 +136,7 @@ def run_meta(cfg: Config) -> dict:
         "base_fingerprint": hf.fingerprint(hf.resolve(cfg.model.path, cfg.model.revision)),
         "lora": checkpoint.meta_json(lora.to_meta(cfg.lora)),
         "quant": checkpoint.meta_json(quant),
+        "layers": "unrolled" if runs is None else checkpoint.meta_json(runs),
     }
 
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
 from jaxlora.models.llama import MODULE_AXES
+from jaxlora.models.stacking import parse_run_key
 from jaxlora.weights import NF4Tensor
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,16 @@ def _key_name(k) -> str | None:
 
 
 def logical_axes_for(path, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of one leaf from its tree path (param tree or optimizer state alike)."""
+    """Logical axes of one leaf from its tree path (param tree or optimizer state alike). A
+    leaf of stacked layers (under a ``start:stop`` key, :mod:`jaxlora.models.stacking`) has the
+    layer axis first, never sharded: each scan step takes one layer whole."""
     names = [_key_name(k) for k in path]
+    if ndim and any(n is not None and parse_run_key(n) for n in names):
+        return (None, *_axes_by_name(names, ndim - 1))
+    return _axes_by_name(names, ndim)
+
+
+def _axes_by_name(names: list[str | None], ndim: int) -> tuple[str | None, ...]:
     module_at = max((i for i, n in enumerate(names) if n in MODULE_AXES), default=None)
     if module_at is None or ndim == 0:
         return (None,) * ndim

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.weights.dispatch import Kernels, NF4Run
 from jaxlora.weights.lora import LoRAWeight
@@ -42,7 +43,11 @@ def prepare(
         if isinstance(w, NF4Tensor):
             codes_sh = None if sh is None else sh.codes
             if isinstance(codes_sh, NamedSharding) and isinstance(codes_sh.mesh, Mesh):
-                run = NF4Run(kernels, codes_sh.mesh, codes_sh.spec, tuple(batch_axes))
+                # Stacked layers (a leading layer axis, unsharded) are multiplied one layer at
+                # a time inside scan: the kernel sees the spec of one layer's codes.
+                lead = np.ndim(w.codes) - (2 if w.is_2d else 1)
+                spec = PartitionSpec(*tuple(codes_sh.spec)[lead:])
+                run = NF4Run(kernels, codes_sh.mesh, spec, tuple(batch_axes))
             else:  # the weight keeps the mesh and spec it was prepared with, if any
                 run = NF4Run(kernels, w.run.mesh, w.run.spec, w.run.batch_axes)
             return w.with_run(run)

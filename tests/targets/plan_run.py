@@ -19,9 +19,19 @@ from jaxlora.config import load_config  # noqa: E402
 from jaxlora.targets import hlo  # noqa: E402
 from jaxlora.training.plan import compile_step  # noqa: E402
 
-RUNS = {  # (target, data, fsdp, tensor)
-    "tpu": [("tpu-v5e-1", 1, 1, 1), ("tpu-v5e-8", 1, 8, 1), ("tpu-v5e-8", 2, 2, 2)],
-    "gpu": [("h100-1", 1, 1, 1), ("h100-8", 1, 8, 1), ("h100-8", 2, 2, 2)],
+RUNS = {  # (target, data, fsdp, tensor, model.scan_layers): unrolled, where XLA counts FLOPs
+    "tpu": [
+        ("tpu-v5e-1", 1, 1, 1, "false"),
+        ("tpu-v5e-8", 1, 8, 1, "false"),
+        ("tpu-v5e-8", 2, 2, 2, "false"),
+        ("tpu-v5e-8", 1, 8, 1, "true"),
+    ],
+    "gpu": [
+        ("h100-1", 1, 1, 1, "false"),
+        ("h100-8", 1, 8, 1, "false"),
+        ("h100-8", 2, 2, 2, "false"),
+        ("h100-8", 1, 8, 1, "true"),
+    ],
 }
 
 PROJECTION = re.compile(r"[qkvo]_proj/")
@@ -48,7 +58,7 @@ args = parser.parse_args()
 
 out = []
 for seq in args.seq:
-    for target, data, fsdp, tensor in RUNS[args.platform]:
+    for target, data, fsdp, tensor, scan in RUNS[args.platform]:
         cfg = load_config(
             "demo",
             [
@@ -65,6 +75,7 @@ for seq in args.seq:
                 f"mesh.data={data}",
                 f"mesh.fsdp={fsdp}",
                 f"mesh.tensor={tensor}",
+                f"model.scan_layers={scan}",
             ],
         )
         plan = compile_step(cfg, target)

@@ -1,0 +1,183 @@
+"""The planning table of docs/planning.md, from ``python -m jaxlora.plan ... format=json``.
+
+Each row (model × QLoRA/LoRA × sequence length × target) is compiled in its own process by the
+plan command itself, so the table is exactly what a user would get; results are appended to a
+JSON-lines file as they come (a rerun skips rows already there: the whole table takes hours on
+2 cores), and ``--render`` prints the markdown table from that file::
+
+    nice python tools/plan_table.py --out plans.jsonl                       # every row
+    nice python tools/plan_table.py --out plans.jsonl --models Llama-3.1-8B --quant qlora \\
+        --seq 2048 --targets tpu-v5e-1 l4-1                                # some rows
+    python tools/plan_table.py --out plans.jsonl --render                  # the table
+    nice python tools/plan_table.py --out compile.jsonl --models Llama-3.1-8B --quant qlora \\
+        --seq 2048 --targets tpu-v5e-1 --layers 2 8 --scan true false      # compile time
+
+``--layers N`` compiles the model cut to its first N layers (a copy of ``config.json`` with
+``num_hidden_layers = N`` in a temporary directory) to measure compile time against depth.
+Models are the ``config.json`` files in ``assets/configs/`` (the published Hugging Face configs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "assets" / "configs"
+MODELS = ["Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Mistral-7B-v0.3"]
+TARGETS = [
+    "tpu-v5e-1",
+    "tpu-v5e-8",
+    "tpu-v6e-1",
+    "h100-1",
+    "h100-8",
+    "a100-40g-1",
+    "l4-1",
+    "rtx4090-1",
+    "t4-1",
+]
+QUANT = {"qlora": ["recipe=llama_qlora"], "lora": ["recipe=llama_lora"]}
+
+
+def devices(target: str) -> int:
+    return int(target.rsplit("-", 1)[1])
+
+
+def row_key(r: dict) -> tuple:
+    return (r["model"], r["quant"], r["seq"], r["target"], r["layers"], r["scan"], r["search"])
+
+
+def plan_argv(row: dict, model_dir: Path) -> list[str]:
+    """The ``python -m jaxlora.plan`` arguments of one row: the recipe, micro-batch 1 per
+    device (the rows split over ``fsdp`` = every device), no accumulation."""
+    n = devices(row["target"])
+    return [
+        *QUANT[row["quant"]],
+        f"model.path={model_dir}",
+        "model.tokenizer=null",
+        f"model.scan_layers={row['scan']}",
+        f"data.max_seq_len={row['seq']}",
+        f"train.batch_size={n}",
+        "train.grad_accum=1",
+        f"mesh.fsdp={n}",
+        f"target={row['target']}",
+        f"search={row['search']}",
+        "format=json",
+    ]
+
+
+def model_dir(name: str, layers: int | None, tmp: Path) -> Path:
+    if layers is None:
+        return CONFIGS / name
+    cfg = json.loads((CONFIGS / name / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    if "max_window_layers" in cfg:
+        cfg["max_window_layers"] = min(cfg["max_window_layers"], layers)
+    out = tmp / f"{name}-{layers}"
+    out.mkdir(exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def run_row(row: dict, tmp: Path) -> dict:
+    argv = [
+        sys.executable,
+        "-m",
+        "jaxlora.plan",
+        *plan_argv(row, model_dir(row["model"], row["layers"], tmp)),
+    ]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    start, cpu0 = time.perf_counter(), _children_cpu_s()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    # CPU seconds of the whole plan process: on a shared machine far steadier than wall time
+    times = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu_s() - cpu0}
+    if proc.returncode != 0:
+        return row | {"error": proc.stderr.strip().splitlines()[-1:]} | times
+    return row | {"plan": json.loads(proc.stdout[proc.stdout.index("{") :])} | times
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def render(results: list[dict]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f}"
+    lines = [
+        "| model | method | S | target | per device GiB (of) | headroom | fits | largest mb "
+        "| compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = lambda r: (MODELS.index(r["model"]), r["quant"], r["seq"], TARGETS.index(r["target"]))
+    for r in sorted((r for r in results if r["layers"] is None), key=order):
+        head = f"| {r['model']} | {r['quant']} | {r['seq']} | {r['target']} "
+        if "error" in r:
+            lines.append(head + f"| error: {' '.join(r['error'])[:80]} | | | | |")
+            continue
+        p = r["plan"]
+        d = p["per_device"]
+        if d.get("total_bytes") is None:  # a search that found nothing fits
+            lines.append(head + "| does not fit at micro-batch 1 | | no | 0 | |")
+            continue
+        free = 1 - d["total_bytes"] / d["device_bytes"]
+        mb = p["micro_batch"] if r["search"] == "batch" else "—"
+        lines.append(
+            head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) | {100 * free:.1f} % "
+            f"| {'yes' if d['fits'] else 'no'} | {mb} | {p['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSON-lines results (appended)")
+    ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    ap.add_argument("--quant", nargs="+", default=list(QUANT), choices=list(QUANT))
+    ap.add_argument("--seq", nargs="+", type=int, default=[2048, 8192])
+    ap.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
+    ap.add_argument("--layers", nargs="+", type=int, default=[None])
+    ap.add_argument("--scan", nargs="+", default=["auto"], choices=["auto", "true", "false"])
+    ap.add_argument("--search", default="none", choices=["none", "batch"])
+    ap.add_argument("--render", action="store_true", help="print the markdown table and exit")
+    args = ap.parse_args()
+    done = (
+        [json.loads(line) for line in args.out.read_text().splitlines()]
+        if args.out.exists()
+        else []
+    )
+    if args.render:
+        print(render(done))
+        return
+    seen = {row_key(r) for r in done}
+    grid = itertools.product(
+        args.models, args.quant, args.seq, args.targets, args.layers, args.scan
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, quant, seq, target, layers, scan in grid:
+            row = dict(
+                model=model,
+                quant=quant,
+                seq=seq,
+                target=target,
+                layers=layers,
+                scan=scan,
+                search=args.search,
+            )
+            if row_key(row) in seen:
+                continue
+            result = run_row(row, Path(tmp))
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(json.dumps(result)[:300], flush=True)
+
+
+if __name__ == "__main__":
+    main()
