@@ -66,15 +66,18 @@ def render(plan: Plan) -> str:
         + ("fits" if d["fits"] else f"DOES NOT FIT (keep >= {100 * HEADROOM:.0f} % free)"),
         f"  kernels           matmul {plan.kernels['matmul']}, attention "
         f"{plan.kernels['attention']}",
-        "  flops per device  "
-        + (f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a")
-        + {"cost_analysis": " (XLA cost analysis)", "hlo_matmuls": " (matmuls in the HLO)"}[
-            plan.flops_source
-        ],
-        +(" (layers scanned: model.scan_layers=false for XLA's count)" if plan.scan_layers else ""),
+        f"  flops per device  {_flops(plan)}",
         f"  compile           {plan.compile_s:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _flops(plan) -> str:
+    if plan.scan_layers:  # a loop body is analysed once, not once per layer
+        return "n/a (layers scanned; model.scan_layers=false gives the count)"
+    source = {"cost_analysis": "XLA cost analysis", "hlo_matmuls": "matmuls in the HLO"}
+    value = f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a"
+    return f"{value} ({source[plan.flops_source]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,17 +138,29 @@ def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
+# cuDNN's fused attention and the Triton flash kernel both need Ampere (sm_80) or newer.
+FLASH_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
 def attention_for(
-    platform: str, seq_len: int, *, packed: bool = True, sliding_window: bool = False
+    platform: str,
+    seq_len: int,
+    *,
+    packed: bool = True,
+    sliding_window: bool = False,
+    compute_capability: tuple[int, int] | None = None,
 ) -> str:
     """The attention implementation for a program on ``platform``, from what was measured
     (docs/attention.md). TPU: splash. GPU: cuDNN for unpacked rows; Pallas flash for packed
-    rows, which has no sliding window, so packed rows with a window take chunked. CPU: chunked
-    from 1024 tokens (less CPU time than eager, equal or faster wall time, linear memory), eager
-    below (a tie at 256 tokens; eager is the reference)."""
+    rows, which has no sliding window, so packed rows with a window take chunked; a GPU older
+    than sm_80 (T4, V100) has neither flash kernel and takes chunked. CPU: chunked from 1024
+    tokens (less CPU time than eager, equal or faster wall time, linear memory), eager below (a
+    tie at 256 tokens; eager is the reference)."""
     if platform == "tpu":
         return "splash"
     if platform in ("gpu", "cuda"):
+        if compute_capability is not None and compute_capability < FLASH_MIN_COMPUTE_CAPABILITY:
+            return "chunked"
         if not packed:
             return "cudnn"
         return "chunked" if sliding_window else "pallas_gpu"
@@ -186,10 +198,15 @@ def kernels_for(
     elif mode == "dequant":
         nf4 = DEQUANT
     else:
-        nf4 = nf4_kernel_for(platform, _compute_capability(device))
+        nf4 = nf4_kernel_for(platform, _compute_capability(device))  # T4/V100: dequantize
     interpret = mode == "interpret"
-    attention = attention_for(platform, seq_len, packed=packed, sliding_window=sliding_window)
+    cc = _compute_capability(device)
+    attention = attention_for(
+        platform, seq_len, packed=packed, sliding_window=sliding_window, compute_capability=cc
+    )
     attention, reason = _attention_on(attention, len(devices), mesh, heads, interpret)
+    if platform == "gpu" and cc is not None and cc < FLASH_MIN_COMPUTE_CAPABILITY:
+        reason = f"sm_{cc[0]}{cc[1]}: the flash kernels (cuDNN, Triton) need sm_80 or newer"
     on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
     chosen = Kernels(platform, nf4, interpret, attention, on_mesh)
     if chosen not in _LOGGED:

@@ -276,6 +276,18 @@ def test_attention_follows_the_devices():
     assert kernels_for([Tpu()], seq_len=2048) == Kernels("tpu", "mosaic", attention="splash")
     assert kernels_for([Tpu()] * 8, seq_len=2048).attention == "chunked"
 
+    class T4:  # sm_75: neither flash kernel (cuDNN, Triton) nor the Triton NF4 matmul runs
+        platform = "gpu"
+        compute_capability = "7.5"
+
+    class H100:
+        platform = "gpu"
+        compute_capability = "9.0"
+
+    assert kernels_for([T4()], seq_len=2048) == Kernels("gpu", "dequant", attention="chunked")
+    assert kernels_for([H100()], seq_len=2048) == Kernels("gpu", "triton", attention="pallas_gpu")
+    assert attention_for("gpu", 2048, packed=False, compute_capability=(7, 5)) == "chunked"
+
 
 def _masked_loss(module, params, ids, seg):
     positions = jnp.maximum(jnp.cumsum(seg != 0, axis=1) - 1, 0)
