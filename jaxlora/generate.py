@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TextIO
 
 from jaxlora import data
-from jaxlora.config import ConfigError, Section, from_argv
+from jaxlora.config import ConfigError, DataConfig, Section, from_argv
 from jaxlora.config.typed import GE0, GE1, check
 from jaxlora.model import Model, load_model
 from jaxlora.sampling import generate, stream
@@ -132,6 +132,9 @@ def read_prompts(path: str | Path) -> list[tuple[str, Item]]:
     return items
 
 
+_CHAT = DataConfig(path="prompts", format="chat")  # a prompts line with "messages"
+
+
 def _item(rec: Any, where: str) -> Item:
     text = lambda v, key: v if isinstance(v, str) else _bad(where, f"{key!r} must be a string")
     if not isinstance(rec, dict):
@@ -140,10 +143,13 @@ def _item(rec: Any, where: str) -> Item:
         p = text(rec["prompt"], "prompt")
         return Item(p, p, plain=True)
     if "messages" in rec:
+        # the check training data gets (data.check_record), for a chat record
+        if problem := data.check_record(rec, _CHAT):
+            _bad(
+                where,
+                f"'messages' must be a non-empty list of {{role, content}} strings: {problem}",
+            )
         msgs = rec["messages"]
-        ok = isinstance(msgs, list) and msgs and all(_is_message(m) for m in msgs)
-        if not ok:
-            _bad(where, "'messages' must be a non-empty list of {role, content} strings")
         return Item(
             [{"role": m["role"], "content": m["content"]} for m in msgs], msgs[-1]["content"]
         )
@@ -153,12 +159,6 @@ def _item(rec: Any, where: str) -> Item:
         return Item(data.user_prompt(inst, inp), f"{inst} [{inp}]" if inp else inst)
     _bad(where, "expected a 'prompt', 'messages' or 'instruction' field")
     raise AssertionError  # unreachable: _bad raises
-
-
-def _is_message(m: Any) -> bool:
-    return (
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-    )
 
 
 def _bad(where: str, msg: str):
