@@ -102,6 +102,7 @@ def _gguf_to_hf(name: str) -> str:
     """GGUF tensor name -> Hugging Face name for the Llama tensors this model has."""
     table = {
         "token_embd": "model.embed_tokens",
+        "output": "lm_head",
         "output_norm": "model.norm",
         "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
