@@ -8,7 +8,15 @@ Llama's), ``</s>``, ``<pad>`` and a small jinja chat template whose assistant tu
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
@@ -48,4 +56,36 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrai
         eos_token="</s>",
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE if chat_template else None,
+    )
+
+
+def make_spm_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as Llama 2 / Mistral ship it in tokenizer.json: spaces as ``▁``
+    with one prepended, byte fallback to ``<0x00>``..``<0xFF>``, ``<unk>``/``<s>``/``</s>``, BOS
+    prepended."""
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -14,8 +14,10 @@ Hugging Face checkpoint:
 - hyper-parameters as ``llama.*`` / ``qwen2.*`` keys; Llama 3.1's RoPE scaling as the
   ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
-  regex, SentencePiece-style BPE (Llama 2, Mistral) as ``llama`` (``gguf.LlamaHfVocab``);
-  merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
+  regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
+  SentencePiece-style tokenizers (Llama 2, Mistral) are refused: llama.cpp's ``llama``
+  tokenizer ranks merges by piece scores, which only ``tokenizer.model`` holds (gguf's
+  ``LlamaHfVocab`` writes a placeholder score, so llama.cpp would tokenize differently).
 
 Everything is converted and checked before a file is opened (:class:`GGUFFile`), and files are
 written to a temporary name and renamed, so a refusal or a failure leaves nothing behind.
@@ -264,37 +266,32 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
     """What adds the vocabulary, merges, special tokens, add_bos/add_eos and the chat template
     to a writer; everything is read and checked here, before any file is opened."""
     tok_json = _tokenizer_json(tokenizer)
-    largest = max(tokenizer.get_vocab().values())
-    if largest >= vocab_size:
-        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
     model = tok_json.get("model", {})
     if model.get("type") != "BPE":
         raise GGUFError(
             f"GGUF export: tokenizer model {model.get('type')!r} is not supported "
-            "(supported: byte-level BPE, SentencePiece-style BPE with byte fallback)"
+            "(supported: byte-level BPE, as Llama 3 and Qwen have)"
         )
-    scores = None
+    if model.get("byte_fallback"):
+        raise GGUFError(
+            "GGUF export: SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte "
+            "fallback) are not supported: llama.cpp's tokenizer for them needs the piece scores "
+            "of tokenizer.model, which tokenizer.json does not hold. Export format=merged and "
+            "convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
+    pre = pre_tokenizer(tok_json)
+    tokens, types = _bpe_vocab(tokenizer, vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        if model.get("byte_fallback"):  # SentencePiece-style (Llama 2, Mistral)
-            kind, pre = "llama", "default"
-            vocab = list(gguf.LlamaHfVocab(Path(tmp)).all_tokens())
-            tokens, scores, types = ([t[k] for t in vocab] for k in range(3))
-            for i in range(len(tokens), vocab_size):
-                tokens.append(f"[PAD{i}]".encode())
-                scores.append(-1000.0)
-                types.append(gguf.TokenType.UNUSED)
-        else:
-            kind, pre = "gpt2", pre_tokenizer(tok_json)
-            tokens, types = _bpe_vocab(tokenizer, vocab_size)
-        special = gguf.SpecialVocab(tmp, load_merges=kind == "gpt2", n_vocab=vocab_size)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
 
     def add(w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model(kind)
+        w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
-        if scores is not None:
-            w.add_token_scores(scores)
         w.add_token_types(types)
         special.add_to_gguf(w, quiet=True)
 

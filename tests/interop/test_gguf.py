@@ -30,7 +30,7 @@ from jaxlora.lora import LoraConfig
 from jaxlora.model import load_model
 from jaxlora.training.export import export_gguf
 from jaxlora.weights import LoRAWeight
-from tests._tokenizers import make_tokenizer
+from tests._tokenizers import make_spm_tokenizer, make_tokenizer
 from tests.hf_models import make_hf_model
 
 CONTEXT = 64
@@ -358,6 +358,9 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
         export_gguf(model, tmp_path / "m.gguf", CONTEXT, "q4_k", separate=False)
     import dataclasses
 
+    spm = model.replace(tokenizer=make_spm_tokenizer())
+    with pytest.raises(jgguf.GGUFError, match="SentencePiece-style tokenizers.*convert_hf_to_gguf"):
+        export_gguf(spm, tmp_path / "m.gguf", CONTEXT, "f16", separate=False)
     falcon = model.replace(config=dataclasses.replace(model.config, model_type="falcon"))
     with pytest.raises(jgguf.GGUFError, match="model_type='falcon'.*llama, mistral, qwen2, qwen3"):
         export_gguf(falcon, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
