@@ -188,7 +188,11 @@ def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: in
     if config.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_factor)
-    elif config.rope_type == "llama3" and not arch_spec(config).rope_freqs:
+
+
+def _check_architecture(config: LlamaConfig, context_length: int) -> None:
+    """Refuse what llama.cpp cannot compute for ``config``; warn where it computes otherwise."""
+    if config.rope_type == "llama3" and not arch_spec(config).rope_freqs:
         raise GGUFError(
             f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
             "llama.cpp equivalent"
@@ -344,6 +348,7 @@ def model_gguf(
         raise GGUFError(
             "GGUF export needs the model's tokenizer (llama.cpp reads it from the file)"
         )
+    _check_architecture(config, context_length)
     qtype, file_type = TYPES[gguf_type]
     to_gguf = _name_map(config)
     add_tokenizer = _tokenizer(tokenizer, config.vocab_size)
@@ -371,7 +376,7 @@ def model_gguf(
     return GGUFFile(arch, fill)
 
 
-def lora_tensors(params: dict, config: LlamaConfig, gguf_type: str) -> tuple[dict, float]:
+def _lora_tensors(params: dict, config: LlamaConfig, gguf_type: str) -> tuple[dict, float]:
     """``{gguf name + .lora_a/.lora_b: (data, raw_dtype)}`` and ``adapter.lora.alpha``.
 
     llama.cpp scales each pair by ``alpha / r`` (r from lora_a's shape), one alpha per file; a
@@ -424,7 +429,7 @@ def lora_gguf(
             f"modules_to_save={list(lora_config.modules_to_save)} / bias={lora_config.bias!r} "
             "(export the merged model instead)"
         )
-    tensors, alpha = lora_tensors(params, config, gguf_type)
+    tensors, alpha = _lora_tensors(params, config, gguf_type)
 
     def fill(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)
