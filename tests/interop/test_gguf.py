@@ -391,6 +391,16 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_write_leaves_nothing(tmp_path):
+    def fill(w):
+        w.add_uint32("x", 1)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        jgguf.GGUFFile("llama", fill).write(tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- llama.cpp itself ----------------------------------------------------------------------------
 
 LLAMA_CPP = os.environ.get("JAXLORA_LLAMA_CPP_PYTHON")
