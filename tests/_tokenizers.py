@@ -9,6 +9,7 @@ Llama's), ``</s>``, ``<pad>`` and a small jinja chat template whose assistant tu
 from __future__ import annotations
 
 from tokenizers import (
+    Regex,
     Tokenizer,
     decoders,
     models,
@@ -34,10 +35,28 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A fast byte-level BPE tokenizer; BOS ``<s>`` is prepended by ``add_special_tokens``."""
+# The pre-tokenizer regexes of Llama 3's and Qwen2's tokenizer.json (Qwen3 has Qwen2's).
+PRE_TOKENIZER_REGEX = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def make_tokenizer(
+    chat_template: bool = True, vocab_size: int = 300, pre: str = "gpt2"
+) -> PreTrainedTokenizerFast:
+    """A fast byte-level BPE tokenizer; BOS ``<s>`` is prepended by ``add_special_tokens``.
+    ``pre``: GPT-2's pre-tokenizer (``ByteLevel``'s own regex), or Llama 3's / Qwen2's (a
+    ``Split`` on their regex before a ``ByteLevel`` without one), as their tokenizer.json has."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        split = pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -36,12 +36,16 @@ from tests.hf_models import make_hf_model
 CONTEXT = 64
 
 
+# Each family with the pre-tokenizer its real models have (llama_bias: GPT-2's, for coverage).
+PRE = {"llama3_gqa_tied_rope": "llama3", "llama_bias": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2"}
+
+
 def lora_model(family: str, directory: Path):
     """A tiny ``family`` model with the byte-level BPE tokenizer and a random-B LoRA.
     hidden 64 / mlp 96 / head_dim 16: every row length a multiple of Q8_0's 32. The embedding
     has 5 rows more than the tokenizer has tokens (models pad it, e.g. Qwen's; and Qwen2's
     tokenizer class adds one, <|endoftext|>)."""
-    tok = make_tokenizer()
+    tok = make_tokenizer(pre=PRE[family])
     make_hf_model(
         family,
         directory,
@@ -168,6 +172,7 @@ def test_qwen3_tensors_keep_the_half_rotation(tmp_path):
     m = lora_model("qwen3", tmp_path / "model")
     path = export_gguf(m, tmp_path / "q.gguf", CONTEXT, "f32", separate=False)
     assert _fields(path)["general.architecture"] == "qwen3"
+    assert _fields(path)["tokenizer.ggml.pre"] == "qwen2"
     hf = _hf_weights(m)
     tensors = _tensors(path)
     assert {_gguf_to_hf(n) for n in tensors} == set(hf)
@@ -201,7 +206,7 @@ def test_hyperparameters_and_tokenizer_metadata(model, files):
         "llama.rope.freq_base": 500000.0,
         "llama.vocab_size": c.vocab_size,
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.pre": "llama-bpe",
         "tokenizer.ggml.bos_token_id": tok.bos_token_id,
         "tokenizer.ggml.eos_token_id": tok.eos_token_id,
         "tokenizer.ggml.padding_token_id": tok.pad_token_id,
@@ -437,7 +442,7 @@ def test_llama_cpp_matches_jaxlora(family, tmp_path):
     merged_gguf = export_gguf(model, tmp_path / "merged" / "m.gguf", CONTEXT, "f32", separate=False)
     base_gguf = export_gguf(model, tmp_path / "lora" / "m.gguf", CONTEXT, "f32", separate=True)
     merged = model.merge()
-    prompt = "What is 2 plus 3? The quick brown fox"
+    prompt = "What is 2 plus 3? It's 12345   ok\n\nThe quick brown fox, über"
     ids = merged.tokenizer(prompt)["input_ids"]
     ours = np.asarray(merged(np.array([ids])))[0]
     new = 8
