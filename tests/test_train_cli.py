@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ def _adapter(out: Path) -> dict[str, np.ndarray]:
         ("train.schedule=exponential", "train.schedule"),
         ("lora.dropout=1.5", "lora.dropout"),
         ("recipe=no_such_recipe", "unknown recipe"),
+        ("train.report_to=[wandb]", "must include jsonl"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(assets, tmp_path, capsys, override, needle):
@@ -95,17 +97,22 @@ def test_target_module_that_matches_nothing_is_an_error(assets, tmp_path, capsys
 @pytest.fixture(scope="module")
 def short_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("short") / "run"
-    rc = train.main(
-        _args(
-            assets,
-            out,
-            "train.max_steps=12",
-            "train.lr=3e-3",
-            "train.exact_match_examples=4",
-            "train.sample_every=6",
-            "train.sample_prompts=['What is 2 plus 3?']",
+    with pytest.MonkeyPatch.context() as env:  # wandb writes its run files, offline and quiet
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_CONSOLE", "off")
+        env.setenv("WANDB_SILENT", "true")
+        rc = train.main(
+            _args(
+                assets,
+                out,
+                "train.max_steps=12",
+                "train.lr=3e-3",
+                "train.exact_match_examples=4",
+                "train.sample_every=6",
+                "train.sample_prompts=['What is 2 plus 3?']",
+                "train.report_to=[jsonl,tensorboard,wandb]",
+            )
         )
-    )
     assert rc == 0
     return out
 
@@ -124,6 +131,72 @@ def test_short_run_loss_falls_and_writes_everything(short_run):
     assert (short_run / "adapter" / "adapter_config.json").exists()
     report = json.loads((short_run / "report.json").read_text())
     assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
+
+
+def _tensorboard_scalars(tb_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> {tag: value} from TensorBoard event files (TFRecord framing: u64 length,
+    u32 crc, the Event proto, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps: dict[int, dict[str, float]] = {}
+    for path in tb_dir.iterdir():
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 16 + n
+            for v in event.summary.value:
+                steps.setdefault(event.step, {})[v.tag] = v.simple_value
+    return steps
+
+
+def _wandb_records(run_file: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` protos of an offline ``run-<id>.wandb`` file: a 7-byte
+    W&B header, then LevelDB log records (32 KiB blocks; u32 crc, u16 length, u8 kind: 1 whole,
+    2 first, 3 middle, 4 last)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, part = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        part, pos = part + data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            records, part = [*records, Record.FromString(part)], b""
+    return records
+
+
+def test_tensorboard_and_wandb_hold_the_scalars_of_metrics_jsonl(short_run):
+    """train.report_to=[jsonl,tensorboard,wandb]: both trackers hold every numeric field of
+    every metrics.jsonl row at its step. wandb keeps float64 (JSON), so values are equal;
+    TensorBoard stores float32, so each equals the jsonl value rounded to float32."""
+    rows = {r.pop("step"): r for r in _metrics(short_run)}
+    tb = _tensorboard_scalars(short_run / "tb")
+    (run_file,) = (short_run / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    wb = {}  # wandb's own keys (_step, _runtime, _timestamp) start with "_"
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+            }
+            wb[r.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    assert sorted(tb) == sorted(wb) == sorted(rows)
+    for step, row in rows.items():
+        assert wb[step] == row
+        assert tb[step] == {k: float(np.float32(v)) for k, v in row.items()}
+    # the wandb run is named for the run directory and carries the resolved config
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("jaxlora", short_run.name)
+    from jaxlora.config import load_config
+    from jaxlora.config.typed import to_plain
+
+    config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
+    assert config == to_plain(load_config(str(short_run / "config.yaml")))
 
 
 def test_saved_config_reproduces_the_run_config(short_run):
