@@ -229,6 +229,122 @@ def test_export_from_checkpoint(short_run, tmp_path, fmt):
         assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+# ---- push_to_hub: the folder that would be uploaded, its model card; vLLM's needs --------------
+
+
+@pytest.fixture(scope="module")
+def pushed(short_run, tmp_path_factory):
+    """peft and merged exports pushed through the CLI, with huggingface_hub's HfApi replaced by
+    a recorder (no network here): {fmt: export dir}, and the calls it received."""
+    from jaxlora.interop import hub
+
+    calls: list[tuple] = []
+
+    class RecordingHfApi:
+        def __init__(self, token=None):
+            calls.append(("HfApi", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id):
+            files = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*"))
+            calls.append(("upload_folder", folder_path, repo_id, files))
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    root, outs = tmp_path_factory.mktemp("pushed"), {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "HfApi", RecordingHfApi)
+        for fmt, private in [("peft", "true"), ("merged", "false")]:
+            outs[fmt] = root / fmt
+            argv = [f"checkpoint={short_run}", f"format={fmt}", f"out={outs[fmt]}", "step=8"]
+            argv += [f"push_to_hub=me/tiny-{fmt}", f"private={private}"]
+            assert export_main(argv) == 0
+    return outs, calls
+
+
+def _card(folder: Path) -> tuple[dict, str]:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_push_to_hub_uploads_the_export_and_its_model_card(short_run, pushed):
+    """One create_repo (private as asked) and one upload_folder of exactly the export's files
+    plus README.md, whose card carries the run: step, recipe, held-out numbers, how to load."""
+    from jaxlora.config import load_config, to_yaml
+
+    outs, calls = pushed
+    for i, (fmt, private) in enumerate([("peft", True), ("merged", False)]):
+        folder, repo = outs[fmt], f"me/tiny-{fmt}"
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        assert calls[3 * i : 3 * i + 3] == [
+            ("HfApi", True),
+            ("create_repo", repo, private, True),
+            ("upload_folder", folder, repo, files),
+        ]
+        assert "README.md" in files and "tokenizer_config.json" in files
+        assert ("adapter_model.safetensors" if fmt == "peft" else "model.safetensors") in files
+        meta, body = _card(folder)
+        assert meta["library_name"] == ("peft" if fmt == "peft" else "transformers")
+        assert {"jaxlora", "lora", "qlora"} <= set(meta["tags"])
+        assert "Step 8 of a run of 12 optimizer steps" in body
+        report = json.loads((short_run / "report.json").read_text())
+        for key, name in [("eval_loss", "eval loss"), ("exact_match", "exact match")]:
+            b, a = report["before"][key], report["after"][key]
+            assert f"| {name} | {b:.4f} | {a:.4f} |" in body
+        eval8 = next(r["eval_loss"] for r in _metrics(short_run) if r["step"] == 8)
+        assert f"Eval loss at step 8: {eval8:.4f}." in body
+        recipe = body.split("```yaml\n")[1].split("```")[0]
+        assert recipe == to_yaml(load_config(str(short_run / "config.yaml")))
+        loads = "PeftModel.from_pretrained" if fmt == "peft" else f'from_pretrained("{repo}")'
+        assert loads in body
+
+
+# What vLLM (0.33, read from its wheel: vllm/lora/peft_helper.py, lora/utils.py,
+# model_executor/models/llama.py and registry.py) asks of what it serves.
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's choices
+VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # strings it takes
+
+
+def test_exports_carry_what_vllm_loads(pushed):
+    """``vllm serve <merged>`` and ``--enable-lora --lora-modules name=<adapter>`` would accept
+    these folders: a registered architecture with safetensors, an adapter config without the
+    features vLLM refuses, weights named as its parser expects, the tokenizer (and the chat
+    template the run trained with) beside each."""
+    from safetensors import safe_open
+
+    outs, _ = pushed
+    merged = json.loads((outs["merged"] / "config.json").read_text())
+    assert merged["architectures"] == ["LlamaForCausalLM"]  # vLLM's registry has it
+    adapter = outs["peft"]
+    c = json.loads((adapter / "adapter_config.json").read_text())
+    assert c["peft_type"] == "LORA" and isinstance(c["r"], int) and c["lora_alpha"] > 0
+    assert c["bias"] == "none" and not c["use_dora"] and not c.get("lora_bias")
+    assert not c["modules_to_save"] and not c.get("layer_replication")
+    init = c["init_lora_weights"]
+    assert not isinstance(init, str) or init.lower() in VLLM_INITS
+    assert max([c["r"], *c["rank_pattern"].values()]) <= max(VLLM_MAX_LORA_RANKS)
+    # a list must name modules vLLM wraps; a pattern ("all-linear") is checked on the tensors
+    assert isinstance(c["target_modules"], str) or set(c["target_modules"]) <= VLLM_LORA_MODULES
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="numpy") as f:
+        names = list(f.keys())
+    for name in names:  # vLLM's parse_fine_tuned_lora_name, and its module check
+        parts = name.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-2:] in (
+            ["lora_A", "weight"],
+            ["lora_B", "weight"],
+        ), name
+        assert parts[-3] in VLLM_LORA_MODULES, name
+    for folder in (adapter, outs["merged"]):
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        assert (folder / "tokenizer.json").exists()
+        assert tok.get("chat_template") or (folder / "chat_template.jinja").exists()
+
+
 # ---- the prompt format travels with every export (issue: generate answers as trained) ---------
 
 
