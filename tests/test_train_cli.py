@@ -299,14 +299,17 @@ def test_push_to_hub_uploads_the_export_and_its_model_card(short_run, pushed):
         assert f"Eval loss at step 8: {eval8:.4f}." in body
         recipe = body.split("```yaml\n")[1].split("```")[0]
         assert recipe == to_yaml(load_config(str(short_run / "config.yaml")))
+        serve = "--enable-lora --lora-modules adapter=me/tiny-peft --max-lora-rank 16`"  # r=16
+        if fmt == "merged":
+            serve = "vllm serve me/tiny-merged`"
         loads = "PeftModel.from_pretrained" if fmt == "peft" else f'from_pretrained("{repo}")'
-        assert loads in body
+        assert loads in body and serve in body
 
 
 # What vLLM (0.33, read from its wheel: vllm/lora/peft_helper.py, lora/utils.py,
 # model_executor/models/llama.py and registry.py) asks of what it serves.
 VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's choices
+
 VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # strings it takes
 
 
@@ -316,6 +319,8 @@ def test_exports_carry_what_vllm_loads(pushed):
     features vLLM refuses, weights named as its parser expects, the tokenizer (and the chat
     template the run trained with) beside each."""
     from safetensors import safe_open
+
+    from jaxlora.interop import hub  # VLLM_MAX_LORA_RANKS: --max-lora-rank's choices
 
     outs, _ = pushed
     merged = json.loads((outs["merged"] / "config.json").read_text())
@@ -327,7 +332,7 @@ def test_exports_carry_what_vllm_loads(pushed):
     assert not c["modules_to_save"] and not c.get("layer_replication")
     init = c["init_lora_weights"]
     assert not isinstance(init, str) or init.lower() in VLLM_INITS
-    assert max([c["r"], *c["rank_pattern"].values()]) <= max(VLLM_MAX_LORA_RANKS)
+    assert max([c["r"], *c["rank_pattern"].values()]) <= max(hub.VLLM_MAX_LORA_RANKS)
     # a list must name modules vLLM wraps; a pattern ("all-linear") is checked on the tensors
     assert isinstance(c["target_modules"], str) or set(c["target_modules"]) <= VLLM_LORA_MODULES
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="numpy") as f:

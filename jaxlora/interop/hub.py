@@ -32,6 +32,7 @@ FORMATS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "gguf": (None, ("gguf",)),
 }
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm serve --max-lora-rank choices
 
 
 class HubError(RuntimeError):
@@ -92,7 +93,16 @@ def _results(run_dir: Path, step: int) -> list[str]:
     return lines or ["The run measured no held-out data (`data.val_size=0`, no `data.eval_path`)."]
 
 
-def _usage(fmt: str, repo_id: str, base: str) -> str:
+def vllm_max_lora_rank(cfg: Config) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds the adapter's largest rank."""
+    rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
+    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"rank {rank} is above vLLM's largest --max-lora-rank, 512")
+    return fits[0]
+
+
+def _usage(fmt: str, repo_id: str, base: str, max_rank: int) -> str:
     """How to load the upload in transformers / peft, jaxlora and vLLM."""
     if fmt == "peft":
         return f"""```python
@@ -110,7 +120,7 @@ from huggingface_hub import snapshot_download
 model = jaxlora.load_model("{base}", adapter=snapshot_download("{repo_id}"))
 ```
 
-vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={repo_id} --max-lora-rank <r or more>`"""
+vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={repo_id} --max-lora-rank {max_rank}`"""
     if fmt in ("merged", "bnb4"):
         return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,7 +190,7 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         "",
         "## How to use",
         "",
-        _usage(fmt, repo_id, base or cfg.model.path),
+        _usage(fmt, repo_id, base or cfg.model.path, vllm_max_lora_rank(cfg)),
         "",
         "## Recipe",
         "",
