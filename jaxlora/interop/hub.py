@@ -22,14 +22,28 @@ from huggingface_hub import HfApi, try_to_load_from_cache
 from jaxlora.config import Config
 from jaxlora.config.recipe import to_yaml
 
-__all__ = ["FORMATS", "HubError", "model_card", "push", "upload_folder"]
+__all__ = [
+    "FORMATS",
+    "VLLM_MAX_LORA_RANKS",
+    "HubError",
+    "base_license",
+    "hub_id",
+    "model_card",
+    "push",
+    "upload_folder",
+    "vllm_max_lora_rank",
+]
 
-# What each export format is to the Hub: the library that loads it and its extra tags.
-FORMATS: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "peft": ("peft", ()),
-    "merged": ("transformers", ()),
-    "bnb4": ("transformers", ("bitsandbytes", "4-bit")),
-    "gguf": (None, ("gguf",)),
+# What each export format is to the Hub: what it holds, the library that loads it, extra tags.
+FORMATS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "peft": ("A LoRA adapter (PEFT format)", "peft", ()),
+    "merged": ("A model with its LoRA adapter merged into the weights", "transformers", ()),
+    "bnb4": (
+        "A bitsandbytes 4-bit base with its LoRA adapter in `adapter/`",
+        "transformers",
+        ("bitsandbytes", "4-bit"),
+    ),
+    "gguf": ("A GGUF file of the merged model", None, ("gguf",)),
 }
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm serve --max-lora-rank choices
@@ -102,46 +116,56 @@ def vllm_max_lora_rank(cfg: Config) -> int:
     return fits[0]
 
 
-def _usage(fmt: str, repo_id: str, base: str, max_rank: int) -> str:
-    """How to load the upload in transformers / peft, jaxlora and vLLM."""
-    if fmt == "peft":
-        return f"""```python
+# How to load each upload, in transformers / PEFT, jaxlora and the servers that take it.
+_USAGE = {
+    "peft": """```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{repo_id}")
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # carries the chat template it trained on
+model = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(model, "{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")  # with the chat template it trained on
 ```
 
 ```python
 import jaxlora
 from huggingface_hub import snapshot_download
 
-model = jaxlora.load_model("{base}", adapter=snapshot_download("{repo_id}"))
+model = jaxlora.load_model("{base}", adapter=snapshot_download("{repo}"))
 ```
 
-vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={repo_id} --max-lora-rank {max_rank}`"""
-    if fmt in ("merged", "bnb4"):
-        return f"""```python
+vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={repo} --max-lora-rank {rank}`""",
+    "merged": """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{repo_id}")
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
 ```
 
 ```python
 import jaxlora
 
-model = jaxlora.load_model("{repo_id}")
-```""" + (f"\n\nvLLM: `vllm serve {repo_id}`" if fmt == "merged" else "")
-    return f"llama.cpp: `llama-cli -hf {repo_id}`; Ollama: `ollama run hf.co/{repo_id}`"
+model = jaxlora.load_model("{repo}")
+```
+
+vLLM: `vllm serve {repo}`""",
+    "bnb4": """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}")  # the 4-bit base (bitsandbytes)
+model = PeftModel.from_pretrained(model, "{repo}", subfolder="adapter")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```""",
+    "gguf": "llama.cpp: `llama-cli -hf {repo}`; Ollama: `ollama run hf.co/{repo}`",
+}
 
 
 def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) -> str:
     """The ``README.md`` for an export of step ``step`` of the run in ``run_dir``."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: no model card for it; expected one of {list(FORMATS)}")
-    library, format_tags = FORMATS[fmt]
+    what, library, format_tags = FORMATS[fmt]
     base, dataset = hub_id(cfg.model.path), hub_id(cfg.data.path)
     quantized = cfg.quant.type != "none"
     meta: dict[str, Any] = {}
@@ -155,12 +179,6 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         meta["datasets"] = [dataset]
     if license_ := base_license(cfg):
         meta["license"] = license_
-    what = {
-        "peft": "A LoRA adapter (PEFT format)",
-        "merged": "A model with its LoRA adapter merged into the weights",
-        "bnb4": "A bitsandbytes 4-bit base with its LoRA adapter in `adapter/`",
-        "gguf": "A GGUF file of the merged model",
-    }[fmt]
     lo = cfg.lora
     method = f"QLoRA ({cfg.quant.type} base)" if quantized else "LoRA"
     targets = lo.target_modules or "PEFT's default modules"
@@ -190,7 +208,7 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         "",
         "## How to use",
         "",
-        _usage(fmt, repo_id, base or cfg.model.path, vllm_max_lora_rank(cfg)),
+        _USAGE[fmt].format(repo=repo_id, base=base or cfg.model.path, rank=vllm_max_lora_rank(cfg)),
         "",
         "## Recipe",
         "",

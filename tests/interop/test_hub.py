@@ -67,7 +67,9 @@ def test_without_a_token_huggingface_hubs_refusal_says_how_to_retry(tmp_path, mo
     assert f"hf upload me/tuned {tmp_path}" in str(e.value)
 
 
-@pytest.mark.parametrize("ranks, expected", [("lora.r=8", 8), ("lora.r=17", 32), ("lora.r=300", 320)])
+@pytest.mark.parametrize(
+    "ranks, expected", [("lora.r=8", 8), ("lora.r=17", 32), ("lora.r=300", 320)]
+)
 def test_vllm_max_lora_rank_is_the_smallest_choice_holding_the_rank(ranks, expected):
     assert hub.vllm_max_lora_rank(load_config("demo", [ranks])) == expected
     with pytest.raises(ValueError, match="512"):
