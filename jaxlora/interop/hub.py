@@ -27,6 +27,7 @@ __all__ = [
     "VLLM_MAX_LORA_RANKS",
     "HubError",
     "base_license",
+    "card_metadata",
     "hub_id",
     "model_card",
     "push",
@@ -107,13 +108,24 @@ def _results(run_dir: Path, step: int) -> list[str]:
     return lines or ["The run measured no held-out data (`data.val_size=0`, no `data.eval_path`)."]
 
 
-def vllm_max_lora_rank(cfg: Config) -> int:
-    """The smallest ``--max-lora-rank`` vLLM accepts that holds the adapter's largest rank."""
+def vllm_max_lora_rank(cfg: Config) -> int | None:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds the adapter's largest rank;
+    ``None`` above vLLM's largest (512)."""
     rank = max([cfg.lora.r, *cfg.lora.rank_pattern.values()])
-    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
-    if not fits:
-        raise ValueError(f"rank {rank} is above vLLM's largest --max-lora-rank, 512")
-    return fits[0]
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
+def _vllm(fmt: str, repo: str, base: str, cfg: Config) -> list[str]:
+    """The card's vLLM line: the merged model as is, an adapter with ``--enable-lora``."""
+    if fmt == "merged":
+        return ["", f"vLLM: `vllm serve {repo}`"]
+    if fmt != "peft":
+        return []
+    rank = vllm_max_lora_rank(cfg)
+    if rank is None:
+        return ["", "vLLM takes adapters up to rank 512: serve the merged model instead."]
+    serve = f"vllm serve {base} --enable-lora --lora-modules adapter={repo} --max-lora-rank {rank}"
+    return ["", f"vLLM: `{serve}`"]
 
 
 # How to load each upload, in transformers / PEFT, jaxlora and the servers that take it.
@@ -132,9 +144,7 @@ import jaxlora
 from huggingface_hub import snapshot_download
 
 model = jaxlora.load_model("{base}", adapter=snapshot_download("{repo}"))
-```
-
-vLLM: `vllm serve {base} --enable-lora --lora-modules adapter={repo} --max-lora-rank {rank}`""",
+```""",
     "merged": """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,9 +156,7 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}")
 import jaxlora
 
 model = jaxlora.load_model("{repo}")
-```
-
-vLLM: `vllm serve {repo}`""",
+```""",
     "bnb4": """```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,11 +169,9 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}")
 }
 
 
-def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) -> str:
-    """The ``README.md`` for an export of step ``step`` of the run in ``run_dir``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: no model card for it; expected one of {list(FORMATS)}")
-    what, library, format_tags = FORMATS[fmt]
+def card_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
+    """The card's front matter: what the Hub indexes the model by."""
+    _, library, format_tags = FORMATS[fmt]
     base, dataset = hub_id(cfg.model.path), hub_id(cfg.data.path)
     quantized = cfg.quant.type != "none"
     meta: dict[str, Any] = {}
@@ -179,6 +185,16 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         meta["datasets"] = [dataset]
     if license_ := base_license(cfg):
         meta["license"] = license_
+    return meta
+
+
+def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) -> str:
+    """The ``README.md`` for an export of step ``step`` of the run in ``run_dir``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: no model card for it; expected one of {list(FORMATS)}")
+    what = FORMATS[fmt][0]
+    base = hub_id(cfg.model.path) or cfg.model.path
+    quantized = cfg.quant.type != "none"
     lo = cfg.lora
     method = f"QLoRA ({cfg.quant.type} base)" if quantized else "LoRA"
     targets = lo.target_modules or "PEFT's default modules"
@@ -208,7 +224,8 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         "",
         "## How to use",
         "",
-        _USAGE[fmt].format(repo=repo_id, base=base or cfg.model.path, rank=vllm_max_lora_rank(cfg)),
+        _USAGE[fmt].format(repo=repo_id, base=base),
+        *_vllm(fmt, repo_id, base, cfg),
         "",
         "## Recipe",
         "",
@@ -218,7 +235,7 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         to_yaml(cfg).rstrip(),
         "```",
     ]
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    front = yaml.safe_dump(card_metadata(cfg, fmt), sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n\n" + "\n".join(body) + "\n"
 
 

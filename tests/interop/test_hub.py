@@ -70,7 +70,9 @@ def test_without_a_token_huggingface_hubs_refusal_says_how_to_retry(tmp_path, mo
 @pytest.mark.parametrize(
     "ranks, expected", [("lora.r=8", 8), ("lora.r=17", 32), ("lora.r=300", 320)]
 )
-def test_vllm_max_lora_rank_is_the_smallest_choice_holding_the_rank(ranks, expected):
+def test_vllm_max_lora_rank_is_the_smallest_choice_holding_the_rank(ranks, expected, tmp_path):
     assert hub.vllm_max_lora_rank(load_config("demo", [ranks])) == expected
-    with pytest.raises(ValueError, match="512"):
-        hub.vllm_max_lora_rank(load_config("demo", ["lora.r=513"]))
+    assert hub.vllm_max_lora_rank(load_config("demo", ["lora.r=513"])) is None
+    big = load_config("demo", ["lora.r=8", "lora.rank_pattern.q_proj=513"])
+    card = hub.model_card(big, "peft", 1, tmp_path, "me/big")
+    assert "--enable-lora" not in card and "serve the merged model instead" in card
