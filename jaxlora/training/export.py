@@ -113,8 +113,10 @@ def push_to_hub(
     run_dir, step = locate(Path(checkpoint_path), step)
     if step is None:
         ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
-        step = ckpt.latest_step()
-        ckpt.close()
+        try:
+            step = ckpt.latest_step()
+        finally:
+            ckpt.close()
     cfg = load_config(str(run_dir / "config.yaml"))
     folder = hub.upload_folder(Path(out), hub.model_card(cfg, fmt, step, run_dir, repo_id))
     log.info("uploading %s to the Hugging Face Hub as %s", folder, repo_id)
