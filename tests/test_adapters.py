@@ -25,6 +25,7 @@ import jaxlora
 from jaxlora import sampling
 from jaxlora.adapters import AdapterError
 from jaxlora.interop.peft import UnsupportedAdapterError
+from jaxlora.interop.safetensors import read_file
 from jaxlora.lora import LoraError, LoRAWeight
 from tests._tokenizers import make_tokenizer
 from tests.hf_models import make_hf_model, random_ids
@@ -149,6 +150,13 @@ def test_merge_adapter_equals_peft_merge_and_unload(world):
     chex.assert_trees_all_close(
         np.asarray(merged(world.ids)), world.ref["merged c"], atol=MODEL_TOL, rtol=0
     )
+
+
+def test_save_adapter_writes_the_active_one(world, tmp_path):
+    for name in ("a", "b"):
+        out = world.model.set_adapter(name).save_adapter(tmp_path / name)
+        want = read_file(world.dirs[name] / "adapter_model.safetensors")
+        chex.assert_trees_all_equal(read_file(out / "adapter_model.safetensors"), want)
 
 
 def test_the_base_is_held_once(world):
