@@ -59,9 +59,7 @@ def read_adapter(base: dict, directory: str | Path, tokenizer: Any = None) -> Ad
     """
     params, cfg = peft.load_adapter(base, directory)
     flat_base = flatten_dict(base, sep=".")
-    overlay = {
-        k: v for k, v in flatten_dict(params, sep=".").items() if v is not flat_base.get(k)
-    }
+    overlay = {k: v for k, v in flatten_dict(params, sep=".").items() if v is not flat_base.get(k)}
     saved = lora_targets.modules_to_save_paths(base, cfg)
     changed = sorted(
         k

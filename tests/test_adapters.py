@@ -55,9 +55,7 @@ def _save_peft_adapter(tok, seed: int, kw: dict, directory, **overrides) -> None
     save = ["lm_head"] if seed == 1 else None
     pm = peft.get_peft_model(
         _hf_base(tok, **overrides),
-        peft.LoraConfig(
-            task_type="CAUSAL_LM", init_lora_weights=False, modules_to_save=save, **kw
-        ),
+        peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, modules_to_save=save, **kw),
     )
     with torch.no_grad():  # the lm_head copy must differ from the base's
         for name, p in pm.named_parameters():
@@ -95,8 +93,12 @@ def world(tmp_path_factory):
         ref[name] = _logits(pm, ids)
         with torch.no_grad():
             greedy[name] = [
-                tok.decode(pm.generate(torch.as_tensor([p]), max_new_tokens=6, do_sample=False)[0,
-                    len(p):], skip_special_tokens=True)
+                tok.decode(
+                    pm.generate(torch.as_tensor([p]), max_new_tokens=6, do_sample=False)[
+                        0, len(p) :
+                    ],
+                    skip_special_tokens=True,
+                )
                 for p in prompt_ids
             ]
     with pm.disable_adapter():
@@ -179,9 +181,7 @@ def test_the_base_is_held_once(world):
         n: sum(
             a.nbytes
             for k, v in ad.overlay.items()
-            for a in (
-                [v.a, v.b] if isinstance(v, LoRAWeight) else jax.tree_util.tree_leaves(v)
-            )
+            for a in ([v.a, v.b] if isinstance(v, LoRAWeight) else jax.tree_util.tree_leaves(v))
         )
         for n, ad in model.adapter_set.named.items()
     }
