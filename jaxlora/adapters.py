@@ -100,7 +100,7 @@ class AdapterSet:
         ``from_pretrained``), later ones wait for :meth:`activate` (as ``load_adapter``)."""
         check_name(name, self.named)
         named = MappingProxyType({**self.named, name: adapter})
-        return dataclasses.replace(self, named=named, active=self.active or name)
+        return dataclasses.replace(self, named=named, active=self.active if self.named else name)
 
     def activate(self, name: str | None) -> AdapterSet:
         if name is not None:
@@ -118,6 +118,15 @@ class AdapterSet:
             if active is not None:
                 log.warning("adapter %r was active and is deleted; %r is active now", name, active)
         return dataclasses.replace(self, named=named, active=active)
+
+    def config(self) -> LoraConfig | None:
+        """The active adapter's config (``None``: the base alone)."""
+        return None if self.active is None else self.named[self.active].config
+
+    def tokenizer(self) -> Any:
+        """The active adapter's tokenizer, or the base's when it brought none."""
+        own = None if self.active is None else self.named[self.active].tokenizer
+        return self.base_tokenizer if own is None else own
 
     def params(self) -> dict:
         """The tree the model runs: the base with the active adapter's overlay."""

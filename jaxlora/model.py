@@ -196,13 +196,10 @@ class Model:
 
     def _with_adapters(self, adapters: AdapterSet) -> Model:
         """This model running ``adapters``' active adapter (or, with none loaded, the base)."""
-        active = adapters.named.get(adapters.active)
         return self.replace(
             params=adapters.params(),
-            lora=None if active is None else active.config,
-            tokenizer=adapters.base_tokenizer
-            if active is None or active.tokenizer is None
-            else active.tokenizer,
+            lora=adapters.config(),
+            tokenizer=adapters.tokenizer(),
             adapter_set=adapters if adapters.named else None,
         )
 
@@ -221,8 +218,8 @@ class Model:
 
     def merge(self) -> Model:
         """A new Model with every LoRA weight folded into its base (float32 merge; NF4 bases
-        come back dense): PEFT's ``merge_and_unload``, so of adapters loaded by name the active
-        one is merged and the others dropped."""
+        come back dense): PEFT's ``merge_and_unload``; of adapters loaded by name, the active
+        one is folded in and the others are dropped."""
         return self.replace(params=lora.merge(self.params), lora=None, adapter_set=None)
 
     def save_merged(self, directory: str | Path, dtype: str | None = None) -> Path:
@@ -237,9 +234,10 @@ class Model:
             return
         msg = "the model already has a LoRA adapter; merge() it first"
         if self.adapter_set is not None:
+            fix = "give this one a name too, or " if directory is not None else ""
             msg = (
-                f"the model holds adapters by name {list(self.adapters)}; load this one with a "
-                "name too, or merge_adapter(name) one first"
+                f"the model holds adapters by name {list(self.adapters)}; {fix}"
+                "merge_adapter(name) one first"
             )
         if directory is None:
             raise lora.LoraError(msg)
