@@ -27,6 +27,7 @@ from jaxlora.adapters import AdapterError
 from jaxlora.interop.peft import UnsupportedAdapterError
 from jaxlora.interop.safetensors import read_file
 from jaxlora.lora import LoraError, LoRAWeight
+from jaxlora.weights import NF4Tensor
 from tests._tokenizers import make_tokenizer
 from tests.hf_models import make_hf_model, random_ids
 
@@ -188,6 +189,23 @@ def test_the_base_is_held_once(world):
     base_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(base))
     assert own["a"] > own["b"] > 0  # a carries a whole lm_head copy
     assert sum(buffers.values()) == base_bytes + sum(own.values())
+
+
+def test_a_4bit_base_is_shared_and_runs_as_with_one_adapter(world):
+    """QLoRA: the adapters wrap the same ``NF4Tensor`` objects, and an adapter by name gives
+    the logits of the same adapter loaded alone (the same tree, so the same program: equal)."""
+    nf4 = jaxlora.load_model(world.tmp / "base", quant="nf4")
+    model = nf4.load_adapter(world.dirs["a"], name="a").load_adapter(world.dirs["b"], name="b")
+    base = flatten_dict(model.adapter_set.base, sep=".")
+    assert isinstance(base["model.layers.0.self_attn.q_proj.weight"], NF4Tensor)
+    for name in model.adapters:
+        for key, leaf in flatten_dict(model.set_adapter(name).params, sep=".").items():
+            if isinstance(leaf, LoRAWeight):
+                assert leaf.base is base[key], key
+    alone = nf4.load_adapter(world.dirs["b"])
+    np.testing.assert_array_equal(
+        np.asarray(model.set_adapter("b")(world.ids)), np.asarray(alone(world.ids))
+    )
 
 
 def test_generation_with_each_adapter_compiles_once_per_shape(world):
