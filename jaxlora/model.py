@@ -1,8 +1,9 @@
 """The notebook/script face of jaxlora: ``model = jaxlora.load_model(...); logits = model(ids)``.
 
 A :class:`Model` is a value: its verbs return a new Model (``apply_lora``, ``load_adapter``,
-``merge``, ``replace``) or write files (``save_adapter``, ``save_merged``), built on the
-functions of :mod:`jaxlora.lora` and :mod:`jaxlora.interop` below it.
+``merge``, ``replace``; with adapters by name, PEFT's ``set_adapter``, ``disable_adapter``,
+``delete_adapter``, ``merge_adapter``) or write files (``save_adapter``, ``save_merged``), built
+on the functions of :mod:`jaxlora.lora`, :mod:`jaxlora.adapters` and :mod:`jaxlora.interop`.
 """
 
 from __future__ import annotations
