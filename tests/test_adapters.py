@@ -210,7 +210,8 @@ def test_a_4bit_base_is_shared_and_runs_as_with_one_adapter(world):
 
 def test_generation_with_each_adapter_compiles_once_per_shape(world):
     """Greedy answers equal PEFT's ``generate`` with each adapter; ``a`` and ``c`` (same
-    targets, ranks and scales) share one compiled loop, ``b`` and the base compile their own."""
+    targets, ranks, scales and dropout: one tree structure) share one compiled loop, ``b`` and the
+    base compile their own."""
     compiled = sampling.generate_ids._cache_size()
     for name in ("a", "c", "b"):
         answers = sampling.generate(world.model.set_adapter(name), PROMPTS, max_new_tokens=6)
