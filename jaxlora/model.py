@@ -9,6 +9,7 @@ on the functions of :mod:`jaxlora.lora`, :mod:`jaxlora.adapters` and :mod:`jaxlo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -32,6 +33,13 @@ from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)
+
+# The models whose adapters a ``with model.disable_adapter() as base:`` block has switched off.
+# PEFT's idiom switches in place (``with model.disable_adapter(): model(ids)``); a Model is a
+# value, so that spelling would run the adapter inside the block: it raises instead.
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "jaxlora_disabled_adapters", default=frozenset()
+)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -69,6 +77,12 @@ class Model:
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
         them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
+        if id(self) in _DISABLED.get():
+            raise lora.LoraError(
+                "this model's adapters are disabled inside `with model.disable_adapter() as "
+                "base:` — run `base`, the value the with-statement gives (a Model is a value: "
+                "the model itself keeps its adapter)"
+            )
         param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
         k = self.kernels
         return LlamaForCausalLM(
@@ -166,7 +180,12 @@ class Model:
 
         A Model is a value, so unlike PEFT's in-place switch the base is the model the
         context gives; ``model`` itself keeps its adapter inside and after the block."""
-        yield self._with_adapters(self._named("disable_adapter").activate(None))
+        base = self._with_adapters(self._named("disable_adapter").activate(None))
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
+        try:
+            yield base
+        finally:
+            _DISABLED.reset(token)
 
     def delete_adapter(self, name: str) -> Model:
         """A new Model without the adapter ``name``; deleting the active one activates the first

@@ -131,6 +131,9 @@ def test_each_adapter_disabled_and_after_delete_equal_peft(world, caplog):
         chex.assert_trees_all_close(
             np.asarray(base(world.ids)), world.ref[None], atol=MODEL_TOL, rtol=0
         )
+        # PEFT's in-place spelling would run the adapter here: it raises instead.
+        with pytest.raises(LoraError, match="as base"):
+            model(world.ids)
     assert model.active_adapter == "a"  # a value: the model outside the block is unchanged
     after = model.delete_adapter("a")
     assert "'a' was active" in caplog.text
