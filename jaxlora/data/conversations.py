@@ -63,4 +63,3 @@ def messages(rec: dict, cfg: DataConfig) -> list[dict[str, str]]:
             for t in rec[cfg.conversations_field]
         ]
     return [{"role": m["role"], "content": m["content"]} for m in rec[cfg.messages_field]]
-
