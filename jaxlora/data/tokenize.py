@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import DataConfig
+from jaxlora.config.recipe import CHAT_TEMPLATES
 from jaxlora.data import conversations
 from jaxlora.data.conversations import CHAT_FORMATS
 from jaxlora.data.packing import DataError, Example
@@ -138,7 +139,7 @@ def _check_tokenizer(tokenizer: Any, cfg: DataConfig) -> None:
     if cfg.format in CHAT_FORMATS and not tokenizer.chat_template:
         raise DataError(
             f"data.format is {cfg.format} but the tokenizer has no chat_template; name one with "
-            "data.chat_template (llama3, chatml, mistral, gemma, phi3, alpaca, or a Jinja file), "
+            f"data.chat_template ({', '.join(CHAT_TEMPLATES)}, or a Jinja file), "
             "use a chat (instruct) tokenizer, or data.format alpaca or text"
         )
 
