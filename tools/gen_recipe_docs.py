@@ -186,6 +186,13 @@ MEANINGS: dict[str, str] = {
     "`data.eval_path` before and after training (`report.json`); 0 = off.",
     "train.resume": "Continue from the latest checkpoint in `output_dir`. Without it, a run "
     "into a directory that holds checkpoints is refused.",
+    "train.report_to": "Where metrics go besides the progress bar: `jsonl` (`metrics.jsonl`, "
+    "required: it is the run's record), `tensorboard` (`output_dir/tb`), `wandb` (a Weights & "
+    "Biases run in `output_dir/wandb`; `pip install 'jaxlora[wandb]'`, `WANDB_MODE=offline` "
+    "to sync later). Only process 0 reports.",
+    "train.wandb_project": "The wandb project the run is logged to (`WANDB_ENTITY` picks the "
+    "team). The run's config is the resolved recipe.",
+    "train.wandb_name": "The wandb run's name (`null` = the name of `output_dir`).",
     # mesh
     "mesh.data": "Devices on the pure data-parallel axis (each holds a full replica).",
     "mesh.fsdp": "Devices on the fully-sharded axis: weights, adapters and optimizer state "

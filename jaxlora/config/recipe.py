@@ -262,12 +262,23 @@ class TrainConfig(Section):
     sample_max_new_tokens: int = 64
     exact_match_examples: int = 0  # greedy answers scored on data.eval_path, before and after
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    # Where metrics go besides the progress bar. metrics.jsonl is the run's record (resume trims
+    # it, report.json and the model card read it), so jsonl must be listed.
+    report_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "jaxlora"
+    wandb_name: str | None = None  # None = output_dir's name
 
     def _validate(self) -> None:
         check(
             self.sample_every == 0 or len(self.sample_prompts) > 0,
             "train.sample_prompts",
             "must list at least one prompt when train.sample_every > 0",
+        )
+        check(
+            "jsonl" in self.report_to,
+            "train.report_to",
+            "must include jsonl: metrics.jsonl is the run's record (resume, report.json and the "
+            f"model card read it); choices: jsonl, tensorboard, wandb; got {list(self.report_to)}",
         )
 
 
