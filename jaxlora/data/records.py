@@ -96,6 +96,27 @@ def _check_json_file(path: Path, cfg: DataConfig) -> None:
 
 def load_records(cfg: DataConfig) -> Any:
     """``cfg.path`` -> a ``datasets.Dataset`` of valid records (first ``max_examples`` only)."""
+    files, args, kwargs = dataset_args(cfg)
+    for f in files:
+        if f.suffix in (".json", ".jsonl"):
+            _check_json_file(f, cfg)
+    try:
+        ds = datasets.load_dataset(*args, split=cfg.split, **kwargs)
+    except (ValueError, OSError) as e:  # bad split, missing dataset, no network
+        raise DataError(f"cannot load {cfg.path} (split {cfg.split!r}): {e}") from e
+    if cfg.max_examples is not None:
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"{cfg.path}: the dataset has no examples")
+    for k, rec in enumerate(ds):  # CSV, parquet and hub data get the same record checks
+        if problem := check_record(rec, cfg):
+            raise DataError(f"{cfg.path}: record {k + 1}: {problem}")
+    return ds
+
+
+def dataset_args(cfg: DataConfig) -> tuple[list[Path], tuple, dict[str, Any]]:
+    """``cfg.path`` as ``datasets.load_dataset(*args, **kwargs)`` takes it, and its local files
+    (none for a hub id): a file, a directory of files, or a hub dataset id with ``cfg.subset``."""
     path = Path(cfg.path).expanduser()
     if path.is_file():
         if path.suffix not in _BUILDERS:
@@ -112,18 +133,4 @@ def load_records(cfg: DataConfig) -> Any:
         raise DataError(f"data.path {cfg.path} does not exist")
     else:  # a hub dataset id
         files, args, kwargs = [], (cfg.path, cfg.subset), {}
-    for f in files:
-        if f.suffix in (".json", ".jsonl"):
-            _check_json_file(f, cfg)
-    try:
-        ds = datasets.load_dataset(*args, split=cfg.split, **kwargs)
-    except (ValueError, OSError) as e:  # bad split, missing dataset, no network
-        raise DataError(f"cannot load {cfg.path} (split {cfg.split!r}): {e}") from e
-    if cfg.max_examples is not None:
-        ds = ds.select(range(min(cfg.max_examples, len(ds))))
-    if len(ds) == 0:
-        raise DataError(f"{cfg.path}: the dataset has no examples")
-    for k, rec in enumerate(ds):  # CSV, parquet and hub data get the same record checks
-        if problem := check_record(rec, cfg):
-            raise DataError(f"{cfg.path}: record {k + 1}: {problem}")
-    return ds
+    return files, args, kwargs
