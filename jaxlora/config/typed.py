@@ -2,9 +2,9 @@
 
 A section is a frozen dataclass deriving :class:`Section`. Its annotations are the schema:
 ``int``, ``float`` (ints accepted), ``str``, ``bool``, ``Literal[...]`` enums, ``X | None``,
-``tuple[X, ...]`` (YAML lists, of sections too), ``dict[K, V]`` and nested sections. Values are coerced and
-checked in ``__post_init__``, so configs built in Python are checked like those read from YAML.
-Every error is a :class:`ConfigError` that names the dotted key.
+``tuple[X, ...]`` (YAML lists, of sections too), ``dict[K, V]`` and nested sections. Values are
+coerced and checked in ``__post_init__``, so configs built in Python are checked like those read
+from YAML. Every error is a :class:`ConfigError` that names the dotted key.
 """
 
 from __future__ import annotations
