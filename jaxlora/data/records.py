@@ -128,7 +128,7 @@ def dataset_args(cfg: DataConfig) -> tuple[list[Path], tuple, dict[str, Any]]:
         files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
         if not files:
             raise DataError(f"{path}: no {'/'.join(_BUILDERS)} files in this directory")
-        args, kwargs = (str(path),), {}
+        args, kwargs = (str(path), cfg.subset), {}  # a subset: a config in its README.md
     elif cfg.path.startswith((".", "/", "~")) or cfg.path.endswith(tuple(_BUILDERS)):
         raise DataError(f"data.path {cfg.path} does not exist")
     else:  # a hub dataset id

@@ -102,16 +102,18 @@ def source_configs(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
 class Source:
     """One dataset's training records, epoch by epoch, turned into examples as they are read.
 
-    ``epoch`` and ``read`` (records of this epoch read so far) are its position; ``examples``
-    and ``tokens`` (positions filled) count what it has given over the run.
+    ``epoch`` and ``read`` (records of this epoch read so far) are its position; ``examples``,
+    ``tokens`` (positions filled), ``truncated`` and ``dropped`` (no trained token left) count
+    what it has given over the run.
     """
 
     def __init__(self, cfg: DataConfig, index: int, seed: int, holdout: int, tokenizer: Any):
         check_tokenizer(tokenizer, cfg)
         self.cfg, self.index, self.seed, self.tokenizer = cfg, index, seed, tokenizer
         self.records, self.held_out = _open(cfg, holdout, seed + index)
-        self.epoch = self.read = self.examples = self.tokens = 0
+        self.epoch = self.read = self.examples = self.tokens = self.truncated = self.dropped = 0
         self._it: Iterator[dict] | None = None
+        self._whole_epoch_kept: int | None = None  # examples of an epoch read from its start
 
     def _epoch_records(self, epoch: int, start: int) -> Iterator[dict]:
         if isinstance(self.records, datasets.IterableDataset):
@@ -125,33 +127,56 @@ class Source:
         )
         return (self.records[int(i)] for i in order[start:])
 
-    def _example(self, rec: Any, where: str) -> Example | None:
+    def _example(self, rec: Any, where: str) -> tuple[Example | None, bool]:
         if problem := check_record(rec, self.cfg):
             raise DataError(f"{self.cfg.path}: {where}: {problem}")
-        return tokenize_record(rec, self.tokenizer, self.cfg)[0]
+        return tokenize_record(rec, self.tokenizer, self.cfg)
 
     def __next__(self) -> Example:
-        """The next example; a record left without a trained token is skipped."""
+        """The next example; a record left without a trained token is skipped (and counted)."""
         while True:
             if self._it is None:
                 self._it = self._epoch_records(self.epoch, self.read)
+                self._whole_epoch_kept = 0 if self.read == 0 else None
             rec = next(self._it, None)
             if rec is None:
-                if self.read == 0:
-                    raise DataError(f"{self.cfg.path}: no records left to train on")
-                self.epoch, self.read, self._it = self.epoch + 1, 0, None
-                log.info("data: %s begins epoch %d", self.cfg.path, self.epoch)
+                self._end_epoch()
                 continue
             self.read += 1
             where = f"record {self.read} of epoch {self.epoch} (in its shuffled order)"
-            if (ex := self._example(rec, where)) is not None:
-                self.examples, self.tokens = self.examples + 1, self.tokens + ex.length
-                return ex
+            ex, truncated = self._example(rec, where)
+            if truncated and not self.truncated:
+                log.warning(
+                    "data: %s has examples longer than data.max_seq_len=%d: they are cut "
+                    "(counted per source in the data state)",
+                    self.cfg.path,
+                    self.cfg.max_seq_len,
+                )
+            self.truncated += truncated
+            if ex is None:
+                self.dropped += 1
+                continue
+            self.examples, self.tokens = self.examples + 1, self.tokens + ex.length
+            if self._whole_epoch_kept is not None:
+                self._whole_epoch_kept += 1
+            return ex
+
+    def _end_epoch(self) -> None:
+        """Start the next epoch; refuse a source whose whole epoch gave no example (it would
+        be read forever)."""
+        if self._whole_epoch_kept == 0:
+            raise DataError(
+                f"{self.cfg.path}: none of its {self.read} training records has a token to "
+                f"train on after truncation to data.max_seq_len={self.cfg.max_seq_len}; raise "
+                "data.max_seq_len, set data.train_on_inputs, or add records"
+            )
+        self.epoch, self.read, self._it = self.epoch + 1, 0, None
+        log.info("data: %s begins epoch %d", self.cfg.path, self.epoch)
 
     def peek_lengths(self, n: int) -> list[int]:
         """Positions filled by the examples of the first ``n`` records (epoch 0), for the log."""
         records = itertools.islice(self._epoch_records(0, 0), n)
-        examples = [self._example(rec, f"record {k + 1}") for k, rec in enumerate(records)]
+        examples = [self._example(rec, f"record {k + 1}")[0] for k, rec in enumerate(records)]
         self._it = None  # a stream's epoch was reset: reopen before the next record
         return [ex.length for ex in examples if ex is not None]
 
@@ -171,11 +196,14 @@ class Source:
             "read": self.read,
             "examples": self.examples,
             "tokens": self.tokens,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.epoch, self.read = int(state["epoch"]), int(state["read"])
         self.examples, self.tokens = int(state["examples"]), int(state["tokens"])
+        self.truncated, self.dropped = int(state["truncated"]), int(state["dropped"])
         self._it = None
 
 
@@ -316,10 +344,10 @@ class StreamIterator(Iterator[dict[str, np.ndarray]]):
         ]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per source: examples and positions it has given so far (the realized mixture)."""
-        return {
-            s.cfg.path: {"examples": s.examples, "tokens": s.tokens} for s in self.stream.sources
-        }
+        """Per source: examples, positions, truncated and dropped records so far (the realized
+        mixture)."""
+        keys = ("examples", "tokens", "truncated", "dropped")
+        return {s.cfg.path: {k: getattr(s, k) for k in keys} for s in self.stream.sources}
 
 
 def build_stream(

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxlora.config import ConfigError, DataConfig, load_config
-from jaxlora.data import MixtureSampler, build_datasets
+from jaxlora.data import MixtureSampler, batches, build_datasets
 from jaxlora.data.streams import BLOCK
 from tests._tokenizers import make_tokenizer
 
@@ -173,3 +173,54 @@ def test_stream_config_errors_name_the_key_and_the_choices():
     for needle, overrides in cases.items():
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config("demo", overrides)
+
+
+def test_subset_and_split_reach_load_dataset(tmp_path, tok):
+    """A local dataset directory with two configurations (declared in its README.md, as on the
+    hub) stands in for a hub id: data.subset and data.split choose which files stream."""
+    for subset in ("easy", "hard"):
+        for split in ("train", "test"):
+            (tmp_path / subset).mkdir(exist_ok=True)
+            rows = [{"text": f"{subset} {split} {i}"} for i in range(3)]
+            pq.write_table(pa.Table.from_pylist(rows), tmp_path / subset / f"{split}.parquet")
+    configs = "".join(
+        f"- config_name: {c}\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: {c}/{s}.parquet\n" for s in ("train", "test"))
+        for c in ("easy", "hard")
+    )
+    (tmp_path / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    cfg = DataConfig(
+        path=str(tmp_path),
+        format="text",
+        subset="hard",
+        split="test",
+        streaming=True,
+        shuffle_buffer=0,
+        val_size=0,
+    )
+    stream, _ = build_datasets(cfg, tok, seed=0)
+    (source,) = stream.sources
+    assert [r["text"] for r in source._epoch_records(0, 0)] == [f"hard test {i}" for i in range(3)]
+
+
+def test_a_source_with_nothing_to_train_on_is_an_error_not_an_endless_read(files, tok):
+    """max_seq_len=8 cuts every Alpaca example inside its prompt: no trained token is left."""
+    # shuffle_buffer=0: datasets sleeps 5 s after a pass over shuffled parquet shards (arrow#45214)
+    cfg = DataConfig(
+        path=str(files["shards"]), streaming=True, max_seq_len=8, val_size=0, shuffle_buffer=0
+    )
+    stream, _ = build_datasets(cfg, tok, seed=0)
+    with pytest.raises(ValueError, match="none of its 18 training records has a token to train"):
+        next(stream.batches(1))
+
+
+def test_a_streamed_position_is_refused_by_a_loaded_run(files, tok):
+    stream, _ = build_datasets(_mixture(files, streaming=True, val_size=0), tok, seed=0)
+    state = stream.batches(2).state()
+    loaded, _ = build_datasets(
+        DataConfig(path=str(files["texts"]), format="text", text_field="body", val_size=0),
+        tok,
+        seed=0,
+    )
+    with pytest.raises(ValueError, match="position is of a streamed run"):
+        batches(loaded, 1).restore(state)
