@@ -126,7 +126,7 @@ MEANINGS: dict[str, str] = {
     "data.streaming": "Stream the dataset (`datasets`' `IterableDataset`): nothing is downloaded "
     "before the first step; records are tokenized and packed as they arrive, and checkpoints "
     "hold the exact position. Needs `train.max_steps` and a `val_size` count (the first N "
-    "records) or `eval_path`. See quickstart.md, \"Hub datasets, streaming and mixtures\".",
+    'records) or `eval_path`. See quickstart.md, "Hub datasets, streaming and mixtures".',
     "data.shuffle_buffer": "Streams and mixtures: records in the shuffle buffer of a streamed "
     "source (`datasets`' buffer shuffle, seeded; reshuffled each epoch); a loaded source is "
     "permuted whole. 0 = read in order.",

@@ -19,9 +19,9 @@ the first N records of a source (its held-out ones included).
 out begins its next epoch, reshuffled, each source on its own count (logged).
 
 **Mixture.** Each example comes from source ``i`` with probability ``w_i / sum(w)``, drawn by
-:class:`MixtureSampler` from the seed. The expected share of trained tokens per source is logged
-at the start (from the first records' lengths), the realized counts are in each checkpoint's
-data state.
+:class:`MixtureSampler` from the seed. The expected share of tokens (row positions) per
+source is logged at the start (from the first records' lengths); the realized counts are in
+each checkpoint's data state.
 
 **Packing** is greedy in arrival order: an example joins the open row when it fits; otherwise
 the row is closed (padded) and the example opens the next one, the *carry-over*. Without
@@ -243,7 +243,7 @@ class ExampleStream:
 
     def log_plan(self, rows: int) -> None:
         """The mixture a run of ``rows`` rows should realize: per source, its share of examples
-        and, from its first :data:`PEEK` records' lengths, of trained positions."""
+        and, from its first :data:`PEEK` records' lengths, of row positions (tokens read)."""
         p = np.asarray(self.weights) / sum(self.weights)
         mean = np.asarray([np.mean(s.peek_lengths(PEEK) or [0]) for s in self.sources])
         per_row = self.seq_len / max(float(p @ mean), 1.0) if self.packing else 1.0
