@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from datasets import Dataset
 from transformers import AutoTokenizer
 
 from jaxlora import train
@@ -443,14 +444,11 @@ def test_float16_overflow_steps_are_skipped_and_logged(assets, tmp_path, capsys)
 def stream_files(assets, tmp_path_factory) -> dict[str, Path]:
     """The run's alpaca records as 3 parquet shards (a hub dataset's layout, standing in for
     one) and as a text-format JSON Lines file under another field name."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     d = tmp_path_factory.mktemp("stream_data")
     records = [json.loads(line) for line in assets["train"].read_text().splitlines()]
     (d / "shards").mkdir()
     for s in range(3):
-        pq.write_table(pa.Table.from_pylist(records[s::3]), d / "shards" / f"part-{s}.parquet")
+        Dataset.from_list(records[s::3]).to_parquet(d / "shards" / f"part-{s}.parquet")
     lines = [json.dumps({"body": f"{r['instruction']} {r['output']}"}) for r in records]
     (d / "texts.jsonl").write_text("\n".join(lines) + "\n")
     return {"shards": d / "shards", "texts": d / "texts.jsonl"}

@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset
 
 from jaxlora.config import ConfigError, DataConfig, load_config
 from jaxlora.data import MixtureSampler, batches, build_datasets
@@ -37,7 +36,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     shards = d / "shards"
     shards.mkdir()
     for s in range(3):
-        pq.write_table(pa.Table.from_pylist(alpaca[s::3]), shards / f"part-{s}.parquet")
+        Dataset.from_list(alpaca[s::3]).to_parquet(shards / f"part-{s}.parquet")
     texts = d / "texts.jsonl"
     texts.write_text(
         "".join(json.dumps({"body": f"text {i} " + "fox " * (i % 5)}) + "\n" for i in range(12))
@@ -182,7 +181,7 @@ def test_subset_and_split_reach_load_dataset(tmp_path, tok):
         for split in ("train", "test"):
             (tmp_path / subset).mkdir(exist_ok=True)
             rows = [{"text": f"{subset} {split} {i}"} for i in range(3)]
-            pq.write_table(pa.Table.from_pylist(rows), tmp_path / subset / f"{split}.parquet")
+            Dataset.from_list(rows).to_parquet(tmp_path / subset / f"{split}.parquet")
     configs = "".join(
         f"- config_name: {c}\n  data_files:\n"
         + "".join(f"  - split: {s}\n    path: {c}/{s}.parquet\n" for s in ("train", "test"))
@@ -224,3 +223,26 @@ def test_a_streamed_position_is_refused_by_a_loaded_run(files, tok):
     )
     with pytest.raises(ValueError, match="position is of a streamed run"):
         batches(loaded, 1).restore(state)
+
+
+def test_a_stream_reads_nothing_before_training_asks(files, tok, tmp_path):
+    """Building the stream reads no training record (only the held-out first ones): a bad
+    record far in the file surfaces when the stream reaches it, named by its position."""
+    lines = files["texts"].read_text().splitlines() + ['{"title": "no body"}']
+    path = tmp_path / "late_error.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(
+        path=str(path),
+        format="text",
+        text_field="body",
+        streaming=True,
+        val_size=1,
+        shuffle_buffer=0,
+    )
+    stream, _ = build_datasets(cfg, tok, seed=0)
+    (source,) = stream.sources
+    assert source.read == 0
+    it = stream.batches(1)
+    with pytest.raises(ValueError, match='record 12 of epoch 0 .*"body" must be a string'):
+        for _ in range(12):
+            next(it)
