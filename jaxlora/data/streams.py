@@ -46,7 +46,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from jaxlora.config import DataConfig
+from jaxlora.config import DataConfig, SourceConfig
 from jaxlora.data.packing import DataError, Example, PackedDataset
 from jaxlora.data.records import check_record, dataset_args, load_records
 from jaxlora.data.tokenize import check_tokenizer, tokenize, tokenize_record
@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 BLOCK = 1024  # sampler draws made at a time
 PEEK = 32  # records per source whose lengths estimate the mixture's token shares
 _MIX = 0x6D6978  # tags the sampler's random stream apart from the sources' permutations
-_OWN_KEYS = ("format", "split", "subset", "max_examples") + tuple(
-    f"{name}_field" for name in ("instruction", "input", "output", "text", "messages")
+# the data.* keys a source may set for itself (every SourceConfig key but path and weight)
+_OWN_KEYS = tuple(
+    f.name for f in dataclasses.fields(SourceConfig) if f.name not in ("path", "weight")
 )
 
 
@@ -164,6 +165,11 @@ class Source:
     def _end_epoch(self) -> None:
         """Start the next epoch; refuse a source whose whole epoch gave no example (it would
         be read forever)."""
+        if self._whole_epoch_kept == 0 and self.read == 0:
+            raise DataError(
+                f"{self.cfg.path}: no records to train on (split {self.cfg.split!r}, after the "
+                f"{len(self.held_out)} held out by data.val_size)"
+            )
         if self._whole_epoch_kept == 0:
             raise DataError(
                 f"{self.cfg.path}: none of its {self.read} training records has a token to "
