@@ -4,6 +4,7 @@ position that resumes exactly (jaxlora.data.streams). The CLI runs are in test_t
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -246,3 +247,16 @@ def test_a_stream_reads_nothing_before_training_asks(files, tok, tmp_path):
     with pytest.raises(ValueError, match='record 12 of epoch 0 .*"body" must be a string'):
         for _ in range(12):
             next(it)
+
+
+def test_the_expected_mixture_is_logged_per_source(files, tok, caplog):
+    """Weights 2:1 give 66.7 % / 33.3 % of the examples; the Alpaca records are far longer than
+    the text ones, so their share of the tokens is larger than their share of the examples."""
+    stream, _ = build_datasets(_mixture(files, val_size=0), tok, seed=0)
+    with caplog.at_level(logging.INFO, logger="jaxlora.data.streams"):
+        stream.log_plan(rows=40)
+    shards, texts = (r.getMessage() for r in caplog.records)
+    assert str(files["shards"]) in shards and "66.7% of examples" in shards
+    assert str(files["texts"]) in texts and "33.3% of examples" in texts
+    share = [float(re.search(r"([\d.]+)% of positions", m)[1]) for m in (shards, texts)]
+    assert abs(sum(share) - 100) <= 0.1 and share[0] > 66.7
