@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import yaml
 
@@ -48,6 +48,7 @@ from jaxlora.config.typed import (
     to_plain,
     unknown_key_message,
 )
+from jaxlora.config.typed import fields as schema
 
 __all__ = [
     "Config",
@@ -57,6 +58,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "QuantConfig",
+    "SourceConfig",
     "TrainConfig",
     "config_from_argv",
     "load_config",
@@ -131,12 +133,50 @@ class QuantConfig(Section):
 
 
 @dataclass(frozen=True)
+class SourceConfig(Section):
+    """One source of a ``data.sources`` mixture: where its records are, how they read, and its
+    weight (the chance that the next example comes from it is ``weight / sum of weights``).
+    Every key left out (null) takes the ``data.`` key of the same name."""
+
+    _ranges: ClassVar = {"weight": GT0, "max_examples": GT0}
+    path: str  # a file, a directory of them, or a hub dataset id, as data.path
+    weight: float
+    format: str | None = None  # one of data.format's choices
+    split: str | None = None
+    subset: str | None = None
+    max_examples: int | None = None
+    instruction_field: str | None = None
+    input_field: str | None = None
+    output_field: str | None = None
+    text_field: str | None = None
+    messages_field: str | None = None
+    conversations_field: str | None = None
+    role_field: str | None = None
+    content_field: str | None = None
+
+    def _validate(self) -> None:
+        check(self.path != "", "path", "must be a file, a directory or a hub dataset id")
+        formats = get_args(schema(DataConfig)["format"])
+        check(
+            self.format is None or self.format in formats,
+            "format",
+            f"must be one of {', '.join(formats)} (or left out for data.format); "
+            f"got {self.format!r}",
+        )
+
+
+@dataclass(frozen=True)
 class DataConfig(Section):
     """Where the examples come from and how they become token rows (see ``jaxlora.data``)."""
 
     _prefix: ClassVar[str] = "data."
-    _ranges: ClassVar = {"max_seq_len": (lambda v: v >= 2, ">= 2"), "max_examples": GT0}
-    path: str  # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id
+    _ranges: ClassVar = {
+        "max_seq_len": (lambda v: v >= 2, ">= 2"),
+        "max_examples": GT0,
+        "shuffle_buffer": GE0,
+    }
+    # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id (null: sources)
+    path: str | None = None
     format: Literal["alpaca", "chat", "sharegpt", "text"] = "alpaca"
     split: str = "train"
     subset: str | None = None  # hub dataset configuration name
@@ -165,9 +205,22 @@ class DataConfig(Section):
     # The chat template chat/sharegpt data is rendered with, and every export carries: a name in
     # CHAT_TEMPLATES or a Jinja file; None = the tokenizer's own.
     chat_template: str | None = None
+    # Read the records as they are needed (a datasets IterableDataset: no download first);
+    # tokenized and packed on the fly (jaxlora.data.streams).
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # streams and mixtures: records in datasets' shuffle buffer
+    sources: tuple[SourceConfig, ...] = ()  # a weighted mixture instead of data.path
 
     def _validate(self) -> None:
         check(self.path != "", "data.path", "must be a file, a directory or a hub dataset id")
+        check(
+            (self.path is None) != (not self.sources),
+            "data.path",
+            f"give data.path or data.sources, not both; got {self.path!r} and "
+            f"{len(self.sources)} sources (data.path=null clears a recipe's path)"
+            if self.sources
+            else "required: a file, a directory or a hub dataset id (or give data.sources)",
+        )
         v = self.val_size
         ok = 0 < v < 1 if isinstance(v, float) else v >= 0
         check(ok, "data.val_size", f"must be a fraction in (0, 1) or a count >= 0; got {v}")
@@ -176,16 +229,30 @@ class DataConfig(Section):
             "data.val_size",
             f"must be 0 when data.eval_path gives the validation set; got {v}",
         )
+        check(
+            not self.is_stream or not isinstance(v, float),
+            "data.val_size",
+            f"a fraction ({v}) needs the dataset's length, which a stream or a mixture does not "
+            "have; give a count (data.val_size=500 holds out the first 500 records"
+            f"{' of each source' if self.sources else ''}), data.eval_path, or 0",
+        )
         self._validate_chat_template()
+
+    @property
+    def is_stream(self) -> bool:
+        """Examples are drawn on the fly (streamed, or from a mixture), not built up front."""
+        return self.streaming or bool(self.sources)
 
     def _validate_chat_template(self) -> None:
         t = self.chat_template
         if t is None:
             return
+        formats = {self.format} | {s.format for s in self.sources if s.format is not None}
         check(
-            self.format in ("chat", "sharegpt"),
+            bool(formats & {"chat", "sharegpt"}),
             "data.chat_template",
-            f"renders conversations: it needs data.format chat or sharegpt, not {self.format}",
+            f"renders conversations: it needs data.format chat or sharegpt (or such a source), "
+            f"not {self.format}",
         )
         check(
             t in CHAT_TEMPLATES or "/" in t or Path(t).suffix != "",
@@ -350,6 +417,12 @@ class Config(Section):
             "train.exact_match_examples",
             "needs question/answer records: set data.eval_path, with data.format alpaca, chat or "
             "sharegpt",
+        )
+        check(
+            not self.data.is_stream or self.train.max_steps > 0,
+            "train.max_steps",
+            "a streamed dataset or a mixture has no length to count train.epochs in; set "
+            "train.max_steps (a stream that runs out starts its next epoch)",
         )
 
     @property

@@ -217,3 +217,16 @@ def _trained_mask(offsets, span: Spans, n: int, train_on_inputs: bool) -> np.nda
     for s, e in span:  # special tokens added by the tokenizer have empty offsets
         trained |= (off[:, 1] > s) & (off[:, 0] < e) & (off[:, 1] > off[:, 0])
     return trained
+
+
+def tokenize_record(rec: dict, tokenizer: Any, cfg: DataConfig) -> tuple[Example | None, bool]:
+    """One record -> ``(example, truncated)``, the rules of :func:`tokenize`, for examples made
+    as a stream reaches them; ``example`` is None when no trained token is left."""
+    texts, spans = render_records([rec], tokenizer, cfg)
+    examples, truncated, _ = _encode(texts, spans, tokenizer, cfg)
+    return (examples[0] if examples else None), truncated > 0
+
+
+def check_tokenizer(tokenizer: Any, cfg: DataConfig) -> None:
+    """What :func:`tokenize` checks first; a stream checks it before its first record."""
+    _check_tokenizer(tokenizer, cfg)

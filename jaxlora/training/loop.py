@@ -65,7 +65,8 @@ def run(cfg: Config) -> dict:
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
     train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
     t = cfg.train
-    total_steps = _total_steps(cfg, len(train_ds))
+    streamed = isinstance(train_ds, data.ExampleStream)  # config requires max_steps for these
+    total_steps = t.max_steps if streamed else _total_steps(cfg, len(train_ds))
 
     # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
     key = jax.random.key(t.seed)
@@ -99,9 +100,12 @@ def run(cfg: Config) -> dict:
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
     meta = run_meta(cfg, runs)
     pc, pi = jax.process_count(), jax.process_index()
-    batches = data.batches(
-        train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
-    )
+    if streamed:
+        batches = train_ds.batches(t.batch_size, process_index=pi, process_count=pc)
+    else:
+        batches = data.batches(
+            train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
+        )
     start = 0
     key, step_key = jax.random.split(key)
     if t.resume and latest is not None:
@@ -113,6 +117,8 @@ def run(cfg: Config) -> dict:
         log.info("resumed from %s at step %d", out / "checkpoints", start)
     if main_process:  # the resolved config, once everything above has been accepted
         save_config(cfg, out / "config.yaml")
+    if streamed:
+        train_ds.log_plan(total_steps * t.grad_accum * t.batch_size)
 
     evaluate_loss = lambda tr: evaluate.eval_loss(eval_step, tr, frozen, val_ds, t.batch_size)
     report = evaluate.Report(cfg, model, frozen, trainable, evaluate_loss) if start == 0 else None
@@ -185,6 +191,9 @@ def run(cfg: Config) -> dict:
     trainable_host = multihost_utils.process_allgather(trainable, tiled=True)
     model = model.replace(params=hf_adapter_params(frozen, trainable_host))
     summary = {"steps": total_steps, "warnings": monitor.warnings}
+    if streamed:  # the realized mixture: examples and positions per source
+        summary["data"] = batches.counts()
+        log.info("data: realized %s", summary["data"])
     if main_process:
         model.save_adapter(out / "adapter", base_model_name_or_path=cfg.model.path)
         print(f"adapter written to {out / 'adapter'} (PEFT format)")
