@@ -251,8 +251,8 @@ class DataConfig(Section):
         check(
             bool(formats & {"chat", "sharegpt"}),
             "data.chat_template",
-            f"renders conversations: it needs data.format chat or sharegpt (or such a source), "
-            f"not {self.format}",
+            f"renders conversations: it needs data.format chat or sharegpt, not {self.format} "
+            "(or a data.sources entry in one of them)",
         )
         check(
             t in CHAT_TEMPLATES or "/" in t or Path(t).suffix != "",

@@ -163,7 +163,7 @@ def test_stream_config_errors_name_the_key_and_the_choices():
             "data.path=null",
             "data.sources=[{path: a.jsonl, wieght: 1}]",
         ],
-        "data.sources[0]: format: must be one of alpaca, chat, text": [
+        "data.sources[0]: format: must be one of alpaca, chat, sharegpt, text": [
             *base,
             "data.path=null",
             "data.sources=[{path: a.jsonl, weight: 1, format: txt}]",
