@@ -98,9 +98,11 @@ MEANINGS: dict[str, str] = {
     "weight decay). `null` = off; the paper uses 2-16, with `train.lr` about half of plain LoRA's.",
     # data
     "data.path": "Training records: a `.json`/`.jsonl`/`.csv`/`.parquet` file, a directory of "
-    "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required.",
+    "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required, unless `data.sources` "
+    "gives a mixture (then `null`).",
     "data.format": "`alpaca` (instruction, input, output in the Stanford Alpaca template), "
-    "`chat` (messages rendered with the tokenizer's chat template) or `text` (plain text).",
+    "`chat` (messages rendered with the tokenizer's chat template), `sharegpt` (`conversations` "
+    "of `{from: human|gpt|system, value}`, mapped to chat messages) or `text` (plain text).",
     "data.split": "Split of a hub dataset (or of local files) to train on.",
     "data.subset": "Hub dataset configuration name.",
     "data.max_seq_len": "Tokens per row. Longer examples are cut from the right (and counted "
@@ -109,8 +111,10 @@ MEANINGS: dict[str, str] = {
     "each example. Far fewer wasted tokens on short data.",
     "data.train_on_inputs": "Also train on the prompt tokens (default: loss on responses / "
     "assistant turns only).",
-    "data.val_size": "Held-out share of `data.path`: a fraction in (0, 1) or a count; 0 = no "
-    "validation set. Must be 0 when `data.eval_path` is set.",
+    "data.val_size": "Held-out share of `data.path`: a fraction in (0, 1) (at least one "
+    "example, so it scales with the file) or a count; 0 = no validation set. Must be 0 when "
+    "`data.eval_path` is set. Streams and mixtures take a count: the first N records (of each "
+    "source).",
     "data.eval_path": "A separate held-out file or directory in the same format; it is then "
     "the validation set (eval loss, exact match).",
     "data.shuffle_seed": "Seed for the validation split and per-epoch shuffles "
@@ -121,6 +125,27 @@ MEANINGS: dict[str, str] = {
     "data.output_field": "Record field holding the response (`alpaca`).",
     "data.text_field": "Record field holding the text (`text`).",
     "data.messages_field": "Record field holding the `[{role, content}, ...]` list (`chat`).",
+    "data.conversations_field": "Record field holding the `[{from, value}, ...]` list "
+    "(`sharegpt`).",
+    "data.role_field": "Key of a ShareGPT turn naming the speaker (`sharegpt`).",
+    "data.content_field": "Key of a ShareGPT turn holding the text (`sharegpt`).",
+    "data.sharegpt_roles": "More ShareGPT speaker names, each mapped to `user`, `assistant`, "
+    "`system` or `tool` (`data.sharegpt_roles.bing=assistant`); `human`, `gpt`, `system`, "
+    "`user`, `assistant` are always known, any other speaker is refused naming the line.",
+    "data.chat_template": "The chat template `chat`/`sharegpt` data is rendered with and every "
+    "export carries: `llama3`, `chatml`, `mistral`, `gemma`, `phi3` (each family's official "
+    "instruct template), `alpaca`, or a Jinja file. For a base model without a template, or to "
+    "replace the tokenizer's own (logged). `null` = the tokenizer's own.",
+    "data.streaming": "Stream the dataset (`datasets`' `IterableDataset`): nothing is downloaded "
+    "before the first step; records are tokenized and packed as they arrive, and checkpoints "
+    "hold the exact position. Needs `train.max_steps` and a `val_size` count (the first N "
+    'records) or `eval_path`. See quickstart.md, "Hub datasets, streaming and mixtures".',
+    "data.shuffle_buffer": "Streams and mixtures: records in the shuffle buffer of a streamed "
+    "source (`datasets`' buffer shuffle, seeded; reshuffled each epoch); a loaded source is "
+    "permuted whole. 0 = read in order.",
+    "data.sources": "A weighted mixture instead of `data.path`: each entry is a source (keys "
+    "below); the next example comes from source i with probability `weight_i / sum(weights)`, "
+    "drawn from the seed. Needs `train.max_steps`; `data.streaming` streams every source.",
     # train
     "train.batch_size": "Rows (of `data.max_seq_len` tokens) per micro-batch, summed over all "
     "devices and hosts. Must divide evenly over the `data x fsdp` mesh axes.",
@@ -173,6 +198,13 @@ MEANINGS: dict[str, str] = {
     "`data.eval_path` before and after training (`report.json`); 0 = off.",
     "train.resume": "Continue from the latest checkpoint in `output_dir`. Without it, a run "
     "into a directory that holds checkpoints is refused.",
+    "train.report_to": "Where metrics go besides the progress bar: `jsonl` (`metrics.jsonl`, "
+    "required: it is the run's record), `tensorboard` (`output_dir/tb`), `wandb` (a Weights & "
+    "Biases run in `output_dir/wandb`; `pip install 'jaxlora[wandb]'`, `WANDB_MODE=offline` "
+    "to sync later). Only process 0 reports.",
+    "train.wandb_project": "The wandb project the run is logged to (`WANDB_ENTITY` picks the "
+    "team). The run's config is the resolved recipe.",
+    "train.wandb_name": "The wandb run's name (`null` = the name of `output_dir`).",
     # mesh
     "mesh.data": "Devices on the pure data-parallel axis (each holds a full replica).",
     "mesh.fsdp": "Devices on the fully-sharded axis: weights, adapters and optimizer state "
@@ -180,6 +212,25 @@ MEANINGS: dict[str, str] = {
     "mesh.tensor": "Devices on the tensor-parallel axis (wide per-layer dimensions).",
     "mesh.rules": "Logical axis -> mesh axis (`data`, `fsdp`, `tensor` or `null` = "
     "replicated). Override one at a time, e.g. `mesh.rules.vocab=fsdp`.",
+}
+
+# The keys of one `data.sources` entry (jaxlora.config.recipe.SourceConfig).
+SOURCE_MEANINGS: dict[str, str] = {
+    "path": "A file, a directory of them, or a hub dataset id, as `data.path`. Required.",
+    "weight": "Relative sampling weight, > 0: the source gives `weight / sum(weights)` of the "
+    "examples. Required.",
+    "format": "This source's format (one of `data.format`'s choices).",
+    "split": "This source's split.",
+    "subset": "This source's hub configuration name.",
+    "max_examples": "Use only this source's first N records.",
+    "instruction_field": "This source's instruction field (`alpaca`).",
+    "input_field": "This source's input field (`alpaca`).",
+    "output_field": "This source's response field (`alpaca`).",
+    "text_field": "This source's text field (`text`).",
+    "messages_field": "This source's messages field (`chat`).",
+    "conversations_field": "This source's conversations field (`sharegpt`).",
+    "role_field": "This source's speaker key in a ShareGPT turn (`sharegpt`).",
+    "content_field": "This source's text key in a ShareGPT turn (`sharegpt`).",
 }
 
 SECTIONS = [
@@ -235,6 +286,8 @@ def _type(tp: Any) -> str:
         arms = [a for a in get_args(tp) if a is not type(None)]
         text = " or ".join(_type(a) for a in arms)
         return text + (" or null" if type(None) in get_args(tp) else "")
+    if origin is tuple and dataclasses.is_dataclass(get_args(tp)[0]):
+        return "list of mappings (keys below)"
     if origin is tuple:
         return f"list of {_type(get_args(tp)[0])}s"
     if origin is dict:
@@ -332,7 +385,42 @@ def render() -> str:
             summary = cls.__doc__.strip().split("\n\n")[0]  # the first paragraph
             lines += [" ".join(summary.split()).replace("``", "`"), ""]
         lines += [*_section_table(prefix, cls), ""]
+        if cls is C.DataConfig:
+            lines += _sources_table()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _sources_table() -> list[str]:
+    """The keys of one ``data.sources`` entry; a key left out takes the ``data.`` key's value."""
+    names = [f.name for f in dataclasses.fields(C.SourceConfig)]
+    if sorted(names) != sorted(SOURCE_MEANINGS):
+        raise SystemExit(
+            f"gen_recipe_docs: SOURCE_MEANINGS has {sorted(SOURCE_MEANINGS)}, SourceConfig has "
+            f"{sorted(names)}"
+        )
+    ranges = C.SourceConfig._ranges
+    lines = [
+        "#### `data.sources` entries",
+        "",
+        " ".join(C.SourceConfig.__doc__.split()).replace("``", "`"),
+        "",
+        "```yaml",
+        "data:",
+        "  path: null",
+        "  sources:",
+        "    - {path: yahma/alpaca-cleaned, weight: 3}",
+        "    - {path: data/notes.jsonl, format: text, text_field: body, weight: 1}",
+        "```",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(C.SourceConfig):
+        kind = _type(fields(C.SourceConfig)[f.name])
+        if f.name in ranges:
+            kind += f", {ranges[f.name][1]}"
+        lines.append(f"| `{f.name}` | {kind} | {_default(f)} | {SOURCE_MEANINGS[f.name]} |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

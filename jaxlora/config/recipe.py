@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import yaml
 
@@ -48,6 +48,7 @@ from jaxlora.config.typed import (
     to_plain,
     unknown_key_message,
 )
+from jaxlora.config.typed import fields as schema
 
 __all__ = [
     "Config",
@@ -57,6 +58,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "QuantConfig",
+    "SourceConfig",
     "TrainConfig",
     "config_from_argv",
     "load_config",
@@ -80,6 +82,8 @@ RECIPES_DIR = _recipes_dir()
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "lora_rank")
 MESH_AXES = ("data", "fsdp", "tensor")
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
+# data.chat_template's names: the families' official templates (jaxlora.data.templates).
+CHAT_TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3", "alpaca")
 
 Dtype = Literal["float32", "bfloat16"]
 # float16 computes (GPUs without bf16: T4, V100) with dynamic loss scaling (train.loss_scale_*);
@@ -129,13 +133,51 @@ class QuantConfig(Section):
 
 
 @dataclass(frozen=True)
+class SourceConfig(Section):
+    """One source of a ``data.sources`` mixture: where its records are, how they read, and its
+    weight (the chance that the next example comes from it is ``weight / sum of weights``).
+    Every key left out (null) takes the ``data.`` key of the same name."""
+
+    _ranges: ClassVar = {"weight": GT0, "max_examples": GT0}
+    path: str  # a file, a directory of them, or a hub dataset id, as data.path
+    weight: float
+    format: str | None = None  # one of data.format's choices
+    split: str | None = None
+    subset: str | None = None
+    max_examples: int | None = None
+    instruction_field: str | None = None
+    input_field: str | None = None
+    output_field: str | None = None
+    text_field: str | None = None
+    messages_field: str | None = None
+    conversations_field: str | None = None
+    role_field: str | None = None
+    content_field: str | None = None
+
+    def _validate(self) -> None:
+        check(self.path != "", "path", "must be a file, a directory or a hub dataset id")
+        formats = get_args(schema(DataConfig)["format"])
+        check(
+            self.format is None or self.format in formats,
+            "format",
+            f"must be one of {', '.join(formats)} (or left out for data.format); "
+            f"got {self.format!r}",
+        )
+
+
+@dataclass(frozen=True)
 class DataConfig(Section):
     """Where the examples come from and how they become token rows (see ``jaxlora.data``)."""
 
     _prefix: ClassVar[str] = "data."
-    _ranges: ClassVar = {"max_seq_len": (lambda v: v >= 2, ">= 2"), "max_examples": GT0}
-    path: str  # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id
-    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    _ranges: ClassVar = {
+        "max_seq_len": (lambda v: v >= 2, ">= 2"),
+        "max_examples": GT0,
+        "shuffle_buffer": GE0,
+    }
+    # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id (null: sources)
+    path: str | None = None
+    format: Literal["alpaca", "chat", "sharegpt", "text"] = "alpaca"
     split: str = "train"
     subset: str | None = None  # hub dataset configuration name
     max_seq_len: int = 512
@@ -152,9 +194,33 @@ class DataConfig(Section):
     output_field: str = "output"
     text_field: str = "text"
     messages_field: str = "messages"
+    # ShareGPT records: {conversations: [{from: human|gpt|system, value}, ...]} (jaxlora.data.
+    # conversations); sharegpt_roles adds to or overrides the standard role names' mapping.
+    conversations_field: str = "conversations"
+    role_field: str = "from"
+    content_field: str = "value"
+    sharegpt_roles: dict[str, Literal["system", "user", "assistant", "tool"]] = field(
+        default_factory=dict
+    )
+    # The chat template chat/sharegpt data is rendered with, and every export carries: a name in
+    # CHAT_TEMPLATES or a Jinja file; None = the tokenizer's own.
+    chat_template: str | None = None
+    # Read the records as they are needed (a datasets IterableDataset: no download first);
+    # tokenized and packed on the fly (jaxlora.data.streams).
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # streams and mixtures: records in datasets' shuffle buffer
+    sources: tuple[SourceConfig, ...] = ()  # a weighted mixture instead of data.path
 
     def _validate(self) -> None:
         check(self.path != "", "data.path", "must be a file, a directory or a hub dataset id")
+        check(
+            (self.path is None) != (not self.sources),
+            "data.path",
+            f"give data.path or data.sources, not both; got {self.path!r} and "
+            f"{len(self.sources)} sources (data.path=null clears a recipe's path)"
+            if self.sources
+            else "required: a file, a directory or a hub dataset id (or give data.sources)",
+        )
         v = self.val_size
         ok = 0 < v < 1 if isinstance(v, float) else v >= 0
         check(ok, "data.val_size", f"must be a fraction in (0, 1) or a count >= 0; got {v}")
@@ -162,6 +228,37 @@ class DataConfig(Section):
             self.eval_path is None or v == 0,
             "data.val_size",
             f"must be 0 when data.eval_path gives the validation set; got {v}",
+        )
+        check(
+            not self.is_stream or not isinstance(v, float),
+            "data.val_size",
+            f"a fraction ({v}) needs the dataset's length, which a stream or a mixture does not "
+            "have; give a count (data.val_size=500 holds out the first 500 records"
+            f"{' of each source' if self.sources else ''}), data.eval_path, or 0",
+        )
+        self._validate_chat_template()
+
+    @property
+    def is_stream(self) -> bool:
+        """Examples are drawn on the fly (streamed, or from a mixture), not built up front."""
+        return self.streaming or bool(self.sources)
+
+    def _validate_chat_template(self) -> None:
+        t = self.chat_template
+        if t is None:
+            return
+        formats = {self.format} | {s.format for s in self.sources if s.format is not None}
+        check(
+            bool(formats & {"chat", "sharegpt"}),
+            "data.chat_template",
+            f"renders conversations: it needs data.format chat or sharegpt, not {self.format} "
+            "(or a data.sources entry in one of them)",
+        )
+        check(
+            t in CHAT_TEMPLATES or "/" in t or Path(t).suffix != "",
+            "data.chat_template",
+            f"{t!r} is neither a named template ({', '.join(CHAT_TEMPLATES)}) nor a path to a "
+            "Jinja file",
         )
 
 
@@ -232,12 +329,23 @@ class TrainConfig(Section):
     sample_max_new_tokens: int = 64
     exact_match_examples: int = 0  # greedy answers scored on data.eval_path, before and after
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    # Where metrics go besides the progress bar. metrics.jsonl is the run's record (resume trims
+    # it, report.json and the model card read it), so jsonl must be listed.
+    report_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "jaxlora"
+    wandb_name: str | None = None  # None = output_dir's name
 
     def _validate(self) -> None:
         check(
             self.sample_every == 0 or len(self.sample_prompts) > 0,
             "train.sample_prompts",
             "must list at least one prompt when train.sample_every > 0",
+        )
+        check(
+            "jsonl" in self.report_to,
+            "train.report_to",
+            "must include jsonl: metrics.jsonl is the run's record (resume, report.json and the "
+            f"model card read it); choices: jsonl, tensorboard, wandb; got {list(self.report_to)}",
         )
 
 
@@ -307,7 +415,14 @@ class Config(Section):
             self.train.exact_match_examples == 0
             or (self.data.eval_path is not None and self.data.format != "text"),
             "train.exact_match_examples",
-            "needs question/answer records: set data.eval_path, with data.format alpaca or chat",
+            "needs question/answer records: set data.eval_path, with data.format alpaca, chat or "
+            "sharegpt",
+        )
+        check(
+            not self.data.is_stream or self.train.max_steps > 0,
+            "train.max_steps",
+            "a streamed dataset or a mixture has no length to count train.epochs in; set "
+            "train.max_steps (a stream that runs out starts its next epoch)",
         )
 
     @property

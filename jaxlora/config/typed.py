@@ -2,9 +2,9 @@
 
 A section is a frozen dataclass deriving :class:`Section`. Its annotations are the schema:
 ``int``, ``float`` (ints accepted), ``str``, ``bool``, ``Literal[...]`` enums, ``X | None``,
-``tuple[X, ...]`` (YAML lists), ``dict[K, V]`` and nested sections. Values are coerced and
-checked in ``__post_init__``, so configs built in Python are checked like those read from YAML.
-Every error is a :class:`ConfigError` that names the dotted key.
+``tuple[X, ...]`` (YAML lists, of sections too), ``dict[K, V]`` and nested sections. Values are
+coerced and checked in ``__post_init__``, so configs built in Python are checked like those read
+from YAML. Every error is a :class:`ConfigError` that names the dotted key.
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def _describe(tp: Any) -> str:
         return (
             f"a mapping (keys: {_describe(get_args(tp)[0])}; values: {_describe(get_args(tp)[1])})"
         )
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"  # its keys are checked one by one
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
     return names.get(tp, "null")
 
@@ -130,9 +132,28 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp in (int, str, bool):
         if type(value) is tp:
             return value
+    elif dataclasses.is_dataclass(tp):  # a section as a list item (e.g. data.sources)
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _build_item(tp, value, key)
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
     raise ConfigError(f"{key}: expected {_describe(tp)}; got {value!r}")
+
+
+def _build_item(cls: type, value: dict, key: str) -> Any:
+    """A mapping in a list -> a ``cls`` section; errors name the entry (``data.sources[1]``)."""
+    names = list(fields(cls))
+    for k in value:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}: unknown key '{k}'{hint} (valid keys: {', '.join(names)})")
+    try:
+        return build(cls, value)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:

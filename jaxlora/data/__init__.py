@@ -5,14 +5,19 @@
 1. :func:`~jaxlora.data.records.load_records`: a local ``.json``/``.jsonl``/``.csv``/
    ``.parquet`` file, a directory of them, or a hub dataset id, every record checked.
 2. :func:`~jaxlora.data.tokenize.tokenize`: each record becomes an
-   :class:`~jaxlora.data.packing.Example` (``alpaca``, ``chat`` or ``text``; rules there).
+   :class:`~jaxlora.data.packing.Example` (``alpaca``, ``chat``, ``sharegpt`` or ``text``;
+   rules there; :mod:`~jaxlora.data.conversations` maps ShareGPT records to chat messages).
 3. :func:`split_validation`: ``val_size`` (fraction or count) examples, chosen by ``seed``;
    or, with ``eval_path``, that held-out file is the validation set.
 4. :meth:`PackedDataset.build <jaxlora.data.packing.PackedDataset.build>` and
    :func:`~jaxlora.data.packing.batches`: rows, batches, the checkpointable iterator.
 
+With ``data.streaming`` or ``data.sources`` the same steps run per example as the records
+arrive instead (:mod:`~jaxlora.data.streams`: hub streams, weighted mixtures, their position).
+
 :mod:`~jaxlora.data.prompts` is the other direction: the prompt format a run trains with, as
-the chat template its exports carry, and the one prompt encoder everything that samples uses.
+the chat template its exports carry (:mod:`~jaxlora.data.templates`: the named templates of
+``data.chat_template``), and the one prompt encoder everything that samples uses.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import DataConfig
+from jaxlora.data.conversations import CHAT_FORMATS
+from jaxlora.data.conversations import messages as conversation
 from jaxlora.data.packing import BatchIterator, DataError, Example, PackedDataset, batches
 from jaxlora.data.prompts import Prompt, alpaca_chat_template, has_template, install_template
 from jaxlora.data.prompts import encode as encode_prompt
 from jaxlora.data.prompts import render as render_prompt
 from jaxlora.data.prompts import user as user_prompt
 from jaxlora.data.records import check_record, load_records, load_tokenizer
+from jaxlora.data.streams import ExampleStream, MixtureSampler, StreamIterator, build_stream
 from jaxlora.data.tokenize import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
@@ -42,16 +50,22 @@ __all__ = [
     "ALPACA_TEMPLATE",
     "ALPACA_TEMPLATE_NO_INPUT",
     "BatchIterator",
+    "CHAT_FORMATS",
     "DataError",
     "Example",
+    "ExampleStream",
+    "MixtureSampler",
     "PackedDataset",
     "Prompt",
+    "StreamIterator",
     "TokenizeStats",
     "alpaca_chat_template",
     "alpaca_prompt",
     "batches",
     "build_datasets",
+    "build_stream",
     "check_record",
+    "conversation",
     "encode_prompt",
     "has_template",
     "install_template",
@@ -90,15 +104,18 @@ def split_validation(
 
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int
-) -> tuple[PackedDataset, PackedDataset | None]:
+) -> tuple[PackedDataset | ExampleStream, PackedDataset | None]:
     """The whole pipeline: ``(train, val)`` packed datasets (``val`` None when ``val_size`` is 0).
 
     ``val`` holds ``val_size`` examples split off the data, or, when ``cfg.eval_path`` is set,
-    every example of that held-out file (tokenized by the same rules).
+    every example of that held-out file (tokenized by the same rules). A streamed dataset or a
+    mixture (``cfg.is_stream``) gives an :class:`ExampleStream` instead: see :func:`build_stream`.
 
     Padding positions carry ``tokenizer.pad_token_id`` (0 if it has none); they are masked out
     of the loss and of attention, so the id only has to be a valid embedding row.
     """
+    if cfg.is_stream:
+        return build_stream(cfg, tokenizer, seed)
     records = load_records(cfg)
     examples, stats = tokenize(records, tokenizer, cfg)
     if cfg.eval_path is None:

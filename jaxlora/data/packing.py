@@ -206,6 +206,11 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     def restore(self, state: dict[str, int]) -> None:
         """Continue from ``state()``; refuses a state taken over different data or batching."""
+        if "num_rows" not in state:
+            raise DataError(
+                "the checkpoint's data position is of a streamed run (data.streaming or "
+                "data.sources), this run reads its data whole: resume with the same data keys"
+            )
         for key in ("seed", "num_rows", "batch_size"):
             if int(state[key]) != self.state()[key]:
                 raise DataError(

@@ -15,6 +15,7 @@ import datasets
 from transformers import AutoTokenizer
 
 from jaxlora.config import DataConfig
+from jaxlora.data.conversations import check_sharegpt
 from jaxlora.data.packing import DataError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -48,6 +49,8 @@ def check_record(rec: Any, cfg: DataConfig) -> str | None:
         )
     if cfg.format == "text":
         return need_str(cfg.text_field)
+    if cfg.format == "sharegpt":
+        return check_sharegpt(rec, cfg)
     name = cfg.messages_field
     msgs = rec.get(name)
     if not isinstance(msgs, list) or not msgs:
@@ -96,22 +99,7 @@ def _check_json_file(path: Path, cfg: DataConfig) -> None:
 
 def load_records(cfg: DataConfig) -> Any:
     """``cfg.path`` -> a ``datasets.Dataset`` of valid records (first ``max_examples`` only)."""
-    path = Path(cfg.path).expanduser()
-    if path.is_file():
-        if path.suffix not in _BUILDERS:
-            raise DataError(f"{path}: unsupported file type; use one of {', '.join(_BUILDERS)}")
-        files = [path]
-        args: tuple = (_BUILDERS[path.suffix],)
-        kwargs: dict[str, Any] = {"data_files": str(path)}
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
-        if not files:
-            raise DataError(f"{path}: no {'/'.join(_BUILDERS)} files in this directory")
-        args, kwargs = (str(path),), {}
-    elif cfg.path.startswith((".", "/", "~")) or cfg.path.endswith(tuple(_BUILDERS)):
-        raise DataError(f"data.path {cfg.path} does not exist")
-    else:  # a hub dataset id
-        files, args, kwargs = [], (cfg.path, cfg.subset), {}
+    files, args, kwargs = dataset_args(cfg)
     for f in files:
         if f.suffix in (".json", ".jsonl"):
             _check_json_file(f, cfg)
@@ -127,3 +115,25 @@ def load_records(cfg: DataConfig) -> Any:
         if problem := check_record(rec, cfg):
             raise DataError(f"{cfg.path}: record {k + 1}: {problem}")
     return ds
+
+
+def dataset_args(cfg: DataConfig) -> tuple[list[Path], tuple, dict[str, Any]]:
+    """``cfg.path`` as ``datasets.load_dataset(*args, **kwargs)`` takes it, and its local files
+    (none for a hub id): a file, a directory of files, or a hub dataset id with ``cfg.subset``."""
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        if path.suffix not in _BUILDERS:
+            raise DataError(f"{path}: unsupported file type; use one of {', '.join(_BUILDERS)}")
+        files = [path]
+        args: tuple = (_BUILDERS[path.suffix],)
+        kwargs: dict[str, Any] = {"data_files": str(path)}
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+        if not files:
+            raise DataError(f"{path}: no {'/'.join(_BUILDERS)} files in this directory")
+        args, kwargs = (str(path), cfg.subset), {}  # a subset: a config in its README.md
+    elif cfg.path.startswith((".", "/", "~")) or cfg.path.endswith(tuple(_BUILDERS)):
+        raise DataError(f"data.path {cfg.path} does not exist")
+    else:  # a hub dataset id
+        files, args, kwargs = [], (cfg.path, cfg.subset), {}
+    return files, args, kwargs

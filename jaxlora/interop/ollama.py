@@ -76,7 +76,7 @@ def _strip(text: str, prefix: str = "", suffix: str = "") -> str:
 
 def turn_format(tokenizer: Any) -> TurnFormat:
     """Measure ``tokenizer``'s chat template as a :class:`TurnFormat`; :class:`TemplateError`
-    when it is not one (checked on a six-message conversation)."""
+    when it is not one (checked on a conversation with every role, the user and assistant twice)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template")
     try:

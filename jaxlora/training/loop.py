@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
-from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor
+from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, require_sinks, wandb_args
 from jaxlora.training.plan import memory_line, memory_report
 from jaxlora.training.run import (
     for_mesh,
@@ -57,13 +57,16 @@ def run(cfg: Config) -> dict:
             "continue it, or choose another output_dir"
         )
 
+    require_sinks(cfg.train.report_to)
+
     # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
     model = load_base(cfg)
 
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
     train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
     t = cfg.train
-    total_steps = _total_steps(cfg, len(train_ds))
+    streamed = isinstance(train_ds, data.ExampleStream)  # config requires max_steps for these
+    total_steps = t.max_steps if streamed else _total_steps(cfg, len(train_ds))
 
     # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
     key = jax.random.key(t.seed)
@@ -97,9 +100,12 @@ def run(cfg: Config) -> dict:
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
     meta = run_meta(cfg, runs)
     pc, pi = jax.process_count(), jax.process_index()
-    batches = data.batches(
-        train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
-    )
+    if streamed:
+        batches = train_ds.batches(t.batch_size, process_index=pi, process_count=pc)
+    else:
+        batches = data.batches(
+            train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
+        )
     start = 0
     key, step_key = jax.random.split(key)
     if t.resume and latest is not None:
@@ -111,12 +117,21 @@ def run(cfg: Config) -> dict:
         log.info("resumed from %s at step %d", out / "checkpoints", start)
     if main_process:  # the resolved config, once everything above has been accepted
         save_config(cfg, out / "config.yaml")
+    if streamed:
+        train_ds.log_plan(total_steps * t.grad_accum * t.batch_size)
 
     evaluate_loss = lambda tr: evaluate.eval_loss(eval_step, tr, frozen, val_ds, t.batch_size)
     report = evaluate.Report(cfg, model, frozen, trainable, evaluate_loss) if start == 0 else None
 
     # --- the loop
-    monitor = Monitor(out, total_steps, start, enabled=main_process)
+    monitor = Monitor(
+        out,
+        total_steps,
+        start,
+        enabled=main_process,
+        report_to=t.report_to,
+        wandb_init=wandb_args(cfg),
+    )
     prev = time.perf_counter()
     try:
         for step in range(start + 1, total_steps + 1):
@@ -176,6 +191,9 @@ def run(cfg: Config) -> dict:
     trainable_host = multihost_utils.process_allgather(trainable, tiled=True)
     model = model.replace(params=hf_adapter_params(frozen, trainable_host))
     summary = {"steps": total_steps, "warnings": monitor.warnings}
+    if streamed:  # the realized mixture: examples and positions per source
+        summary["data"] = batches.counts()
+        log.info("data: realized %s", summary["data"])
     if main_process:
         model.save_adapter(out / "adapter", base_model_name_or_path=cfg.model.path)
         print(f"adapter written to {out / 'adapter'} (PEFT format)")
