@@ -3,12 +3,14 @@
 Ollama prompts with a Go ``text/template``, not the tokenizer's Jinja chat template, so the
 template is translated. Rather than parse Jinja, the chat template is *measured*: rendered on
 conversations whose contents are markers, it yields each role's text before and after the
-content, the text once at the start and the generation prompt (:func:`turn_format`). That
-covers every template that wraps each message the same way wherever it stands — the Alpaca
-template jaxlora installs (:mod:`jaxlora.data.prompts`), ChatML (Qwen), Llama 3 — and the
-measurement is checked by rendering a longer conversation both ways: a template with any other
-logic (a default system prompt, a system message folded into the first user turn) fails the
-check and is refused by name (:class:`TemplateError`), never translated approximately.
+content, the text once at the start, the generation prompt and a default system prompt the
+template inserts when a conversation has none (Qwen2.5's; the Modelfile's ``SYSTEM``)
+(:func:`turn_format`). That covers every template that wraps each message the same way wherever
+it stands — the Alpaca template jaxlora installs (:mod:`jaxlora.data.prompts`), ChatML (Qwen),
+Llama 3 — and the measurement is checked by rendering longer conversations, with and without a
+system message, both ways: a template with other logic (a system message folded into the first
+user turn, dates written into the system turn) fails the check and is refused by name
+(:class:`TemplateError`), never translated approximately.
 """
 
 from __future__ import annotations
@@ -34,38 +36,48 @@ class TurnFormat:
     before: dict[str, str]
     after: dict[str, str]
     generation: str
+    default_system: str = ""  # the system prompt used when a conversation has none
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for ``messages`` (ending with the generation prompt), as Ollama builds it:
+        the default system prompt first when there is no system message."""
+        if self.default_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         body = "".join(
             self.before[m["role"]] + m["content"] + self.after[m["role"]] for m in messages
         )
-        return self.head + body + (self.generation if add_generation_prompt else "")
+        return self.head + body + self.generation
+
+
+def _messages(roles: list[str]) -> list[dict[str, str]]:
+    return [{"role": r, "content": _MARK.format(f"{r}{i}")} for i, r in enumerate(roles)]
 
 
 def _render(tokenizer: Any, roles: list[str], generation: bool = False) -> str:
-    messages = [{"role": r, "content": _MARK.format(f"{r}{i}")} for i, r in enumerate(roles)]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return tokenizer.apply_chat_template(
+        _messages(roles), tokenize=False, add_generation_prompt=generation
+    )
 
 
-def _render_system(tokenizer: Any) -> str | None:
-    """A system + user conversation rendered, or ``None`` when the template refuses a system
-    message (Alpaca's raises: it has none)."""
-    try:
-        return _render(tokenizer, ["system", "user"])
-    except Exception:  # jinja's raise_exception, whatever error type the tokenizer wraps it in
-        return None
-
-
-def _between(text: str, *roles_at: str) -> list[str]:
-    """``text`` split at the markers ``roles_at`` (``"user0"``, ...), which must all occur."""
-    parts, rest = [], text
-    for r in roles_at:
-        mark = _MARK.format(r)
+def _split(tokenizer: Any, roles: list[str]) -> list[str]:
+    """The text around each message of a conversation of ``roles`` (one more part than roles)."""
+    parts, rest = [], _render(tokenizer, roles)
+    for i, r in enumerate(roles):
+        mark = _MARK.format(f"{r}{i}")
         if mark not in rest:
-            raise TemplateError(f"the chat template does not render message {r!r} as written")
+            raise TemplateError(f"the chat template does not render a {r} message as written")
         head, rest = rest.split(mark, 1)
         parts.append(head)
     return [*parts, rest]
+
+
+def _takes_system(tokenizer: Any) -> bool:
+    """Whether the template renders a system message (Alpaca's raises: it has none)."""
+    try:
+        _render(tokenizer, ["system", "user"])
+    except Exception:  # jinja's raise_exception, whatever error type the tokenizer wraps it in
+        return False
+    return True
 
 
 def _strip(text: str, prefix: str = "", suffix: str = "") -> str:
@@ -76,40 +88,54 @@ def _strip(text: str, prefix: str = "", suffix: str = "") -> str:
 
 def turn_format(tokenizer: Any) -> TurnFormat:
     """Measure ``tokenizer``'s chat template as a :class:`TurnFormat`; :class:`TemplateError`
-    when it is not one (checked on a conversation with every role, the user and assistant twice)."""
+    when it is not one (checked on conversations with and without a system message)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template")
     try:
-        head_u, between_ua, after_a = _between(
-            _render(tokenizer, ["user", "assistant"]), "user0", "assistant1"
-        )
-        _, _, between_au, after_u = _between(
-            _render(tokenizer, ["user", "assistant", "user"]), "user0", "assistant1", "user2"
-        )
-        plain = _render(tokenizer, ["user"])
-        generation = _strip(_render(tokenizer, ["user"], generation=True), prefix=plain)
-        before_u = _strip(between_au, prefix=after_a)
-        before = {"user": before_u, "assistant": _strip(between_ua, prefix=after_u)}
-        after = {"user": after_u, "assistant": after_a}
-        head = _strip(head_u, suffix=before_u)
-        if (system := _render_system(tokenizer)) is not None:
-            head_s, between_su, _ = _between(system, "system0", "user1")
-            before["system"] = _strip(head_s, prefix=head)
-            after["system"] = _strip(between_su, suffix=before_u)
-        fmt = TurnFormat(head, before, after, generation)
-        roles = [r for r in ("system",) if r in before] + ["user", "assistant"] * 2 + ["user"]
-        messages = [{"role": r, "content": _MARK.format(f"{r}{i}")} for i, r in enumerate(roles)]
-        expected = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        fmt = _measure(tokenizer)
     except TemplateError as e:
         raise TemplateError(f"cannot translate the chat template for Ollama: {e}") from None
-    if fmt.render(messages) != expected:
-        raise TemplateError(
-            "cannot translate the chat template for Ollama: it does not wrap every message the "
-            "same way (e.g. a default system prompt, or a system message merged into a turn)"
-        )
+    checks = [["user", "assistant", "user", "assistant", "user"]]
+    if "system" in fmt.before:
+        checks.append(["system", *checks[0]])
+    for roles in checks:
+        expected = _render(tokenizer, roles, generation=True)
+        if fmt.render(_messages(roles)) != expected:
+            raise TemplateError(
+                "cannot translate the chat template for Ollama: it does not wrap every message "
+                "the same way (e.g. a system message merged into a turn, or text that changes)"
+            )
     return fmt
+
+
+def _measure(tokenizer: Any) -> TurnFormat:
+    """The pieces of :class:`TurnFormat`, from conversations that start with a system message
+    when the template takes one (so no default system prompt is inserted into them)."""
+    first = ["system"] if _takes_system(tokenizer) else []
+    n = len(first)
+    one = _split(tokenizer, [*first, "user", "assistant"])
+    two = _split(tokenizer, [*first, "user", "assistant", "user"])
+    after = {"user": two[-1], "assistant": one[-1]}
+    before = {"user": _strip(two[n + 2], prefix=after["assistant"])}
+    before["assistant"] = _strip(one[n + 1], prefix=after["user"])
+    only_user = _split(tokenizer, ["user"])[0]  # head (+ a default system turn) + before user
+    plain = _render(tokenizer, ["user"])
+    generation = _strip(_render(tokenizer, ["user"], generation=True), prefix=plain)
+    if not first:
+        return TurnFormat(_strip(only_user, suffix=before["user"]), before, after, generation)
+    after["system"] = _strip(one[1], suffix=before["user"])
+    head_and_before_system = one[0]
+    default = only_user.removesuffix(before["user"])
+    if default.startswith(head_and_before_system) and default.endswith(after["system"]):
+        default_system = _strip(default, prefix=head_and_before_system, suffix=after["system"])
+        if not default_system:
+            raise TemplateError("the template writes an empty system turn when there is none")
+        bos = tokenizer.bos_token or ""
+        head = bos if bos and head_and_before_system.startswith(bos) else ""
+    else:  # no default: what precedes the user turn alone is the head
+        head, default_system = _strip(only_user, suffix=before["user"]), ""
+    before["system"] = _strip(head_and_before_system, prefix=head)
+    return TurnFormat(head, before, after, generation, default_system)
 
 
 def _go_literal(text: str) -> str:
@@ -160,6 +186,10 @@ def modelfile(
     if adapter_file:
         lines.append(f"ADAPTER ./{adapter_file}")
     lines.append(f'TEMPLATE """{go_template(fmt, drop=bos)}"""')
+    if fmt.default_system:
+        if '"""' in fmt.default_system:
+            raise TemplateError('the default system prompt holds """, which a Modelfile cannot')
+        lines.append(f'SYSTEM """{fmt.default_system}"""')
     lines += [f"PARAMETER stop {_quote(s)}" for s in stop_tokens(fmt, tokenizer.eos_token)]
     return "\n".join(lines) + "\n"
 

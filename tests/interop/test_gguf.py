@@ -297,6 +297,11 @@ CHATML = (
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Qwen2.5's, without its tools branch: ChatML with a default system prompt
+QWEN25 = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are Qwen, a helpful "
+    "assistant.<|im_end|>\\n' }}{% endif %}" + CHATML
+)
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
     "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
@@ -340,22 +345,32 @@ CONVERSATION = [
     [
         ("alpaca", alpaca_chat_template(bos=True), ["</s>"]),
         ("chatml", CHATML, ["</s>", "<|im_end|>"]),
+        ("qwen2.5", QWEN25, ["</s>", "<|im_end|>"]),
         ("llama3", LLAMA3, ["</s>", "<|eot_id|>"]),
     ],
 )
 def test_modelfile_template_renders_as_the_chat_template(model, name, template, stops):
-    """What Ollama sends llama.cpp equals the chat template's text minus the BOS that llama.cpp
-    adds itself (add_bos_token), for the formats we translate."""
+    """What Ollama sends llama.cpp (the Modelfile's SYSTEM as the first message when the
+    conversation has none) equals the chat template's text minus the BOS that llama.cpp adds
+    itself (add_bos_token), for the formats we translate, with and without a system message."""
     tok = model.tokenizer
     old, tok.chat_template = tok.chat_template, template
     try:
         text = ollama.modelfile(tok, "m.gguf", add_bos=True)
-        conv = CONVERSATION[1:] if name == "alpaca" else CONVERSATION
-        want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        conversations = [CONVERSATION[1:]] + ([] if name == "alpaca" else [CONVERSATION])
+        wanted = [
+            tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
     finally:
         tok.chat_template = old
     go = re.search(r'TEMPLATE """(.*?)"""', text, re.S)[1]
-    assert render_go(go, conv) == want.removeprefix(tok.bos_token)
+    system = re.search(r'SYSTEM """(.*?)"""', text, re.S)
+    assert (system is not None) == (name == "qwen2.5")
+    for conv, want in zip(conversations, wanted, strict=True):
+        if system and conv[0]["role"] != "system":  # Ollama's use of the Modelfile's SYSTEM
+            conv = [{"role": "system", "content": system[1]}, *conv]
+        assert render_go(go, conv) == want.removeprefix(tok.bos_token)
     assert re.findall(r'PARAMETER stop "(.*)"', text) == stops
     assert text.startswith("FROM ./m.gguf\n")
 
