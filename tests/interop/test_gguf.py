@@ -473,3 +473,14 @@ def test_llama_cpp_matches_jaxlora(family, tmp_path):
     np.testing.assert_allclose(
         np.array(with_lora["logits"]), np.array(got["logits"]), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (JAXLORA_LLAMA_CPP_PYTHON)")
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_llama_cpp_loads_every_type(model, files, gguf_type):
+    """llama.cpp reads the 16-bit and Q8_0 files and computes finite logits of the model's
+    shape from them."""
+    got = _llama_cpp(model=files[gguf_type], ids=[1, 40, 41, 42], new=0, text="x")
+    logits = np.array(got["logits"])
+    assert logits.shape == (4, model.config.vocab_size) and np.isfinite(logits).all()
