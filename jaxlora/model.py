@@ -24,6 +24,7 @@ from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.attention import AttentionImpl
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.registry import embedding, family
 from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
@@ -64,9 +65,9 @@ class Model:
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
         them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
-        param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
+        param_dtype = embedding(self.config, self.params).dtype
         k = self.kernels
-        return LlamaForCausalLM(
+        return family(self.config).module(
             self.config,
             dtype=self.dtype,
             param_dtype=param_dtype,

@@ -143,3 +143,37 @@ def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dic
         "train": directory / "train.jsonl",
         "eval": directory / "eval.jsonl",
     }
+
+
+FALCON_VARIANTS = {
+    # Falcon-7B: multi-query, attention and MLP in parallel from one LayerNorm, tied head
+    "falcon7b_mqa": dict(multi_query=True, parallel_attn=True),
+    # Falcon-40B/180B: grouped KV (interleaved fused qkv), ln_attn + ln_mlp, biases, untied
+    "falcon40b_gqa": dict(
+        new_decoder_architecture=True, num_kv_heads=2, bias=True, tie_word_embeddings=False
+    ),
+}
+
+
+def make_hf_falcon(variant: str, directory: Path | None = None, seed: int = 0, **overrides):
+    """A random-init ``FalconForCausalLM`` (float32, eval mode; odd vocab 61 and MLP 37,
+    head_dim 10), saved to ``directory`` if given. LayerNorm weights and every bias are
+    randomised, as in :func:`make_hf_model`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=61, hidden_size=40, num_attention_heads=4, num_hidden_layers=2)
+    kw |= dict(ffn_hidden_size=37, max_position_embeddings=64)
+    kw |= FALCON_VARIANTS.get(variant, {}) | overrides
+    config = transformers.FalconConfig(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = ".ln_" in name or "layernorm" in name
+            if name.endswith("bias") or norm:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if norm and name.endswith("weight") else 0))
+    model.eval()
+    if directory is not None:
+        model.save_pretrained(directory)
+    return model

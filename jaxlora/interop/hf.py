@@ -33,7 +33,7 @@ from jaxlora.interop.safetensors import (
     save_sharded,
 )
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
-from jaxlora.models.llama import param_shapes
+from jaxlora.models.registry import config_from_hf, param_shapes
 from jaxlora.weights.nf4 import NF4Tensor
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def read_config(directory: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     try:
-        return LlamaConfig.from_hf(raw), raw
+        return config_from_hf(raw), raw
     except UnsupportedConfigError as e:
         raise UnsupportedConfigError(f"{path}: {e}") from None
 
