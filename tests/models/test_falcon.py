@@ -190,3 +190,37 @@ def test_llama_style_targets_on_falcon_name_falcon_modules(ckpt):
     # PEFT's default for falcon is the fused projection
     hits = resolve_targets(model.params, LoraConfig())
     assert sorted(hits) == [f"transformer.h.{i}.self_attention.query_key_value" for i in (0, 1)]
+
+
+# ---- sharding: the fused query_key_value splits on whole KV groups only ---------------------
+
+
+@pytest.mark.parametrize(("tensor", "kv_heads", "split"), [(2, 2, True), (4, 2, False), (2, 1, False)])
+def test_fused_qkv_shards_on_whole_kv_groups(tensor, kv_heads, split):
+    from jax.sharding import AbstractMesh, PartitionSpec
+
+    from jaxlora.config.recipe import MeshConfig
+    from jaxlora.lora import inject
+    from jaxlora.models.registry import param_shapes, shard_units
+    from jaxlora.training.sharding import tree_shardings
+
+    # 8 heads of 4 in kv_heads groups: 48 rows (kv=2) or 40 (kv=1), each divisible by `tensor`,
+    # so only the group count decides whether a split falls between groups.
+    new_arch = dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)
+    raw = _raw(hidden_size=32, num_attention_heads=8, ffn_hidden_size=64)
+    raw |= new_arch if kv_heads == 2 else {}
+    config = FalconConfig.from_hf(raw)
+    assert config.qkv_size % tensor == 0 and config.num_key_value_heads == kv_heads
+    lcfg = LoraConfig(r=2, target_modules=("query_key_value",))
+    params = jax.eval_shape(lambda k: inject(param_shapes(config), lcfg, k), jax.random.key(0))
+    mesh = AbstractMesh((1, 1, tensor), ("data", "fsdp", "tensor"))
+    sh = tree_shardings(params, mesh, MeshConfig().rules, shard_units(config))
+    qkv = sh["transformer"]["h"]["0"]["self_attention"]["query_key_value"]
+    out = "tensor" if split else None
+    assert qkv["weight"].base.spec == PartitionSpec(out, None)
+    assert qkv["weight"].b.spec == PartitionSpec(out, None)
+    if "bias" in qkv:
+        assert qkv["bias"].spec == PartitionSpec(out)
+    # the MLP is no fused projection: it splits over tensor whatever the groups
+    h_to_4h = sh["transformer"]["h"]["0"]["mlp"]["dense_h_to_4h"]["weight"]
+    assert h_to_4h.spec == PartitionSpec("tensor", None)
