@@ -103,9 +103,12 @@ def random_ids(batch: int, seq: int, vocab: int = 61, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int64)
 
 
-def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dict[str, Path]:
-    """A tiny Llama with a real (offline-built) tokenizer, and alpaca-format JSONL data:
-    everything a ``python -m jaxlora.train`` run needs, in ``directory``."""
+def make_run_assets(
+    directory: Path, n_train: int = 96, n_eval: int = 12, falcon: str | None = None
+) -> dict[str, Path]:
+    """A tiny Llama (or the ``falcon`` variant of :data:`FALCON_VARIANTS`) with a real
+    (offline-built) tokenizer, and alpaca-format JSONL data: everything a
+    ``python -m jaxlora.train`` run needs, in ``directory``."""
     import json
     import random
 
@@ -113,15 +116,20 @@ def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dic
 
     tok = make_tokenizer()
     model_dir = directory / "model"
-    make_hf_model(
-        "llama2_mha",
-        model_dir,
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if falcon is not None:
+        make_hf_falcon(
+            falcon, model_dir, vocab_size=len(tok), hidden_size=64, ffn_hidden_size=128, **special
+        )
+    else:
+        make_hf_model(
+            "llama2_mha",
+            model_dir,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            **special,
+        )
     tok.save_pretrained(model_dir)
     rng = random.Random(0)
 
