@@ -180,7 +180,9 @@ def make_hf_falcon(variant: str, directory: Path | None = None, seed: int = 0, *
         for name, p in model.named_parameters():
             norm = ".ln_" in name or "layernorm" in name
             if name.endswith("bias") or norm:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if norm and name.endswith("weight") else 0))
+                p.copy_(
+                    torch.randn_like(p) * 0.1 + (1.0 if norm and name.endswith("weight") else 0)
+                )
     model.eval()
     if directory is not None:
         model.save_pretrained(directory)

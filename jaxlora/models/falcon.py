@@ -191,7 +191,12 @@ class FalconForCausalLM(nn.Module):
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
         h, embed_w, caches = FalconModel(
-            cfg, self.dtype, self.param_dtype, self.remat, self.attn_impl, self.runs,
+            cfg,
+            self.dtype,
+            self.param_dtype,
+            self.remat,
+            self.attn_impl,
+            self.runs,
             name="transformer",
         )(input_ids, positions, segment_ids, caches)
         if return_hidden:

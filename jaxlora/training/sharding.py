@@ -1,8 +1,8 @@
 """Logical axes -> device mesh: shardings for any parameter, optimizer-state or batch tree.
 
 The model declares logical axes per weight (``MODULE_AXES`` in ``models/registry.py``, by
-Hugging Face module name, over every family); the recipe's ``mesh.rules`` map them to mesh axes (``data``, ``fsdp``,
-``tensor``). Model code never names a mesh axis. Inside weight types:
+Hugging Face module name, over every family); the recipe's ``mesh.rules`` map them to mesh axes
+(``data``, ``fsdp``, ``tensor``). Model code never names a mesh axis. Inside weight types:
 
 * ``NF4Tensor``: packed ``codes [out, in/2]`` and ``absmax [out, in/blocksize]`` shard like the
   weight, so every shard holds whole 64-blocks with their absmax beside them (a split of ``in``

@@ -195,7 +195,9 @@ def test_llama_style_targets_on_falcon_name_falcon_modules(ckpt):
 # ---- sharding: the fused query_key_value splits on whole KV groups only ---------------------
 
 
-@pytest.mark.parametrize(("tensor", "kv_heads", "split"), [(2, 2, True), (4, 2, False), (2, 1, False)])
+@pytest.mark.parametrize(
+    ("tensor", "kv_heads", "split"), [(2, 2, True), (4, 2, False), (2, 1, False)]
+)
 def test_fused_qkv_shards_on_whole_kv_groups(tensor, kv_heads, split):
     from jax.sharding import AbstractMesh, PartitionSpec
 
