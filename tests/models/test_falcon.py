@@ -153,7 +153,11 @@ def test_decoder_block_matches(variant):
 
 
 def _raw(**overrides) -> dict:
-    return json.loads(make_hf_falcon("falcon7b_mqa", **overrides).config.to_json_string())
+    """A Falcon-7B-style ``config.json`` as transformers writes it (no model built)."""
+    import transformers
+
+    kw = dict(vocab_size=61, hidden_size=40, num_attention_heads=4, num_hidden_layers=2)
+    return json.loads(transformers.FalconConfig(**(kw | overrides)).to_json_string())
 
 
 @pytest.mark.parametrize(
@@ -188,6 +192,9 @@ def test_llama_style_targets_on_falcon_name_falcon_modules(ckpt):
     with pytest.raises(LoraConfigError, match="query_key_value.*dense_4h_to_h"):
         resolve_targets(model.params, LoraConfig(target_modules=("q_proj", "v_proj")))
     # PEFT's default for falcon is the fused projection
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEF
+
+    assert tuple(DEF["falcon"]) == ("query_key_value",)
     hits = resolve_targets(model.params, LoraConfig())
     assert sorted(hits) == [f"transformer.h.{i}.self_attention.query_key_value" for i in (0, 1)]
 
