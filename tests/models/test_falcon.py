@@ -233,3 +233,49 @@ def test_fused_qkv_shards_on_whole_kv_groups(tensor, kv_heads, split):
     # the MLP is no fused projection: it splits over tensor whatever the groups
     h_to_4h = sh["transformer"]["h"]["0"]["mlp"]["dense_h_to_4h"]["weight"]
     assert h_to_4h.spec == PartitionSpec("tensor", None)
+
+
+_HUB_COMMON = dict(  # fields tiiuae/falcon-7b and falcon-40b's config.json share
+    alibi=False,
+    apply_residual_connection_post_layernorm=False,
+    architectures=["FalconForCausalLM"],
+    attention_dropout=0.0,
+    bias=False,
+    bos_token_id=11,
+    eos_token_id=11,
+    hidden_dropout=0.0,
+    initializer_range=0.02,
+    layer_norm_epsilon=1e-05,
+    model_type="falcon",
+    multi_query=True,
+    parallel_attn=True,
+    torch_dtype="bfloat16",
+    transformers_version="4.27.4",
+    use_cache=True,
+    vocab_size=65024,
+)
+
+
+@pytest.mark.parametrize(
+    ("fields", "kv_heads", "qkv_rows", "norms"),
+    [
+        (dict(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32), 1, 73 * 64, 1),
+        (
+            dict(
+                hidden_size=8192,
+                num_attention_heads=128,
+                num_hidden_layers=60,
+                num_kv_heads=8,
+                new_decoder_architecture=True,
+            ),
+            8,
+            (128 + 16) * 64,
+            2,
+        ),
+    ],
+)
+def test_hub_falcon_configs_parse(fields, kv_heads, qkv_rows, norms):
+    config = FalconConfig.from_hf(_HUB_COMMON | fields)
+    assert config.num_key_value_heads == kv_heads and config.head_dim == 64
+    assert config.qkv_size == qkv_rows and config.num_ln_in_parallel_attn == norms
+    assert config.ffn_hidden_size == 4 * config.hidden_size and config.tie_word_embeddings
