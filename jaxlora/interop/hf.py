@@ -207,6 +207,12 @@ def save_bnb4(
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it through
     bitsandbytes with no requantization. Other weights are written in ``dtype``.
     """
+    if config.model_type == "falcon":
+        log.warning(
+            "bnb4 export of a Falcon: transformers 5 quantizes only exact nn.Linear modules, "
+            "not Falcon's FalconLinear, so it cannot load this checkpoint (transformers 4.x "
+            "and jaxlora can); for transformers 5 export merged (dense) or peft"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
