@@ -4,7 +4,10 @@
 ``step`` defaults to the latest; ``dtype=float32|bfloat16|float16`` sets the written weights'
 dtype. ``peft`` writes the adapter (with the tokenizer), ``merged`` a dense Hugging Face
 checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a bitsandbytes checkpoint plus
-the adapter in ``out/adapter``. Arguments use the grammar of every
+the adapter in ``out/adapter``. ``push_to_hub=<user/repo> [private=true]`` then uploads the export
+with a model card (``README.md``: base, data, recipe, held-out numbers, how to load it) to the
+Hugging Face Hub (a token from ``hf auth login`` or ``HF_TOKEN``; ``private`` applies to a new
+repository). Arguments use the grammar of every
 jaxlora command (``key=value``; a misspelled key names the nearest one). The library call is
 :func:`jaxlora.training.export.export_checkpoint`.
 """
@@ -12,15 +15,18 @@ jaxlora command (``key=value``; a misspelled key names the nearest one). The lib
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from jaxlora.config import ConfigError, Section, from_argv
+from jaxlora.config.typed import check
+from jaxlora.interop.hub import HubError
 from jaxlora.interop.safetensors import CheckpointError
 from jaxlora.training.checkpoint import ResumeError
-from jaxlora.training.export import export_checkpoint
+from jaxlora.training.export import export_checkpoint, push_to_hub
 
 __all__ = ["ExportArgs", "export_checkpoint", "main"]
 
@@ -34,6 +40,17 @@ class ExportArgs(Section):
     out: str
     step: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    push_to_hub: str | None = None  # a Hub repository id, user/name
+    private: bool = False
+
+    def _validate(self) -> None:
+        repo = self.push_to_hub
+        check(
+            repo is None or re.fullmatch(r"[\w.-]+/[\w.-]+", repo) is not None,
+            "push_to_hub",
+            f"must be a Hub repository id <user or org>/<name>; got {repo!r}",
+        )
+        check(not self.private or repo is not None, "private", "applies only with push_to_hub")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxlora.export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} export to {out}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(
+                args.checkpoint,
+                args.format,
+                out,
+                args.push_to_hub,
+                step=args.step,
+                private=args.private,
+            )
+        except HubError as e:
+            print(f"jaxlora.export: {e}", file=sys.stderr)
+            return 1
+        print(f"pushed to {url}")
     return 0
 
 

@@ -17,6 +17,9 @@ produced::
   also writes ``{"prompt", "completion"}`` lines.
 * ``interactive=true``: a conversation on the terminal (``/reset`` starts over, ``/exit`` or
   end of input quits); each answer joins the conversation.
+* One ``adapter=``: a command answers with one model. Several adapters on one base, switched
+  between prompts, are the Python API (``Model.load_adapter(dir, name=...)``, ``set_adapter``;
+  docs/interop.md), which loads the base once for all of them.
 * Tokens are printed as they are produced (``stream=false``: each answer when it is complete).
   Greedy by default; ``temperature``, ``top_k``, ``top_p``, ``seed`` sample.
 

@@ -1,15 +1,19 @@
 """The notebook/script face of jaxlora: ``model = jaxlora.load_model(...); logits = model(ids)``.
 
 A :class:`Model` is a value: its verbs return a new Model (``apply_lora``, ``load_adapter``,
-``merge``, ``replace``) or write files (``save_adapter``, ``save_merged``), built on the
-functions of :mod:`jaxlora.lora` and :mod:`jaxlora.interop` below it.
+``merge``, ``replace``; with adapters by name, PEFT's ``set_adapter``, ``disable_adapter``,
+``delete_adapter``, ``merge_adapter``) or write files (``save_adapter``, ``save_merged``), built
+on the functions of :mod:`jaxlora.lora`, :mod:`jaxlora.adapters` and :mod:`jaxlora.interop`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from jaxlora import lora
+from jaxlora.adapters import AdapterSet, check_name, read_adapter
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.attention import AttentionImpl
@@ -29,6 +34,13 @@ from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)
+
+# The models whose adapters a ``with model.disable_adapter() as base:`` block has switched off.
+# PEFT's idiom switches in place (``with model.disable_adapter(): model(ids)``); a Model is a
+# value, so that spelling would run the adapter inside the block: it raises instead.
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "jaxlora_disabled_adapters", default=frozenset()
+)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -61,10 +73,17 @@ class Model:
     lora: Any = None  # the LoraConfig applied, if any
     quant: str | None = None
     kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
+    adapter_set: AdapterSet | None = None  # adapters loaded by name (load_adapter(..., name=))
 
     def module(self, remat: str = "none") -> LlamaForCausalLM:
         """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
         them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
+        if id(self) in _DISABLED.get():
+            raise lora.LoraError(
+                "this model's adapters are disabled inside `with model.disable_adapter() as "
+                "base:` — run `base`, the value the with-statement gives (a Model is a value: "
+                "the model itself keeps its adapter)"
+            )
         param_dtype = embedding(self.config, self.params).dtype
         k = self.kernels
         return family(self.config).module(
@@ -120,12 +139,18 @@ class Model:
         key = jax.random.key(0) if key is None else key
         return self.replace(params=lora.inject(self.params, cfg, key), lora=cfg)
 
-    def load_adapter(self, directory: str | Path) -> Model:
+    def load_adapter(self, directory: str | Path, name: str | None = None) -> Model:
         """A new Model with the PEFT adapter in ``directory`` applied (see ``interop.peft``).
 
         An adapter a run saved carries the tokenizer with the run's prompt format as its chat
         template (:mod:`jaxlora.data.prompts`); when ``directory`` has tokenizer files they
-        replace the base's (a model loaded without a tokenizer stays without one)."""
+        replace the base's (a model loaded without a tokenizer stays without one).
+
+        With ``name``, the adapter joins the others loaded by name over the same base (PEFT's
+        ``load_adapter(path, adapter_name)``, see :mod:`jaxlora.adapters`): the first becomes
+        active, later ones wait for :meth:`set_adapter`; ranks and targets may differ."""
+        if name is not None:
+            return self._load_named(directory, name)
         self._no_adapter_yet(directory)
         params, cfg = peft.load_adapter(self.params, directory)
         tokenizer = self.tokenizer
@@ -133,6 +158,71 @@ class Model:
             log.info("tokenizer (and its chat template) from the adapter directory %s", directory)
             tokenizer = own
         return self.replace(params=params, lora=cfg, tokenizer=tokenizer)
+
+    # ---- several adapters by name (PEFT's vocabulary; jaxlora.adapters) ----------------------
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the adapters loaded by name, in load order."""
+        return () if self.adapter_set is None else tuple(self.adapter_set.named)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter by name that runs (``None``: none, or the adapter has no name)."""
+        return None if self.adapter_set is None else self.adapter_set.active
+
+    def set_adapter(self, name: str) -> Model:
+        """A new Model running the adapter ``name`` (its tokenizer too, if it brought one)."""
+        return self._with_adapters(self._named("set_adapter").activate(name))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[Model]:
+        """``with model.disable_adapter() as base:`` — ``base`` runs the base alone.
+
+        A Model is a value, so unlike PEFT's in-place switch the base is the model the
+        context gives; ``model`` itself keeps its adapter inside and after the block."""
+        base = self._with_adapters(self._named("disable_adapter").activate(None))
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
+        try:
+            yield base
+        finally:
+            _DISABLED.reset(token)
+
+    def delete_adapter(self, name: str) -> Model:
+        """A new Model without the adapter ``name``; deleting the active one activates the first
+        one left (PEFT's rule), deleting the last leaves the base alone."""
+        return self._with_adapters(self._named("delete_adapter").remove(name))
+
+    def merge_adapter(self, name: str) -> Model:
+        """The adapter ``name`` folded into the weights, the other adapters dropped: PEFT's
+        ``set_adapter(name)`` then ``merge_and_unload()`` (:meth:`merge`)."""
+        return self.set_adapter(name).merge()
+
+    def _load_named(self, directory: str | Path, name: str) -> Model:
+        if self.adapter_set is None and self.lora is not None:
+            raise lora.LoraError(
+                f"{directory}: the model has an adapter without a name; merge() it first, or "
+                "load every adapter with a name"
+            )
+        adapters = self.adapter_set or AdapterSet.over(self.params, self.tokenizer)
+        check_name(name, adapters.named)  # before reading any file
+        own = _load_tokenizer(Path(directory)) if self.tokenizer is not None else None
+        adapter = read_adapter(adapters.base, directory, own)
+        return self._with_adapters(adapters.add(name, adapter))
+
+    def _named(self, verb: str) -> AdapterSet:
+        if self.adapter_set is None:
+            raise lora.LoraError(f"{verb}: no adapter is loaded by name (load_adapter(path, name))")
+        return self.adapter_set
+
+    def _with_adapters(self, adapters: AdapterSet) -> Model:
+        """This model running ``adapters``' active adapter (or, with none loaded, the base)."""
+        return self.replace(
+            params=adapters.params(),
+            lora=adapters.config(),
+            tokenizer=adapters.tokenizer(),
+            adapter_set=adapters if adapters.named else None,
+        )
 
     def save_adapter(
         self, directory: str | Path, base_model_name_or_path: str | None = None
@@ -149,8 +239,9 @@ class Model:
 
     def merge(self) -> Model:
         """A new Model with every LoRA weight folded into its base (float32 merge; NF4 bases
-        come back dense)."""
-        return self.replace(params=lora.merge(self.params), lora=None)
+        come back dense): PEFT's ``merge_and_unload``; of adapters loaded by name, the active
+        one is folded in and the others are dropped."""
+        return self.replace(params=lora.merge(self.params), lora=None, adapter_set=None)
 
     def save_merged(self, directory: str | Path, dtype: str | None = None) -> Path:
         """Write a plain HF checkpoint with the adapter merged in (see ``interop.merged``),
@@ -160,9 +251,15 @@ class Model:
         return out
 
     def _no_adapter_yet(self, directory: Any = None) -> None:
-        if self.lora is None:
+        if self.lora is None and self.adapter_set is None:
             return
         msg = "the model already has a LoRA adapter; merge() it first"
+        if self.adapter_set is not None:
+            fix = "give this one a name too, or " if directory is not None else ""
+            msg = (
+                f"the model holds adapters by name {list(self.adapters)}; {fix}"
+                "merge_adapter(name) one first"
+            )
         if directory is None:
             raise lora.LoraError(msg)
         raise peft.UnsupportedAdapterError(f"{directory}: {msg}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ def _adapter(out: Path) -> dict[str, np.ndarray]:
         ("train.schedule=exponential", "train.schedule"),
         ("lora.dropout=1.5", "lora.dropout"),
         ("recipe=no_such_recipe", "unknown recipe"),
+        ("train.report_to=[wandb]", "must include jsonl"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(assets, tmp_path, capsys, override, needle):
@@ -95,17 +97,22 @@ def test_target_module_that_matches_nothing_is_an_error(assets, tmp_path, capsys
 @pytest.fixture(scope="module")
 def short_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("short") / "run"
-    rc = train.main(
-        _args(
-            assets,
-            out,
-            "train.max_steps=12",
-            "train.lr=3e-3",
-            "train.exact_match_examples=4",
-            "train.sample_every=6",
-            "train.sample_prompts=['What is 2 plus 3?']",
+    with pytest.MonkeyPatch.context() as env:  # wandb writes its run files, offline and quiet
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_CONSOLE", "off")
+        env.setenv("WANDB_SILENT", "true")
+        rc = train.main(
+            _args(
+                assets,
+                out,
+                "train.max_steps=12",
+                "train.lr=3e-3",
+                "train.exact_match_examples=4",
+                "train.sample_every=6",
+                "train.sample_prompts=['What is 2 plus 3?']",
+                "train.report_to=[jsonl,tensorboard,wandb]",
+            )
         )
-    )
     assert rc == 0
     return out
 
@@ -124,6 +131,72 @@ def test_short_run_loss_falls_and_writes_everything(short_run):
     assert (short_run / "adapter" / "adapter_config.json").exists()
     report = json.loads((short_run / "report.json").read_text())
     assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
+
+
+def _tensorboard_scalars(tb_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> {tag: value} from TensorBoard event files (TFRecord framing: u64 length,
+    u32 crc, the Event proto, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps: dict[int, dict[str, float]] = {}
+    for path in tb_dir.iterdir():
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 16 + n
+            for v in event.summary.value:
+                steps.setdefault(event.step, {})[v.tag] = v.simple_value
+    return steps
+
+
+def _wandb_records(run_file: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` protos of an offline ``run-<id>.wandb`` file: a 7-byte
+    W&B header, then LevelDB log records (32 KiB blocks; u32 crc, u16 length, u8 kind: 1 whole,
+    2 first, 3 middle, 4 last)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, part = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        part, pos = part + data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            records, part = [*records, Record.FromString(part)], b""
+    return records
+
+
+def test_tensorboard_and_wandb_hold_the_scalars_of_metrics_jsonl(short_run):
+    """train.report_to=[jsonl,tensorboard,wandb]: both trackers hold every numeric field of
+    every metrics.jsonl row at its step. wandb keeps float64 (JSON), so values are equal;
+    TensorBoard stores float32, so each equals the jsonl value rounded to float32."""
+    rows = {r.pop("step"): r for r in _metrics(short_run)}
+    tb = _tensorboard_scalars(short_run / "tb")
+    (run_file,) = (short_run / "wandb").glob("offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    wb = {}  # wandb's own keys (_step, _runtime, _timestamp) start with "_"
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+            }
+            wb[r.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    assert sorted(tb) == sorted(wb) == sorted(rows)
+    for step, row in rows.items():
+        assert wb[step] == row
+        assert tb[step] == {k: float(np.float32(v)) for k, v in row.items()}
+    # the wandb run is named for the run directory and carries the resolved config
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("jaxlora", short_run.name)
+    from jaxlora.config import load_config
+    from jaxlora.config.typed import to_plain
+
+    config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
+    assert config == to_plain(load_config(str(short_run / "config.yaml")))
 
 
 def test_saved_config_reproduces_the_run_config(short_run):
@@ -154,6 +227,127 @@ def test_export_from_checkpoint(short_run, tmp_path, fmt):
     else:
         assert json.loads((out / "config.json").read_text())["quantization_config"]
         assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---- push_to_hub: the folder that would be uploaded, its model card; vLLM's needs --------------
+
+
+@pytest.fixture(scope="module")
+def pushed(short_run, tmp_path_factory):
+    """peft and merged exports pushed through the CLI, with huggingface_hub's HfApi replaced by
+    a recorder (no network here): {fmt: export dir}, and the calls it received."""
+    from jaxlora.interop import hub
+
+    calls: list[tuple] = []
+
+    class RecordingHfApi:
+        def __init__(self, token=None):
+            calls.append(("HfApi", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id):
+            files = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*"))
+            calls.append(("upload_folder", folder_path, repo_id, files))
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    root, outs = tmp_path_factory.mktemp("pushed"), {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "HfApi", RecordingHfApi)
+        for fmt, private in [("peft", "true"), ("merged", "false")]:
+            outs[fmt] = root / fmt
+            argv = [f"checkpoint={short_run}", f"format={fmt}", f"out={outs[fmt]}", "step=8"]
+            argv += [f"push_to_hub=me/tiny-{fmt}", f"private={private}"]
+            assert export_main(argv) == 0
+    return outs, calls
+
+
+def _card(folder: Path) -> tuple[dict, str]:
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_push_to_hub_uploads_the_export_and_its_model_card(short_run, pushed):
+    """One create_repo (private as asked) and one upload_folder of exactly the export's files
+    plus README.md, whose card carries the run: step, recipe, held-out numbers, how to load."""
+    from jaxlora.config import load_config, to_yaml
+
+    outs, calls = pushed
+    for i, (fmt, private) in enumerate([("peft", True), ("merged", False)]):
+        folder, repo = outs[fmt], f"me/tiny-{fmt}"
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        assert calls[3 * i : 3 * i + 3] == [
+            ("HfApi", True),
+            ("create_repo", repo, private, True),
+            ("upload_folder", folder, repo, files),
+        ]
+        assert "README.md" in files and "tokenizer_config.json" in files
+        assert ("adapter_model.safetensors" if fmt == "peft" else "model.safetensors") in files
+        meta, body = _card(folder)
+        assert meta["library_name"] == ("peft" if fmt == "peft" else "transformers")
+        assert {"jaxlora", "lora", "qlora"} <= set(meta["tags"])
+        assert "Step 8 of a run of 12 optimizer steps" in body
+        report = json.loads((short_run / "report.json").read_text())
+        for key, name in [("eval_loss", "eval loss"), ("exact_match", "exact match")]:
+            b, a = report["before"][key], report["after"][key]
+            assert f"| {name} | {b:.4f} | {a:.4f} |" in body
+        eval8 = next(r["eval_loss"] for r in _metrics(short_run) if r["step"] == 8)
+        assert f"Eval loss at step 8: {eval8:.4f}." in body
+        recipe = body.split("```yaml\n")[1].split("```")[0]
+        assert recipe == to_yaml(load_config(str(short_run / "config.yaml")))
+        serve = "--enable-lora --lora-modules adapter=me/tiny-peft --max-lora-rank 16`"  # r=16
+        if fmt == "merged":
+            serve = "vllm serve me/tiny-merged`"
+        loads = "PeftModel.from_pretrained" if fmt == "peft" else f'from_pretrained("{repo}")'
+        assert loads in body and serve in body
+
+
+# What vLLM (0.33, read from its wheel: vllm/lora/peft_helper.py, lora/utils.py,
+# model_executor/models/llama.py and registry.py) asks of what it serves.
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # strings it takes
+
+
+def test_exports_carry_what_vllm_loads(pushed):
+    """``vllm serve <merged>`` and ``--enable-lora --lora-modules name=<adapter>`` would accept
+    these folders: a registered architecture with safetensors, an adapter config without the
+    features vLLM refuses, weights named as its parser expects, the tokenizer (and the chat
+    template the run trained with) beside each."""
+    from safetensors import safe_open
+
+    from jaxlora.interop import hub  # VLLM_MAX_LORA_RANKS: --max-lora-rank's choices
+
+    outs, _ = pushed
+    merged = json.loads((outs["merged"] / "config.json").read_text())
+    assert merged["architectures"] == ["LlamaForCausalLM"]  # vLLM's registry has it
+    adapter = outs["peft"]
+    c = json.loads((adapter / "adapter_config.json").read_text())
+    assert c["peft_type"] == "LORA" and isinstance(c["r"], int) and c["lora_alpha"] > 0
+    assert c["bias"] == "none" and not c["use_dora"] and not c.get("lora_bias")
+    assert not c["modules_to_save"] and not c.get("layer_replication")
+    init = c["init_lora_weights"]
+    assert not isinstance(init, str) or init.lower() in VLLM_INITS
+    assert max([c["r"], *c["rank_pattern"].values()]) <= max(hub.VLLM_MAX_LORA_RANKS)
+    # a list must name modules vLLM wraps; a pattern ("all-linear") is checked on the tensors
+    assert isinstance(c["target_modules"], str) or set(c["target_modules"]) <= VLLM_LORA_MODULES
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="numpy") as f:
+        names = list(f.keys())
+    for name in names:  # vLLM's parse_fine_tuned_lora_name, and its module check
+        parts = name.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-2:] in (
+            ["lora_A", "weight"],
+            ["lora_B", "weight"],
+        ), name
+        assert parts[-3] in VLLM_LORA_MODULES, name
+    for folder in (adapter, outs["merged"]):
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        assert (folder / "tokenizer.json").exists()
+        assert tok.get("chat_template") or (folder / "chat_template.jinja").exists()
 
 
 # ---- the prompt format travels with every export (issue: generate answers as trained) ---------

@@ -100,7 +100,8 @@ MEANINGS: dict[str, str] = {
     "data.path": "Training records: a `.json`/`.jsonl`/`.csv`/`.parquet` file, a directory of "
     "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required.",
     "data.format": "`alpaca` (instruction, input, output in the Stanford Alpaca template), "
-    "`chat` (messages rendered with the tokenizer's chat template) or `text` (plain text).",
+    "`chat` (messages rendered with the tokenizer's chat template), `sharegpt` (`conversations` "
+    "of `{from: human|gpt|system, value}`, mapped to chat messages) or `text` (plain text).",
     "data.split": "Split of a hub dataset (or of local files) to train on.",
     "data.subset": "Hub dataset configuration name.",
     "data.max_seq_len": "Tokens per row. Longer examples are cut from the right (and counted "
@@ -109,8 +110,9 @@ MEANINGS: dict[str, str] = {
     "each example. Far fewer wasted tokens on short data.",
     "data.train_on_inputs": "Also train on the prompt tokens (default: loss on responses / "
     "assistant turns only).",
-    "data.val_size": "Held-out share of `data.path`: a fraction in (0, 1) or a count; 0 = no "
-    "validation set. Must be 0 when `data.eval_path` is set.",
+    "data.val_size": "Held-out share of `data.path`: a fraction in (0, 1) (at least one "
+    "example, so it scales with the file) or a count; 0 = no validation set. Must be 0 when "
+    "`data.eval_path` is set.",
     "data.eval_path": "A separate held-out file or directory in the same format; it is then "
     "the validation set (eval loss, exact match).",
     "data.shuffle_seed": "Seed for the validation split and per-epoch shuffles "
@@ -121,6 +123,17 @@ MEANINGS: dict[str, str] = {
     "data.output_field": "Record field holding the response (`alpaca`).",
     "data.text_field": "Record field holding the text (`text`).",
     "data.messages_field": "Record field holding the `[{role, content}, ...]` list (`chat`).",
+    "data.conversations_field": "Record field holding the `[{from, value}, ...]` list "
+    "(`sharegpt`).",
+    "data.role_field": "Key of a ShareGPT turn naming the speaker (`sharegpt`).",
+    "data.content_field": "Key of a ShareGPT turn holding the text (`sharegpt`).",
+    "data.sharegpt_roles": "More ShareGPT speaker names, each mapped to `user`, `assistant`, "
+    "`system` or `tool` (`data.sharegpt_roles.bing=assistant`); `human`, `gpt`, `system`, "
+    "`user`, `assistant` are always known, any other speaker is refused naming the line.",
+    "data.chat_template": "The chat template `chat`/`sharegpt` data is rendered with and every "
+    "export carries: `llama3`, `chatml`, `mistral`, `gemma`, `phi3` (each family's official "
+    "instruct template), `alpaca`, or a Jinja file. For a base model without a template, or to "
+    "replace the tokenizer's own (logged). `null` = the tokenizer's own.",
     # train
     "train.batch_size": "Rows (of `data.max_seq_len` tokens) per micro-batch, summed over all "
     "devices and hosts. Must divide evenly over the `data x fsdp` mesh axes.",
@@ -173,6 +186,13 @@ MEANINGS: dict[str, str] = {
     "`data.eval_path` before and after training (`report.json`); 0 = off.",
     "train.resume": "Continue from the latest checkpoint in `output_dir`. Without it, a run "
     "into a directory that holds checkpoints is refused.",
+    "train.report_to": "Where metrics go besides the progress bar: `jsonl` (`metrics.jsonl`, "
+    "required: it is the run's record), `tensorboard` (`output_dir/tb`), `wandb` (a Weights & "
+    "Biases run in `output_dir/wandb`; `pip install 'jaxlora[wandb]'`, `WANDB_MODE=offline` "
+    "to sync later). Only process 0 reports.",
+    "train.wandb_project": "The wandb project the run is logged to (`WANDB_ENTITY` picks the "
+    "team). The run's config is the resolved recipe.",
+    "train.wandb_name": "The wandb run's name (`null` = the name of `output_dir`).",
     # mesh
     "mesh.data": "Devices on the pure data-parallel axis (each holds a full replica).",
     "mesh.fsdp": "Devices on the fully-sharded axis: weights, adapters and optimizer state "

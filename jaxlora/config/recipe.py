@@ -80,6 +80,8 @@ RECIPES_DIR = _recipes_dir()
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "lora_rank")
 MESH_AXES = ("data", "fsdp", "tensor")
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
+# data.chat_template's names: the families' official templates (jaxlora.data.templates).
+CHAT_TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3", "alpaca")
 
 Dtype = Literal["float32", "bfloat16"]
 # float16 computes (GPUs without bf16: T4, V100) with dynamic loss scaling (train.loss_scale_*);
@@ -135,7 +137,7 @@ class DataConfig(Section):
     _prefix: ClassVar[str] = "data."
     _ranges: ClassVar = {"max_seq_len": (lambda v: v >= 2, ">= 2"), "max_examples": GT0}
     path: str  # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id
-    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    format: Literal["alpaca", "chat", "sharegpt", "text"] = "alpaca"
     split: str = "train"
     subset: str | None = None  # hub dataset configuration name
     max_seq_len: int = 512
@@ -152,6 +154,17 @@ class DataConfig(Section):
     output_field: str = "output"
     text_field: str = "text"
     messages_field: str = "messages"
+    # ShareGPT records: {conversations: [{from: human|gpt|system, value}, ...]} (jaxlora.data.
+    # conversations); sharegpt_roles adds to or overrides the standard role names' mapping.
+    conversations_field: str = "conversations"
+    role_field: str = "from"
+    content_field: str = "value"
+    sharegpt_roles: dict[str, Literal["system", "user", "assistant", "tool"]] = field(
+        default_factory=dict
+    )
+    # The chat template chat/sharegpt data is rendered with, and every export carries: a name in
+    # CHAT_TEMPLATES or a Jinja file; None = the tokenizer's own.
+    chat_template: str | None = None
 
     def _validate(self) -> None:
         check(self.path != "", "data.path", "must be a file, a directory or a hub dataset id")
@@ -162,6 +175,23 @@ class DataConfig(Section):
             self.eval_path is None or v == 0,
             "data.val_size",
             f"must be 0 when data.eval_path gives the validation set; got {v}",
+        )
+        self._validate_chat_template()
+
+    def _validate_chat_template(self) -> None:
+        t = self.chat_template
+        if t is None:
+            return
+        check(
+            self.format in ("chat", "sharegpt"),
+            "data.chat_template",
+            f"renders conversations: it needs data.format chat or sharegpt, not {self.format}",
+        )
+        check(
+            t in CHAT_TEMPLATES or "/" in t or Path(t).suffix != "",
+            "data.chat_template",
+            f"{t!r} is neither a named template ({', '.join(CHAT_TEMPLATES)}) nor a path to a "
+            "Jinja file",
         )
 
 
@@ -232,12 +262,23 @@ class TrainConfig(Section):
     sample_max_new_tokens: int = 64
     exact_match_examples: int = 0  # greedy answers scored on data.eval_path, before and after
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    # Where metrics go besides the progress bar. metrics.jsonl is the run's record (resume trims
+    # it, report.json and the model card read it), so jsonl must be listed.
+    report_to: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "jaxlora"
+    wandb_name: str | None = None  # None = output_dir's name
 
     def _validate(self) -> None:
         check(
             self.sample_every == 0 or len(self.sample_prompts) > 0,
             "train.sample_prompts",
             "must list at least one prompt when train.sample_every > 0",
+        )
+        check(
+            "jsonl" in self.report_to,
+            "train.report_to",
+            "must include jsonl: metrics.jsonl is the run's record (resume, report.json and the "
+            f"model card read it); choices: jsonl, tensorboard, wandb; got {list(self.report_to)}",
         )
 
 
@@ -307,7 +348,8 @@ class Config(Section):
             self.train.exact_match_examples == 0
             or (self.data.eval_path is not None and self.data.format != "text"),
             "train.exact_match_examples",
-            "needs question/answer records: set data.eval_path, with data.format alpaca or chat",
+            "needs question/answer records: set data.eval_path, with data.format alpaca, chat or "
+            "sharegpt",
         )
 
     @property

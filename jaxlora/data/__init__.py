@@ -5,14 +5,16 @@
 1. :func:`~jaxlora.data.records.load_records`: a local ``.json``/``.jsonl``/``.csv``/
    ``.parquet`` file, a directory of them, or a hub dataset id, every record checked.
 2. :func:`~jaxlora.data.tokenize.tokenize`: each record becomes an
-   :class:`~jaxlora.data.packing.Example` (``alpaca``, ``chat`` or ``text``; rules there).
+   :class:`~jaxlora.data.packing.Example` (``alpaca``, ``chat``, ``sharegpt`` or ``text``;
+   rules there; :mod:`~jaxlora.data.conversations` maps ShareGPT records to chat messages).
 3. :func:`split_validation`: ``val_size`` (fraction or count) examples, chosen by ``seed``;
    or, with ``eval_path``, that held-out file is the validation set.
 4. :meth:`PackedDataset.build <jaxlora.data.packing.PackedDataset.build>` and
    :func:`~jaxlora.data.packing.batches`: rows, batches, the checkpointable iterator.
 
 :mod:`~jaxlora.data.prompts` is the other direction: the prompt format a run trains with, as
-the chat template its exports carry, and the one prompt encoder everything that samples uses.
+the chat template its exports carry (:mod:`~jaxlora.data.templates`: the named templates of
+``data.chat_template``), and the one prompt encoder everything that samples uses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import DataConfig
+from jaxlora.data.conversations import CHAT_FORMATS
+from jaxlora.data.conversations import messages as conversation
 from jaxlora.data.packing import BatchIterator, DataError, Example, PackedDataset, batches
 from jaxlora.data.prompts import Prompt, alpaca_chat_template, has_template, install_template
 from jaxlora.data.prompts import encode as encode_prompt
@@ -42,6 +46,7 @@ __all__ = [
     "ALPACA_TEMPLATE",
     "ALPACA_TEMPLATE_NO_INPUT",
     "BatchIterator",
+    "CHAT_FORMATS",
     "DataError",
     "Example",
     "PackedDataset",
@@ -52,6 +57,7 @@ __all__ = [
     "batches",
     "build_datasets",
     "check_record",
+    "conversation",
     "encode_prompt",
     "has_template",
     "install_template",

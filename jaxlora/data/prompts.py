@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxlora.config import DataConfig
+from jaxlora.data import templates
 from jaxlora.data.packing import DataError
 from jaxlora.data.tokenize import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 
@@ -95,8 +96,11 @@ def install_template(tokenizer: Any, cfg: DataConfig) -> Any:
 
     ``alpaca``: the Alpaca template (replacing the model's own, which the log says); ``chat``: the
     tokenizer's own template, unchanged (tokenization already requires one); ``text``: unchanged —
-    the model trains on raw text. Returns the same tokenizer, changed in place.
+    the model trains on raw text. ``data.chat_template`` (chat and sharegpt data) replaces any of
+    these: :func:`install_chosen`. Returns the same tokenizer, changed in place.
     """
+    if cfg.chat_template is not None:
+        return install_chosen(tokenizer, cfg.chat_template)
     if cfg.format != "alpaca":
         return tokenizer
     template = alpaca_chat_template(adds_bos(tokenizer))
@@ -105,6 +109,26 @@ def install_template(tokenizer: Any, cfg: DataConfig) -> Any:
         log.warning(
             "data.format=alpaca: the run's Alpaca prompt template replaces the tokenizer's own "
             "chat template in everything it saves (adapter, merged, bnb4)"
+        )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def install_chosen(tokenizer: Any, choice: str) -> Any:
+    """Put the template ``data.chat_template=choice`` (a name in
+    :mod:`~jaxlora.data.templates` or a Jinja file) on ``tokenizer``, logging what it replaces."""
+    if choice == "alpaca":
+        template = alpaca_chat_template(adds_bos(tokenizer))
+    elif choice in templates.NAMED:
+        template = templates.named(choice, tokenizer)
+    else:
+        template = templates.from_file(choice)
+    own = getattr(tokenizer, "chat_template", None)
+    if own and own != template:
+        log.warning(
+            "data.chat_template=%s replaces the tokenizer's own chat template in the run and in "
+            "everything it saves (adapter, merged, bnb4)",
+            choice,
         )
     tokenizer.chat_template = template
     return tokenizer

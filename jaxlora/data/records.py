@@ -15,6 +15,7 @@ import datasets
 from transformers import AutoTokenizer
 
 from jaxlora.config import DataConfig
+from jaxlora.data.conversations import check_sharegpt
 from jaxlora.data.packing import DataError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -48,6 +49,8 @@ def check_record(rec: Any, cfg: DataConfig) -> str | None:
         )
     if cfg.format == "text":
         return need_str(cfg.text_field)
+    if cfg.format == "sharegpt":
+        return check_sharegpt(rec, cfg)
     name = cfg.messages_field
     msgs = rec.get(name)
     if not isinstance(msgs, list) or not msgs:

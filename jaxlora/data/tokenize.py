@@ -8,6 +8,8 @@
   template. The loss covers the assistant turns: the characters between the rendered prefix
   ``messages[:i]`` with the generation prompt and the rendered ``messages[:i+1]``, which
   includes the template's end-of-turn marker (so no extra EOS is appended).
+* ``sharegpt``: ``conversations`` (a list of ``{from, value}``) mapped to chat messages
+  (:mod:`jaxlora.data.conversations`), then as ``chat``.
 * ``text``: ``text``; ``BOS? + text + EOS``, every token trained.
 
 ``BOS?`` is whatever ``add_special_tokens`` adds for this tokenizer. A token is trained when its
@@ -28,6 +30,9 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import DataConfig
+from jaxlora.config.recipe import CHAT_TEMPLATES
+from jaxlora.data import conversations
+from jaxlora.data.conversations import CHAT_FORMATS
 from jaxlora.data.packing import DataError, Example
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,11 @@ def _chat_spans(
         if m["role"] != "assistant":
             continue
         upto = render(messages[: i + 1])
+        eos = tokenizer.eos_token
+        if not full.startswith(upto) and eos and full.startswith(upto.removesuffix(eos)):
+            # The template closes only a whole conversation with EOS (Phi-3's does): this turn
+            # ends before it, the last turn's span keeps it.
+            upto = upto.removesuffix(eos)
         # A conversation that opens with the assistant has no prefix to render: start at 0.
         head = render(messages[:i], gen=True) if i else ""
         if not (full.startswith(upto) and upto.startswith(head)):
@@ -126,10 +136,11 @@ def _check_tokenizer(tokenizer: Any, cfg: DataConfig) -> None:
         raise DataError("a fast tokenizer is needed: masks come from character offsets")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; examples must end with one")
-    if cfg.format == "chat" and not tokenizer.chat_template:
+    if cfg.format in CHAT_FORMATS and not tokenizer.chat_template:
         raise DataError(
-            "data.format is chat but the tokenizer has no chat_template; use a chat (instruct) "
-            "tokenizer, or data.format alpaca or text"
+            f"data.format is {cfg.format} but the tokenizer has no chat_template; name one with "
+            f"data.chat_template ({', '.join(CHAT_TEMPLATES)}, or a Jinja file), "
+            "use a chat (instruct) tokenizer, or data.format alpaca or text"
         )
 
 
@@ -151,7 +162,7 @@ def render_records(
             texts.append(rec[cfg.text_field])
             spans.append(None)
         else:
-            msgs = [{"role": m["role"], "content": m["content"]} for m in rec[cfg.messages_field]]
+            msgs = conversations.messages(rec, cfg)
             where = f"{cfg.path}: record {k + 1}"
             if cfg.train_on_inputs:
                 texts.append(_render(tokenizer, msgs, where))
@@ -169,11 +180,11 @@ def _encode(
     """Tokenize, mask, append EOS, truncate: ``(examples, truncated, dropped)``."""
     eos = tokenizer.eos_token_id
     limit, truncated, dropped, examples = cfg.max_seq_len + 1, 0, 0, []
-    add_eos = cfg.format != "chat"  # a chat template ends each turn itself
+    add_eos = cfg.format not in CHAT_FORMATS  # a chat template ends each turn itself
     for start in range(0, len(texts), 1024):
         enc = tokenizer(
             texts[start : start + 1024],
-            add_special_tokens=cfg.format != "chat",  # chat templates write their own BOS
+            add_special_tokens=add_eos,  # chat templates write their own BOS
             return_offsets_mapping=True,
             return_attention_mask=False,
         )

@@ -43,10 +43,8 @@ def prompts_and_answers(cfg_data, limit: int) -> tuple[list[data.Prompt], list[s
             instruction = rec[cfg_data.instruction_field]
             prompts.append(data.user_prompt(instruction, rec.get(cfg_data.input_field)))
             answers.append(rec[cfg_data.output_field])
-        elif cfg_data.format == "chat":
-            msgs = [
-                {"role": m["role"], "content": m["content"]} for m in rec[cfg_data.messages_field]
-            ]
+        elif cfg_data.format in data.CHAT_FORMATS:
+            msgs = data.conversation(rec, cfg_data)
             turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
             if not turns:
                 raise data.DataError(
@@ -57,7 +55,7 @@ def prompts_and_answers(cfg_data, limit: int) -> tuple[list[data.Prompt], list[s
             answers.append(msgs[turns[-1]]["content"])
         else:
             raise ValueError(
-                "exact match needs question/answer records (data.format alpaca or chat)"
+                "exact match needs question/answer records (data.format alpaca, chat or sharegpt)"
             )
     return prompts, answers
 

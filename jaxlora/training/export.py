@@ -14,7 +14,7 @@ import jax
 
 from jaxlora import lora
 from jaxlora.config import load_config
-from jaxlora.interop import hf
+from jaxlora.interop import hf, hub
 from jaxlora.interop.merged import param_dtype
 from jaxlora.models.stacking import unstack_layers
 from jaxlora.training import checkpoint
@@ -96,3 +96,28 @@ def export_checkpoint(
         model.save_adapter(out / "adapter", base_model_name_or_path=str(out.absolute()))
     log.info("exported step %d of %s as %s to %s", step, run_dir, fmt, out)
     return out
+
+
+def push_to_hub(
+    checkpoint_path: str | Path,
+    fmt: str,
+    out: str | Path,
+    repo_id: str,
+    *,
+    step: int | None = None,
+    private: bool = False,
+) -> str:
+    """Upload the export ``out`` (written by :func:`export_checkpoint` from the same arguments)
+    to the Hub repository ``repo_id`` with a model card built from the run: its recipe,
+    metrics.jsonl and report.json. Returns the commit URL."""
+    run_dir, step = locate(Path(checkpoint_path), step)
+    if step is None:
+        ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+        try:
+            step = ckpt.latest_step()
+        finally:
+            ckpt.close()
+    cfg = load_config(str(run_dir / "config.yaml"))
+    folder = hub.upload_folder(Path(out), hub.model_card(cfg, fmt, step, run_dir, repo_id))
+    log.info("uploading %s to the Hugging Face Hub as %s", folder, repo_id)
+    return hub.push(folder, repo_id, private=private)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
-from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor
+from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, require_sinks, wandb_args
 from jaxlora.training.plan import memory_line, memory_report
 from jaxlora.training.run import (
     for_mesh,
@@ -56,6 +56,8 @@ def run(cfg: Config) -> dict:
             f"{out / 'checkpoints'} already holds step {latest}: pass train.resume=true to "
             "continue it, or choose another output_dir"
         )
+
+    require_sinks(cfg.train.report_to)
 
     # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
     model = load_base(cfg)
@@ -116,7 +118,14 @@ def run(cfg: Config) -> dict:
     report = evaluate.Report(cfg, model, frozen, trainable, evaluate_loss) if start == 0 else None
 
     # --- the loop
-    monitor = Monitor(out, total_steps, start, enabled=main_process)
+    monitor = Monitor(
+        out,
+        total_steps,
+        start,
+        enabled=main_process,
+        report_to=t.report_to,
+        wandb_init=wandb_args(cfg),
+    )
     prev = time.perf_counter()
     try:
         for step in range(start + 1, total_steps + 1):

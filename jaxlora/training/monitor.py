@@ -5,21 +5,27 @@
   (accelerators; not the CPU); eval_loss on eval steps). Written by process 0 only, appended
   and flushed line by line; on resume, lines past the restored step are dropped so the file has
   no gap and no duplicate step.
-* TensorBoard event files in ``output_dir/tb``.
+* TensorBoard event files in ``output_dir/tb`` and a Weights & Biases run in ``output_dir/wandb``,
+  where ``train.report_to`` lists them: the same scalars at the same steps as metrics.jsonl
+  (``WANDB_MODE=offline`` keeps the run on disk for ``wandb sync``). Only process 0 reports.
 * Warnings with advice (TUNING.md): non-finite loss, gradient-norm spikes, eval loss rising while
   train loss falls (overfitting), device-memory headroom under 10 % (the guides keep 10–20 %).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from jaxlora.config import Config, ConfigError
+from jaxlora.config.typed import to_plain
 
 log = logging.getLogger("jaxlora.train")
 
@@ -41,6 +47,26 @@ MIN_HEADROOM = 0.10  # below this fraction of device memory free, warn (the guid
 MemoryStats = Callable[[], Mapping[str, int] | None]
 
 
+def require_sinks(report_to: Sequence[str]) -> None:
+    """Refuse, before any work, a ``train.report_to`` whose sink's package is not installed."""
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "train.report_to includes wandb, but the wandb package is not installed: "
+            "pip install 'jaxlora[wandb]' (or drop wandb from train.report_to)"
+        )
+
+
+def wandb_args(cfg: Config) -> dict[str, Any]:
+    """``wandb.init`` arguments: the run is named for its output directory and carries the
+    resolved config, so a dashboard row says exactly what ran."""
+    return {
+        "project": cfg.train.wandb_project,
+        "name": cfg.train.wandb_name or Path(cfg.output_dir).name,
+        "config": to_plain(cfg),
+        "dir": str(cfg.output_dir),
+    }
+
+
 def device_memory_stats() -> Mapping[str, int] | None:
     """The first local device's allocator statistics (``bytes_in_use``, ``peak_bytes_in_use``,
     ``bytes_limit``), or ``None`` where the backend keeps none (the CPU)."""
@@ -48,7 +74,9 @@ def device_memory_stats() -> Mapping[str, int] | None:
 
 
 class Monitor:
-    """Sinks for metrics (jsonl, TensorBoard, progress bar) and the training-health warnings."""
+    """Sinks for metrics (jsonl, TensorBoard, wandb, progress bar) and the training-health
+    warnings. ``report_to`` picks the sinks besides metrics.jsonl (always written);
+    ``wandb_init`` holds ``wandb.init``'s arguments (:func:`wandb_args`)."""
 
     def __init__(
         self,
@@ -57,6 +85,8 @@ class Monitor:
         start_step: int = 0,
         enabled: bool = True,
         memory_stats: MemoryStats = device_memory_stats,
+        report_to: Sequence[str] = ("jsonl", "tensorboard"),
+        wandb_init: Mapping[str, Any] | None = None,
     ):
         self.enabled = enabled
         self._memory_stats = memory_stats
@@ -66,14 +96,21 @@ class Monitor:
         self._train_ema: float | None = None
         self._evals: list[tuple[float, float]] = []  # (eval_loss, train_ema) at each eval
         self.warnings: list[str] = []
+        self._tb = self._bar = self._wandb = None
         if not enabled:
-            self._tb = self._bar = None
             return
         self._truncate_after(start_step)
-        from tensorboardX import SummaryWriter
         from tqdm.auto import tqdm
 
-        self._tb = SummaryWriter(str(Path(output_dir) / "tb"))
+        if "tensorboard" in report_to:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tb"))
+        if "wandb" in report_to:
+            require_sinks(report_to)
+            import wandb
+
+            self._wandb = wandb.init(**(wandb_init or {"dir": str(output_dir)}))
         self._bar = tqdm(
             total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
@@ -94,10 +131,17 @@ class Monitor:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, int | float) and math.isfinite(v)
+        }
+        if self._tb is not None:
+            for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
-        self._tb.flush()
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         shown = {
             k: record[k]
             for k in ("loss", "eval_loss", "lr", "grad_norm", "loss_scale")
@@ -177,3 +221,5 @@ class Monitor:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -174,7 +174,7 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("quant.blocksize=48", ["quant.blocksize", "64"]),
         ("data.val_size=1.0", ["data.val_size", "(0, 1)"]),
         ("data.val_size=-2", ["data.val_size"]),
-        ("data.format=sharegpt", ["data.format", "alpaca, chat, text"]),
+        ("data.format=oasst", ["data.format", "alpaca, chat, sharegpt, text"]),
         ("data.max_seq_len=1", ["data.max_seq_len", ">= 2"]),
         ("mesh.fsdp=0", ["mesh.fsdp", ">= 1 or -1"]),
         ("mesh.data=-1", ["mesh", "at most one axis may be -1"]),
@@ -198,7 +198,9 @@ def test_exact_match_needs_held_out_question_answer_data():
     ok = ["data.eval_path=e.jsonl", "data.val_size=0", "train.exact_match_examples=5"]
     cfg = load_config("demo", ok)
     assert (cfg.data.eval_path, cfg.train.exact_match_examples) == ("e.jsonl", 5)
-    with pytest.raises(ConfigError, match="train.exact_match_examples: .* alpaca or chat"):
+    with pytest.raises(
+        ConfigError, match="train.exact_match_examples: .* alpaca, chat or sharegpt"
+    ):
         load_config("demo", [*ok, "data.format=text"])
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from jaxlora.config import ConfigError
+from jaxlora.training import monitor
 from jaxlora.training.monitor import Monitor
 
 
@@ -78,3 +82,18 @@ def test_memory_in_records_and_bar_and_low_headroom_warns_once(tmp_path):
 def test_no_memory_fields_where_the_device_keeps_no_statistics(tmp_path):
     m = Monitor(tmp_path, total_steps=1, enabled=False, memory_stats=lambda: None)
     assert m.memory(1) == {} and m.warnings == []
+
+
+def test_only_the_reporting_process_opens_trackers(tmp_path):
+    """Processes other than 0 (enabled=False) write nothing and never start a wandb run."""
+    m = Monitor(tmp_path, total_steps=2, enabled=False, report_to=("jsonl", "tensorboard", "wandb"))
+    m.log({"step": 1, "loss": 2.0, "grad_norm": 1.0})
+    m.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wandb_without_its_package_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(monitor.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"jaxlora\[wandb\]"):
+        monitor.require_sinks(("jsonl", "wandb"))
+    monitor.require_sinks(("jsonl", "tensorboard"))
