@@ -29,6 +29,7 @@ from jaxlora.interop import bnb, hf, merged, peft
 from jaxlora.models.attention import AttentionImpl
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.registry import embedding, family
 from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
@@ -83,9 +84,9 @@ class Model:
                 "base:` — run `base`, the value the with-statement gives (a Model is a value: "
                 "the model itself keeps its adapter)"
             )
-        param_dtype = self.params["model"]["embed_tokens"]["weight"].dtype
+        param_dtype = embedding(self.config, self.params).dtype
         k = self.kernels
-        return LlamaForCausalLM(
+        return family(self.config).module(
             self.config,
             dtype=self.dtype,
             param_dtype=param_dtype,

@@ -103,9 +103,12 @@ def random_ids(batch: int, seq: int, vocab: int = 61, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int64)
 
 
-def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dict[str, Path]:
-    """A tiny Llama with a real (offline-built) tokenizer, and alpaca-format JSONL data:
-    everything a ``python -m jaxlora.train`` run needs, in ``directory``."""
+def make_run_assets(
+    directory: Path, n_train: int = 96, n_eval: int = 12, falcon: str | None = None
+) -> dict[str, Path]:
+    """A tiny Llama (or the ``falcon`` variant of :data:`FALCON_VARIANTS`) with a real
+    (offline-built) tokenizer, and alpaca-format JSONL data: everything a
+    ``python -m jaxlora.train`` run needs, in ``directory``."""
     import json
     import random
 
@@ -113,15 +116,20 @@ def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dic
 
     tok = make_tokenizer()
     model_dir = directory / "model"
-    make_hf_model(
-        "llama2_mha",
-        model_dir,
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if falcon is not None:
+        make_hf_falcon(
+            falcon, model_dir, vocab_size=len(tok), hidden_size=64, ffn_hidden_size=128, **special
+        )
+    else:
+        make_hf_model(
+            "llama2_mha",
+            model_dir,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            **special,
+        )
     tok.save_pretrained(model_dir)
     rng = random.Random(0)
 
@@ -143,3 +151,39 @@ def make_run_assets(directory: Path, n_train: int = 96, n_eval: int = 12) -> dic
         "train": directory / "train.jsonl",
         "eval": directory / "eval.jsonl",
     }
+
+
+FALCON_VARIANTS = {
+    # Falcon-7B: multi-query, attention and MLP in parallel from one LayerNorm, tied head
+    "falcon7b_mqa": dict(multi_query=True, parallel_attn=True),
+    # Falcon-40B/180B: grouped KV (interleaved fused qkv), ln_attn + ln_mlp, biases, untied
+    "falcon40b_gqa": dict(
+        new_decoder_architecture=True, num_kv_heads=2, bias=True, tie_word_embeddings=False
+    ),
+}
+
+
+def make_hf_falcon(variant: str, directory: Path | None = None, seed: int = 0, **overrides):
+    """A random-init ``FalconForCausalLM`` (float32, eval mode; odd vocab 61 and MLP 37,
+    head_dim 10), saved to ``directory`` if given. LayerNorm weights and every bias are
+    randomised, as in :func:`make_hf_model`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=61, hidden_size=40, num_attention_heads=4, num_hidden_layers=2)
+    kw |= dict(ffn_hidden_size=37, max_position_embeddings=64)
+    kw |= FALCON_VARIANTS.get(variant, {}) | overrides
+    config = transformers.FalconConfig(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = ".ln_" in name or "layernorm" in name
+            if name.endswith("bias") or norm:
+                p.copy_(
+                    torch.randn_like(p) * 0.1 + (1.0 if norm and name.endswith("weight") else 0)
+                )
+    model.eval()
+    if directory is not None:
+        model.save_pretrained(directory)
+    return model

@@ -41,10 +41,12 @@ class LoraConfig(Section):
     """LoRA hyper-parameters with PEFT's names (``alpha`` is ``lora_alpha``, ``dropout`` is
     ``lora_dropout``, ``init`` is ``init_lora_weights``) and PEFT 0.21.2's defaults.
 
-    * ``target_modules``: ``None`` = PEFT's default for Llama/Mistral/Qwen2/Qwen3,
-      ``("q_proj", "v_proj")``; a list matches a module path exactly or as a dotted suffix
-      (``"self_attn.q_proj"``); a str is a regex ``re.fullmatch``-ed against the whole path
-      (``"model.layers.0.self_attn.q_proj"``); ``"all-linear"`` is every linear except ``lm_head``.
+    * ``target_modules``: ``None`` = PEFT's default for the model's family,
+      ``("q_proj", "v_proj")`` for Llama/Mistral/Qwen2/Qwen3 and ``("query_key_value",)`` for
+      Falcon (``jaxlora.models.registry.default_targets``); a list matches a module path
+      exactly or as a dotted suffix (``"self_attn.q_proj"``); a str is a regex
+      ``re.fullmatch``-ed against the whole path (``"model.layers.0.self_attn.q_proj"``);
+      ``"all-linear"`` is every linear except ``lm_head``.
     * ``exclude_modules``: same forms, removes matches from ``target_modules``.
     * ``bias``: which biases train: ``"none"``, ``"all"`` (every bias in the model) or
       ``"lora_only"`` (biases of LoRA-wrapped layers).

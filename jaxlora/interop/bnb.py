@@ -187,7 +187,10 @@ def parse_quantization_config(qc: dict[str, Any]) -> dict[str, Any]:
 
 # Decoder linears are what QLoRA quantizes; embeddings, norms and lm_head stay in 16/32 bits
 # (as bitsandbytes via transformers leaves them).
-QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_MODULES = (
+    *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # Falcon
+)
 
 
 def is_quantized_weight(key: str) -> bool:

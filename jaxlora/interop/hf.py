@@ -33,7 +33,7 @@ from jaxlora.interop.safetensors import (
     save_sharded,
 )
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
-from jaxlora.models.llama import param_shapes
+from jaxlora.models.registry import config_from_hf, param_shapes
 from jaxlora.weights.nf4 import NF4Tensor
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def read_config(directory: Path) -> tuple[LlamaConfig, dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     try:
-        return LlamaConfig.from_hf(raw), raw
+        return config_from_hf(raw), raw
     except UnsupportedConfigError as e:
         raise UnsupportedConfigError(f"{path}: {e}") from None
 
@@ -207,6 +207,12 @@ def save_bnb4(
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it through
     bitsandbytes with no requantization. Other weights are written in ``dtype``.
     """
+    if config.model_type == "falcon":
+        log.warning(
+            "bnb4 export of a Falcon: transformers 5 quantizes only exact nn.Linear modules, "
+            "not Falcon's FalconLinear, so it cannot load this checkpoint (transformers 4.x "
+            "and jaxlora can); for transformers 5 export merged (dense) or peft"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}

@@ -20,6 +20,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop.hf import save_pretrained
 from jaxlora.lora import merge
+from jaxlora.lora.targets import EMBEDDINGS
 from jaxlora.models.config import LlamaConfig
 from jaxlora.weights import LoRAWeight, Quantized, dense_weight
 
@@ -41,7 +42,8 @@ def merged_params(params: dict, *, dtype: Any = jnp.float32) -> dict:
 
 def param_dtype(params: dict) -> str:
     """The dtype name of the unquantized weights (embeddings are never quantized)."""
-    leaf = params["model"]["embed_tokens"]["weight"]
+    ends = tuple(f"{name}.weight" for name in EMBEDDINGS)
+    leaf = next(v for k, v in flatten_dict(params, sep=".").items() if k.endswith(ends))
     return jnp.dtype(leaf.dtype).name
 
 

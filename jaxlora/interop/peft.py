@@ -220,7 +220,10 @@ def _sort_tensors(directory, cfg: LoraConfig, tensors: dict, flat: dict, params:
         module, name = key.rsplit(".", 1)
         # PEFT also saves the embedding layers (save_embedding_layers) and loads them over the
         # base's; a resized vocabulary then fails the shape check in _replacement.
-        embedding = module.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head") and name == "weight"
+        embedding = (
+            module.rsplit(".", 1)[-1] in (*lora_targets.EMBEDDINGS, lora_targets.HEAD)
+            and name == "weight"
+        )
         wanted_bias = name == "bias" and cfg.bias != "none"
         if not (lora_targets.under(module, saved) or embedding or wanted_bias):
             raise _refuse(

@@ -16,11 +16,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from jaxlora.config.lora import LoraConfig, LoraConfigError
+from jaxlora.models.registry import default_targets
 from jaxlora.weights.lora import LoRAWeight
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3.
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3
+# (each family's is jaxlora.models.registry.default_targets).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
-EMBEDDINGS = ("embed_tokens",)
+EMBEDDINGS = ("embed_tokens", "word_embeddings")  # Llama family, Falcon
 HEAD = "lm_head"
 
 
@@ -40,13 +42,13 @@ class Modules:
             is_2d = key.endswith(".weight") and len(getattr(leaf, "shape", ())) == 2
             if is_2d and parts[-1] not in EMBEDDINGS:
                 self.linear[module] = leaf
-        self.tied_head = HEAD not in params and any(m.endswith("embed_tokens") for m in self.all)
+        self.tied_head = HEAD not in params and any(m.endswith(EMBEDDINGS) for m in self.all)
         if self.tied_head:
             self.all.add(HEAD)  # transformers still has the module; its weight is embed_tokens'
 
     def describe(self) -> str:
         names = sorted({p.rsplit(".", 1)[-1] for p in self.linear})
-        example = next((p for p in sorted(self.linear) if ".layers." in p), None)
+        example = next((p for p in sorted(self.linear) if re.search(r"\.\d+\.", p)), None)
         return f"linear modules here: {names}" + (f" (paths like {example!r})" if example else "")
 
 
@@ -87,7 +89,9 @@ def target_matches(cfg: LoraConfig, key: str, linear: set[str] | None = None) ->
     paths, needed only for ``"all-linear"``)."""
     if _excluded(cfg, key) or _in_modules_to_save(cfg, key):
         return False
-    tm = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS
+    tm = cfg.target_modules
+    if tm is None:
+        tm = default_targets(linear or {key})
     if isinstance(tm, str):
         if tm.lower() == "all-linear":
             return key in (linear or set()) and key != HEAD
@@ -106,7 +110,7 @@ def resolve_targets(params: dict, cfg: LoraConfig, *, strict: bool = True) -> di
     would silently train less).
     """
     mods = Modules(params)
-    tm = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS
+    tm = cfg.target_modules if cfg.target_modules is not None else default_targets(mods.linear)
     if strict and isinstance(tm, tuple):
         for t in tm:
             if not any(m == t or m.endswith(f".{t}") for m in mods.all):

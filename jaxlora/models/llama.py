@@ -213,7 +213,8 @@ class Layers(nn.Module):
     index; one cache per layer unrolled, one per run with a leading layer axis scanned: see
     :func:`jaxlora.sampling.init_caches`), the key segments are the cached ones with this step's
     written in. A flash ``attn_impl`` needs no mask: it gets the segment ids (decoding stays
-    eager, with masks).
+    eager, with masks). ``block`` is the layer module (default :class:`DecoderLayer`); a
+    family with another block (Falcon) passes its own, with the same signature.
     """
 
     config: LlamaConfig
@@ -221,6 +222,7 @@ class Layers(nn.Module):
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
+    block: Any = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, caches=None):
@@ -241,12 +243,12 @@ class Layers(nn.Module):
             w: attention_mask(q_slots, k_slots, segment_ids, k_segments, w) if eager else None
             for w in set(cfg.sliding_windows)
         }
-        layer_cls = DecoderLayer
+        layer_cls = self.block or DecoderLayer
         if self.remat != "none":
             # prevent_cse=False under scan: the loop already keeps XLA from merging the
             # recomputation into the forward (flax's advice for remat inside scan).
             layer_cls = nn.remat(
-                DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=self.runs is None
+                layer_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=self.runs is None
             )
         args = (self.param_dtype, self.attn_impl)
         spans = self.runs or tuple((i, i + 1) for i in range(cfg.num_hidden_layers))

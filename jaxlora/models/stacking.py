@@ -13,8 +13,8 @@ only such layers can share one scanned body. LoRA's ``layers_to_transform``, Qwe
 leaf; :func:`stack_layers` and :func:`unstack_layers` are exact inverses.
 
 The functions take any parameter-shaped tree (arrays, ``ShapeDtypeStruct`` s, weight-type
-pytrees, ``None`` holes of :func:`jaxlora.lora.partition`) with the layers at
-``model/layers``.
+pytrees, ``None`` holes of :func:`jaxlora.lora.partition`) with the layers where its family
+keeps them (:data:`LAYER_PATHS`: ``model/layers``, Falcon's ``transformer/h``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ Runs = tuple[tuple[int, int], ...]
 
 _RUN_KEY = re.compile(r"^(\d+):(\d+)$")
 
+# Where each family's tree holds its decoder layers (Hugging Face's names).
+LAYER_PATHS = (("model", "layers"), ("transformer", "h"))
+
 
 def run_key(start: int, stop: int) -> str:
     """The key of layers ``start .. stop-1`` stacked (``"0:32"``)."""
@@ -43,11 +46,17 @@ def parse_run_key(key: str) -> tuple[int, int] | None:
     return None if m is None else (int(m[1]), int(m[2]))
 
 
+def _layers_path(params: dict) -> tuple[str, str]:
+    for first, second in LAYER_PATHS:
+        if isinstance(params, dict) and second in (params.get(first) or {}):
+            return first, second
+    paths = " or ".join("/".join(p) for p in LAYER_PATHS)
+    raise ValueError(f"expected a parameter tree with {paths}")
+
+
 def _layers(params: dict) -> dict:
-    try:
-        return params["model"]["layers"]
-    except (KeyError, TypeError):
-        raise ValueError("expected a parameter tree with model/layers") from None
+    first, second = _layers_path(params)
+    return params[first][second]
 
 
 def _signature(subtree: Any) -> tuple:
@@ -132,4 +141,5 @@ def _index(x: Any, i: int) -> Any:
 
 
 def _with_layers(params: dict, layers: dict) -> dict:
-    return params | {"model": params["model"] | {"layers": layers}}
+    first, second = _layers_path(params)
+    return params | {first: params[first] | {second: layers}}

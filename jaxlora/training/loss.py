@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxlora.models.registry import embedding
 from jaxlora.weights import dense
 
 
@@ -28,7 +29,7 @@ def head_weight(config, params: dict) -> Any:
     """The ``[vocab, hidden]`` output head of a causal LM's parameter tree: the embedding when
     tied (``tie_word_embeddings``), else ``lm_head`` (either may be NF4 or LoRA-wrapped)."""
     if config.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["weight"]
+        return embedding(config, params)
     return params["lm_head"]["weight"]
 
 

@@ -24,7 +24,7 @@ from jaxlora.config import Config
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf
 from jaxlora.model import Model
-from jaxlora.models.llama import param_shapes
+from jaxlora.models.registry import param_shapes
 from jaxlora.targets import hlo
 from jaxlora.training.run import (
     for_mesh,
@@ -125,7 +125,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     tx, _ = make_tx(cfg, max(1, cfg.train.max_steps), trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
-    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
+    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state, model.config)
     accum = cfg.train.grad_accum
     rows = (accum, batch, seq)
     batch_sds = {

@@ -1,8 +1,8 @@
 """Logical axes -> device mesh: shardings for any parameter, optimizer-state or batch tree.
 
-The model declares logical axes per weight (``MODULE_AXES`` in ``models/llama.py``, by Hugging
-Face module name); the recipe's ``mesh.rules`` map them to mesh axes (``data``, ``fsdp``,
-``tensor``). Model code never names a mesh axis. Inside weight types:
+The model declares logical axes per weight (``MODULE_AXES`` in ``models/registry.py``, by
+Hugging Face module name, over every family); the recipe's ``mesh.rules`` map them to mesh axes
+(``data``, ``fsdp``, ``tensor``). Model code never names a mesh axis. Inside weight types:
 
 * ``NF4Tensor``: packed ``codes [out, in/2]`` and ``absmax [out, in/blocksize]`` shard like the
   weight, so every shard holds whole 64-blocks with their absmax beside them (a split of ``in``
@@ -12,7 +12,10 @@ Face module name); the recipe's ``mesh.rules`` map them to mesh axes (``data``, 
   the rank axis follows the ``lora_rank`` rule (replicated by default: it is small).
 
 A mesh axis is dropped from a spec where the dimension does not divide evenly, or where an
-earlier dimension of the same array already uses it.
+earlier dimension of the same array already uses it. A fused projection whose rows are groups
+(Falcon's ``query_key_value``: ``[q.., k, v]`` per KV group) is split only on whole groups:
+``units`` (``jaxlora.models.registry.shard_units``) says how many its out axis holds, and a mesh
+axis that does not divide that count is dropped too, for the weight, its bias and LoRA ``b``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
-from jaxlora.models.llama import MODULE_AXES
+from jaxlora.models.registry import MODULE_AXES
 from jaxlora.models.stacking import parse_run_key
 from jaxlora.weights import NF4Tensor
 
@@ -101,12 +104,36 @@ def spec_for(
     return PartitionSpec(*out)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None]) -> Any:
-    """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure)."""
+def _whole_units(path, axes, spec: PartitionSpec, units: Mapping[str, int], mesh: Mesh):
+    """``spec`` without a mesh axis that would split a grouped module's out axis inside a
+    group (the module's ``units[name]`` groups must divide evenly over it)."""
+    names = [_key_name(k) for k in path]
+    module = next((n for n in reversed(names) if n in MODULE_AXES), None)
+    if module not in units:
+        return spec
+    out_ax = MODULE_AXES[module][0]
+    parts = [
+        None if ax == out_ax and m is not None and units[module] % mesh.shape[m] else m
+        for ax, m in zip(axes, spec, strict=True)
+    ]
+    return PartitionSpec(*parts)
+
+
+def tree_shardings(
+    tree: Any,
+    mesh: Mesh,
+    rules: Mapping[str, str | None],
+    units: Mapping[str, int] | None = None,
+) -> Any:
+    """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure);
+    ``units``: whole groups of each fused module's out axis (see the module docstring)."""
 
     def one(path, leaf):
         shape = tuple(np.shape(leaf))
-        spec = spec_for(logical_axes_for(path, len(shape)), shape, rules, mesh)
+        axes = logical_axes_for(path, len(shape))
+        spec = spec_for(axes, shape, rules, mesh)
+        if units:
+            spec = _whole_units(path, axes, spec, units, mesh)
         return NamedSharding(mesh, spec)
 
     def node(path, leaf):
