@@ -1,10 +1,14 @@
-"""``python -m jaxlora.export checkpoint=<run> format=peft|merged|bnb4 out=<dir> [step=N]``
+"""``python -m jaxlora.export checkpoint=<run> format=peft|merged|bnb4|gguf out=<dir> [step=N]``
 
 ``checkpoint`` is a run directory, its ``checkpoints/`` directory or one step's directory;
 ``step`` defaults to the latest; ``dtype=float32|bfloat16|float16`` sets the written weights'
 dtype. ``peft`` writes the adapter (with the tokenizer), ``merged`` a dense Hugging Face
 checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a bitsandbytes checkpoint plus
-the adapter in ``out/adapter``. ``push_to_hub=<user/repo> [private=true]`` then uploads the export
+the adapter in ``out/adapter``. ``gguf`` writes ``out`` (a ``.gguf`` file) for llama.cpp with an
+Ollama ``Modelfile`` beside it: ``gguf.type=f16|bf16|q8_0|f32`` (default f16), and
+``gguf.lora=true`` for the base in ``out`` plus the adapter as a GGUF LoRA in
+``<stem>-lora.gguf`` instead of the merged model. ``push_to_hub=<user/repo> [private=true]``
+then uploads the export
 with a model card (``README.md``: base, data, recipe, held-out numbers, how to load it) to the
 Hugging Face Hub (a token from ``hf auth login`` or ``HF_TOKEN``; ``private`` applies to a new
 repository). Arguments use the grammar of every
@@ -18,8 +22,8 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 from jaxlora.config import ConfigError, Section, from_argv
 from jaxlora.config.typed import check
@@ -32,14 +36,25 @@ __all__ = ["ExportArgs", "export_checkpoint", "main"]
 
 
 @dataclass(frozen=True)
+class GGUFArgs(Section):
+    """``gguf.*``: the GGUF export's options."""
+
+    _prefix: ClassVar[str] = "gguf."
+
+    type: Literal["f16", "bf16", "q8_0", "f32"] = "f16"
+    lora: bool = False
+
+
+@dataclass(frozen=True)
 class ExportArgs(Section):
     """What ``python -m jaxlora.export`` takes."""
 
     checkpoint: str
-    format: Literal["peft", "merged", "bnb4"]
+    format: Literal["peft", "merged", "bnb4", "gguf"]
     out: str
     step: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    gguf: GGUFArgs = field(default_factory=GGUFArgs)
     push_to_hub: str | None = None  # a Hub repository id, user/name
     private: bool = False
 
@@ -64,7 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = from_argv(ExportArgs, argv)
         out = export_checkpoint(
-            args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype
+            args.checkpoint,
+            args.format,
+            args.out,
+            step=args.step,
+            dtype=args.dtype,
+            gguf_type=args.gguf.type,
+            gguf_lora=args.gguf.lora,
         )
     except (ValueError, ConfigError, CheckpointError, ResumeError, FileNotFoundError) as e:
         print(f"jaxlora.export: {e}", file=sys.stderr)

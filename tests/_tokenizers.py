@@ -8,7 +8,16 @@ Llama's), ``</s>``, ``<pad>`` and a small jinja chat template whose assistant tu
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
@@ -26,10 +35,28 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A fast byte-level BPE tokenizer; BOS ``<s>`` is prepended by ``add_special_tokens``."""
+# The pre-tokenizer regexes of Llama 3's and Qwen2's tokenizer.json (Qwen3 has Qwen2's).
+PRE_TOKENIZER_REGEX = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def make_tokenizer(
+    chat_template: bool = True, vocab_size: int = 300, pre: str = "gpt2"
+) -> PreTrainedTokenizerFast:
+    """A fast byte-level BPE tokenizer; BOS ``<s>`` is prepended by ``add_special_tokens``.
+    ``pre``: GPT-2's pre-tokenizer (``ByteLevel``'s own regex), or Llama 3's / Qwen2's (a
+    ``Split`` on their regex before a ``ByteLevel`` without one), as their tokenizer.json has."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        split = pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -48,4 +75,36 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrai
         eos_token="</s>",
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE if chat_template else None,
+    )
+
+
+def make_spm_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as Llama 2 / Mistral ship it in tokenizer.json: spaces as ``▁``
+    with one prepended, byte fallback to ``<0x00>``..``<0xFF>``, ``<unk>``/``<s>``/``</s>``, BOS
+    prepended."""
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

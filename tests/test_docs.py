@@ -57,7 +57,7 @@ def test_check_docs_finds_bad_commands(check_docs, tmp_path):
         "python -m jaxlora.train lora.r=$R train.max_stpes=$N\n"  # placeholder value, bad key
         "gcloud compute tpus tpu-vm ssh t --worker=all --command 'python -m jaxlora.nope'\n"
         "python -m jaxlora.generate model=m prompt=hi max_new_tokenz=3\n"
-        "python -m jaxlora.export checkpoint=<run> format=gguf out=x\n"
+        "python -m jaxlora.export checkpoint=<run> format=onnx out=x\n"
         "python -m jaxlora.export checkpoint=runs/a format=merged out=<dir> dtype=bfloat16\n"
         "python -m jaxlora.train recipe=demo train.max_steps=3 lora.r=$R\n"  # fine
         "```\n"
@@ -71,7 +71,7 @@ def test_check_docs_finds_bad_commands(check_docs, tmp_path):
         "train.max_stpes",
         "jaxlora.nope",
         "max_new_tokenz",
-        "gguf",
+        "onnx",
     ):
         assert sum(needle in p for p in problems) == 1, (needle, problems)
 

@@ -232,6 +232,36 @@ def test_export_from_checkpoint(short_run, tmp_path, fmt):
         assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_gguf_export_from_checkpoint(short_run, tmp_path):
+    """format=gguf through the command: the f32 GGUF holds the merged export's float32 weights
+    exactly (q/k permutation undone), and the Modelfile beside it the run's Alpaca template."""
+    import gguf
+
+    from tests.interop.test_gguf import _gguf_to_hf, _unpermuted
+
+    run = f"checkpoint={short_run}"
+    assert export_main([run, "format=gguf", f"out={tmp_path / 'm.gguf'}", "gguf.type=f32"]) == 0
+    assert export_main([run, "format=merged", f"out={tmp_path / 'hf'}", "dtype=float32"]) == 0
+    merged = read_file(tmp_path / "hf" / "model.safetensors")
+    config = _base_config(short_run)
+    tensors = gguf.GGUFReader(tmp_path / "m.gguf").tensors
+    assert {_gguf_to_hf(t.name) for t in tensors} == set(merged)
+    for t in tensors:
+        got = _unpermuted(t.name, np.asarray(t.data), config)
+        np.testing.assert_array_equal(got, merged[_gguf_to_hf(t.name)], err_msg=t.name)
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert (
+        modelfile.startswith("FROM ./m.gguf\n") and "### Instruction:\n{{ .Content }}" in modelfile
+    )
+
+
+def _base_config(run: Path):
+    from jaxlora.config import load_config
+    from jaxlora.interop import hf
+
+    return hf.read_config(Path(load_config(str(run / "config.yaml")).model.path))[0]
+
+
 # ---- push_to_hub: the folder that would be uploaded, its model card; vLLM's needs --------------
 
 

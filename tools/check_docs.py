@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import inspect
 import json
@@ -118,13 +119,16 @@ def check_invocation(module: str, args: list[str]) -> list[str]:
 def _check_cli_args(cls: type, args: list[str], repeatable: tuple[str, ...] = ()) -> None:
     """Every key exists; with no placeholder left, the whole command line validates."""
     from jaxlora.config import from_argv
-    from jaxlora.config.typed import coerce, fields, parse_override
+    from jaxlora.config.typed import build, coerce, fields, parse_override
 
     for a in args:
         parse_override(a.partition("=")[0] + "=null", cls)  # the key must exist
         if not PLACEHOLDER.search(a):  # and a written value must fit its field
             ((key, value),) = parse_override(a, cls).items()
-            coerce([value] if key in repeatable else value, fields(cls)[key], key)
+            if dataclasses.is_dataclass(tp := fields(cls)[key]):  # a sub-section (gguf.type=...)
+                build(tp, value, f"{key}.")
+            else:
+                coerce([value] if key in repeatable else value, tp, key)
     if not any(PLACEHOLDER.search(a) for a in args):
         from_argv(cls, args, repeatable=repeatable)
 

@@ -1,5 +1,6 @@
 """A run's checkpoint -> the formats users take elsewhere: a PEFT adapter, a merged Hugging Face
-checkpoint, or a bitsandbytes-4bit base plus adapter (``python -m jaxlora.export``).
+checkpoint, a bitsandbytes-4bit base plus adapter, or GGUF for llama.cpp / Ollama
+(``python -m jaxlora.export``).
 
 The run is rebuilt from its ``config.yaml`` with the same builder the training run used
 (:mod:`jaxlora.training.run`), so the restored trees are exactly those the checkpoint holds.
@@ -14,7 +15,8 @@ import jax
 
 from jaxlora import lora
 from jaxlora.config import load_config
-from jaxlora.interop import hf, hub
+from jaxlora.data.prompts import adds_bos
+from jaxlora.interop import gguf, hf, hub, ollama
 from jaxlora.interop.merged import param_dtype
 from jaxlora.models.stacking import unstack_layers
 from jaxlora.training import checkpoint
@@ -22,7 +24,7 @@ from jaxlora.training.run import init_lora, load_base, make_tx, run_meta, stack_
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("peft", "merged", "bnb4")
+FORMATS = ("peft", "merged", "bnb4", "gguf")
 
 
 def locate(checkpoint_path: Path, step: int | None) -> tuple[Path, int | None]:
@@ -46,6 +48,8 @@ def export_checkpoint(
     *,
     step: int | None = None,
     dtype: str | None = None,
+    gguf_type: str = "f16",
+    gguf_lora: bool = False,
 ) -> Path:
     """Rebuild a run's model from its ``config.yaml`` and Orbax checkpoint, then write ``fmt``.
 
@@ -53,9 +57,14 @@ def export_checkpoint(
     ``merged``: a dense HF checkpoint with the adapter folded in (NF4 bases dequantized first).
     ``bnb4``: the 4-bit base as a bitsandbytes HF checkpoint in ``out`` plus the adapter in
     ``out/adapter`` — merging into 4 bits would lose most of the update, so the two stay apart.
+    ``gguf``: see :func:`export_gguf` (``gguf_type``, ``gguf_lora``).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        gguf.check_type(gguf_type)
+        if Path(out).suffix != ".gguf":
+            raise ValueError(f"format=gguf: out={out} must be a file name ending in .gguf")
     run_dir, step = locate(Path(checkpoint_path), step)
     cfg = load_config(str(run_dir / "config.yaml"))
     if fmt == "bnb4" and cfg.quant.type == "none":
@@ -79,6 +88,9 @@ def export_checkpoint(
         model.save_adapter(out, base_model_name_or_path=cfg.model.path)
     elif fmt == "merged":
         model.save_merged(out, dtype=dtype)
+    elif fmt == "gguf":
+        _, raw = hf.read_config(hf.resolve(cfg.model.path))
+        export_gguf(model, out, raw.get("max_position_embeddings"), gguf_type, separate=gguf_lora)
     else:
         base = jax.tree.map(
             lambda w: w.base if isinstance(w, lora.LoRAWeight) else w,
@@ -121,3 +133,55 @@ def push_to_hub(
     folder = hub.upload_folder(Path(out), hub.model_card(cfg, fmt, step, run_dir, repo_id))
     log.info("uploading %s to the Hugging Face Hub as %s", folder, repo_id)
     return hub.push(folder, repo_id, private=private)
+
+
+def export_gguf(
+    model, out: Path, context_length: int | None, gguf_type: str, *, separate: bool
+) -> Path:
+    """``out`` (a ``.gguf`` file) for llama.cpp, with an Ollama ``Modelfile`` beside it.
+
+    ``separate=False``: the merged model. ``separate=True``: the base (adapter not merged) in
+    ``out`` and the adapter as a GGUF LoRA in ``<stem>-lora.gguf`` (``llama-cli -m out --lora
+    ...``; the Modelfile's ``ADAPTER``). The Modelfile's TEMPLATE is the chat template translated
+    (:mod:`jaxlora.interop.ollama`); one that cannot be translated is left out with a warning
+    saying so, and the GGUF still carries the Jinja template.
+    """
+    if context_length is None:
+        raise ValueError("format=gguf: the base's config.json has no max_position_embeddings")
+    adapter = out.with_name(out.stem + "-lora.gguf") if separate else None
+    try:
+        text = ollama.modelfile(
+            model.tokenizer,
+            out.name,
+            adapter_file=adapter and adapter.name,
+            add_bos=adds_bos(model.tokenizer),
+        )
+    except ollama.TemplateError as e:
+        log.warning("Modelfile without TEMPLATE (write one by hand): %s", e)
+        text = f"FROM ./{out.name}\n" + (f"ADAPTER ./{adapter.name}\n" if adapter else "")
+    merged = adapter is None
+    base = model.params if merged else _without_adapter(model.params)
+    files = {
+        out: gguf.model_gguf(
+            base,
+            model.config,
+            model.tokenizer,
+            gguf_type=gguf_type,
+            context_length=context_length,
+            name=Path(str(model.source)).name if model.source else None,
+        )
+    }
+    if not merged:
+        files[adapter] = gguf.lora_gguf(model.params, model.config, model.lora, gguf_type=gguf_type)
+    for path, content in files.items():
+        content.write(path)
+    ollama.write_modelfile(out.parent, text)
+    return out
+
+
+def _without_adapter(params: dict) -> dict:
+    return jax.tree.map(
+        lambda w: w.base if isinstance(w, lora.LoRAWeight) else w,
+        params,
+        is_leaf=lambda w: isinstance(w, lora.LoRAWeight),
+    )

@@ -1,0 +1,442 @@
+"""GGUF files for llama.cpp and Ollama: the merged model, and the adapter as a GGUF LoRA.
+
+Written with the ``gguf`` package (llama.cpp's own writer, tensor-name tables, quantizers and
+tokenizer readers); what is ours is the mapping from a jaxlora model to what llama.cpp's
+``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py`` would have written from the same
+Hugging Face checkpoint:
+
+- tensors: ``gguf.get_tensor_name_map`` turns Hugging Face names into GGUF names
+  (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``); a tensor the
+  architecture does not have in llama.cpp is refused. Same ``[out, in]`` orientation.
+- llama.cpp's ``llama`` architecture rotates adjacent pairs (GPT-J style) where Hugging Face
+  rotates halves (``rotate_half``), so q/k rows (and biases, and a LoRA's B) are permuted per
+  head: :func:`permute_qk`. Qwen2/3 use the half rotation in llama.cpp too (no permutation).
+- hyper-parameters as ``llama.*`` / ``qwen2.*`` keys; Llama 3.1's RoPE scaling as the
+  ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
+- the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
+  regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
+  SentencePiece-style tokenizers (Llama 2, Mistral) are refused: llama.cpp's ``llama``
+  tokenizer ranks merges by piece scores, which only ``tokenizer.model`` holds (gguf's
+  ``LlamaHfVocab`` writes a placeholder score, so llama.cpp would tokenize differently).
+
+Everything is converted and checked before a file is opened (:class:`GGUFFile`), and files are
+written to a temporary name and renamed, so a refusal or a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from jaxlora.config.lora import LoraConfig
+from jaxlora.interop.merged import merged_params
+from jaxlora.models.config import LlamaConfig
+from jaxlora.weights import LoRAWeight
+
+log = logging.getLogger(__name__)
+
+# gguf.type -> (tensor type of 2-D weights, general.file_type)
+TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+class GGUFError(ValueError):
+    """What jaxlora cannot write as GGUF (an architecture, a tokenizer, an adapter)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """How one Hugging Face ``model_type`` becomes a llama.cpp architecture."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool  # llama.cpp rotates adjacent pairs: q/k rows reordered (see permute_qk)
+    rope_freqs: bool  # llama.cpp reads Llama 3.1 RoPE scaling as a rope_freqs tensor
+
+
+# One entry per supported family (what convert_hf_to_gguf.py registers for its architecture).
+ARCHS = {
+    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs=True),
+    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs=True),
+    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_freqs=False),
+    "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, rope_freqs=False),
+}
+
+# tokenizer.json's pre-tokenizer regex -> llama.cpp's name for it (tokenizer.ggml.pre), read from
+# llama.cpp's llama-vocab.cpp. A ByteLevel pre-tokenizer with use_regex=true is GPT-2's.
+_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+PRE_TOKENIZERS = {
+    _GPT2_REGEX: "gpt-2",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+}
+
+
+def arch_spec(config: LlamaConfig) -> ArchSpec:
+    """The llama.cpp architecture for ``config``, or an error naming the supported ones."""
+    spec = ARCHS.get(config.model_type)
+    if spec is None:
+        raise GGUFError(
+            f"GGUF export: no llama.cpp mapping for model_type={config.model_type!r} "
+            f"(supported: {', '.join(sorted(ARCHS))})"
+        )
+    return spec
+
+
+def check_type(gguf_type: str) -> None:
+    if gguf_type not in TYPES:
+        raise GGUFError(f"gguf.type={gguf_type!r}: expected one of {', '.join(TYPES)}")
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection (``[heads·head_dim, ...]``) from Hugging Face's half rotation to
+    llama.cpp's pair rotation: within each head, row ``j`` of the first half and row ``j`` of
+    the second become rows ``2j`` and ``2j+1`` (``LlamaModel.permute`` in convert_hf_to_gguf)."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of :func:`permute_qk`."""
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _qk_heads(hf_name: str, config: LlamaConfig) -> int | None:
+    """Heads to permute ``hf_name`` over (llama.cpp's llama arch), ``None`` if not q/k."""
+    if not arch_spec(config).permute_qk:
+        return None
+    if ".self_attn.q_proj." in hf_name:
+        return config.num_attention_heads
+    if ".self_attn.k_proj." in hf_name:
+        return config.num_key_value_heads
+    return None
+
+
+def _name_map(config: LlamaConfig) -> Callable[[str], str]:
+    """Hugging Face tensor name -> GGUF name, refusing a tensor llama.cpp's arch does not have."""
+    spec = arch_spec(config)
+    names = gguf.get_tensor_name_map(spec.arch, config.num_hidden_layers)
+    allowed = set(gguf.MODEL_TENSORS[spec.arch])
+
+    def name(hf_name: str) -> str:
+        kind = names.get_type(hf_name, try_suffixes=(".weight", ".bias"))
+        if kind is None or kind not in allowed:
+            raise GGUFError(
+                f"GGUF export: {hf_name} has no tensor in llama.cpp's "
+                f"{gguf.MODEL_ARCH_NAMES[spec.arch]} architecture"
+            )
+        return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    return name
+
+
+def _encode(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype) for ``GGUFWriter.add_tensor``. As convert_hf_to_gguf does: 1-D tensors
+    stay float32; a row length Q8_0's blocks of 32 do not divide is written as F16 (logged)."""
+    w = np.asarray(w, np.float32)
+    if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return w, None
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        if w.shape[-1] % block:
+            log.info(
+                "%s: rows of %d are not a multiple of %d, written as F16", name, w.shape[-1], block
+            )
+            qtype = gguf.GGMLQuantizationType.F16
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16), None
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: int) -> None:
+    """The ``<arch>.*`` keys llama.cpp reads (TextModel.set_gguf_parameters' subset for us)."""
+    w.add_context_length(context_length)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_vocab_size(config.vocab_size)
+    if config.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_factor)
+
+
+def _check_architecture(config: LlamaConfig, context_length: int) -> None:
+    """Refuse what llama.cpp cannot compute for ``config``; warn where it computes otherwise."""
+    if config.rope_type == "llama3" and not arch_spec(config).rope_freqs:
+        raise GGUFError(
+            f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
+            "llama.cpp equivalent"
+        )
+    windows = sorted({s for s in config.sliding_windows if s is not None})
+    if windows and windows[0] < context_length:
+        log.warning(
+            "GGUF export: llama.cpp's %s attends to the whole context, not the sliding window "
+            "of %s tokens this model has: outputs differ beyond the window",
+            config.model_type,
+            windows,
+        )
+
+
+def _rope_freqs(config: LlamaConfig) -> np.ndarray | None:
+    """Llama 3.1 RoPE scaling as llama.cpp takes it: the divisor of each inverse frequency."""
+    if config.rope_type != "llama3":
+        return None
+    plain = dataclasses.replace(config, rope_type="default").inv_freq()
+    return (plain / config.inv_freq()).astype(np.float32)
+
+
+def _tokenizer_json(tokenizer: Any) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GGUFError(
+            f"GGUF export needs a fast (tokenizer.json) tokenizer; got {type(tokenizer).__name__}"
+        )
+    return json.loads(backend.to_str())
+
+
+def pre_tokenizer(tok_json: dict) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE's pre-tokenizer."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
+    regex_in_bytelevel = any(s.get("type") == "ByteLevel" and s.get("use_regex") for s in steps)
+    patterns = splits + ([_GPT2_REGEX] if regex_in_bytelevel else [])
+    if len(patterns) == 1 and patterns[0] in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[patterns[0]]
+    raise GGUFError(
+        f"GGUF export: the tokenizer's pre-tokenizer {pre} has no llama.cpp equivalent we know "
+        f"(known: {', '.join(PRE_TOKENIZERS.values())})"
+    )
+
+
+def _looks_special(text: str) -> bool:
+    """convert_hf_to_gguf's rule for added tokens that should be control tokens."""
+    return text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>"))
+
+
+def _bpe_vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and types in id order, ``vocab_size`` long (convert's get_vocab_base)."""
+    T = gguf.TokenType
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        elif i in added:
+            text = added[i].content
+            if not added[i].normalized:  # llama.cpp matches added tokens as normalized text
+                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+            tokens.append(text)
+            types.append(T.CONTROL if added[i].special or _looks_special(text) else T.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(T.NORMAL)
+    return tokens, types
+
+
+def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], None]:
+    """What adds the vocabulary, merges, special tokens, add_bos/add_eos and the chat template
+    to a writer; everything is read and checked here, before any file is opened."""
+    tok_json = _tokenizer_json(tokenizer)
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise GGUFError(
+            f"GGUF export: tokenizer model {model.get('type')!r} is not supported "
+            "(supported: byte-level BPE, as Llama 3 and Qwen have)"
+        )
+    if model.get("byte_fallback"):
+        raise GGUFError(
+            "GGUF export: SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte "
+            "fallback) are not supported: llama.cpp's tokenizer for them needs the piece scores "
+            "of tokenizer.model, which tokenizer.json does not hold. Export format=merged and "
+            "convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
+    pre = pre_tokenizer(tok_json)
+    tokens, types = _bpe_vocab(tokenizer, vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+
+    def add(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special.add_to_gguf(w, quiet=True)
+
+    return add
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's content, checked and converted, not yet written: ``fill`` adds its keys
+    and tensors to a ``gguf.GGUFWriter`` for ``arch``."""
+
+    arch: str
+    fill: Callable[[gguf.GGUFWriter], None]
+
+    def write(self, path: str | Path) -> Path:
+        """Write to a temporary file beside ``path``, then rename it (nothing half-written)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            writer = gguf.GGUFWriter(tmp, self.arch)
+            self.fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def model_gguf(
+    params: dict,
+    config: LlamaConfig,
+    tokenizer: Any,
+    *,
+    gguf_type: str = "f16",
+    context_length: int,
+    name: str | None = None,
+) -> GGUFFile:
+    """``params`` (LoRA weights merged in float32, NF4 dequantized) as one GGUF file that
+    llama.cpp loads: ``gguf_type`` f32 | f16 | bf16 | q8_0 for 2-D weights (norms and biases stay
+    float32). ``context_length``: the checkpoint's ``max_position_embeddings``."""
+    check_type(gguf_type)
+    spec = arch_spec(config)
+    if tokenizer is None:
+        raise GGUFError(
+            "GGUF export needs the model's tokenizer (llama.cpp reads it from the file)"
+        )
+    _check_architecture(config, context_length)
+    qtype, file_type = TYPES[gguf_type]
+    to_gguf = _name_map(config)
+    add_tokenizer = _tokenizer(tokenizer, config.vocab_size)
+    dense = flatten_dict(jax.device_get(merged_params(params)), sep=".")
+    tensors = {}
+    for hf_name, w in dense.items():
+        w = np.asarray(w, np.float32)
+        if (heads := _qk_heads(hf_name, config)) is not None:
+            w = permute_qk(w, heads)
+        tensors[to_gguf(hf_name)] = _encode(hf_name, w, qtype)
+    if spec.rope_freqs and (freqs := _rope_freqs(config)) is not None:
+        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (freqs, None)
+
+    def fill(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name or config.model_type)
+        _hyperparameters(w, config, context_length)
+        w.add_file_type(file_type)
+        add_tokenizer(w)
+        for tname, (data, raw_dtype) in tensors.items():
+            w.add_tensor(tname, data, raw_dtype=raw_dtype)
+
+    arch = gguf.MODEL_ARCH_NAMES[spec.arch]
+    log.info("GGUF %s model: %s, %d tensors", arch, gguf_type, len(tensors))
+    return GGUFFile(arch, fill)
+
+
+def _lora_tensors(params: dict, config: LlamaConfig, gguf_type: str) -> tuple[dict, float]:
+    """``{gguf name + .lora_a/.lora_b: (data, raw_dtype)}`` and ``adapter.lora.alpha``.
+
+    llama.cpp scales each pair by ``alpha / r`` (r from lora_a's shape), one alpha per file; a
+    weight whose scale ``s`` differs (rank/alpha patterns, rsLoRA) has ``s·r/alpha`` folded into
+    its B, so every product ``scale·B·A`` is the model's. A q/k B is permuted like the weight.
+    """
+    to_gguf = _name_map(config)
+    flat = flatten_dict(params, sep=".")
+    loras = {k: v for k, v in flat.items() if isinstance(v, LoRAWeight)}
+    if not loras:
+        raise GGUFError("GGUF LoRA export: the model has no LoRA weights")
+    dora = [k for k, v in loras.items() if v.use_dora]
+    if dora:
+        raise GGUFError(
+            f"GGUF LoRA export: llama.cpp has no DoRA; {dora[0]} uses it (merge instead)"
+        )
+    first = next(iter(loras.values()))
+    alpha = first.scale * first.a.shape[0]
+    qtype, _ = TYPES[gguf_type]
+    out = {}
+    for path, lw in loras.items():
+        a = np.asarray(jax.device_get(lw.a), np.float32)  # [r, in]
+        b = np.asarray(jax.device_get(lw.b), np.float32)  # [out, r]
+        fold = lw.scale * a.shape[0] / alpha
+        if fold != 1.0:
+            b = (b * np.float32(fold)).astype(np.float32)
+        if (heads := _qk_heads(path, config)) is not None:
+            b = permute_qk(b, heads)
+        name = to_gguf(path)
+        out[name + ".lora_a"] = _encode(name + ".lora_a", a, qtype)
+        out[name + ".lora_b"] = _encode(name + ".lora_b", b, qtype)
+    return out, alpha
+
+
+def lora_gguf(
+    params: dict, config: LlamaConfig, lora_config: LoraConfig | None, *, gguf_type: str = "f16"
+) -> GGUFFile:
+    """The LoRA weights of ``params`` as a GGUF adapter (what ``llama-cli --lora`` and
+    Ollama's ``ADAPTER`` take), as convert_lora_to_gguf.py lays it out: ``general.type=adapter``,
+    ``adapter.type=lora``, ``adapter.lora.alpha``, tensors ``<gguf name>.lora_a [r, in]`` and
+    ``.lora_b [out, r]``. Other trained tensors (``modules_to_save``, biases) have no place in a
+    GGUF LoRA and are refused."""
+    check_type(gguf_type)
+    spec = arch_spec(config)
+    if lora_config is None:
+        raise GGUFError("GGUF LoRA export: the model has no LoRA adapter")
+    if lora_config.modules_to_save or lora_config.bias != "none":
+        raise GGUFError(
+            "GGUF LoRA export: a GGUF LoRA holds only A/B pairs; this adapter also trains "
+            f"modules_to_save={list(lora_config.modules_to_save)} / bias={lora_config.bias!r} "
+            "(export the merged model instead)"
+        )
+    tensors, alpha = _lora_tensors(params, config, gguf_type)
+
+    def fill(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for tname, (data, raw_dtype) in tensors.items():
+            w.add_tensor(tname, data, raw_dtype=raw_dtype)
+
+    log.info("GGUF LoRA: %d weights, alpha %g", len(tensors) // 2, alpha)
+    return GGUFFile(gguf.MODEL_ARCH_NAMES[spec.arch], fill)

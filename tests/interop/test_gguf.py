@@ -1,0 +1,486 @@
+"""GGUF export: the files read back with gguf's own reader, the Ollama Modelfile, and (marked
+``llama_cpp``) llama.cpp itself loading them.
+
+One tiny Llama (GQA, tied embeddings, Llama 3.1 RoPE scaling) with a byte-level BPE tokenizer and
+a LoRA whose B is random (so the adapter changes every output) and whose scales differ per module
+(an ``alpha_pattern`` and a ``rank_pattern``, so the GGUF LoRA's single alpha is tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import gguf
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from jaxlora.config import ConfigError, from_argv
+from jaxlora.data.prompts import alpaca_chat_template
+from jaxlora.export import ExportArgs
+from jaxlora.interop import gguf as jgguf
+from jaxlora.interop import ollama
+from jaxlora.interop.merged import merged_params
+from jaxlora.lora import LoraConfig
+from jaxlora.model import load_model
+from jaxlora.training.export import export_gguf
+from jaxlora.weights import LoRAWeight
+from tests._tokenizers import make_spm_tokenizer, make_tokenizer
+from tests.hf_models import make_hf_model
+
+CONTEXT = 64
+
+
+# Each family with the pre-tokenizer its real models have (llama_bias: GPT-2's, for coverage).
+PRE = {"llama3_gqa_tied_rope": "llama3", "llama_bias": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2"}
+
+
+def lora_model(family: str, directory: Path):
+    """A tiny ``family`` model with the byte-level BPE tokenizer and a random-B LoRA.
+    hidden 64 / mlp 96 / head_dim 16: every row length a multiple of Q8_0's 32. The embedding
+    has 5 rows more than the tokenizer has tokens (models pad it, e.g. Qwen's; and Qwen2's
+    tokenizer class adds one, <|endoftext|>)."""
+    tok = make_tokenizer(pre=PRE[family])
+    make_hf_model(
+        family,
+        directory,
+        vocab_size=len(tok) + 5,
+        hidden_size=64,
+        intermediate_size=96,
+        initializer_range=0.2,  # larger weights than 0.02: greedy decoding does not repeat one token
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    tok.save_pretrained(directory)
+    cfg = LoraConfig(
+        r=4,
+        alpha=8,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"o_proj": 3},
+    )
+    m = load_model(directory).apply_lora(cfg)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+
+    def randomize(w):
+        if not isinstance(w, LoRAWeight):
+            return w
+        b = 0.05 * jax.random.normal(next(keys), w.b.shape, w.b.dtype)
+        return LoRAWeight(w.base, w.a, b, w.magnitude, scale=w.scale)
+
+    params = jax.tree.map(randomize, m.params, is_leaf=lambda w: isinstance(w, LoRAWeight))
+    return m.replace(params=params)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return lora_model("llama3_gqa_tied_rope", tmp_path_factory.mktemp("gguf") / "model")
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory):
+    """Every export written once: {name: path}."""
+    root = tmp_path_factory.mktemp("gguf_out")
+    out = {}
+    for t in ("f32", "q8_0", "f16", "bf16"):
+        out[t] = export_gguf(model, root / t / "m.gguf", CONTEXT, t, separate=False)
+    out["base"] = export_gguf(model, root / "lora" / "m.gguf", CONTEXT, "f32", separate=True)
+    out["lora"] = root / "lora" / "m-lora.gguf"
+    return out
+
+
+def _fields(path: Path) -> dict:
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+
+
+def _tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _hf_weights(model) -> dict[str, np.ndarray]:
+    return {
+        k: np.asarray(v, np.float32)
+        for k, v in flatten_dict(jax.device_get(merged_params(model.params)), sep=".").items()
+    }
+
+
+def _gguf_to_hf(name: str) -> str:
+    """GGUF tensor name -> Hugging Face name for the Llama tensors this model has."""
+    table = {
+        "token_embd": "model.embed_tokens",
+        "output": "lm_head",
+        "output_norm": "model.norm",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        return f"model.layers.{m[1]}.{table[m[2]]}.{m[3]}"
+    return table[name.removesuffix(".weight")] + ".weight"
+
+
+def _heads(name: str, config) -> int | None:
+    if ".attn_q." in name:
+        return config.num_attention_heads
+    if ".attn_k." in name:
+        return config.num_key_value_heads
+    return None
+
+
+def _unpermuted(name: str, w: np.ndarray, config) -> np.ndarray:
+    heads = _heads(name, config)
+    return w if heads is None else jgguf.unpermute_qk(w, heads)
+
+
+# ---- the files as gguf's reader sees them ---------------------------------------------------------
+
+
+def test_f32_tensors_are_the_merged_weights(model, files):
+    """Every tensor, un-permuted, equals the float32 merge bit for bit (both are the same f32
+    computation, only reordered); no tensor missing or extra; tied embeddings write no output."""
+    hf = _hf_weights(model)
+    tensors = _tensors(files["f32"])
+    rope = tensors.pop("rope_freqs.weight")
+    assert {_gguf_to_hf(n) for n in tensors} == set(hf)
+    for name, t in tensors.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        np.testing.assert_array_equal(
+            _unpermuted(name, np.asarray(t.data), model.config), hf[_gguf_to_hf(name)]
+        )
+    # llama.cpp divides each inverse frequency by rope_freqs: it must give Llama 3.1's scaling
+    plain = 1.0 / (500000.0 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))
+    np.testing.assert_allclose(plain / np.asarray(rope.data), model.config.inv_freq(), rtol=1e-6)
+
+
+def test_qwen3_tensors_keep_the_half_rotation(tmp_path):
+    """Qwen3 in llama.cpp's qwen3 architecture: q/k norms mapped, nothing permuted (llama.cpp
+    rotates halves for Qwen as transformers does)."""
+    m = lora_model("qwen3", tmp_path / "model")
+    path = export_gguf(m, tmp_path / "q.gguf", CONTEXT, "f32", separate=False)
+    assert _fields(path)["general.architecture"] == "qwen3"
+    assert _fields(path)["tokenizer.ggml.pre"] == "qwen2"
+    hf = _hf_weights(m)
+    tensors = _tensors(path)
+    assert {_gguf_to_hf(n) for n in tensors} == set(hf)
+    assert "blk.0.attn_q_norm.weight" in tensors and "output.weight" in tensors
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(np.asarray(t.data), hf[_gguf_to_hf(name)], err_msg=name)
+
+
+def test_permutation_is_llama_cpp_pair_rotation():
+    """permute_qk puts the two halves' row j of each head at rows 2j, 2j+1 (GPT-J layout)."""
+    w = np.arange(2 * 8)[:, None] * np.ones((1, 3))  # 2 heads of head_dim 8, rows labelled
+    p = jgguf.permute_qk(w, 2)[:, 0]
+    np.testing.assert_array_equal(p, [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15])
+    np.testing.assert_array_equal(jgguf.unpermute_qk(jgguf.permute_qk(w, 2), 2), w)
+
+
+def test_hyperparameters_and_tokenizer_metadata(model, files):
+    f = _fields(files["f32"])
+    c, tok = model.config, model.tokenizer
+    expected = {
+        "general.architecture": "llama",
+        "general.type": "model",
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32),
+        "llama.context_length": CONTEXT,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 96,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.rope.freq_base": 500000.0,
+        "llama.vocab_size": c.vocab_size,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.bos_token_id": tok.bos_token_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_token_id,
+        "tokenizer.ggml.padding_token_id": tok.pad_token_id,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": tok.chat_template,
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    assert f["llama.attention.layer_norm_rms_epsilon"] == np.float32(c.rms_norm_eps)
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    padding = [f"[PAD{i}]" for i in range(len(vocab), c.vocab_size)]
+    assert len(padding) == 5 and f["tokenizer.ggml.tokens"] == vocab + padding
+    types = f["tokenizer.ggml.token_type"]
+    assert set(types[len(vocab) :]) == {gguf.TokenType.UNUSED}
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}  # <s>, <|user|>, ...
+    assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+
+
+@pytest.mark.parametrize(
+    "gguf_type, matrix_type",
+    [("f16", gguf.GGMLQuantizationType.F16), ("bf16", gguf.GGMLQuantizationType.BF16)],
+)
+def test_16_bit_types(files, gguf_type, matrix_type):
+    for name, t in _tensors(files[gguf_type]).items():
+        want = matrix_type if len(t.shape) == 2 else gguf.GGMLQuantizationType.F32
+        assert t.tensor_type == want, name
+
+
+def test_q8_0_round_trips_within_its_bound(model, files):
+    """Q8_0: blocks of 32 along a row, d = absmax/127 stored as float16, q = round(x/d). So
+    |x − q·d16| ≤ d/2 (rounding) + 127·|d − d16| (d16 is d to 11 significant bits: ≤ d·2⁻¹¹)
+    + the float32 error of x·(1/d) (≤ 127·d·2⁻²⁴) per element."""
+    hf = _hf_weights(model)
+    for name, t in _tensors(files["q8_0"]).items():
+        if len(t.shape) == 1:
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        want = hf[_gguf_to_hf(name)]
+        blocks = (
+            jgguf.permute_qk(want, _heads(name, model.config))
+            if _heads(name, model.config)
+            else want
+        )
+        blocks = blocks.reshape(-1, 32)
+        d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        bound = d * (0.5 + 127 * 2.0**-11 + 127 * 2.0**-24)
+        assert np.all(np.abs(got.reshape(-1, 32) - blocks) <= bound), name
+
+
+def test_lora_gguf_holds_each_update_with_one_alpha(model, files):
+    """lora_a = A, lora_b = B (q/k rows permuted), and llama.cpp's alpha/r·B·A is each module's
+    own s·B·A — also where alpha_pattern / rank_pattern gave another scale (folded into B)."""
+    f = _fields(files["lora"])
+    assert f["general.type"] == "adapter" and f["adapter.type"] == "lora"
+    alpha = f["adapter.lora.alpha"]
+    tensors = _tensors(files["lora"])
+    loras = {
+        k: v for k, v in flatten_dict(model.params, sep=".").items() if isinstance(v, LoRAWeight)
+    }
+    assert len(tensors) == 2 * len(loras)
+    names = {_gguf_to_hf(n.removesuffix(".lora_a")): n for n in tensors if n.endswith(".lora_a")}
+    for path, lw in loras.items():
+        name = names[path]
+        a = np.asarray(tensors[name].data)
+        b = np.asarray(tensors[name.replace(".lora_a", ".lora_b")].data)
+        np.testing.assert_array_equal(a, np.asarray(lw.a))
+        delta = _unpermuted(name, (alpha / a.shape[0]) * b @ a, model.config)
+        want = lw.scale * np.asarray(lw.b) @ np.asarray(lw.a)
+        # one float32 rounding of the folded factor apart: relative 2⁻²³ per element of B
+        np.testing.assert_allclose(delta, want, rtol=1e-6, atol=1e-7)
+    base = {
+        _gguf_to_hf(n): np.asarray(t.data)
+        for n, t in _tensors(files["base"]).items()
+        if n != "rope_freqs.weight"
+    }
+    q = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(
+        jgguf.unpermute_qk(base[q], 4), np.asarray(flatten_dict(model.params, sep=".")[q].base)
+    )
+
+
+# ---- the Modelfile --------------------------------------------------------------------------------
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Qwen2.5's, without its tools branch: ChatML with a default system prompt
+QWEN25 = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are Qwen, a helpful "
+    "assistant.<|im_end|>\\n' }}{% endif %}" + CHATML
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+# Mistral's: the system prompt goes inside the first user turn, which no per-role wrapping is
+MISTRAL_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+    "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }} "
+    "{% endif %}{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def render_go(template: str, messages: list[dict]) -> str:
+    """Go text/template semantics for the subset go_template emits: literal text,
+    ``{{ range .Messages }}...{{ end }}``, ``{{ if eq .Role "x" }}`` / ``{{ else if ... }}`` /
+    ``{{ end }}`` and ``{{ .Content }}``."""
+    head, rest = template.split("{{ range .Messages }}", 1)
+    body, tail = rest.rsplit("{{ end }}{{ end }}", 1)
+    branches = dict(
+        re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\Z)', body, re.S)
+    )
+    out = head
+    for m in messages:
+        out += branches.get(m["role"], "").replace("{{ .Content }}", m["content"])
+    return out + tail
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "It is 5."},
+    {"role": "user", "content": "And 4 plus 4?"},
+]
+
+
+@pytest.mark.parametrize(
+    "name, template, stops",
+    [
+        ("alpaca", alpaca_chat_template(bos=True), ["</s>"]),
+        ("chatml", CHATML, ["</s>", "<|im_end|>"]),
+        ("qwen2.5", QWEN25, ["</s>", "<|im_end|>"]),
+        ("llama3", LLAMA3, ["</s>", "<|eot_id|>"]),
+    ],
+)
+def test_modelfile_template_renders_as_the_chat_template(model, name, template, stops):
+    """What Ollama sends llama.cpp (the Modelfile's SYSTEM as the first message when the
+    conversation has none) equals the chat template's text minus the BOS that llama.cpp adds
+    itself (add_bos_token), for the formats we translate, with and without a system message."""
+    tok = model.tokenizer
+    old, tok.chat_template = tok.chat_template, template
+    try:
+        text = ollama.modelfile(tok, "m.gguf", add_bos=True)
+        conversations = [CONVERSATION[1:]] + ([] if name == "alpaca" else [CONVERSATION])
+        wanted = [
+            tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+    finally:
+        tok.chat_template = old
+    go = re.search(r'TEMPLATE """(.*?)"""', text, re.S)[1]
+    system = re.search(r'SYSTEM """(.*?)"""', text, re.S)
+    assert (system is not None) == (name == "qwen2.5")
+    for conv, want in zip(conversations, wanted, strict=True):
+        if system and conv[0]["role"] != "system":  # Ollama's use of the Modelfile's SYSTEM
+            conv = [{"role": "system", "content": system[1]}, *conv]
+        assert render_go(go, conv) == want.removeprefix(tok.bos_token)
+    assert re.findall(r'PARAMETER stop "(.*)"', text) == stops
+    assert text.startswith("FROM ./m.gguf\n")
+
+
+def test_untranslatable_template_is_refused_and_the_modelfile_says_nothing_wrong(
+    model, tmp_path, caplog
+):
+    tok = model.tokenizer
+    old, tok.chat_template = tok.chat_template, MISTRAL_LIKE
+    try:
+        with pytest.raises(
+            ollama.TemplateError, match="cannot translate the chat template for Ollama"
+        ):
+            ollama.modelfile(tok, "m.gguf", add_bos=True)
+        export_gguf(model, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
+    finally:
+        tok.chat_template = old
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./m.gguf\nADAPTER ./m-lora.gguf\n"
+    assert "Modelfile without TEMPLATE" in caplog.text
+
+
+# ---- what is refused ------------------------------------------------------------------------------
+
+
+def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
+    with pytest.raises(ConfigError, match="gguf.type.*f16, bf16, q8_0, f32"):
+        from_argv(ExportArgs, ["checkpoint=x", "format=gguf", "out=m.gguf", "gguf.type=q4_k"])
+    with pytest.raises(jgguf.GGUFError, match="gguf.type='q4_k'.*f32, f16, bf16, q8_0"):
+        export_gguf(model, tmp_path / "m.gguf", CONTEXT, "q4_k", separate=False)
+    import dataclasses
+
+    spm = model.replace(tokenizer=make_spm_tokenizer())
+    with pytest.raises(jgguf.GGUFError, match="SentencePiece-style tokenizers.*convert_hf_to_gguf"):
+        export_gguf(spm, tmp_path / "m.gguf", CONTEXT, "f16", separate=False)
+    falcon = model.replace(config=dataclasses.replace(model.config, model_type="falcon"))
+    with pytest.raises(jgguf.GGUFError, match="model_type='falcon'.*llama, mistral, qwen2, qwen3"):
+        export_gguf(falcon, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    def fill(w):
+        w.add_uint32("x", 1)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        jgguf.GGUFFile("llama", fill).write(tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- llama.cpp itself ----------------------------------------------------------------------------
+
+LLAMA_CPP = os.environ.get("JAXLORA_LLAMA_CPP_PYTHON")
+
+
+def _llama_cpp(**request) -> dict:
+    script = Path(__file__).with_name("_llama_cpp_run.py")
+    proc = subprocess.run(
+        [LLAMA_CPP, str(script), json.dumps(request, default=str)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(
+    not LLAMA_CPP,
+    reason="needs llama-cpp-python: set JAXLORA_LLAMA_CPP_PYTHON to a python that imports "
+    "llama_cpp (docs/interop.md, 'Testing against llama.cpp')",
+)
+@pytest.mark.parametrize("family", ["llama3_gqa_tied_rope", "llama_bias", "qwen2", "qwen3"])
+def test_llama_cpp_matches_jaxlora(family, tmp_path):
+    """llama.cpp on our f32 GGUF: the same tokenization, logits within 1e-3 (float32 throughout,
+    KV cache included; ggml's matmuls sum in another order and its RoPE computes sin/cos with
+    its own theta powers: measured 7e-6 at a logit scale of 8, far inside), the same greedy
+    tokens as jaxlora.generate; and the GGUF LoRA on the base GGUF equals the merged GGUF
+    (1e-4: the low-rank term added after the matmul instead of folded into W, float32)."""
+    from jaxlora.sampling import generate
+
+    model = lora_model(family, tmp_path / "model")
+    merged_gguf = export_gguf(model, tmp_path / "merged" / "m.gguf", CONTEXT, "f32", separate=False)
+    base_gguf = export_gguf(model, tmp_path / "lora" / "m.gguf", CONTEXT, "f32", separate=True)
+    merged = model.merge()
+    prompt = "What is 2 plus 3? It's 12345   ok\n\nThe quick brown fox, über"
+    ids = merged.tokenizer(prompt)["input_ids"]
+    ours = np.asarray(merged(np.array([ids])))[0]
+    new = 8
+    got = _llama_cpp(model=merged_gguf, ids=ids, new=new, text=prompt)
+    assert got["tokenized"] == ids
+    np.testing.assert_allclose(np.array(got["logits"]), ours, atol=1e-3, rtol=0)
+    eos = merged.tokenizer.eos_token_id
+    greedy = got["greedy"][: got["greedy"].index(eos)] if eos in got["greedy"] else got["greedy"]
+    want = generate(merged, [prompt], max_new_tokens=new)[0]
+    assert merged.tokenizer.decode(greedy, skip_special_tokens=True) == want
+    lora = base_gguf.with_name("m-lora.gguf")
+    with_lora = _llama_cpp(model=base_gguf, lora=lora, ids=ids, new=0, text=prompt)
+    np.testing.assert_allclose(
+        np.array(with_lora["logits"]), np.array(got["logits"]), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (JAXLORA_LLAMA_CPP_PYTHON)")
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_llama_cpp_loads_every_type(model, files, gguf_type):
+    """llama.cpp reads the 16-bit and Q8_0 files and computes finite logits of the model's
+    shape from them."""
+    got = _llama_cpp(model=files[gguf_type], ids=[1, 40, 41, 42], new=0, text="x")
+    logits = np.array(got["logits"])
+    assert logits.shape == (4, model.config.vocab_size) and np.isfinite(logits).all()
