@@ -188,6 +188,7 @@ def parse_quantization_config(qc: dict[str, Any]) -> dict[str, Any]:
 # Decoder linears are what QLoRA quantizes; embeddings, norms and lm_head stay in 16/32 bits
 # (as bitsandbytes via transformers leaves them).
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_MODULES += ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections
 
 
 def is_quantized_weight(key: str) -> bool:

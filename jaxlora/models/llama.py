@@ -22,6 +22,7 @@ from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
 from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
+from jaxlora.models import rope as rope_rules
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.stacking import run_key
 from jaxlora.weights.dispatch import dense
@@ -44,6 +45,10 @@ MODULE_AXES: dict[str, tuple[str, ...]] = {
     "norm": ("embed",),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
+    # Phi-3's fused projections: q, k, v heads stacked on `out`; gate and up halves stacked on
+    # `out`. training/sharding.py splits them only on whole heads / whole halves.
+    "qkv_proj": ("heads", "embed"),
+    "gate_up_proj": ("mlp", "embed"),
 }
 assert {a for axes in MODULE_AXES.values() for a in axes} <= set(LOGICAL_AXES)
 
@@ -111,11 +116,26 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.A
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def config_rope_tables(config: LlamaConfig, positions: jax.Array, dtype):
+    """``cos, sin [B, S, rotary_dim]`` for a forward call over ``positions [B, S]``: fixed
+    frequencies, or those yarn / dynamic / longrope pick for this call, scaled by their
+    attention factor in float32 as transformers' rotary embedding does."""
+    scaling = config.rope_scaling
+    if scaling is None:
+        return rope_tables(positions, jnp.asarray(config.inv_freq()), dtype)
+    cos, sin = rope_tables(positions, rope_rules.call_inv_freq(scaling, positions), jnp.float32)
+    factor = jnp.float32(scaling.attention_factor)
+    return (cos * factor).astype(dtype), (sin * factor).astype(dtype)
+
+
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``x [B, S, H, D]``, ``cos, sin [B, S, D]`` from :func:`rope_tables`."""
+    """Rotate-half RoPE on ``x [B, S, H, D]``, ``cos, sin [B, S, R]`` from :func:`rope_tables`;
+    with ``R < D`` (partial rotary, Phi-3/4) only the first ``R`` dimensions rotate."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    x1, x2 = jnp.split(rot, 2, axis=-1)
+    rot = rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return rot if rest.shape[-1] == 0 else jnp.concatenate([rot, rest], axis=-1)
 
 
 class Attention(nn.Module):
@@ -141,9 +161,13 @@ class Attention(nn.Module):
         bias = cfg.attention_bias or cfg.qkv_bias
         lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
         heads = lambda t: rearrange(t, "b s (h d) -> b s h d", d=D)
-        q = heads(lin("q_proj", H * D, cfg.hidden_size, bias)(x))  # (B, S, H, D)
-        k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
-        v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
+        if cfg.fused_projections:  # Phi-3: one [(H + 2·KV)·D, d] projection, q | k | v
+            qkv = heads(lin("qkv_proj", (H + 2 * KV) * D, cfg.hidden_size, False)(x))
+            q, k, v = jnp.split(qkv, [H, H + KV], axis=2)
+        else:
+            q = heads(lin("q_proj", H * D, cfg.hidden_size, bias)(x))  # (B, S, H, D)
+            k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
+            v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
         if cfg.qk_norm:
             q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
@@ -180,6 +204,9 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.fused_projections:  # Phi-3: one [2·f, d] projection, gate | up
+            gate, up = jnp.split(Linear(2 * f, d, b, self.param_dtype, name="gate_up_proj")(x), 2, -1)
+            return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
         gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
         up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
         return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
@@ -226,7 +253,7 @@ class Layers(nn.Module):
     def __call__(self, x, positions, segment_ids, caches=None):
         cfg = self.config
         S = x.shape[1]
-        rope_cs = rope_tables(positions, jnp.asarray(cfg.inv_freq()), x.dtype)
+        rope_cs = config_rope_tables(cfg, positions, x.dtype)
         q_slots, k_segments = jnp.arange(S), segment_ids
         if caches is not None:
             idx = caches[0]["index"]
