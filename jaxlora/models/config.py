@@ -475,6 +475,9 @@ def _phi3_to_hf(config: LlamaConfig, out: dict[str, Any]) -> dict[str, Any]:
     out["sliding_window"] = windows.pop()
     out["partial_rotary_factor"] = config.partial_rotary_factor
     out["rope_parameters"]["partial_rotary_factor"] = config.partial_rotary_factor
+    # Phi3Config's default token ids (pad/eos 32000, bos 1) fit Phi-3's 32064-token vocabulary
+    # only (a smaller one fails to build the embedding); the tokenizer saved beside says them.
+    out |= {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     scaling = config.rope_scaling
     if scaling is not None:
         out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
