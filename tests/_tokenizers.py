@@ -49,3 +49,22 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrai
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE if chat_template else None,
     )
+
+# microsoft/Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's chat template (tokenizer_config
+# .json): turns end in <|end|>, and a conversation not left open for generation ends in EOS.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def make_phi3_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`make_tokenizer` with Phi-3's ``<|end|>`` token and chat template."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    return tok

@@ -21,6 +21,7 @@ dropped. Both counts are logged. If no example survives, :class:`DataError`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -69,13 +70,17 @@ def _chat_spans(
         upto = render(messages[: i + 1])
         # A conversation that opens with the assistant has no prefix to render: start at 0.
         head = render(messages[:i], gen=True) if i else ""
-        if not (full.startswith(upto) and upto.startswith(head)):
+        # A template may close the whole conversation (Phi-3's appends eos_token when not
+        # generating), a tail the longer conversation does not have: the turn ends where its
+        # rendering stops agreeing with the whole, and must still hold the whole reply.
+        end = len(os.path.commonprefix([upto, full]))
+        if not (upto.startswith(head) and m["content"] in full[len(head) : end]):
             raise DataError(
                 f"{where}: the chat template does not render the conversation up to message {i} "
                 "as a prefix of the whole, so assistant turns cannot be located; use "
                 "train_on_inputs: true or another template"
             )
-        spans.append((len(head), len(upto)))
+        spans.append((len(head), end))
     return full, spans
 
 

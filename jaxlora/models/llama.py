@@ -52,6 +52,17 @@ MODULE_AXES: dict[str, tuple[str, ...]] = {
 }
 assert {a for axes in MODULE_AXES.values() for a in axes} <= set(LOGICAL_AXES)
 
+
+def fused_layouts(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{module: (part rows, unit rows)}`` of the projections that stack several outputs on
+    ``out``: Phi-3's ``qkv_proj`` is q | k | v in heads of ``head_dim`` rows, ``gate_up_proj``
+    is gate | up. Sharding splits ``out`` only into whole units inside one part."""
+    if not config.fused_projections:
+        return {}
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    F = config.intermediate_size
+    return {"qkv_proj": ((H * D, KV * D, KV * D), D), "gate_up_proj": ((F, F), 1)}
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

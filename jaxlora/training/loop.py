@@ -85,7 +85,7 @@ def run(cfg: Config) -> dict:
     opt_state = jax.eval_shape(tx.init, trainable)
     kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
     model = model.replace(kernels=kernels)
-    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state)
+    sh = step_shardings(cfg, mesh, frozen, trainable, opt_state, model.config)
     frozen = sharding.place(frozen, sh.frozen)
     trainable = sharding.place(trainable, sh.trainable)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(trainable)

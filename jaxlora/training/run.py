@@ -21,6 +21,7 @@ from jaxlora.interop import hf
 from jaxlora.kernels.attention_sharded import AttentionMesh
 from jaxlora.model import Model, load_model
 from jaxlora.models import stacking
+from jaxlora.models.llama import fused_layouts
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import (
     dynamic_loss_scale,
@@ -179,23 +180,26 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
         mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
         heads=(kv_heads, model_config.num_attention_heads // kv_heads),
     )
-    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules)
+    fused = fused_layouts(model_config)
+    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused)
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
     return kernels, frozen
 
 
-def step_shardings(cfg: Config, mesh: Mesh, frozen, trainable, opt_state) -> Shardings:
+def step_shardings(
+    cfg: Config, mesh: Mesh, frozen, trainable, opt_state, model_config
+) -> Shardings:
     """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs;
     ``frozen`` as :func:`for_mesh` prepared it)."""
-    rules = cfg.mesh.rules
-    state = sharding.tree_shardings(opt_state, mesh, rules)
+    rules, fused = cfg.mesh.rules, fused_layouts(model_config)
+    state = sharding.tree_shardings(opt_state, mesh, rules, fused)
     home = state
     if cfg.train.optimizer_offload == "host":
         home = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state)
     return Shardings(
         mesh=mesh,
-        frozen=sharding.tree_shardings(frozen, mesh, rules),
-        trainable=sharding.tree_shardings(trainable, mesh, rules),
+        frozen=sharding.tree_shardings(frozen, mesh, rules, fused),
+        trainable=sharding.tree_shardings(trainable, mesh, rules, fused),
         opt_state=home,
         opt_state_device=state,
         batch=sharding.batch_sharding(mesh, ndim=3, leading=1),

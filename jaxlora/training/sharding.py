@@ -12,7 +12,10 @@ Face module name); the recipe's ``mesh.rules`` map them to mesh axes (``data``, 
   the rank axis follows the ``lora_rank`` rule (replicated by default: it is small).
 
 A mesh axis is dropped from a spec where the dimension does not divide evenly, or where an
-earlier dimension of the same array already uses it.
+earlier dimension of the same array already uses it. A fused projection (Phi-3's ``qkv_proj``,
+``gate_up_proj``; ``models.llama.fused_layouts``) splits its ``out`` only where every shard is
+whole heads (or rows) inside one of q, k, v (gate, up), so slicing the output into its parts
+moves no data; without its layout its ``out`` stays whole.
 """
 
 from __future__ import annotations
@@ -101,13 +104,20 @@ def spec_for(
     return PartitionSpec(*out)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None]) -> Any:
-    """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure)."""
+def tree_shardings(
+    tree: Any,
+    mesh: Mesh,
+    rules: Mapping[str, str | None],
+    fused: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
+) -> Any:
+    """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure);
+    ``fused``: the model's ``fused_layouts``."""
 
     def one(path, leaf):
         shape = tuple(np.shape(leaf))
-        spec = spec_for(logical_axes_for(path, len(shape)), shape, rules, mesh)
-        return NamedSharding(mesh, spec)
+        axes = logical_axes_for(path, len(shape))
+        spec = spec_for(axes, shape, rules, mesh)
+        return NamedSharding(mesh, _whole_parts(path, axes, spec, mesh, fused or {}))
 
     def node(path, leaf):
         if not isinstance(leaf, NF4Tensor):
@@ -118,6 +128,24 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, str | None]) -> An
         return sh
 
     return jax.tree_util.tree_map_with_path(node, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+
+
+def _whole_parts(path, axes, spec: PartitionSpec, mesh: Mesh, fused) -> PartitionSpec:
+    """``spec`` with a fused projection's ``out`` split dropped unless each shard is whole
+    units inside one part (see the module docstring)."""
+    names = [_key_name(k) for k in path]
+    module = next((n for n in reversed(names) if n in MODULE_AXES), None)
+    if module not in ("qkv_proj", "gate_up_proj"):
+        return spec
+    out_axis = MODULE_AXES[module][0]
+    at = next((i for i, a in enumerate(axes) if a == out_axis), None)
+    if at is None or spec[at] is None:
+        return spec
+    parts, unit = fused.get(module, ((), 0))
+    shard = sum(parts) // mesh.shape[spec[at]] if parts else 0
+    if shard and shard % unit == 0 and all(p % shard == 0 for p in parts):
+        return spec
+    return PartitionSpec(*(None if i == at else m for i, m in enumerate(spec)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
