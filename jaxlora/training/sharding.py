@@ -114,10 +114,7 @@ def tree_shardings(
     ``fused``: the model's ``fused_layouts``."""
 
     def one(path, leaf):
-        shape = tuple(np.shape(leaf))
-        axes = logical_axes_for(path, len(shape))
-        spec = spec_for(axes, shape, rules, mesh)
-        return NamedSharding(mesh, _whole_parts(path, axes, spec, mesh, fused or {}))
+        return NamedSharding(mesh, leaf_spec(path, tuple(np.shape(leaf)), rules, mesh, fused))
 
     def node(path, leaf):
         if not isinstance(leaf, NF4Tensor):
@@ -128,6 +125,13 @@ def tree_shardings(
         return sh
 
     return jax.tree_util.tree_map_with_path(node, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+
+
+def leaf_spec(path, shape: tuple[int, ...], rules, mesh: Mesh, fused=None) -> PartitionSpec:
+    """The spec of one leaf at tree ``path``: its logical axes mapped by ``rules``, a fused
+    projection's ``out`` split only on whole parts (``fused``: ``fused_layouts``)."""
+    axes = logical_axes_for(path, len(shape))
+    return _whole_parts(path, axes, spec_for(axes, shape, rules, mesh), mesh, fused or {})
 
 
 def _whole_parts(path, axes, spec: PartitionSpec, mesh: Mesh, fused) -> PartitionSpec:

@@ -198,3 +198,34 @@ def test_unsupported_phi3_fields_are_refused_by_name(overrides, needle):
     cfg = hf_config("phi3").to_dict() | overrides
     with pytest.raises(UnsupportedConfigError, match=needle):
         LlamaConfig.from_hf(cfg)
+
+
+def test_fused_projections_shard_on_whole_heads_and_halves(phi3):
+    """qkv_proj of the tiny model is q | k | v = 4 | 2 | 2 heads of 10 rows, gate_up_proj
+    37 | 37 rows: ``out`` splits over ``tensor`` only where each shard is whole heads inside
+    one of q, k, v (4 ways: 2 heads each; not 2 ways, which would put k and v in one shard) or
+    whole rows inside gate or up (2 ways)."""
+    import types
+
+    from jax.tree_util import DictKey
+
+    from jaxlora.config.recipe import _default_rules
+    from jaxlora.models.llama import fused_layouts
+    from jaxlora.training.sharding import leaf_spec
+
+    _, _, model = phi3
+    fused = fused_layouts(model.config)
+
+    def spec(module, leaf, shape, tensor):
+        mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": tensor})
+        path = [DictKey(k) for k in ("model", "layers", "0", "mlp", module, leaf)]
+        return tuple(leaf_spec(path, shape, _default_rules(), mesh, fused))
+
+    assert spec("qkv_proj", "weight", (80, 40), 4) == ("tensor", None)
+    assert spec("qkv_proj", "weight", (80, 40), 2) == (None, None)
+    assert spec("qkv_proj", "b", (80, 3), 4) == ("tensor", None)  # LoRA B follows `out`
+    assert spec("gate_up_proj", "weight", (74, 40), 2) == ("tensor", None)
+    assert spec("gate_up_proj", "weight", (74, 40), 4) == (None, None)  # 74 rows: no quarters
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 4})
+    path = [DictKey(k) for k in ("model", "layers", "0", "self_attn", "qkv_proj", "weight")]
+    assert tuple(leaf_spec(path, (80, 40), _default_rules(), mesh)) == (None, None)  # no layout
