@@ -21,7 +21,6 @@ dropped. Both counts are logged. If no example survives, :class:`DataError`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +69,7 @@ def _chat_spans(
         upto = render(messages[: i + 1])
         # A conversation that opens with the assistant has no prefix to render: start at 0.
         head = render(messages[:i], gen=True) if i else ""
-        # A template may close the whole conversation (Phi-3's appends eos_token when not
-        # generating), a tail the longer conversation does not have: the turn ends where its
-        # rendering stops agreeing with the whole, and must still hold the whole reply.
-        end = len(os.path.commonprefix([upto, full]))
+        end = len(upto) if full.startswith(upto) else _turn_end(tokenizer, upto, full)
         if not (upto.startswith(head) and m["content"] in full[len(head) : end]):
             raise DataError(
                 f"{where}: the chat template does not render the conversation up to message {i} "
@@ -82,6 +78,21 @@ def _chat_spans(
             )
         spans.append((len(head), end))
     return full, spans
+
+
+def _turn_end(tokenizer: Any, upto: str, full: str) -> int:
+    """Where a turn ends in ``full`` when its rendering ``upto`` has a tail the longer
+    conversation lacks: Phi-3's template closes a conversation not left open for generation
+    with EOS. The turn ends after the last token the two share (compared as tokens: the tail
+    ``</s>`` and the next turn's ``<|user|>`` share their first character)."""
+    enc = tokenizer(upto, add_special_tokens=False, return_offsets_mapping=True)
+    theirs = tokenizer(full, add_special_tokens=False)["input_ids"]
+    n = 0
+    for a, b in zip(enc["input_ids"], theirs, strict=False):
+        if a != b:
+            break
+        n += 1
+    return enc["offset_mapping"][n - 1][1] if n else 0
 
 
 @dataclass(frozen=True)

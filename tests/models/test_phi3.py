@@ -229,3 +229,28 @@ def test_fused_projections_shard_on_whole_heads_and_halves(phi3):
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 4})
     path = [DictKey(k) for k in ("model", "layers", "0", "self_attn", "qkv_proj", "weight")]
     assert tuple(leaf_spec(path, (80, 40), _default_rules(), mesh)) == (None, None)  # no layout
+
+
+def test_phi3_chat_template_trains_each_reply_and_its_end(tmp_path):
+    """Phi-3's template closes a conversation with EOS only when not generating, so a reply
+    rendered alone ends in ``<|end|>\\n</s>`` while inside the conversation it is followed by
+    the next turn: each reply trains up to its ``<|end|>\\n``, the last one also the EOS."""
+    from jaxlora.config import DataConfig
+    from jaxlora.data import load_records, tokenize
+    from tests._tokenizers import make_phi3_tokenizer
+
+    tok = make_phi3_tokenizer()
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is two plus three?"},
+        {"role": "assistant", "content": "five"},
+        {"role": "user", "content": "And plus four?"},
+        {"role": "assistant", "content": "nine"},
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    cfg = DataConfig(path=str(path), format="chat", max_seq_len=251, val_size=0)
+    (ex,), _ = tokenize(load_records(cfg), tok, cfg)
+    decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)
+    assert decode(ex.tokens) == tok.apply_chat_template(msgs, tokenize=False)
+    assert decode(ex.tokens[ex.trained]) == "five<|end|>\nnine<|end|>\n</s>"
