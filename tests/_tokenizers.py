@@ -50,6 +50,7 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 300) -> PreTrai
         chat_template=CHAT_TEMPLATE if chat_template else None,
     )
 
+
 # microsoft/Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's chat template (tokenizer_config
 # .json): turns end in <|end|>, and a conversation not left open for generation ends in EOS.
 PHI3_CHAT_TEMPLATE = (

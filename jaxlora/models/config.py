@@ -447,7 +447,7 @@ def _phi3_from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
     rope = _parse_rope(rope_cfg, _refuse, head_dim, partial)
     rotary = int(head_dim * partial)
     if rotary % 2 or not 0 < rotary <= head_dim:
-        _refuse("partial_rotary_factor", partial, f"a fraction of head_dim={head_dim} giving even dims")
+        _refuse("partial_rotary_factor", partial, f"one giving even rotary dims of {head_dim}")
     window = cfg.get("sliding_window")
     n_layers = cfg["num_hidden_layers"]
     return cls(

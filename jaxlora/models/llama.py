@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
-from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
 from jaxlora.models import rope as rope_rules
+from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.stacking import run_key
 from jaxlora.weights.dispatch import dense
@@ -62,6 +62,7 @@ def fused_layouts(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], int]]
     H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     F = config.intermediate_size
     return {"qkv_proj": ((H * D, KV * D, KV * D), D), "gate_up_proj": ((F, F), 1)}
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -216,7 +217,8 @@ class MLP(nn.Module):
         cfg = self.config
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         if cfg.fused_projections:  # Phi-3: one [2·f, d] projection, gate | up
-            gate, up = jnp.split(Linear(2 * f, d, b, self.param_dtype, name="gate_up_proj")(x), 2, -1)
+            gate_up = Linear(2 * f, d, b, self.param_dtype, name="gate_up_proj")(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
             return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
         gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
         up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
