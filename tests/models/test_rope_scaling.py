@@ -98,9 +98,15 @@ def test_logits_match_below_and_above_the_switch(case):
         with torch.no_grad():
             theirs = hf(torch.as_tensor(ids)).logits.numpy()
         chex.assert_trees_all_close(np.asarray(model(ids)), theirs, atol=MODEL_TOL, rtol=0)
-    np.testing.assert_allclose(
-        model.config.inv_freq(), hf.model.rotary_emb.original_inv_freq.numpy(), rtol=1e-6
-    )
+    rotary = hf.model.rotary_emb
+    np.testing.assert_allclose(model.config.inv_freq(), rotary.original_inv_freq.numpy(), rtol=1e-6)
+    # what an export writes (config.to_hf) is the same rule again, in transformers and here
+    exported = model.config.to_hf()
+    assert LlamaConfig.from_hf(exported) == model.config
+    again = type(hf.config).from_dict(exported)
+    again_rotary = type(rotary)(again)
+    assert again_rotary.attention_scaling == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    np.testing.assert_array_equal(again_rotary.inv_freq.numpy(), rotary.original_inv_freq.numpy())
 
 
 @pytest.mark.parametrize("name", ["dynamic_llama", "longrope_llama"])
