@@ -29,9 +29,10 @@ LONGROPE = dict(
     long_factor=[1.5, 2.5, 4.0, 6.0, 9.0],
     original_max_position_embeddings=16,
 )
-# name: (family, config overrides). rope_theta=100 widens yarn's ramp over head_dim=10.
+# name: (family, config overrides): each type on a Llama or a Qwen. rope_theta=100 widens
+# yarn's ramp over head_dim=10.
 CASES = {
-    "yarn_qwen2": (
+    "yarn_qwen2": (  # Qwen2.5's form: factor + original length, the default attention factor
         "qwen2",
         dict(
             max_position_embeddings=64,
