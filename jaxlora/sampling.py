@@ -78,7 +78,7 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
-def check_longrope_regeneration(config, prompt_len: int, max_new_tokens: int) -> None:
+def _check_longrope_regeneration(config, prompt_len: int, max_new_tokens: int) -> None:
     """Refuse a Phi-3 longrope generation whose cache would cross the short/long switch.
 
     ``Phi3ForCausalLM.prepare_inputs_for_generation`` throws the KV cache away at the step whose
@@ -103,7 +103,7 @@ def check_longrope_regeneration(config, prompt_len: int, max_new_tokens: int) ->
 def _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens):
     """Run the left-padded prompts ``[B, P]`` through the model, filling fresh caches."""
     B, P = input_ids.shape
-    check_longrope_regeneration(module.config, P, max_new_tokens)
+    _check_longrope_regeneration(module.config, P, max_new_tokens)
     caches = init_caches(module.config, B, P + max_new_tokens, module.dtype, module.runs)
     positions = default_positions(attention_mask)
     logits, caches = module.apply({"params": params}, input_ids, positions, attention_mask, caches)

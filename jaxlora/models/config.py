@@ -5,6 +5,10 @@ attention biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding-window layers (M
 when enabled), tied embeddings and the RoPE frequency rule. Every field of ``config.json`` is
 either used, known not to change the forward pass, or refused by name (penzai's importer habit):
 a field we would silently ignore is a wrong model.
+
+Phi-3 / 3.5 / Phi-4 (``phi3``) is the same decoder with fused ``qkv_proj`` / ``gate_up_proj``
+and partial rotary; its reading of ``config.json`` (Phi3Config's) is ``_phi3_from_hf`` below.
+The yarn / dynamic / longrope RoPE rules are :mod:`jaxlora.models.rope`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3) in Flax Linen.
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3/4) in Flax Linen.
 
 Parameter paths mirror Hugging Face exactly (``model/layers/0/self_attn/q_proj/weight``), with
 weights in torch orientation ``[out, in]``, so the checkpoint key table is the identity. Every
