@@ -334,7 +334,10 @@ def _parse_rope(cfg: dict[str, Any], refuse, head_dim: int, partial: float = 1.0
         out["rope_original_max_position_embeddings"] = int(
             params.pop("original_max_position_embeddings")
         )
-    params.pop("partial_rotary_factor", None)  # checked by the caller when top-level
+    # the top-level factor is checked by the caller; one inside the rope dict must agree
+    inner = float(params.pop("partial_rotary_factor", partial))
+    if inner != partial:
+        refuse("rope_parameters.partial_rotary_factor", inner, partial)
     if rope_type in rope_rules.SCALED_TYPES:
         # transformers: yarn/longrope's original length defaults to max_position_embeddings
         # (Phi-3's top-level original_max_position_embeddings wins; see _phi3_from_hf)

@@ -155,3 +155,10 @@ def test_bad_rope_parameters_are_refused_by_name(rope, needle):
     cfg = hf_config("llama2_mha").to_dict() | {"rope_parameters": rope}
     with pytest.raises(UnsupportedConfigError, match=needle):
         LlamaConfig.from_hf(cfg)
+
+
+def test_partial_rotary_inside_the_rope_dict_is_refused_outside_phi3():
+    rope = dict(rope_type="dynamic", rope_theta=1e4, factor=2.0, partial_rotary_factor=0.5)
+    cfg = hf_config("llama2_mha").to_dict() | {"rope_parameters": rope}
+    with pytest.raises(UnsupportedConfigError, match="partial_rotary_factor=0.5"):
+        LlamaConfig.from_hf(cfg)
