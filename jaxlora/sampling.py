@@ -78,9 +78,32 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
+def _check_longrope_regeneration(config, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a Phi-3 longrope generation whose cache would cross the short/long switch.
+
+    ``Phi3ForCausalLM.prepare_inputs_for_generation`` throws the KV cache away at the step whose
+    input reaches ``original_max_position_embeddings + 1`` tokens and recomputes every key with
+    the long factors; jaxlora's compiled decode loop keeps its cache. Generation that stays on
+    one side (prompt and output within the original length, or a prompt already past it) is the
+    same in both. Other families switch per call without recomputing, as jaxlora does.
+    """
+    s = config.rope_scaling
+    if config.model_type != "phi3" or s is None or s.rope_type != "longrope":
+        return
+    original = s.original_max_position_embeddings
+    if prompt_len <= original and prompt_len + max_new_tokens >= original + 2:
+        raise NotImplementedError(
+            f"phi3 longrope: a prompt of {prompt_len} tokens (padded) + {max_new_tokens} new "
+            f"tokens crosses original_max_position_embeddings={original}, where transformers "
+            "recomputes the whole KV cache with the long factors; jaxlora does not. Keep "
+            f"prompt + max_new_tokens <= {original + 1}, or use a prompt longer than {original}"
+        )
+
+
 def _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens):
     """Run the left-padded prompts ``[B, P]`` through the model, filling fresh caches."""
     B, P = input_ids.shape
+    _check_longrope_regeneration(module.config, P, max_new_tokens)
     caches = init_caches(module.config, B, P + max_new_tokens, module.dtype, module.runs)
     positions = default_positions(attention_mask)
     logits, caches = module.apply({"params": params}, input_ids, positions, attention_mask, caches)

@@ -108,3 +108,23 @@ def make_spm_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+# microsoft/Phi-3-mini-4k-instruct's and Phi-3.5-mini-instruct's chat template (tokenizer_config
+# .json): turns end in <|end|>, and a conversation not left open for generation ends in EOS.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def make_phi3_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`make_tokenizer` with Phi-3's ``<|end|>`` token and chat template."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    return tok

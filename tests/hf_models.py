@@ -9,6 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+PHI3 = dict(
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    original_max_position_embeddings=16,
+    partial_rotary_factor=0.6,
+    rope_scaling=dict(type="longrope", short_factor=[1.0, 1.3, 1.7], long_factor=[2.0, 3.5, 5.0]),
+    sliding_window=6,
+    pad_token_id=0,
+    eos_token_id=2,
+)
+
 FAMILIES = {
     # name: (config class, extra config kwargs)
     "llama2_mha": ("LlamaConfig", dict(num_key_value_heads=4)),
@@ -42,6 +53,9 @@ FAMILIES = {
         ),
     ),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=14)),
+    # Phi-3.5 shaped: fused qkv/gate_up, GQA, partial rotary (6 of 10 dims), longrope (short
+    # factors below 16 positions, long beyond), a sliding window shorter than the tests' rows.
+    "phi3": ("Phi3Config", PHI3),
 }
 
 

@@ -79,13 +79,16 @@ def _chat_spans(
             upto = upto.removesuffix(eos)
         # A conversation that opens with the assistant has no prefix to render: start at 0.
         head = render(messages[:i], gen=True) if i else ""
-        if not (full.startswith(upto) and upto.startswith(head)):
+        end = len(upto)
+        if not (
+            full.startswith(upto) and upto.startswith(head) and m["content"] in upto[len(head) :]
+        ):
             raise DataError(
                 f"{where}: the chat template does not render the conversation up to message {i} "
                 "as a prefix of the whole, so assistant turns cannot be located; use "
                 "train_on_inputs: true or another template"
             )
-        spans.append((len(head), len(upto)))
+        spans.append((len(head), end))
     return full, spans
 
 

@@ -189,6 +189,7 @@ def parse_quantization_config(qc: dict[str, Any]) -> dict[str, Any]:
 # (as bitsandbytes via transformers leaves them).
 QUANTIZED_MODULES = (
     *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("qkv_proj", "gate_up_proj"),  # Phi-3's fused projections
     *("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # Falcon
 )
 

@@ -22,6 +22,8 @@ from jaxlora.weights.lora import LoRAWeight
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3
 # (each family's is jaxlora.models.registry.default_targets).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+# Families PEFT has no default for (it asks for target_modules): the presets to name instead.
+NO_DEFAULT = {"qkv_proj": "phi3: [qkv_proj], [qkv_proj, o_proj], or all-linear"}
 EMBEDDINGS = ("embed_tokens", "word_embeddings")  # Llama family, Falcon
 HEAD = "lm_head"
 
@@ -111,6 +113,8 @@ def resolve_targets(params: dict, cfg: LoraConfig, *, strict: bool = True) -> di
     """
     mods = Modules(params)
     tm = cfg.target_modules if cfg.target_modules is not None else default_targets(mods.linear)
+    if cfg.target_modules is None:
+        _check_default_applies(mods)
     if strict and isinstance(tm, tuple):
         for t in tm:
             if not any(m == t or m.endswith(f".{t}") for m in mods.all):
@@ -148,6 +152,17 @@ def resolve_targets(params: dict, cfg: LoraConfig, *, strict: bool = True) -> di
             f"{list(cfg.modules_to_save)}; a module is either adapted or trained in full"
         )
     return {m: cfg.rank_alpha(m) for m in hits}
+
+
+def _check_default_applies(mods: Modules) -> None:
+    """PEFT refuses an unset ``target_modules`` for a family outside its default table (Phi-3):
+    say so, with the family's presets, rather than report that ``q_proj`` matches nothing."""
+    for name, presets in NO_DEFAULT.items():
+        if any(m.endswith(f".{name}") for m in mods.linear):
+            raise LoraConfigError(
+                f"lora.target_modules is unset and this model has {name!r} (PEFT has no "
+                f"default target_modules for it); choose one, e.g. {presets}"
+            )
 
 
 def under(module: str, roots: set[str]) -> bool:

@@ -5,6 +5,10 @@ attention biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding-window layers (M
 when enabled), tied embeddings and the RoPE frequency rule. Every field of ``config.json`` is
 either used, known not to change the forward pass, or refused by name (penzai's importer habit):
 a field we would silently ignore is a wrong model.
+
+Phi-3 / 3.5 / Phi-4 (``phi3``) is the same decoder with fused ``qkv_proj`` / ``gate_up_proj``
+and partial rotary; its reading of ``config.json`` (Phi3Config's) is ``_phi3_from_hf`` below.
+The yarn / dynamic / longrope RoPE rules are :mod:`jaxlora.models.rope`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from jaxlora.models import rope as rope_rules
 
 
 class UnsupportedConfigError(ValueError):
@@ -25,9 +31,10 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", *rope_rules.SCALED_TYPES)
 
 # Fields that do not change what the forward pass computes (bookkeeping, generation defaults,
 # output switches). Anything not here and not read below is refused.
@@ -146,6 +153,8 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
     model_type: str = "llama"
+    rope_scaling: rope_rules.RopeScaling | None = None  # yarn / dynamic / longrope
+    partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE on the first fraction of head_dim
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -162,6 +171,16 @@ class LlamaConfig:
     def architecture(self) -> str:
         return ARCHITECTURES[self.model_type]
 
+    @property
+    def fused_projections(self) -> bool:
+        """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``."""
+        return self.model_type == "phi3"
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head RoPE rotates (the rest pass through), as transformers has it."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         """Parse a ``config.json`` dict, refusing any field or value we do not implement."""
@@ -171,6 +190,8 @@ class LlamaConfig:
                 f"config.json: model_type={model_type!r} is not supported "
                 f"(supported: {sorted(ARCHITECTURES)})"
             )
+        if model_type == "phi3":
+            return _phi3_from_hf(cls, cfg)
         archs = cfg.get("architectures") or [ARCHITECTURES[model_type]]
         if archs != [ARCHITECTURES[model_type]]:
             raise UnsupportedConfigError(
@@ -204,7 +225,7 @@ class LlamaConfig:
 
         heads = cfg["num_attention_heads"]
         n_layers = cfg["num_hidden_layers"]
-        rope = _parse_rope(cfg, refuse)
+        rope = _parse_rope(cfg, refuse, cfg.get("head_dim") or cfg["hidden_size"] // heads)
         windows = _parse_sliding_windows(cfg, model_type, n_layers, refuse)
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -236,6 +257,8 @@ class LlamaConfig:
                 "high_freq_factor": self.rope_high_freq_factor,
                 "original_max_position_embeddings": self.rope_original_max_position_embeddings,
             }
+        if self.rope_scaling is not None:
+            rope |= self.rope_scaling.to_hf()
         out: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -251,6 +274,10 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "rope_parameters": rope,
         }
+        if self.rope_scaling is not None and self.rope_scaling.max_position_embeddings:
+            out["max_position_embeddings"] = self.rope_scaling.max_position_embeddings
+        if self.model_type == "phi3":
+            return _phi3_to_hf(self, out)
         if self.model_type == "llama":
             out |= {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias}
         if self.model_type == "qwen3":
@@ -267,8 +294,11 @@ class LlamaConfig:
         return out
 
     def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies ``[head_dim // 2]`` (float32), as ``transformers`` has them."""
-        dim = self.head_dim
+        """RoPE inverse frequencies ``[rotary_dim // 2]`` (float32), as ``transformers`` builds
+        them at init; yarn / dynamic / longrope pick theirs per call (:mod:`.rope`)."""
+        if self.rope_scaling is not None:
+            return rope_rules.static_inv_freq(self.rope_scaling)
+        dim = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
         inv = inv.astype(np.float32)
         if self.rope_type == "linear":
@@ -285,7 +315,7 @@ class LlamaConfig:
         return inv
 
 
-def _parse_rope(cfg: dict[str, Any], refuse) -> dict[str, Any]:
+def _parse_rope(cfg: dict[str, Any], refuse, head_dim: int, partial: float = 1.0) -> dict[str, Any]:
     # transformers 5 writes `rope_parameters` (theta inside); older checkpoints write
     # `rope_theta` + `rope_scaling` with "type" or "rope_type".
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -304,7 +334,24 @@ def _parse_rope(cfg: dict[str, Any], refuse) -> dict[str, Any]:
         out["rope_original_max_position_embeddings"] = int(
             params.pop("original_max_position_embeddings")
         )
-    params.pop("partial_rotary_factor", None)  # checked == 1.0 by the caller when top-level
+    # the top-level factor is checked by the caller; one inside the rope dict must agree
+    inner = float(params.pop("partial_rotary_factor", partial))
+    if inner != partial:
+        refuse("rope_parameters.partial_rotary_factor", inner, partial)
+    if rope_type in rope_rules.SCALED_TYPES:
+        # transformers: yarn/longrope's original length defaults to max_position_embeddings
+        # (Phi-3's top-level original_max_position_embeddings wins; see _phi3_from_hf)
+        if rope_type != "dynamic" and cfg.get("max_position_embeddings") is not None:
+            params.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+        out["rope_scaling"] = rope_rules.parse(
+            rope_type,
+            params,
+            theta=float(theta),
+            dim=int(head_dim * partial),
+            max_position_embeddings=cfg.get("max_position_embeddings"),
+            refuse=refuse,
+        )
+        return out
     if params:
         refuse(f"rope parameters {sorted(params)} for rope_type", rope_type, "none")
     return out
@@ -338,3 +385,107 @@ def _parse_sliding_windows(cfg, model_type, n_layers, refuse) -> tuple[int | Non
         else:
             refuse("layer_types entry", t, "'full_attention' or 'sliding_attention' with a window")
     return tuple(out)
+
+
+# ---- Phi-3 / 3.5 / Phi-4 (model_type "phi3") ------------------------------------------------
+
+# Fields Phi3Config reads beyond the Llama ones, and fields the checkpoints' remote code reads
+# that transformers' Phi3 ignores: accepted only at the value that computes what transformers does.
+_PHI3_NEUTRAL = {
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "lm_head_bias": False,
+    "full_attn_mod": 1,  # Phi-4-mini remote code: every layer full attention
+    "interpolate_factor": 1,
+}
+_PHI3_FIELDS = (
+    _IGNORED
+    - {"max_window_layers", "use_sliding_window", "layer_types", "pretraining_tp"}
+    - set(_REQUIRED)
+) | {"original_max_position_embeddings", "auto_map", "num_key_value_heads", *_PHI3_NEUTRAL}
+
+
+def _refuse(field: str, value: Any, allowed: Any) -> None:
+    raise UnsupportedConfigError(
+        f"config.json: {field}={value!r} is not supported (supported: {allowed})"
+    )
+
+
+def _phi3_from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+    """Phi3Config's reading of ``config.json``: fused projections, no biases, partial rotary,
+    ``default`` or ``longrope`` RoPE (legacy ``su``/``yarn`` mean longrope there, and the
+    top-level ``original_max_position_embeddings``, default 4096, overrides the rope dict's),
+    one sliding window for every layer when set."""
+    archs = cfg.get("architectures") or ["Phi3ForCausalLM"]
+    if archs != ["Phi3ForCausalLM"]:
+        _refuse("architectures", archs, "['Phi3ForCausalLM'] for model_type 'phi3'")
+    unknown = sorted(k for k in cfg if k not in _PHI3_FIELDS and k not in _REQUIRED)
+    if unknown:
+        raise UnsupportedConfigError(
+            f"config.json: unsupported field(s) {unknown} for model_type='phi3'; "
+            "jaxlora refuses fields it would otherwise silently ignore"
+        )
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise UnsupportedConfigError(f"config.json: missing required field(s) {missing}")
+    for field, neutral in _PHI3_NEUTRAL.items():
+        if cfg.get(field, neutral) != neutral:
+            _refuse(field, cfg[field], repr(neutral))
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("su", "yarn"):
+        rope_type = "longrope"
+    if rope_type not in ("default", "longrope"):
+        _refuse("rope_type", rope_type, "['default', 'longrope'] for phi3 (as Phi3Config)")
+    params |= {"rope_type": rope_type, "type": rope_type}
+    if rope_type == "longrope":
+        params["original_max_position_embeddings"] = cfg.get(
+            "original_max_position_embeddings", 4096
+        )
+    rope_cfg = {**cfg, "rope_parameters": params, "rope_scaling": None}
+    rope_cfg.setdefault("max_position_embeddings", 4096)
+    rope = _parse_rope(rope_cfg, _refuse, head_dim, partial)
+    rotary = int(head_dim * partial)
+    if rotary % 2 or not 0 < rotary <= head_dim:
+        _refuse("partial_rotary_factor", partial, f"one giving even rotary dims of {head_dim}")
+    window = cfg.get("sliding_window")
+    n_layers = cfg["num_hidden_layers"]
+    return cls(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg["rms_norm_eps"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_windows=(None if window is None else int(window),) * n_layers,
+        model_type="phi3",
+        partial_rotary_factor=partial,
+        **rope,
+    )
+
+
+def _phi3_to_hf(config: LlamaConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """Phi3Config's fields for ``config`` from the Llama-shaped ``out`` of ``to_hf``."""
+    if config.head_dim == config.hidden_size // config.num_attention_heads:
+        del out["head_dim"]  # Phi3Config derives it; an explicit one would be a new attribute
+    windows = {w for w in config.sliding_windows}
+    out["sliding_window"] = windows.pop()
+    out["partial_rotary_factor"] = config.partial_rotary_factor
+    out["rope_parameters"]["partial_rotary_factor"] = config.partial_rotary_factor
+    # Phi3Config's default token ids (pad/eos 32000, bos 1) fit Phi-3's 32064-token vocabulary
+    # only (a smaller one fails to build the embedding); the tokenizer saved beside says them.
+    out |= {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    scaling = config.rope_scaling
+    if scaling is not None:
+        out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+    return out

@@ -66,6 +66,14 @@ class LayerNorm(nn.Module):
         return (y * w.value.astype(jnp.float32) + b.value.astype(jnp.float32)).astype(x.dtype)
 
 
+def fused_layouts(config: FalconConfig) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``query_key_value``'s rows are one part of KV groups ``[q.., k, v]``: sharding splits it
+    only into whole groups (Falcon-7B's single group never splits)."""
+    KV, D = config.num_key_value_heads, config.head_dim
+    group = (config.num_attention_heads // KV + 2) * D
+    return {"query_key_value": ((KV * group,), group)}
+
+
 def split_qkv(fused: jax.Array, config: FalconConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``fused [B, S, qkv_size]`` -> ``q [B, S, H, D]``, ``k, v [B, S, KV, D]``: the rows are
     ``KV`` groups of ``[q_0 .. q_{G-1}, k, v]``, query head ``kv * G + g`` in group ``kv``."""

@@ -127,6 +127,11 @@ class FalconConfig:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
 
     @property
+    def rope_scaling(self) -> None:
+        """Plain RoPE: Falcon's ``rope_scaling`` is refused when parsed."""
+        return None
+
+    @property
     def sliding_windows(self) -> tuple[None, ...]:
         return (None,) * self.num_hidden_layers  # Falcon attends to the whole context
 

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3) in Flax Linen.
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3/4) in Flax Linen.
 
 Parameter paths mirror Hugging Face exactly (``model/layers/0/self_attn/q_proj/weight``), with
 weights in torch orientation ``[out, in]``, so the checkpoint key table is the identity. Every
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
+from jaxlora.models import rope as rope_rules
 from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.stacking import run_key
@@ -44,8 +45,24 @@ MODULE_AXES: dict[str, tuple[str, ...]] = {
     "norm": ("embed",),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
+    # Phi-3's fused projections: q, k, v heads stacked on `out`; gate and up halves stacked on
+    # `out`. training/sharding.py splits them only on whole heads / whole halves.
+    "qkv_proj": ("heads", "embed"),
+    "gate_up_proj": ("mlp", "embed"),
 }
 assert {a for axes in MODULE_AXES.values() for a in axes} <= set(LOGICAL_AXES)
+
+
+def fused_layouts(config: LlamaConfig) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{module: (part rows, unit rows)}`` of the projections that stack several outputs on
+    ``out``: Phi-3's ``qkv_proj`` is q | k | v in heads of ``head_dim`` rows, ``gate_up_proj``
+    is gate | up. Sharding splits ``out`` only into whole units inside one part."""
+    if not config.fused_projections:
+        return {}
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    F = config.intermediate_size
+    return {"qkv_proj": ((H * D, KV * D, KV * D), D), "gate_up_proj": ((F, F), 1)}
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -111,11 +128,26 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.A
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def config_rope_tables(config: LlamaConfig, positions: jax.Array, dtype):
+    """``cos, sin [B, S, rotary_dim]`` for a forward call over ``positions [B, S]``: fixed
+    frequencies, or those yarn / dynamic / longrope pick for this call, scaled by their
+    attention factor in float32 as transformers' rotary embedding does."""
+    scaling = config.rope_scaling
+    if scaling is None:
+        return rope_tables(positions, jnp.asarray(config.inv_freq()), dtype)
+    cos, sin = rope_tables(positions, rope_rules.call_inv_freq(scaling, positions), jnp.float32)
+    factor = jnp.float32(scaling.attention_factor)
+    return (cos * factor).astype(dtype), (sin * factor).astype(dtype)
+
+
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``x [B, S, H, D]``, ``cos, sin [B, S, D]`` from :func:`rope_tables`."""
+    """Rotate-half RoPE on ``x [B, S, H, D]``, ``cos, sin [B, S, R]`` from :func:`rope_tables`;
+    with ``R < D`` (partial rotary, Phi-3/4) only the first ``R`` dimensions rotate."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    x1, x2 = jnp.split(rot, 2, axis=-1)
+    rot = rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return rot if rest.shape[-1] == 0 else jnp.concatenate([rot, rest], axis=-1)
 
 
 class Attention(nn.Module):
@@ -141,9 +173,13 @@ class Attention(nn.Module):
         bias = cfg.attention_bias or cfg.qkv_bias
         lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
         heads = lambda t: rearrange(t, "b s (h d) -> b s h d", d=D)
-        q = heads(lin("q_proj", H * D, cfg.hidden_size, bias)(x))  # (B, S, H, D)
-        k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
-        v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
+        if cfg.fused_projections:  # Phi-3: one [(H + 2·KV)·D, d] projection, q | k | v
+            qkv = heads(lin("qkv_proj", (H + 2 * KV) * D, cfg.hidden_size, False)(x))
+            q, k, v = jnp.split(qkv, [H, H + KV], axis=2)
+        else:
+            q = heads(lin("q_proj", H * D, cfg.hidden_size, bias)(x))  # (B, S, H, D)
+            k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
+            v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
         if cfg.qk_norm:
             q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
@@ -180,6 +216,10 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.fused_projections:  # Phi-3: one [2·f, d] projection, gate | up
+            gate_up = Linear(2 * f, d, b, self.param_dtype, name="gate_up_proj")(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
         gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
         up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
         return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
@@ -228,7 +268,7 @@ class Layers(nn.Module):
     def __call__(self, x, positions, segment_ids, caches=None):
         cfg = self.config
         S = x.shape[1]
-        rope_cs = rope_tables(positions, jnp.asarray(cfg.inv_freq()), x.dtype)
+        rope_cs = config_rope_tables(cfg, positions, x.dtype)
         q_slots, k_segments = jnp.arange(S), segment_ids
         if caches is not None:
             idx = caches[0]["index"]

@@ -5,8 +5,8 @@ Everything outside :mod:`jaxlora.models` that depends on the family asks here: l
 (:func:`config_from_hf`, :func:`param_shapes`), the module a :class:`jaxlora.Model` runs
 (:func:`family` ``.module``), where the embedding and the layers sit in the tree, the logical
 axes of each weight (:data:`MODULE_AXES`), PEFT's default ``target_modules``
-(:func:`default_targets`) and the fused projections that shard on whole heads
-(:func:`shard_units`). A new family is one :class:`Family` entry in :data:`FAMILIES`.
+(:func:`default_targets`) and the fused projections that shard on whole heads or groups
+(:func:`fused_layouts`). A new family is one :class:`Family` entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ class Family:
 
     ``layers`` and ``embed`` are the tree paths of the decoder layers and the token embedding
     (Hugging Face's); ``default_targets`` is PEFT's ``target_modules`` default for the family
-    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``); ``units`` maps a config to
-    ``{module name: number of whole units its out axis may be split into}`` for fused
-    projections whose rows are groups (Falcon's ``query_key_value``: one unit per KV group).
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``); ``layouts`` maps a config to
+    ``{module name: (part rows, unit rows)}`` for projections that stack several outputs on
+    ``out`` (:func:`jaxlora.training.sharding.leaf_spec` splits them only into whole units
+    inside one part).
     """
 
     model_types: tuple[str, ...]
@@ -43,7 +44,7 @@ class Family:
     layers: tuple[str, str]
     embed: tuple[str, str]
     default_targets: tuple[str, ...]
-    units: Callable[[Any], dict[str, int]] = lambda config: {}
+    layouts: Callable[[Any], dict[str, tuple[tuple[int, ...], int]]] = lambda config: {}
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -55,6 +56,7 @@ FAMILIES: tuple[Family, ...] = (
         layers=("model", "layers"),
         embed=("model", "embed_tokens"),
         default_targets=("q_proj", "v_proj"),
+        layouts=llama.fused_layouts,
     ),
     Family(
         model_types=("falcon",),
@@ -64,10 +66,13 @@ FAMILIES: tuple[Family, ...] = (
         layers=("transformer", "h"),
         embed=("transformer", "word_embeddings"),
         default_targets=("query_key_value",),
-        units=lambda config: {"query_key_value": config.num_key_value_heads},
+        layouts=falcon.fused_layouts,
     ),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+# Every projection some family stacks several outputs in (its ``layouts``): without the
+# model's layout, sharding keeps their ``out`` whole.
+FUSED_MODULES = ("qkv_proj", "gate_up_proj", "query_key_value")
 assert all(f.layers in stacking.LAYER_PATHS for f in FAMILIES)
 
 
@@ -129,6 +134,6 @@ def default_targets(module_names: Iterable[str]) -> tuple[str, ...]:
     return FAMILIES[0].default_targets
 
 
-def shard_units(config: ModelConfig | None) -> dict[str, int]:
-    """``{module name: whole units}`` for the fused projections of ``config``'s family."""
-    return {} if config is None else family(config).units(config)
+def fused_layouts(config: ModelConfig | None) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{module: (part rows, unit rows)}`` of ``config``'s fused projections (none without one)."""
+    return {} if config is None else family(config).layouts(config)

@@ -21,7 +21,7 @@ from jaxlora.interop import hf
 from jaxlora.kernels.attention_sharded import AttentionMesh
 from jaxlora.model import Model, load_model
 from jaxlora.models import stacking
-from jaxlora.models.registry import shard_units
+from jaxlora.models.registry import fused_layouts
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import (
     dynamic_loss_scale,
@@ -180,27 +180,26 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
         mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
         heads=(kv_heads, model_config.num_attention_heads // kv_heads),
     )
-    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, shard_units(model_config))
+    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused_layouts(model_config))
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
     return kernels, frozen
 
 
 def step_shardings(
-    cfg: Config, mesh: Mesh, frozen, trainable, opt_state, model_config=None
+    cfg: Config, mesh: Mesh, frozen, trainable, opt_state, model_config
 ) -> Shardings:
     """Shardings of the step's trees from the recipe's ``mesh.rules`` (arrays or shape structs;
-    ``frozen`` as :func:`for_mesh` prepared it); ``model_config`` names the fused projections
-    that split only on whole groups (``registry.shard_units``)."""
-    rules = cfg.mesh.rules
-    units = shard_units(model_config)
-    state = sharding.tree_shardings(opt_state, mesh, rules, units)
+    ``frozen`` as :func:`for_mesh` prepared it); ``model_config`` gives the fused projections
+    that split only on whole heads or groups (``registry.fused_layouts``)."""
+    rules, fused = cfg.mesh.rules, fused_layouts(model_config)
+    state = sharding.tree_shardings(opt_state, mesh, rules, fused)
     home = state
     if cfg.train.optimizer_offload == "host":
         home = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state)
     return Shardings(
         mesh=mesh,
-        frozen=sharding.tree_shardings(frozen, mesh, rules, units),
-        trainable=sharding.tree_shardings(trainable, mesh, rules, units),
+        frozen=sharding.tree_shardings(frozen, mesh, rules, fused),
+        trainable=sharding.tree_shardings(trainable, mesh, rules, fused),
         opt_state=home,
         opt_state_device=state,
         batch=sharding.batch_sharding(mesh, ndim=3, leading=1),

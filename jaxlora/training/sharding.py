@@ -12,10 +12,12 @@ Hugging Face module name, over every family); the recipe's ``mesh.rules`` map th
   the rank axis follows the ``lora_rank`` rule (replicated by default: it is small).
 
 A mesh axis is dropped from a spec where the dimension does not divide evenly, or where an
-earlier dimension of the same array already uses it. A fused projection whose rows are groups
-(Falcon's ``query_key_value``: ``[q.., k, v]`` per KV group) is split only on whole groups:
-``units`` (``jaxlora.models.registry.shard_units``) says how many its out axis holds, and a mesh
-axis that does not divide that count is dropped too, for the weight, its bias and LoRA ``b``.
+earlier dimension of the same array already uses it. A fused projection (Phi-3's ``qkv_proj``,
+``gate_up_proj``: q | k | v, gate | up; Falcon's ``query_key_value``: ``[q.., k, v]`` per KV
+group; ``jaxlora.models.registry.fused_layouts``) splits its ``out`` only where every shard is
+whole units (heads, rows, KV groups) inside one of its parts, so slicing the output into its
+parts moves no data — for the weight, its bias and LoRA ``b``; without its layout its ``out``
+stays whole.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
-from jaxlora.models.registry import MODULE_AXES
+from jaxlora.models.registry import FUSED_MODULES, MODULE_AXES
 from jaxlora.models.stacking import parse_run_key
 from jaxlora.weights import NF4Tensor
 
@@ -104,37 +106,17 @@ def spec_for(
     return PartitionSpec(*out)
 
 
-def _whole_units(path, axes, spec: PartitionSpec, units: Mapping[str, int], mesh: Mesh):
-    """``spec`` without a mesh axis that would split a grouped module's out axis inside a
-    group (the module's ``units[name]`` groups must divide evenly over it)."""
-    names = [_key_name(k) for k in path]
-    module = next((n for n in reversed(names) if n in MODULE_AXES), None)
-    if module not in units:
-        return spec
-    out_ax = MODULE_AXES[module][0]
-    parts = [
-        None if ax == out_ax and m is not None and units[module] % mesh.shape[m] else m
-        for ax, m in zip(axes, spec, strict=True)
-    ]
-    return PartitionSpec(*parts)
-
-
 def tree_shardings(
     tree: Any,
     mesh: Mesh,
     rules: Mapping[str, str | None],
-    units: Mapping[str, int] | None = None,
+    fused: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
 ) -> Any:
     """A ``NamedSharding`` for every leaf of a params / opt-state tree (same structure);
-    ``units``: whole groups of each fused module's out axis (see the module docstring)."""
+    ``fused``: the model's ``fused_layouts``."""
 
     def one(path, leaf):
-        shape = tuple(np.shape(leaf))
-        axes = logical_axes_for(path, len(shape))
-        spec = spec_for(axes, shape, rules, mesh)
-        if units:
-            spec = _whole_units(path, axes, spec, units, mesh)
-        return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, leaf_spec(path, tuple(np.shape(leaf)), rules, mesh, fused))
 
     def node(path, leaf):
         if not isinstance(leaf, NF4Tensor):
@@ -145,6 +127,31 @@ def tree_shardings(
         return sh
 
     return jax.tree_util.tree_map_with_path(node, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+
+
+def leaf_spec(path, shape: tuple[int, ...], rules, mesh: Mesh, fused=None) -> PartitionSpec:
+    """The spec of one leaf at tree ``path``: its logical axes mapped by ``rules``, a fused
+    projection's ``out`` split only on whole parts (``fused``: ``fused_layouts``)."""
+    axes = logical_axes_for(path, len(shape))
+    return _whole_parts(path, axes, spec_for(axes, shape, rules, mesh), mesh, fused or {})
+
+
+def _whole_parts(path, axes, spec: PartitionSpec, mesh: Mesh, fused) -> PartitionSpec:
+    """``spec`` with a fused projection's ``out`` split dropped unless each shard is whole
+    units inside one part (see the module docstring)."""
+    names = [_key_name(k) for k in path]
+    module = next((n for n in reversed(names) if n in MODULE_AXES), None)
+    if module not in FUSED_MODULES:
+        return spec
+    out_axis = MODULE_AXES[module][0]
+    at = next((i for i, a in enumerate(axes) if a == out_axis), None)
+    if at is None or spec[at] is None:
+        return spec
+    parts, unit = fused.get(module, ((), 0))
+    shard = sum(parts) // mesh.shape[spec[at]] if parts else 0
+    if shard and shard % unit == 0 and all(p % shard == 0 for p in parts):
+        return spec
+    return PartitionSpec(*(None if i == at else m for i, m in enumerate(spec)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:

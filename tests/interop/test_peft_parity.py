@@ -93,6 +93,11 @@ CASES = {
         dict(r=3, target_modules=r".*\.layers\.0\.(self_attn\.(q|k)_proj|mlp\.gate_proj)"),
         False,
     ),
+    "phi3_fused": (
+        "phi3",
+        dict(r=3, lora_alpha=5, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+        True,
+    ),
     "dora_tied_all_linear": (
         "llama3_gqa_tied_rope",
         dict(r=3, target_modules="all-linear", use_dora=True),

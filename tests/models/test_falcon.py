@@ -212,7 +212,7 @@ def test_fused_qkv_shards_on_whole_kv_groups(tensor, kv_heads, split):
 
     from jaxlora.config.recipe import MeshConfig
     from jaxlora.lora import inject
-    from jaxlora.models.registry import param_shapes, shard_units
+    from jaxlora.models.registry import fused_layouts, param_shapes
     from jaxlora.training.sharding import tree_shardings
 
     # 8 heads of 4 in kv_heads groups: 48 rows (kv=2) or 40 (kv=1), each divisible by `tensor`,
@@ -225,7 +225,7 @@ def test_fused_qkv_shards_on_whole_kv_groups(tensor, kv_heads, split):
     lcfg = LoraConfig(r=2, target_modules=("query_key_value",))
     params = jax.eval_shape(lambda k: inject(param_shapes(config), lcfg, k), jax.random.key(0))
     mesh = AbstractMesh((1, 1, tensor), ("data", "fsdp", "tensor"))
-    sh = tree_shardings(params, mesh, MeshConfig().rules, shard_units(config))
+    sh = tree_shardings(params, mesh, MeshConfig().rules, fused_layouts(config))
     qkv = sh["transformer"]["h"]["0"]["self_attention"]["query_key_value"]
     out = "tensor" if split else None
     assert qkv["weight"].base.spec == PartitionSpec(out, None)

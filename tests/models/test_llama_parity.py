@@ -176,7 +176,7 @@ def _config_dict(family="llama2_mha", **overrides):
     "overrides, needle",
     [
         (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "yarn"),
+        (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}), "proportional"),
         (dict(model_type="gemma"), "model_type"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
         (dict(some_new_field=1), "some_new_field"),
@@ -192,9 +192,9 @@ def test_unsupported_config_fields_are_refused_by_name(overrides, needle):
 def test_unsupported_config_in_checkpoint_names_file_and_field(tmp_path):
     make_hf_model("llama2_mha", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    cfg["rope_parameters"] = {"rope_type": "proportional", "rope_theta": 1e4}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedConfigError, match=r"config\.json.*dynamic"):
+    with pytest.raises(UnsupportedConfigError, match=r"config\.json.*proportional"):
         jaxlora.load_model(tmp_path)
 
 
