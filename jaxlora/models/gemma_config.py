@@ -240,7 +240,7 @@ def gemma_to_hf(config) -> dict[str, Any]:
         "hidden_activation": ACTIVATION,
         "tie_word_embeddings": config.tie_word_embeddings,
         "attention_bias": config.attention_bias,
-        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
         "attn_logit_softcapping": config.attn_logit_softcapping,
         "final_logit_softcapping": config.final_logit_softcapping,
         "sliding_window": max((w for w in config.sliding_windows if w), default=None),
@@ -254,3 +254,7 @@ def gemma_to_hf(config) -> dict[str, Any]:
         out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
     return out
 
+
+def _int_if_whole(x: float) -> int | float:
+    """transformers' configs type ``query_pre_attn_scalar`` as an int (256, 144)."""
+    return int(x) if float(x).is_integer() else x
