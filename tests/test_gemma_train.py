@@ -49,13 +49,15 @@ def test_gemma_templates_train_model_turns_and_place_the_system_message(tmp_path
     cfg = DataConfig(path=path, format="chat", max_seq_len=400, val_size=0)
     with pytest.raises(DataError, match="System role not supported"):
         tokenize(load_records(cfg), _gemma_tokenizer(GEMMA2_CHAT_TEMPLATE), cfg)
-    no_system = dataclasses.replace(cfg, path=_write(tmp_path / "n.jsonl", [{"messages": CHAT[1:]}]))
+    no_system = dataclasses.replace(
+        cfg, path=_write(tmp_path / "n.jsonl", [{"messages": CHAT[1:]}])
+    )
     for template, records in ((GEMMA2_CHAT_TEMPLATE, no_system), (GEMMA3_CHAT_TEMPLATE, cfg)):
         tok = _gemma_tokenizer(template)
         (ex,), _ = tokenize(load_records(records), tok, records)
-        decode = lambda ids: tok.decode(list(ids), skip_special_tokens=False)
-        assert decode(ex.tokens[ex.trained]) == "It is 5.<end_of_turn>\nIt is 8.<end_of_turn>\n"
-        untrained = decode(ex.tokens[~ex.trained])
+        trained = tok.decode(list(ex.tokens[ex.trained]), skip_special_tokens=False)
+        assert trained == "It is 5.<end_of_turn>\nIt is 8.<end_of_turn>\n"
+        untrained = tok.decode(list(ex.tokens[~ex.trained]), skip_special_tokens=False)
         assert untrained.startswith("<s><start_of_turn>user\n")
         if template is GEMMA3_CHAT_TEMPLATE:
             assert "<start_of_turn>user\nAnswer briefly.\n\nWhat is 2 plus 3?" in untrained

@@ -169,7 +169,12 @@ _LANGUAGE_MODEL = (
     ("model.language_model.", "model."),
     ("lm_head.", "lm_head."),
 )
-_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_VISION = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 
 
 def language_model_key(key: str) -> str | None:

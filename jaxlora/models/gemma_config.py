@@ -216,8 +216,10 @@ def _rope(c, model_type, fail, parse_rope) -> dict[str, Any]:
         full |= params or c.get("rope_scaling") or {}
     local_theta = float(local.pop("rope_theta", _LOCAL_THETA))
     if local.pop("rope_type", "default") != "default" or local:
-        fail(f"rope_parameters.sliding_attention={params.get('sliding_attention')!r} is not "
-             "supported (rope_type 'default' and rope_theta only)")
+        fail(
+            f"rope_parameters.sliding_attention={params.get('sliding_attention')!r} is not "
+            "supported (rope_type 'default' and rope_theta only)"
+        )
     return parse_rope({"rope_parameters": full}) | {"rope_local_theta": local_theta}
 
 

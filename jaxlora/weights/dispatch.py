@@ -189,11 +189,11 @@ def kernels_for(
     debugging).
 
     Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
-    ``sliding_window`` or not, soft-capped scores or not: ``softcap``) on several devices: the platform's kernel inside ``shard_map``
-    (``jaxlora.kernels.attention_sharded``) when ``mesh`` says which axes split the batch and
-    the heads and ``heads = (kv_heads, query heads per kv head)`` split whole over its head
-    axis; otherwise ``"chunked"`` (flash attention in plain JAX, which XLA partitions; memory
-    linear in S)."""
+    ``sliding_window`` or not, soft-capped scores or not: ``softcap``) on several devices: the
+    platform's kernel inside ``shard_map`` (``jaxlora.kernels.attention_sharded``) when
+    ``mesh`` says which axes split the batch and the heads and ``heads = (kv_heads, query
+    heads per kv head)`` split whole over its head axis; otherwise ``"chunked"`` (flash
+    attention in plain JAX, which XLA partitions; memory linear in S)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     device = devices[0]
