@@ -18,7 +18,8 @@ from flax.traverse_util import flatten_dict
 from jaxlora.config.lora import LoraConfig, LoraConfigError
 from jaxlora.weights.lora import LoRAWeight
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3.
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3,
+# gemma2 and gemma3_text (Gemma names its modules as Llama does).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 EMBEDDINGS = ("embed_tokens",)
 HEAD = "lm_head"
