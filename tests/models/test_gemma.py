@@ -21,11 +21,9 @@ import torch
 from flax.traverse_util import unflatten_dict
 
 import jaxlora
-from jaxlora import lora
-from jaxlora.config.lora import LoraConfig
 from jaxlora.models import stacking
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
-from jaxlora.models.llama import DecoderLayer, LlamaForCausalLM, attention_mask, rope_tables
+from jaxlora.models.llama import DecoderLayer, attention_mask, rope_tables
 from jaxlora.sampling import generate_ids
 from tests.hf_models import GEMMA_FAMILIES, hf_config, make_hf_model, random_ids
 
@@ -163,8 +161,9 @@ def test_greedy_generation_equals_transformers_generate(gemma):
 @pytest.mark.parametrize("gemma", ["gemma3_text_untied"], indirect=True)
 def test_scanned_layers_equal_unrolled(gemma):
     """Gemma 3's slide / slide / global layers (each kind with its own RoPE base) stack into
-    the runs 0-1 | 2; scanning them computes the unrolled logits (gradients through scanned
-    runs: tests/models/test_scan.py).
+    the runs 0-1 | 2; scanning them computes the unrolled logits, on the packed batch of the
+    logits test (whose unrolled program is already compiled). Gradients through scanned runs:
+    tests/models/test_scan.py.
 
     Tolerance: both programs run the same ops in the same order, fused differently by XLA, so
     they differ by float32 reordering only. The worst case for a reduction of n terms is n·u
@@ -172,18 +171,17 @@ def test_scanned_layers_equal_unrolled(gemma):
     (37) and key (≤ 11) reductions, then the head's (40): ≈ 300·u = 1.8e-5 of the logits'
     scale. Measured: 1e-7; a wrong window, RoPE base or mask moves them by > 1e-2."""
     _, _, _, model = gemma
-    cfg = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "down_proj"), init="gaussian")
-    params = lora.inject(model.params, cfg, jax.random.key(1))
-    runs = stacking.layer_runs(params, model.config.sliding_windows)
+    runs = stacking.layer_runs(model.params, model.config.sliding_windows)
     assert runs == ((0, 2), (2, 3))
-    ids = jnp.asarray(random_ids(2, 11, seed=6), jnp.int32)
-    seg = jnp.asarray([[1] * 5 + [2] * 6, [1] * 8 + [0] * 3], jnp.int32)
-    pos = jnp.asarray([[*range(5), *range(6)], [*range(8), 0, 0, 0]], jnp.int32)
-    run = lambda module, p: jax.jit(module.apply)({"params": p}, ids, pos, seg)[0]
-    unrolled = run(LlamaForCausalLM(model.config), params)
-    scanned = run(LlamaForCausalLM(model.config, runs=runs), stacking.stack_layers(params, runs))
-    scale = float(jnp.max(jnp.abs(unrolled)))
-    np.testing.assert_allclose(scanned, unrolled, rtol=0, atol=2e-5 * max(1.0, scale))
+    scanned = model.replace(params=stacking.stack_layers(model.params, runs))
+    assert scanned.module().runs == runs
+    ids = random_ids(3, 12, seed=1)
+    segments = np.array([[1] * 5 + [2] * 7] * 3)
+    positions = np.array([[*range(5), *range(7)]] * 3)
+    unrolled = np.asarray(model(ids, attention_mask=segments, position_ids=positions))
+    ours = np.asarray(scanned(ids, attention_mask=segments, position_ids=positions))
+    scale = max(1.0, float(np.abs(unrolled).max()))
+    np.testing.assert_allclose(ours, unrolled, rtol=0, atol=2e-5 * scale)
 
 
 # ---- config.json: Gemma's fields, and what is refused ------------------------------------
