@@ -262,10 +262,10 @@ class Layers(nn.Module):
     def __call__(self, x, positions, segment_ids, caches=None):
         cfg = self.config
         S = x.shape[1]
-        rope_cs = {  # one table per distinct window: Gemma 3's sliding layers have their own
-            w: rope_tables(positions, jnp.asarray(cfg.layer_inv_freq(w)), x.dtype)
-            for w in set(cfg.sliding_windows)
-        }
+        table = lambda w: rope_tables(positions, jnp.asarray(cfg.layer_inv_freq(w)), x.dtype)
+        shared = table(None)  # every layer's, except Gemma 3's sliding layers (their own base)
+        own = cfg.rope_local_theta is not None
+        rope_cs = {w: table(w) if own and w else shared for w in set(cfg.sliding_windows)}
         q_slots, k_segments = jnp.arange(S), segment_ids
         if caches is not None:
             idx = caches[0]["index"]
