@@ -14,6 +14,7 @@ import pytest
 from jaxlora import train
 from jaxlora.config import DataConfig
 from jaxlora.data import DataError, load_records, tokenize
+from jaxlora.sampling import stop_ids
 from tests._tokenizers import GEMMA2_CHAT_TEMPLATE, GEMMA3_CHAT_TEMPLATE, make_tokenizer
 from tests.hf_models import make_hf_model, random_ids
 
@@ -61,6 +62,15 @@ def test_gemma_templates_train_model_turns_and_place_the_system_message(tmp_path
         assert untrained.startswith("<s><start_of_turn>user\n")
         if template is GEMMA3_CHAT_TEMPLATE:
             assert "<start_of_turn>user\nAnswer briefly.\n\nWhat is 2 plus 3?" in untrained
+
+
+def test_generation_stops_at_the_end_of_a_model_turn():
+    """Gemma's tokenizer ends sequences with ``<eos>`` but its template ends a model turn with
+    ``<end_of_turn>``: sampling stops at either, as ``generation_config.json`` says."""
+    tok = _gemma_tokenizer(GEMMA2_CHAT_TEMPLATE)
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert stop_ids(tok) == [tok.eos_token_id, end]
+    assert stop_ids(make_tokenizer()) == [tok.eos_token_id]  # its template ends turns with EOS
 
 
 @pytest.fixture(scope="module")
