@@ -310,7 +310,9 @@ def load_model(
         dtype=FLOAT_DTYPES[compute_dtype or dtype],
         source=str(path_or_id),
         quant=(raw["quantization_config"].get("bnb_4bit_quant_type", "fp4") if is_bnb else quant),
-        kernels=kernels_for(jax.devices(), kernel),
+        kernels=kernels_for(
+            jax.devices(), kernel, softcap=config.attn_logit_softcapping is not None
+        ),
     )
     return model if adapter is None else model.load_adapter(adapter)
 

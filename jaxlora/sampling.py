@@ -185,9 +185,23 @@ def _prepare_prompts(tok, prompts: Sequence[Prompt]) -> Prepared:
     for i, e in enumerate(encoded):  # left padding: every prompt ends at the same slot
         ids[i, width - len(e) :] = e
         mask[i, width - len(e) :] = 1
+    return Prepared(n, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop_ids(tok), jnp.int32))
+
+
+def stop_ids(tok) -> list[int]:
+    """The tokenizer's EOS, and the special token its chat template ends a model turn with
+    (Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``): what a chat model learned to emit
+    after an answer, and what its ``generation_config.json`` lists beside EOS."""
     eos = tok.eos_token_id
-    eos_ids = jnp.asarray(eos if isinstance(eos, list) else [eos], jnp.int32)
-    return Prepared(n, jnp.asarray(ids), jnp.asarray(mask), eos_ids)
+    ids = list(eos) if isinstance(eos, list) else [eos]
+    if getattr(tok, "chat_template", None):
+        answer = "jaxlora answer"
+        turn = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
+        text = tok.apply_chat_template(turn, tokenize=False)
+        after = text[text.rindex(answer) + len(answer) :]
+        first = tok(after, add_special_tokens=False)["input_ids"][:1]
+        ids += [t for t in first if t in tok.all_special_ids and t not in ids]
+    return ids
 
 
 def _texts(tok, new: np.ndarray, eos_ids: jax.Array, n: int) -> list[str]:

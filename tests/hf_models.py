@@ -58,6 +58,43 @@ FAMILIES = {
     "phi3": ("Phi3Config", PHI3),
 }
 
+# Gemma, tested in tests/models/test_gemma.py (shared fixtures, fewer compiles) rather than by
+# every FAMILIES-wide suite. Eager attention in transformers (the reference: sdpa has no
+# soft-capping); caps small enough to bite on these tiny random weights; windows shorter than
+# the sequences; Gemma 3's layers slide, slide, attend globally (pattern 3).
+GEMMA_FAMILIES = {
+    "gemma2_softcap": (
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=14,
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=11,
+            attn_logit_softcapping=0.2,
+            final_logit_softcapping=0.5,
+            attn_implementation="eager",
+        ),
+    ),
+    "gemma3_text_untied": (
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=1,
+            head_dim=12,
+            num_hidden_layers=3,
+            sliding_window=3,
+            sliding_window_pattern=3,
+            query_pre_attn_scalar=9,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 97.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+            },
+            attn_implementation="eager",
+        ),
+    ),
+}
+
 
 def tiny_config():
     """The tiny jaxlora-side Llama config the unit tests build params from (odd sizes, GQA)."""
@@ -78,7 +115,7 @@ def tiny_config():
 def hf_config(family: str, **overrides):
     import transformers
 
-    cls_name, extra = FAMILIES[family]
+    cls_name, extra = (FAMILIES | GEMMA_FAMILIES)[family]
     kw = dict(
         vocab_size=61,
         hidden_size=40,

@@ -32,6 +32,7 @@ from jaxlora.interop.safetensors import (
     open_file,
     save_sharded,
 )
+from jaxlora.models import gemma_config
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
 from jaxlora.models.registry import config_from_hf, param_shapes
 from jaxlora.weights.nf4 import NF4Tensor
@@ -114,10 +115,15 @@ def load_params(
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(FLOAT_DTYPES)}")
     expected = {k: v.shape for k, v in flatten_dict(param_shapes(config), sep=".").items()}
     reader = _bnb_reader(raw_config or {})
+    text_part = (raw_config or {}).get("model_type") == gemma_config.MULTIMODAL
     out: dict[str, Any] = {}
     for key, arr in iter_tensors(directory):
         if key.endswith(_IGNORED_SUFFIXES):
             continue
+        if text_part:
+            key = language_model_key(key)
+            if key is None:
+                continue
         if reader is not None:
             done = reader.feed(key, arr, expected)
             if done is None:
@@ -152,6 +158,35 @@ def load_params(
     if missing:
         raise CheckpointError(f"{directory}: missing tensor(s) {missing[:8]}")
     return unflatten_dict(out, sep=".")
+
+
+# Where an image-text Gemma 3 keeps its language model: transformers 4.5x wrote
+# ``language_model.model.*`` / ``language_model.lm_head.*``, transformers 5 writes
+# ``model.language_model.*`` / ``lm_head.*``. The vision tower and projector are not read.
+_LANGUAGE_MODEL = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+)
+_VISION = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def language_model_key(key: str) -> str | None:
+    """A ``gemma3`` checkpoint's tensor name as the text model's (``model.layers.0...``), or
+    None for the vision tower and projector, which the text model leaves out. Any other name is
+    returned as it is, so the caller's key check names it."""
+    if key.startswith(_VISION):
+        return None
+    for old, new in _LANGUAGE_MODEL:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def _bnb_reader(raw_config: dict[str, Any]):

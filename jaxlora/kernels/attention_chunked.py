@@ -58,10 +58,14 @@ def _block_mask(i, j, qseg, kseg, bq, bkv, causal, window):
     return ok[:, None, None]
 
 
-def _scores(q_blk, k_blk, mask, scale):
-    # q (B, KV, G, bq, D), k (B, KV, bkv, D) -> float32 (B, KV, G, bq, bkv), masked
+def _scores(q_blk, k_blk, mask, scale, cap):
+    # q (B, KV, G, bq, D), k (B, KV, bkv, D) -> float32 (B, KV, G, bq, bkv), masked;
+    # soft-capped (c · tanh(s / c), Gemma 2) before the mask when cap is set
     s = jnp.einsum("bkgqd,bktd->bkgqt", q_blk, k_blk, preferred_element_type=jnp.float32)
-    return jnp.where(mask, s * scale, _NEG)
+    s = s * scale
+    if cap is not None:
+        s = cap * jnp.tanh(s / cap)
+    return jnp.where(mask, s, _NEG)
 
 
 def _add_at(acc, x, start, axis):
@@ -70,7 +74,7 @@ def _add_at(acc, x, start, axis):
     return lax.dynamic_update_slice_in_dim(acc, old + x, start, axis)
 
 
-def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv):
+def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
     """Returns ``o (B, KV, G, S, D)`` in ``q.dtype`` and ``lse (B, KV, G, S)`` float32."""
     B, KV, G, S, D = q.shape
     pairs = block_pairs(S // bq, k.shape[2] // bkv, bq, bkv, causal, window)
@@ -81,7 +85,8 @@ def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv):
         q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
         k_blk = lax.dynamic_slice_in_dim(k, j * bkv, bkv, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bkv, bkv, axis=2)
-        s = _scores(q_blk, k_blk, _block_mask(i, j, qseg, kseg, bq, bkv, causal, window), scale)
+        mask = _block_mask(i, j, qseg, kseg, bq, bkv, causal, window)
+        s = _scores(q_blk, k_blk, mask, scale, cap)
         m_prev = lax.dynamic_slice_in_dim(m, i * bq, bq, axis=3)
         d_prev = lax.dynamic_slice_in_dim(den, i * bq, bq, axis=3)
         a_prev = lax.dynamic_slice_in_dim(acc, i * bq, bq, axis=3)
@@ -108,17 +113,17 @@ def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv):
     return o, m + jnp.log(den)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _flash(q, k, v, qseg, kseg, causal, window, scale, bq, bkv):
-    return _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
+    return _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap)[0]
 
 
-def _flash_fwd(q, k, v, qseg, kseg, causal, window, scale, bq, bkv):
-    o, lse = _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv)
+def _flash_fwd(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
+    o, lse = _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap)
     return o, (q, k, v, qseg, kseg, o, lse)
 
 
-def _flash_bwd(causal, window, scale, bq, bkv, res, do):
+def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
     q, k, v, qseg, kseg, o, lse = res
     pairs = block_pairs(q.shape[3] // bq, k.shape[2] // bkv, bq, bkv, causal, window)
     do = jnp.where((qseg != 0)[:, None, None, :, None], do, 0)  # padding rows are constant 0
@@ -133,12 +138,15 @@ def _flash_bwd(causal, window, scale, bq, bkv, res, do):
         k_blk = lax.dynamic_slice_in_dim(k, j * bkv, bkv, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bkv, bkv, axis=2)
         mask = _block_mask(i, j, qseg, kseg, bq, bkv, causal, window)
-        s = _scores(q_blk, k_blk, mask, scale)
+        s = _scores(q_blk, k_blk, mask, scale, cap)
         lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
         p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)  # (B, KV, G, bq, bkv)
         dp = jnp.einsum("bkgqd,bktd->bkgqt", do_blk, v_blk, preferred_element_type=jnp.float32)
         d_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-        ds = (p * (dp - d_blk[..., None]) * scale).astype(q.dtype)
+        ds = p * (dp - d_blk[..., None]) * scale
+        if cap is not None:  # d(c·tanh(s/c))/ds = 1 − (capped / c)²; masked entries have p = 0
+            ds = ds * (1.0 - jnp.square(jnp.where(mask, s / cap, 0.0)))
+        ds = ds.astype(q.dtype)
         f32 = jnp.float32
         dv_j = jnp.einsum(
             "bkgqt,bkgqd->bktd", p.astype(v.dtype), do_blk, preferred_element_type=f32
@@ -183,13 +191,15 @@ def chunked_attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     block_q: int = 128,
     block_kv: int = 128,
 ) -> jax.Array:
     """Self-attention ``q (B, KV, G, S, D)``, ``k, v (B, KV, S, D)`` -> ``(B, KV, G, S, D)``.
 
     Query ``i`` sees key ``j`` when ``j <= i`` (causal), ``j > i - sliding_window`` and both carry
-    the same non-zero segment id (``[B, S]``, 0 = padding). Rows of segment 0 output 0. Lengths
+    the same non-zero segment id (``[B, S]``, 0 = padding). Rows of segment 0 output 0.
+    ``softcap``: scores soft-capped to ``c · tanh(s / c)`` before the mask (Gemma 2). Lengths
     need not divide the blocks: they are padded (segment 0) to a block multiple and cut back.
     Probabilities are float32, products in the inputs' dtype with float32 accumulation.
 
@@ -199,5 +209,5 @@ def chunked_attention(
     S = q.shape[3]
     bq, bkv = min(block_q, _round_up(S, 8)), min(block_kv, _round_up(S, 8))
     q, k, v, seg = pad_sequence(q, k, v, segment_ids, int(np.lcm(bq, bkv)))
-    out = _flash(q, k, v, seg, seg, causal, sliding_window, scale, bq, bkv)
+    out = _flash(q, k, v, seg, seg, causal, sliding_window, scale, bq, bkv, softcap)
     return out[:, :, :, :S]

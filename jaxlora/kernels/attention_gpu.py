@@ -48,6 +48,15 @@ def _zero_padding(out: jax.Array, q_segment_ids: jax.Array) -> jax.Array:
     return jnp.where((q_segment_ids != 0)[:, None, None, :, None], out, 0)
 
 
+def _no_softcap(kernel: str, softcap: float | None) -> None:
+    """Neither kernel soft-caps scores (Gemma 2): refuse rather than compute another model."""
+    if softcap is not None:
+        raise NotImplementedError(
+            f"{kernel} attention has no logit soft-capping (attn_logit_softcapping={softcap}); "
+            "use impl='chunked' (jaxlora.weights.kernels_for picks it for such models)"
+        )
+
+
 def cudnn_attention(
     q: jax.Array,
     k: jax.Array,
@@ -57,6 +66,7 @@ def cudnn_attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     implementation: str = "cudnn",
 ) -> jax.Array:
     """cuDNN flash attention on ``q (B, KV, G, S, D)``, ``k, v (B, KV, S, D)``.
@@ -65,6 +75,7 @@ def cudnn_attention(
     segment ids only give each row's length. Packed rows: use :func:`pallas_gpu_attention`.
     ``implementation="xla"`` runs the same call through XLA (tests on CPU: cuDNN needs a GPU).
     """
+    _no_softcap("cudnn", softcap)
     kv = k.shape[1]
     lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
     out = jax.nn.dot_product_attention(
@@ -90,11 +101,13 @@ def pallas_gpu_attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     block: int = 128,
     interpret: bool = False,
 ) -> jax.Array:
     """Pallas (Triton) flash attention on ``q (B, KV, G, S, D)``, ``k, v (B, KV, S, D)``; any
     segment ids, no sliding window. The length is padded (segment 0) to a block multiple."""
+    _no_softcap("pallas_gpu", softcap)
     if sliding_window is not None:
         raise NotImplementedError(
             "pallas_gpu attention has no sliding window; use impl='cudnn' (unpacked batches) "

@@ -53,10 +53,13 @@ def make_kernel(
     *,
     causal: bool,
     sliding_window: int | None,
+    softcap: float | None = None,
     block: int = 512,
     interpret: bool = False,
 ) -> sk.SplashAttentionKernel:
-    """The splash kernel for ``heads`` query heads over ``length`` tokens (a multiple of 128)."""
+    """The splash kernel for ``heads`` query heads over ``length`` tokens (a multiple of 128);
+    ``softcap``: splash's own ``attn_logits_soft_cap`` (``c · tanh(s / c)`` on the scaled
+    scores, before the mask, as Gemma 2 in transformers)."""
     shape = (length, length)
     if sliding_window is not None:  # transformers: k > q - window, i.e. q - (window - 1) <= k <= q
         mask = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
@@ -78,6 +81,7 @@ def make_kernel(
     return sk.make_splash_mha(
         sm.MultiHeadMask([mask] * heads),
         block_sizes=sizes,
+        attn_logits_soft_cap=softcap,
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,
@@ -93,6 +97,7 @@ def splash_attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     block: int = 512,
     interpret: bool = False,
 ) -> jax.Array:
@@ -102,7 +107,13 @@ def splash_attention(
     q, k, v, seg = pad_sequence(q, k, v, segment_ids, _LANES)
     sp = q.shape[3]
     kernel = make_kernel(
-        KV * G, sp, causal=causal, sliding_window=sliding_window, block=block, interpret=interpret
+        KV * G,
+        sp,
+        causal=causal,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        block=block,
+        interpret=interpret,
     )
     q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(B, KV * G, sp, D)
 

@@ -19,8 +19,9 @@ from jaxlora.config.lora import LoraConfig, LoraConfigError
 from jaxlora.models.registry import default_targets
 from jaxlora.weights.lora import LoRAWeight
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3
-# (each family's is jaxlora.models.registry.default_targets).
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, qwen3,
+# gemma2 and gemma3_text (Gemma names its modules as Llama does; each family's is
+# jaxlora.models.registry.default_targets).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # Families PEFT has no default for (it asks for target_modules): the presets to name instead.
 NO_DEFAULT = {"qkv_proj": "phi3: [qkv_proj], [qkv_proj, o_proj], or all-linear"}

@@ -30,35 +30,54 @@ from jaxlora.kernels.attention_splash import splash_attention
 _NEG = jnp.finfo(jnp.float32).min  # transformers' additive mask value (float32 softmax)
 
 
-def _probs(q, k, mask, scale):
-    # q (B, KV, G, S, D), k (B, KV, T, D), mask (B, 1, 1, S, T) -> float32 (B, KV, G, S, T)
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """``cap · tanh(x / cap)``: Gemma 2's soft-capping of attention scores and output logits,
+    which bounds them to ``(−cap, cap)`` smoothly."""
+    return cap * jnp.tanh(x / cap)
+
+
+def _scores(q, k, scale, cap):
+    # q (B, KV, G, S, D), k (B, KV, T, D) -> float32 (B, KV, G, S, T), soft-capped if cap
     s = jnp.einsum("bkgsd,bktd->bkgst", q, k).astype(jnp.float32) * scale
-    s = jnp.where(mask, s, _NEG)
+    return s if cap is None else softcap(s, cap)
+
+
+def _probs(q, k, mask, scale, cap=None):
+    # q (B, KV, G, S, D), k (B, KV, T, D), mask (B, 1, 1, S, T) -> float32 (B, KV, G, S, T)
+    s = jnp.where(mask, _scores(q, k, scale, cap), _NEG)  # capped first, as transformers does
     s = s - jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s)
     return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    cap: float | None = None,
+) -> jax.Array:
     """Grouped-query attention, heads first: ``q (B, KV, G, S, D)``, ``k, v (B, KV, T, D)`` ->
     ``(B, KV, G, S, D)``, where ``G`` query heads share each of the ``KV`` key/value heads.
+    ``cap``: scores soft-capped to ``cap · tanh(s / cap)`` before the mask (Gemma 2).
 
     ``mask`` is boolean, broadcastable to ``(B, KV, G, S, T)``; a fully masked row (padding)
     attends uniformly, as ``transformers``' eager attention does with its additive minimum.
     Scores and softmax are float32; the products run in ``v.dtype``.
     """
-    p = _probs(q, k, mask, scale)
+    p = _probs(q, k, mask, scale, cap)
     return jnp.einsum("bkgst,bktd->bkgsd", p.astype(v.dtype), v)
 
 
-def _attend_fwd(q, k, v, mask, scale):
-    p = _probs(q, k, mask, scale)
+def _attend_fwd(q, k, v, mask, scale, cap):
+    p = _probs(q, k, mask, scale, cap)
     o = jnp.einsum("bkgst,bktd->bkgsd", p.astype(v.dtype), v)
     return o, (q, k, v, mask, p, o)
 
 
-def _attend_bwd(scale, res, do):
+def _attend_bwd(scale, cap, res, do):
     q, k, v, mask, p, o = res
     # dv and dk contract over the query rows; computing them transposed (…dt) lets the big
     # (S, T) operand stay in its stored layout and moves only the small (S, D) one.
@@ -66,7 +85,10 @@ def _attend_bwd(scale, res, do):
     dp = jnp.einsum("bkgsd,bktd->bkgst", do, v).astype(jnp.float32)
     # rowsum(P ⊙ dP) = rowsum(dO ⊙ O): a pass over (B, H, S, D) instead of the scores
     delta = jnp.einsum("bkgsd,bkgsd->bkgs", do.astype(jnp.float32), o.astype(jnp.float32))
-    ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0) * scale  # masked scores get no grad
+    ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0)  # masked scores get no grad
+    if cap is not None:  # d(c·tanh(s/c))/ds = 1 − tanh²(s/c), recomputed rather than stored
+        ds = ds * (1.0 - jnp.square(_scores(q, k, scale, cap) / cap))
+    ds = ds * scale
     ds = ds.astype(q.dtype)
     dq = jnp.einsum("bkgst,bktd->bkgsd", ds, k)
     dk = jnp.einsum("bkgsd,bkgst->bkdt", q, ds).swapaxes(-1, -2)
@@ -130,6 +152,7 @@ def attention(
     scale: float,
     causal: bool = True,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     impl: str | AttentionImpl = "eager",
     interpret: bool = False,
 ) -> jax.Array:
@@ -149,6 +172,10 @@ def attention(
     * ``"cudnn"``: cuDNN flash attention, GPU; rows must be unpacked (one sequence, right-padded).
     * ``"pallas_gpu"``: Pallas (Triton) flash attention, GPU; any segments, no sliding window.
 
+    ``softcap`` (Gemma 2) soft-caps the scores, ``c · tanh(s / c)``, after the scale and before
+    the mask: eager, chunked and splash do; cuDNN and Pallas GPU cannot and refuse it
+    (``jaxlora.weights.dispatch.attention_for`` picks chunked for them).
+
     ``interpret`` runs the Pallas kernels (splash, pallas_gpu) in interpret mode (tests on CPU).
     With an :class:`AttentionImpl` on a mesh of several devices, the kernels run inside
     ``shard_map`` (batch rows over the batch axes, heads over the head axis); eager and chunked
@@ -166,11 +193,11 @@ def attention(
         raise ValueError("a sliding window needs causal attention")
     if k.shape[2] != q.shape[3]:
         raise ValueError(f"self-attention: {q.shape[3]} queries but {k.shape[2]} keys")
-    kw = dict(scale=scale, causal=causal, sliding_window=sliding_window)
+    kw = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap)
     if name == "eager":
         slots = jnp.arange(q.shape[3])
         mask = attention_mask(slots, slots, segment_ids, segment_ids, sliding_window, causal)
-        return attend(q, k, v, mask, scale)
+        return attend(q, k, v, mask, scale, softcap)
     if name == "chunked":
         return chunked_attention(q, k, v, segment_ids, **kw)
     interpret = interpret or run.interpret
@@ -206,3 +233,9 @@ def _swiglu_bwd(res, dy):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``gelu_tanh(gate) · up`` (Gemma's MLP activation, ``gelu_pytorch_tanh``), in the inputs'
+    dtype, differentiated by autodiff."""
+    return jax.nn.gelu(gate, approximate=True) * up

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.models import gemma_config
 from jaxlora.models import rope as rope_rules
 
 
@@ -33,6 +34,8 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
+
+ARCHITECTURES |= gemma_config.GEMMA_ARCHITECTURES
 
 ROPE_TYPES = ("default", "linear", "llama3", *rope_rules.SCALED_TYPES)
 
@@ -155,6 +158,13 @@ class LlamaConfig:
     model_type: str = "llama"
     rope_scaling: rope_rules.RopeScaling | None = None  # yarn / dynamic / longrope
     partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE on the first fraction of head_dim
+    # Gemma 2 / 3 (jaxlora.models.gemma_config): GeGLU, (1 + w) norms, post-norms, scaled
+    # embeddings; the attention scale is query_pre_attn_scalar ** -0.5 when set.
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None  # scores -> c · tanh(scores / c)
+    final_logit_softcapping: float | None = None  # logits -> c · tanh(logits / c)
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' (unscaled) RoPE base
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -181,10 +191,28 @@ class LlamaConfig:
         """Dimensions of each head RoPE rotates (the rest pass through), as transformers has it."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def gemma(self) -> bool:
+        """Gemma's layer: ``(1 + w)`` norms, pre- and post-norms, embeddings scaled."""
+        return self.model_type in gemma_config.GEMMA_ARCHITECTURES
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_inv_freq(self, window: int | None) -> np.ndarray:
+        """RoPE inverse frequencies of a layer with this sliding window: Gemma 3's sliding
+        layers have their own base and no scaling, every other layer :meth:`inv_freq`."""
+        if window is None or self.rope_local_theta is None:
+            return self.inv_freq()
+        local = dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_type="default")
+        return local.inv_freq()
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         """Parse a ``config.json`` dict, refusing any field or value we do not implement."""
         model_type = cfg.get("model_type")
+        if model_type in gemma_config.MODEL_TYPES:
+            return cls._from_hf_gemma(cfg)
         if model_type not in ARCHITECTURES:
             raise UnsupportedConfigError(
                 f"config.json: model_type={model_type!r} is not supported "
@@ -246,8 +274,23 @@ class LlamaConfig:
             **rope,
         )
 
+    @classmethod
+    def _from_hf_gemma(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        def fail(message: str) -> None:
+            raise UnsupportedConfigError(f"config.json: {message}")
+
+        def refuse(field: str, value: Any, allowed: Any) -> None:
+            fail(f"{field}={value!r} is not supported (supported: {allowed})")
+
+        if cfg["model_type"] == gemma_config.MULTIMODAL:
+            cfg = gemma_config.text_config(cfg, _IGNORED, fail)
+        parse_rope = lambda c: _parse_rope(c, refuse)
+        return cls(**gemma_config.gemma_fields(cfg, _IGNORED, fail, parse_rope))
+
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` fields that reproduce this architecture in ``transformers``."""
+        if self.gemma:
+            return gemma_config.gemma_to_hf(self)
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_type in ("linear", "llama3"):
             rope["factor"] = self.rope_factor

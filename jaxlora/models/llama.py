@@ -22,7 +22,15 @@ from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
 from jaxlora.models import rope as rope_rules
-from jaxlora.models.attention import attend, attention, attention_mask, impl_name, swiglu
+from jaxlora.models.attention import (
+    attend,
+    attention,
+    attention_mask,
+    geglu,
+    impl_name,
+    softcap,
+    swiglu,
+)
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.stacking import run_key
 from jaxlora.weights.dispatch import dense
@@ -42,6 +50,8 @@ MODULE_AXES: dict[str, tuple[str, ...]] = {
     "down_proj": ("embed", "mlp"),
     "input_layernorm": ("embed",),
     "post_attention_layernorm": ("embed",),
+    "pre_feedforward_layernorm": ("embed",),  # Gemma
+    "post_feedforward_layernorm": ("embed",),  # Gemma
     "norm": ("embed",),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
@@ -104,17 +114,24 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x ↦ w · x / sqrt(mean(x²) + eps)``, normalised in float32 as ``LlamaRMSNorm`` does."""
+    """``x ↦ w · x / sqrt(mean(x²) + eps)``, normalised in float32 as ``LlamaRMSNorm`` does.
+
+    ``offset`` (Gemma): ``x ↦ (1 + w) · x / sqrt(mean(x²) + eps)`` with the scaling in float32
+    too, cast to ``x``'s dtype only at the end (``Gemma2RMSNorm``); ``w`` starts at 0."""
 
     dim: int
     eps: float
     param_dtype: Any = jnp.float32
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.variable("params", "weight", lambda: jnp.ones((self.dim,), self.param_dtype)).value
+        init = jnp.zeros if self.offset else jnp.ones
+        w = self.variable("params", "weight", lambda: init((self.dim,), self.param_dtype)).value
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
         return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -181,8 +198,8 @@ class Attention(nn.Module):
             k = heads(lin("k_proj", KV * D, cfg.hidden_size, bias)(x))  # (B, S, KV, D)
             v = heads(lin("v_proj", KV * D, cfg.hidden_size, bias)(x))
         if cfg.qk_norm:
-            q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+            q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="q_norm")(q)
+            k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="k_norm")(k)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         # Heads first, so every attention product is a plain batched matmul over (B, KV):
         # q (B, KV, G, S, D) with G = H / KV query heads per kv head, k and v (B, KV, T, D).
@@ -196,12 +213,19 @@ class Attention(nn.Module):
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         chex.assert_shape(q, (x.shape[0], KV, H // KV, S, D))
         chex.assert_equal_shape([k, v])
+        scale, cap = cfg.attention_scale, cfg.attn_logit_softcapping
         if mask is not None:
-            out = attend(q, k, v, mask, D**-0.5)  # (B, KV, G, S, D)
+            out = attend(q, k, v, mask, scale, cap)  # (B, KV, G, S, D)
         else:
-            window, impl = self.sliding_window, self.attn_impl
             out = attention(
-                q, k, v, segment_ids=segment_ids, scale=D**-0.5, sliding_window=window, impl=impl
+                q,
+                k,
+                v,
+                segment_ids=segment_ids,
+                scale=scale,
+                sliding_window=self.sliding_window,
+                softcap=cap,
+                impl=self.attn_impl,
             )
         out = rearrange(out, "b kv g s d -> b s (kv g d)")
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
@@ -222,7 +246,8 @@ class MLP(nn.Module):
             return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
         gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
         up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
-        return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
+        act = geglu if cfg.hidden_act == "gelu_pytorch_tanh" else swiglu
+        return Linear(d, f, b, self.param_dtype, name="down_proj")(act(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -234,12 +259,23 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
         cfg, pd = self.config, self.param_dtype
-        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="input_layernorm")(x)
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.gemma, name="input_layernorm")(x)
         attn = Attention(cfg, pd, self.attn_impl, self.sliding_window, name="self_attn")
         h, cache = attn(h, rope_cs, mask, cache, segment_ids)
+        if cfg.gemma:
+            return self._gemma_rest(x, h), cache
         x = x + h
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         return x + MLP(cfg, pd, name="mlp")(h), cache
+
+    def _gemma_rest(self, x, h):
+        """Gemma's sandwich: the attention output and the MLP's each normalised again before
+        their residual add (Gemma 2 report, Gemma Team 2024)."""
+        cfg, pd = self.config, self.param_dtype
+        norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, True, name=name)
+        x = x + norm("post_attention_layernorm")(h)
+        h = MLP(cfg, pd, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        return x + norm("post_feedforward_layernorm")(h)
 
 
 class Layers(nn.Module):
@@ -268,7 +304,10 @@ class Layers(nn.Module):
     def __call__(self, x, positions, segment_ids, caches=None):
         cfg = self.config
         S = x.shape[1]
-        rope_cs = config_rope_tables(cfg, positions, x.dtype)
+        shared = config_rope_tables(cfg, positions, x.dtype)  # every layer's but Gemma 3's sliding
+        own = cfg.rope_local_theta is not None  # Gemma 3's sliding layers: their own base
+        local = lambda w: rope_tables(positions, jnp.asarray(cfg.layer_inv_freq(w)), x.dtype)
+        rope_cs = {w: local(w) if own and w else shared for w in set(cfg.sliding_windows)}
         q_slots, k_segments = jnp.arange(S), segment_ids
         if caches is not None:
             idx = caches[0]["index"]
@@ -309,7 +348,7 @@ class Layers(nn.Module):
                     in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                     length=stop - start,
                 )(cfg, *args, window, name=run_key(start, stop))
-            x, cache = layer(x, rope_cs, masks[window], cache, segment_ids)
+            x, cache = layer(x, rope_cs[window], masks[window], cache, segment_ids)
             if cache is not None:
                 segs = k_segments if self.runs is None else jnp.stack([k_segments] * (stop - start))
                 cache = cache | {"segment_ids": segs}
@@ -344,9 +383,11 @@ class LlamaModel(nn.Module):
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.param_dtype, name="embed_tokens")()
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
+        if cfg.gemma:  # sqrt(hidden), rounded to the compute dtype as transformers does
+            x = x * jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(self.dtype)
         layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, self.runs, name="layers")
         x, caches = layers(x, positions, segment_ids, caches)
-        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
+        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="norm")(x)
         return x, embed, caches
 
 
@@ -381,6 +422,8 @@ class LlamaForCausalLM(nn.Module):
             logits = Linear(
                 cfg.vocab_size, cfg.hidden_size, False, self.param_dtype, name="lm_head"
             )(h)
+        if cfg.final_logit_softcapping is not None:
+            logits = softcap(logits, cfg.final_logit_softcapping)
         return logits, caches
 
 

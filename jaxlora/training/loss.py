@@ -40,6 +40,7 @@ def chunked_ce_sum(
     mask: jax.Array,
     chunk: int,
     rng: jax.Array | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """``Σ_t mask_t · CE(h_t · headᵀ, targets_t)`` in float32, ``chunk`` tokens at a time.
 
@@ -47,12 +48,13 @@ def chunked_ce_sum(
     does), ``targets [T]`` int, ``mask [T]`` float32. ``T`` need not be a multiple of
     ``chunk``: the last, shorter chunk is computed on its own (no padding). ``rng`` is the head's
     LoRA-dropout key (``None``: deterministic); each chunk folds in its index, so chunks draw
-    independent masks.
+    independent masks. ``softcap`` (Gemma 2's ``final_logit_softcapping``): the logits are
+    ``c · tanh(logits / c)``, as the model's own output is.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 token, got {chunk}")
     leaves, treedef = jax.tree.flatten(head)
-    return _fused_ce(chunk, treedef, h, leaves, targets, mask, rng)
+    return _fused_ce(chunk, treedef, softcap, h, leaves, targets, mask, rng)
 
 
 def _ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
@@ -62,9 +64,11 @@ def _ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum((lse - picked) * mask)
 
 
-def _chunk_loss(treedef, h, leaves, targets, mask, key):
-    logits = dense(h, jax.tree.unflatten(treedef, leaves), rng=key).astype(jnp.float32)
-    return _ce(logits, targets, mask)
+def _chunk_loss(treedef, softcap, h, leaves, targets, mask, key):
+    logits = dense(h, jax.tree.unflatten(treedef, leaves), rng=key)
+    if softcap is not None:  # in the logits' dtype, as the model's forward caps them
+        logits = softcap * jnp.tanh(logits / softcap)
+    return _ce(logits.astype(jnp.float32), targets, mask)
 
 
 def _split(chunk: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,16 +102,16 @@ def _over_chunks(chunk, h, targets, mask, rng, fn, init):
     return carry, ys, y_tail
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_ce(chunk, treedef, h, leaves, targets, mask, rng):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_ce(chunk, treedef, softcap, h, leaves, targets, mask, rng):
     def fn(total, h_c, t_c, m_c, k_c):
-        return total + _chunk_loss(treedef, h_c, leaves, t_c, m_c, k_c), None
+        return total + _chunk_loss(treedef, softcap, h_c, leaves, t_c, m_c, k_c), None
 
     total, _, _ = _over_chunks(chunk, h, targets, mask, rng, fn, jnp.float32(0))
     return total
 
 
-def _fused_ce_fwd(chunk, treedef, h, leaves, targets, mask, rng):
+def _fused_ce_fwd(chunk, treedef, softcap, h, leaves, targets, mask, rng):
     """Loss, ``dloss/dh`` and ``dloss/dleaf`` for each perturbed floating leaf, chunk by chunk;
     the leaves' gradients accumulate in float32."""
     values = [p.value for p in leaves]
@@ -123,7 +127,7 @@ def _fused_ce_fwd(chunk, treedef, h, leaves, targets, mask, rng):
         full = list(values)
         for i, w in zip(trained, w_trained, strict=True):
             full[i] = w
-        return _chunk_loss(treedef, h_c, full, t_c, m_c, k_c)
+        return _chunk_loss(treedef, softcap, h_c, full, t_c, m_c, k_c)
 
     def fn(carry, h_c, t_c, m_c, k_c):
         total, dw = carry
@@ -144,7 +148,7 @@ def _fused_ce_fwd(chunk, treedef, h, leaves, targets, mask, rng):
     return total, (dh, d_leaves)
 
 
-def _fused_ce_bwd(chunk, treedef, res, g):
+def _fused_ce_bwd(chunk, treedef, softcap, res, g):
     dh, d_leaves = res
     if isinstance(g, SymbolicZero):
         g = jnp.float32(0)

@@ -179,6 +179,7 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
         sliding_window=any(w is not None for w in model_config.sliding_windows),
         mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
         heads=(kv_heads, model_config.num_attention_heads // kv_heads),
+        softcap=model_config.attn_logit_softcapping is not None,
     )
     specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused_layouts(model_config))
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)

@@ -48,7 +48,9 @@ def loss_sum(
     # the head's LoRA-dropout key: one stream apart from the ones Linen derives for the layers
     head_rng = None if rng is None else jax.random.fold_in(rng, 0x4EAD)
     flat = lambda x: x.reshape(-1, *x.shape[2:])
-    total = chunked_ce_sum(flat(h), head, flat(batch["targets"]), flat(mask), chunk, head_rng)
+    cap = module.config.final_logit_softcapping
+    targets = flat(batch["targets"])
+    total = chunked_ce_sum(flat(h), head, targets, flat(mask), chunk, head_rng, softcap=cap)
     return total, jnp.sum(mask)
 
 

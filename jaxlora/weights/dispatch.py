@@ -149,15 +149,19 @@ def attention_for(
     packed: bool = True,
     sliding_window: bool = False,
     compute_capability: tuple[int, int] | None = None,
+    softcap: bool = False,
 ) -> str:
     """The attention implementation for a program on ``platform``, from what was measured
     (docs/attention.md). TPU: splash. GPU: cuDNN for unpacked rows; Pallas flash for packed
     rows, which has no sliding window, so packed rows with a window take chunked; a GPU older
     than sm_80 (T4, V100) has neither flash kernel and takes chunked. CPU: chunked from 1024
     tokens (less CPU time than eager, equal or faster wall time, linear memory), eager below (a
-    tie at 256 tokens; eager is the reference)."""
+    tie at 256 tokens; eager is the reference). Soft-capped scores (``softcap``, Gemma 2): splash
+    caps them itself; neither GPU kernel can, so GPUs take chunked."""
     if platform == "tpu":
         return "splash"
+    if platform in ("gpu", "cuda") and softcap:
+        return "chunked"
     if platform in ("gpu", "cuda"):
         if compute_capability is not None and compute_capability < FLASH_MIN_COMPUTE_CAPABILITY:
             return "chunked"
@@ -176,6 +180,7 @@ def kernels_for(
     sliding_window: bool = False,
     mesh: AttentionMesh | None = None,
     heads: tuple[int, int] | None = None,
+    softcap: bool = False,
 ) -> Kernels:
     """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
     logged once per choice with the reason for the attention. ``mode``: ``"auto"`` (Mosaic on
@@ -184,11 +189,11 @@ def kernels_for(
     debugging).
 
     Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
-    ``sliding_window`` or not) on several devices: the platform's kernel inside ``shard_map``
-    (``jaxlora.kernels.attention_sharded``) when ``mesh`` says which axes split the batch and
-    the heads and ``heads = (kv_heads, query heads per kv head)`` split whole over its head
-    axis; otherwise ``"chunked"`` (flash attention in plain JAX, which XLA partitions; memory
-    linear in S)."""
+    ``sliding_window`` or not, soft-capped scores or not: ``softcap``) on several devices: the
+    platform's kernel inside ``shard_map`` (``jaxlora.kernels.attention_sharded``) when
+    ``mesh`` says which axes split the batch and the heads and ``heads = (kv_heads, query
+    heads per kv head)`` split whole over its head axis; otherwise ``"chunked"`` (flash
+    attention in plain JAX, which XLA partitions; memory linear in S)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     device = devices[0]
@@ -202,11 +207,18 @@ def kernels_for(
     interpret = mode == "interpret"
     cc = _compute_capability(device)
     attention = attention_for(
-        platform, seq_len, packed=packed, sliding_window=sliding_window, compute_capability=cc
+        platform,
+        seq_len,
+        packed=packed,
+        sliding_window=sliding_window,
+        compute_capability=cc,
+        softcap=softcap,
     )
     attention, reason = _attention_on(attention, len(devices), mesh, heads, interpret)
     if platform == "gpu" and cc is not None and cc < FLASH_MIN_COMPUTE_CAPABILITY:
         reason = f"sm_{cc[0]}{cc[1]}: the flash kernels (cuDNN, Triton) need sm_80 or newer"
+    elif platform == "gpu" and softcap:
+        reason = "attention logit soft-capping: neither cuDNN nor Pallas GPU flash attention has it"
     on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
     chosen = Kernels(platform, nf4, interpret, attention, on_mesh)
     if chosen not in _LOGGED:

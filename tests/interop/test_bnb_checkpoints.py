@@ -90,6 +90,22 @@ def test_transformers_bnb_checkpoint_loads_with_equal_logits(
     np.testing.assert_allclose(np.asarray(model(ids)), _logits(q, ids), atol=1e-4, rtol=0)
 
 
+def test_gemma2_bnb_checkpoint_loads_with_equal_logits(tmp_path):
+    """A Gemma 2 (soft-capped, tied, sandwich norms) NF4 + double-quant checkpoint saved by
+    transformers: the 7 linears of each layer read as stored, the same logits."""
+    make_hf_model("gemma2_softcap", tmp_path / "dense", seed=11, hidden_size=64)
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=_bnb_config(), dtype=torch.float32
+    )
+    q.save_pretrained(tmp_path / "bnb")
+    model = jaxlora.load_model(tmp_path / "bnb")
+    is_nf4 = lambda x: isinstance(x, NF4Tensor)
+    leaves = [v for v in jax.tree.leaves(model.params, is_leaf=is_nf4) if is_nf4(v)]
+    assert len(leaves) == 7 * model.config.num_hidden_layers
+    ids = random_ids(2, 9)
+    np.testing.assert_allclose(np.asarray(model(ids)), _logits(q, ids), atol=1e-4, rtol=0)
+
+
 def test_jaxlora_bnb_export_loads_in_transformers(dense_dir, tmp_path):
     model = jaxlora.load_model(dense_dir, quant="nf4")
     save_bnb4(model.params, model.config, tmp_path, dtype="float32", compute_dtype="float32")

@@ -103,6 +103,31 @@ CASES = {
         dict(r=3, target_modules="all-linear", use_dora=True),
         True,
     ),
+    # Gemma: soft-capped, tied (Gemma 2); q/k norms, untied, per-layer-type RoPE (Gemma 3)
+    "gemma2_all_linear": (
+        "gemma2_softcap",
+        dict(r=4, lora_alpha=8, target_modules="all-linear"),
+        True,
+    ),
+    "gemma3_attention_mlp": (  # scale alpha/sqrt(r) = 1.4: with random A and B at 2.9 the
+        # float32 model itself is 1e-4 from float64 (measured), too close to the tolerance
+        "gemma3_text_untied",
+        dict(
+            r=2,
+            lora_alpha=2,
+            use_rslora=True,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ),
+        False,
+    ),
 }
 
 

@@ -18,7 +18,7 @@ from jax import export
 from jaxlora.kernels.attention_chunked import block_pairs, chunked_attention
 from jaxlora.kernels.attention_gpu import cudnn_attention
 from jaxlora.lora import LoraConfig, combine, inject, partition
-from jaxlora.models.attention import attention
+from jaxlora.models.attention import attention, attention_mask
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.targets.toolchain import add_side_directory
@@ -336,3 +336,62 @@ def test_model_refuses_unknown_impl():
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="attn_impl"):
         LlamaForCausalLM(cfg, attn_impl="flash").init(jax.random.key(0), ids, ids, ids)
+
+
+# ---- soft-capped scores (Gemma 2) -------------------------------------------------------------
+
+CAP = 1.5  # the scores here are ~N(0, 1) (unit q, k; scale 1/sqrt(D)): the cap bends most
+
+
+def _plain_capped(q, k, v, seg, window):
+    """Soft-capped attention as transformers writes it (cap after the scale, before the mask),
+    differentiated by JAX: the reference for the hand-written backward passes."""
+    slots = jnp.arange(q.shape[3])
+    mask = attention_mask(slots, slots, seg, seg, window)
+    s = jnp.einsum("bkgsd,bktd->bkgst", q, k) * q.shape[-1] ** -0.5
+    s = jnp.where(mask, CAP * jnp.tanh(s / CAP), jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bkgst,bktd->bkgsd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.fixture(scope="module")
+def capped_case():
+    """GQA, packed and padded rows, window 4 < 23 tokens, and the plain computation's output
+    and gradients (computed once for every implementation)."""
+    *shape, segments, window = CASES[3]
+    q, k, v, do, seg = _case(*shape, segments)
+    ref = _vjp(lambda q, k, v: _plain_capped(q, k, v, seg, window), q, k, v, do)
+    return (q, k, v, do, seg), window, ref
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked", "splash"])
+def test_soft_capped_attention_matches_the_plain_computation(impl, capped_case):
+    (q, k, v, do, seg), window, (ref, ref_grads) = capped_case
+    kw = {"interpret": True} if impl == "splash" else {}
+    out, grads = _vjp(_impl(impl, seg, window, softcap=CAP, **kw), q, k, v, do)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
+    _close(grads, ref_grads)
+    if impl == "eager":  # the cap bites: uncapped attention is far from the reference
+        scale = q.shape[-1] ** -0.5
+        uncapped = attention(q, k, v, segment_ids=seg, scale=scale, sliding_window=window)
+        assert float(jnp.max(jnp.abs(jnp.where(real, uncapped - ref, 0)))) > 1e-2
+
+
+def test_gpu_kernels_refuse_soft_capping_and_gpus_take_chunked(caplog):
+    assert attention_for("gpu", 4096, softcap=True) == "chunked"
+    assert attention_for("gpu", 4096, packed=False, softcap=True) == "chunked"
+    assert attention_for("tpu", 4096, softcap=True) == "splash"  # splash caps itself
+
+    class A100:
+        platform = "gpu"
+        compute_capability = "8.0"
+
+    with caplog.at_level("INFO", logger="jaxlora.weights.dispatch"):
+        assert kernels_for([A100()], seq_len=4096, softcap=True).attention == "chunked"
+    assert "soft-capping" in caplog.text
+    q, k, v, do, seg = _case(1, 1, 2, 8, 8, "padded")
+    kw = dict(scale=1.0, softcap=CAP)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        cudnn_attention(q, k, v, seg, implementation="xla", **kw)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        _vjp(_impl("pallas_gpu", seg, None, softcap=CAP, interpret=True), q, k, v, do)

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxlora import lora
@@ -144,3 +145,29 @@ def test_lora_on_lm_head(quant):
 def test_chunk_must_be_positive():
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         chunked_ce_sum(jnp.ones((3, 2)), jnp.ones((5, 2)), jnp.zeros(3, int), jnp.ones(3), 0)
+
+
+def test_final_soft_cap_is_applied_chunk_by_chunk():
+    """Gemma 2's ``final_logit_softcapping``: the chunked loss caps each chunk's logits as the
+    model's forward does; loss and both gradients equal the whole-logits reference (one
+    reduction order apart, as :func:`_assert_loss_equal` bounds; gradients: each entry is the
+    same per-token terms, summed per chunk then across chunks, 1e-6 of the array's scale)."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(13, 16)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(29, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 29, 13), jnp.int32)
+    mask = jnp.asarray(rng.random(13) < 0.8, jnp.float32)
+    cap = 2.0  # the logits here are ~N(0, 16): most are bent
+
+    def reference(h, head):
+        logits = cap * jnp.tanh(h @ head.T / cap)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+
+    chunked = lambda h, head: chunked_ce_sum(h, head, targets, mask, 5, softcap=cap)
+    loss, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(h, head)
+    ref, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(h, head)
+    _assert_loss_equal(loss, ref, int(mask.sum()))
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(r))))
+    uncapped = jax.jit(chunked_ce_sum, static_argnums=4)(h, head, targets, mask, 5)
+    assert abs(float(uncapped) - float(ref)) > 1.0  # the cap bites
