@@ -191,6 +191,7 @@ class LlamaConfig:
         """Dimensions of each head RoPE rotates (the rest pass through), as transformers has it."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @property
     def gemma(self) -> bool:
         """Gemma's layer: ``(1 + w)`` norms, pre- and post-norms, embeddings scaled."""
         return self.model_type in gemma_config.GEMMA_ARCHITECTURES
