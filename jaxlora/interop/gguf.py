@@ -15,9 +15,11 @@ Hugging Face checkpoint:
   ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
   regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
-  SentencePiece-style tokenizers (Llama 2, Mistral) are refused: llama.cpp's ``llama``
-  tokenizer ranks merges by piece scores, which only ``tokenizer.model`` holds (gguf's
-  ``LlamaHfVocab`` writes a placeholder score, so llama.cpp would tokenize differently).
+  SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte fallback) as ``llama``, whose
+  tokenizer merges adjacent pieces by piece score: the scores and piece types of
+  ``tokenizer.model`` when it is beside the tokenizer (read with transformers' protobuf schema,
+  no ``sentencepiece`` needed), else scores ranked as tokenizer.json's merges are
+  (:func:`merge_scores`), so llama.cpp merges in the order Hugging Face's BPE does.
 
 Everything is converted and checked before a file is opened (:class:`GGUFFile`), and files are
 written to a temporary name and renamed, so a refusal or a failure leaves nothing behind.
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -277,12 +280,7 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
             "(supported: byte-level BPE, as Llama 3 and Qwen have)"
         )
     if model.get("byte_fallback"):
-        raise GGUFError(
-            "GGUF export: SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte "
-            "fallback) are not supported: llama.cpp's tokenizer for them needs the piece scores "
-            "of tokenizer.model, which tokenizer.json does not hold. Export format=merged and "
-            "convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
+        return _spm_tokenizer(tokenizer, tok_json, vocab_size)
     largest = max(tokenizer.get_vocab().values())
     if largest >= vocab_size:
         raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
@@ -297,6 +295,107 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
+        special.add_to_gguf(w, quiet=True)
+
+    return add
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def merge_scores(merges: list, vocab: dict[str, int]) -> dict[int, float]:
+    """Piece scores under which llama.cpp's ``llama`` tokenizer merges as a BPE with ``merges``.
+
+    llama.cpp repeatedly merges the adjacent pair whose concatenation is the highest-scoring
+    piece; Hugging Face's BPE merges the pair of lowest merge rank. Scoring each piece made by a
+    merge ``-rank`` of the first merge that makes it gives the same order (what SentencePiece's
+    own BPE scores are: ``-`` the order its merges were learned in, from which transformers'
+    converter wrote tokenizer.json's merges). Pieces no merge makes score below every merge."""
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(vocab[left + right], -float(rank))
+    return {i: scores.get(i, -float(len(merges))) for i in vocab.values()}
+
+
+def _sentencepiece_pieces(tokenizer: Any) -> list[tuple[str, float, int]] | None:
+    """(piece, score, type) of each id of the ``tokenizer.model`` beside ``tokenizer``, or
+    ``None`` without one. SentencePiece's piece types number as ``gguf.TokenType`` does."""
+    path = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
+    if not path.is_file():
+        return None
+    from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return [(p.piece, p.score, p.type) for p in proto.pieces]
+
+
+def _add_space_prefix(tok_json: dict) -> bool:
+    """Whether the tokenizer puts ``▁`` before the text (Llama 2's ``Prepend`` normalizer,
+    Mistral v0.3's ``Metaspace`` pre-tokenizer): llama.cpp's ``add_space_prefix``."""
+    steps = []
+    for key, kinds in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        step = tok_json.get(key) or {}
+        steps += step.get(kinds, [step]) if step.get("type") == "Sequence" else [step]
+    return any(
+        (s.get("type") == "Prepend" and s.get("prepend") == _SPACE)
+        or (s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never")
+        for s in steps
+    )
+
+
+def _spm_vocab(
+    tokenizer: Any, tok_json: dict, vocab_size: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types in id order, ``vocab_size`` long, as convert_hf_to_gguf's
+    ``_create_vocab_sentencepiece`` writes them: tokenizer.model's pieces (or tokenizer.json's
+    vocabulary scored by :func:`merge_scores`), added tokens as control / user-defined with
+    score -1000, ids past the tokenizer as ``[PAD<i>]`` (unused, -10000)."""
+    T = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(T.UNUSED)] * vocab_size
+    vocab = tok_json["model"]["vocab"]
+    pieces = _sentencepiece_pieces(tokenizer)
+    if pieces is None:
+        merged = merge_scores(tok_json["model"]["merges"], vocab)
+        unk = tok_json["model"].get("unk_token")
+        pieces = [
+            (text, merged[i], T.UNKNOWN if text == unk else T.BYTE if _BYTE_PIECE.fullmatch(text)
+             else T.NORMAL)
+            for text, i in sorted(vocab.items(), key=lambda kv: kv[1])
+        ]
+    for i, (text, score, kind) in enumerate(pieces):
+        tokens[i], scores[i], types[i] = text, float(score), int(kind)
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i >= len(pieces) or tokens[i] != added.content:  # not one of the model's own pieces
+            tokens[i], scores[i] = added.content, -1000.0
+            types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
+    return tokens, scores, types
+
+
+def _spm_tokenizer(
+    tokenizer: Any, tok_json: dict, vocab_size: int
+) -> Callable[[gguf.GGUFWriter], None]:
+    """The ``llama`` (SentencePiece) tokenizer's keys; see :func:`_spm_vocab`."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
+    tokens, scores, types = _spm_vocab(tokenizer, tok_json, vocab_size)
+    space_prefix = _add_space_prefix(tok_json)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=False, n_vocab=vocab_size)
+
+    def add(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(space_prefix)
         special.add_to_gguf(w, quiet=True)
 
     return add

@@ -36,19 +36,30 @@ from tests.hf_models import make_hf_model
 CONTEXT = 64
 
 
-# Each family with the pre-tokenizer its real models have (llama_bias: GPT-2's, for coverage).
-PRE = {"llama3_gqa_tied_rope": "llama3", "llama_bias": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2"}
+# Each family with the tokenizer its real models have: byte-level BPE with their pre-tokenizer
+# (llama_bias: GPT-2's, for coverage), SentencePiece-style for Llama 2 and Mistral.
+TOKENIZERS = {
+    "llama3_gqa_tied_rope": lambda: make_tokenizer(pre="llama3"),
+    "llama_bias": lambda: make_tokenizer(pre="gpt2"),
+    "qwen2": lambda: make_tokenizer(pre="qwen2"),
+    "qwen3": lambda: make_tokenizer(pre="qwen2"),
+    "llama2_mha": make_spm_tokenizer,
+    "mistral_window": make_spm_tokenizer,
+}
+# Mistral v0.2+ attends to the whole context (llama.cpp has no sliding window for it)
+OVERRIDES = {"mistral_window": dict(sliding_window=None)}
 
 
 def lora_model(family: str, directory: Path):
-    """A tiny ``family`` model with the byte-level BPE tokenizer and a random-B LoRA.
+    """A tiny ``family`` model with its kind of tokenizer and a random-B LoRA.
     hidden 64 / mlp 96 / head_dim 16: every row length a multiple of Q8_0's 32. The embedding
     has 5 rows more than the tokenizer has tokens (models pad it, e.g. Qwen's; and Qwen2's
     tokenizer class adds one, <|endoftext|>)."""
-    tok = make_tokenizer(pre=PRE[family])
+    tok = TOKENIZERS[family]()
     make_hf_model(
         family,
         directory,
+        **OVERRIDES.get(family, {}),
         vocab_size=len(tok) + 5,
         hidden_size=64,
         intermediate_size=96,
@@ -444,7 +455,7 @@ def _llama_cpp(**request) -> dict:
     reason="needs llama-cpp-python: set JAXLORA_LLAMA_CPP_PYTHON to a python that imports "
     "llama_cpp (docs/interop.md, 'Testing against llama.cpp')",
 )
-@pytest.mark.parametrize("family", ["llama3_gqa_tied_rope", "llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", list(TOKENIZERS))
 def test_llama_cpp_matches_jaxlora(family, tmp_path):
     """llama.cpp on our f32 GGUF: the same tokenization, logits within 1e-3 (float32 throughout,
     KV cache included; ggml's matmuls sum in another order and its RoPE computes sin/cos with
