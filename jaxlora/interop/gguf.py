@@ -11,8 +11,12 @@ Hugging Face checkpoint:
 - llama.cpp's ``llama`` architecture rotates adjacent pairs (GPT-J style) where Hugging Face
   rotates halves (``rotate_half``), so q/k rows (and biases, and a LoRA's B) are permuted per
   head: :func:`permute_qk`. Qwen2/3 use the half rotation in llama.cpp too (no permutation).
-- hyper-parameters as ``llama.*`` / ``qwen2.*`` keys; Llama 3.1's RoPE scaling as the
-  ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
+- Falcon (llama.cpp's ``falcon``): the fused ``query_key_value`` rows regrouped from
+  transformers' per-KV-group ``[q.., k, v]`` to all q, all k, all v (:func:`regroup_falcon_qkv`,
+  convert_hf_to_gguf's FalconModel); Falcon-7B's one LayerNorm, Falcon-40B's ``ln_mlp`` as
+  ``attn_norm`` and ``ln_attn`` as ``attn_norm_2``.
+- hyper-parameters as ``llama.*`` / ``qwen2.*`` / ``falcon.*`` keys; Llama 3.1's RoPE scaling
+  as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
   regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
   SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte fallback) as ``llama``, whose
@@ -77,6 +81,7 @@ ARCHS = {
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs=True),
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_freqs=False),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, rope_freqs=False),
+    "falcon": ArchSpec(gguf.MODEL_ARCH.FALCON, permute_qk=False, rope_freqs=False),
 }
 
 # tokenizer.json's pre-tokenizer regex -> llama.cpp's name for it (tokenizer.ggml.pre), read from
@@ -127,6 +132,24 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+def regroup_falcon_qkv(w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """Rows of Falcon's fused ``query_key_value`` (``[qkv, ...]``) from transformers' layout,
+    ``n_kv_heads`` groups of ``[q_0 .. q_{G-1}, k, v]``, to llama.cpp's: every q head, then every
+    k, then every v (FalconModel.modify_tensors in convert_hf_to_gguf; one group for 7B)."""
+    groups = w.reshape(n_kv_heads, n_heads // n_kv_heads + 2, -1, *w.shape[1:])
+    q, k, v = groups[:, :-2], groups[:, -2], groups[:, -1]
+    return np.concatenate([x.reshape(-1, *w.shape[1:]) for x in (q, k, v)])
+
+
+def _rows_to_gguf(hf_name: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """``w`` (a weight, bias or LoRA B of ``hf_name``) with its rows in llama.cpp's order."""
+    if config.model_type == "falcon" and ".query_key_value." in hf_name:
+        return regroup_falcon_qkv(w, config.num_attention_heads, config.num_key_value_heads)
+    if (heads := _qk_heads(hf_name, config)) is not None:
+        return permute_qk(w, heads)
+    return w
+
+
 def _qk_heads(hf_name: str, config: LlamaConfig) -> int | None:
     """Heads to permute ``hf_name`` over (llama.cpp's llama arch), ``None`` if not q/k."""
     if not arch_spec(config).permute_qk:
@@ -174,8 +197,25 @@ def _encode(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple
     return gguf.quants.quantize(w, qtype), qtype
 
 
+def _falcon_hyperparameters(w: gguf.GGUFWriter, config: Any, context_length: int) -> None:
+    """FalconModel.set_gguf_parameters' keys, with the checkpoint's own context length, MLP
+    width (convert writes 4·hidden, which every released Falcon has) and RoPE base."""
+    w.add_context_length(context_length)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.ffn_hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_eps(config.layer_norm_epsilon)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_vocab_size(config.vocab_size)
+
+
 def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: int) -> None:
     """The ``<arch>.*`` keys llama.cpp reads (TextModel.set_gguf_parameters' subset for us)."""
+    if config.model_type == "falcon":
+        _falcon_hyperparameters(w, config, context_length)
+        return
     w.add_context_length(context_length)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -195,7 +235,23 @@ def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: in
 
 def _check_architecture(config: LlamaConfig, context_length: int) -> None:
     """Refuse what llama.cpp cannot compute for ``config``; warn where it computes otherwise."""
-    if config.rope_type == "llama3" and not arch_spec(config).rope_freqs:
+    if config.model_type == "falcon" and not config.parallel_attn:
+        raise GGUFError(
+            "GGUF export: llama.cpp's falcon runs attention and MLP in parallel; this Falcon "
+            "has parallel_attn=false (supported: Falcon-7B/40B/180B layouts)"
+        )
+    if config.model_type == "falcon" and config.bias:
+        raise GGUFError(
+            "GGUF export: llama.cpp's falcon has no biases on its linear layers; this Falcon "
+            "has bias=true (supported: bias=false, as every released Falcon has)"
+        )
+    if config.model_type == "falcon":
+        log.warning(
+            "GGUF export: llama.cpp's falcon computes GELU as a float16 table of the tanh "
+            "approximation, not the exact GELU the model was trained with: logits differ by "
+            "about 1e-3 (docs/interop.md)"
+        )
+    if getattr(config, "rope_type", "default") == "llama3" and not arch_spec(config).rope_freqs:
         raise GGUFError(
             f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
             "llama.cpp equivalent"
@@ -227,10 +283,27 @@ def _tokenizer_json(tokenizer: Any) -> dict:
     return json.loads(backend.to_str())
 
 
+# Falcon's tokenizer.json pre-tokenizes in steps, not one regex: punctuation runs, GPT-2's
+# regex, digit runs, then runs of three digits: llama.cpp's "falcon" (its three regexes).
+_FALCON_STEPS = ["Punctuation", "ByteLevel", "Digits", "Split"]
+_FALCON_DIGITS = "[0-9][0-9][0-9]"
+
+
+def _is_falcon(steps: list[dict]) -> bool:
+    return (
+        [s.get("type") for s in steps] == _FALCON_STEPS
+        and steps[1].get("use_regex", True)
+        and not steps[2].get("individual_digits")
+        and steps[3]["pattern"].get("Regex") == _FALCON_DIGITS
+    )
+
+
 def pre_tokenizer(tok_json: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE's pre-tokenizer."""
     pre = tok_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if _is_falcon(steps):
+        return "falcon"
     splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
     regex_in_bytelevel = any(s.get("type") == "ByteLevel" and s.get("use_regex") for s in steps)
     patterns = splits + ([_GPT2_REGEX] if regex_in_bytelevel else [])
@@ -238,7 +311,7 @@ def pre_tokenizer(tok_json: dict) -> str:
         return PRE_TOKENIZERS[patterns[0]]
     raise GGUFError(
         f"GGUF export: the tokenizer's pre-tokenizer {pre} has no llama.cpp equivalent we know "
-        f"(known: {', '.join(PRE_TOKENIZERS.values())})"
+        f"(known: {', '.join(PRE_TOKENIZERS.values())}, falcon)"
     )
 
 
@@ -454,9 +527,7 @@ def model_gguf(
     dense = flatten_dict(jax.device_get(merged_params(params)), sep=".")
     tensors = {}
     for hf_name, w in dense.items():
-        w = np.asarray(w, np.float32)
-        if (heads := _qk_heads(hf_name, config)) is not None:
-            w = permute_qk(w, heads)
+        w = _rows_to_gguf(hf_name, np.asarray(w, np.float32), config)
         tensors[to_gguf(hf_name)] = _encode(hf_name, w, qtype)
     if spec.rope_freqs and (freqs := _rope_freqs(config)) is not None:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (freqs, None)
@@ -502,8 +573,7 @@ def _lora_tensors(params: dict, config: LlamaConfig, gguf_type: str) -> tuple[di
         fold = lw.scale * a.shape[0] / alpha
         if fold != 1.0:
             b = (b * np.float32(fold)).astype(np.float32)
-        if (heads := _qk_heads(path, config)) is not None:
-            b = permute_qk(b, heads)
+        b = _rows_to_gguf(path, b, config)
         name = to_gguf(path)
         out[name + ".lora_a"] = _encode(name + ".lora_a", a, qtype)
         out[name + ".lora_b"] = _encode(name + ".lora_b", b, qtype)
