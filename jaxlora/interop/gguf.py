@@ -425,7 +425,7 @@ def _spm_vocab(
     """Tokens, scores and types in id order, ``vocab_size`` long, as convert_hf_to_gguf's
     ``_create_vocab_sentencepiece`` writes them: tokenizer.model's pieces (or tokenizer.json's
     vocabulary scored by :func:`merge_scores`), added tokens as control / user-defined with
-    score -1000, ids past the tokenizer as ``[PAD<i>]`` (unused, -10000)."""
+    score -1000 (a normal piece that is an added token takes its type), ids past the tokenizer as ``[PAD<i>]`` (unused, -10000)."""
     T = gguf.TokenType
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
@@ -436,16 +436,22 @@ def _spm_vocab(
         merged = merge_scores(tok_json["model"]["merges"], vocab)
         unk = tok_json["model"].get("unk_token")
         pieces = [
-            (text, merged[i], T.UNKNOWN if text == unk else T.BYTE if _BYTE_PIECE.fullmatch(text)
-             else T.NORMAL)
+            (
+                text,
+                merged[i],
+                T.UNKNOWN if text == unk else T.BYTE if _BYTE_PIECE.fullmatch(text) else T.NORMAL,
+            )
             for text, i in sorted(vocab.items(), key=lambda kv: kv[1])
         ]
     for i, (text, score, kind) in enumerate(pieces):
         tokens[i], scores[i], types[i] = text, float(score), int(kind)
     for i, added in tokenizer.added_tokens_decoder.items():
-        if i >= len(pieces) or tokens[i] != added.content:  # not one of the model's own pieces
+        own = i < len(pieces) and tokens[i] == added.content
+        if own and types[i] != T.NORMAL:  # unknown, byte and control pieces keep their type
+            continue
+        if not own:
             tokens[i], scores[i] = added.content, -1000.0
-            types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
+        types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
     return tokens, scores, types
 
 

@@ -80,7 +80,9 @@ def lora_model(family: str, directory: Path):
         directory,
         **OVERRIDES.get(family, {}),
         vocab_size=len(tok) + 5,
-        initializer_range=INIT.get(family, 0.2),  # larger weights than 0.02: greedy decoding does not repeat one token
+        initializer_range=INIT.get(
+            family, 0.2
+        ),  # larger weights than 0.02: greedy decoding does not repeat one token
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
@@ -90,7 +92,9 @@ def lora_model(family: str, directory: Path):
         r=4,
         alpha=8,
         target_modules=tuple(
-            dict.fromkeys(names.get(t, t) for t in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+            dict.fromkeys(
+                names.get(t, t) for t in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+            )
         ),
         rank_pattern={names.get("down_proj", "down_proj"): 2},
         alpha_pattern={names.get("o_proj", "o_proj"): 3},
@@ -433,13 +437,147 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
         export_gguf(model, tmp_path / "m.gguf", CONTEXT, "q4_k", separate=False)
     import dataclasses
 
-    spm = model.replace(tokenizer=make_spm_tokenizer())
-    with pytest.raises(jgguf.GGUFError, match="SentencePiece-style tokenizers.*convert_hf_to_gguf"):
-        export_gguf(spm, tmp_path / "m.gguf", CONTEXT, "f16", separate=False)
-    falcon = model.replace(config=dataclasses.replace(model.config, model_type="falcon"))
-    with pytest.raises(jgguf.GGUFError, match="model_type='falcon'.*llama, mistral, qwen2, qwen3"):
-        export_gguf(falcon, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
+    neox = model.replace(config=dataclasses.replace(model.config, model_type="gpt_neox"))
+    with pytest.raises(
+        jgguf.GGUFError, match="model_type='gpt_neox'.*falcon, llama, mistral, qwen2, qwen3"
+    ):
+        export_gguf(neox, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- SentencePiece-style tokenizers ----------------------------------------------------------------
+
+
+def _spm_fields(tokenizer, tmp_path: Path, vocab_size: int) -> dict:
+    """The tokenizer keys alone, as model_gguf writes them (no model needed)."""
+    add = jgguf._tokenizer(tokenizer, vocab_size)
+    return _fields(jgguf.GGUFFile("llama", add).write(tmp_path / "tok.gguf"))
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float]) -> list[str]:
+    """llama.cpp's ``llama`` tokenizer (llm_tokenizer_spm) on one word-free run of text, as
+    pieces: a ``▁`` prefix and spaces as ``▁`` (add_space_prefix), UTF-8 characters as symbols,
+    then repeatedly the adjacent pair whose concatenation is the highest-scoring piece (the
+    leftmost among equals) merged; what is no piece falls back to ``<0xXX>`` bytes."""
+    score = {t: s for t, s in zip(tokens, scores, strict=True)}
+    symbols = list("\u2581" + text.replace(" ", "\u2581"))
+    while True:
+        pairs = [
+            (score[a + b], -i)
+            for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
+            if a + b in score
+        ]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return [
+        p for s in symbols for p in ([s] if s in score else [f"<0x{b:02X}>" for b in s.encode()])
+    ]
+
+
+def test_spm_vocab_from_tokenizer_json(tmp_path):
+    """Without tokenizer.model: the vocabulary in id order with piece types, add_space_prefix,
+    BOS, and scores from the merges under which llama.cpp's merge-by-score tokenizes as
+    transformers does (spaces, digits, a newline and ü by byte fallback)."""
+    tok = make_spm_tokenizer()
+    f = _spm_fields(tok, tmp_path, len(tok) + 3)
+    T = gguf.TokenType
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    assert f["tokenizer.ggml.tokens"] == vocab + ["[PAD400]", "[PAD401]", "[PAD402]"]
+    types = f["tokenizer.ggml.token_type"]
+    assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]  # <unk> <s> </s>
+    assert set(types[3:259]) == {T.BYTE} and set(types[259:400]) == {T.NORMAL}
+    assert set(types[400:]) == {T.UNUSED}
+    expected = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.add_space_prefix": True,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.bos_token_id": tok.bos_token_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_token_id,
+        "tokenizer.ggml.unknown_token_id": tok.unk_token_id,
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    scores = f["tokenizer.ggml.scores"]
+    for text in ["What is 2 plus 3?", "It's 12345   ok", "The quick brown fox,\nüber"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert llama_cpp_spm(text, vocab, scores[: len(vocab)]) == tok.convert_ids_to_tokens(ids)
+
+
+def test_spm_vocab_from_tokenizer_model(tmp_path):
+    """With tokenizer.model beside the tokenizer: its pieces' own scores and types."""
+    from transformers import AutoTokenizer
+    from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
+
+    tok = make_spm_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    proto = sp_pb2.ModelProto()
+    types = {"<unk>": 2, "<s>": 3, "</s>": 3}  # SentencePiece: UNKNOWN, CONTROL; 6: BYTE
+    for text, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = text, -0.5 * i
+        piece.type = types.get(text, 6 if text.startswith("<0x") else 1)
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    f = _spm_fields(AutoTokenizer.from_pretrained(tmp_path / "tok"), tmp_path, len(tok))
+    assert f["tokenizer.ggml.scores"] == [p.score for p in proto.pieces]
+    assert f["tokenizer.ggml.token_type"] == [p.type for p in proto.pieces]
+    assert f["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
+
+
+# ---- Falcon ----------------------------------------------------------------------------------------
+
+
+def test_falcon_qkv_regrouped_as_llama_cpp_reads_it():
+    """Falcon-40B's fused rows, 2 KV groups of [q, q, k, v], become all q, all k, all v;
+    Falcon-7B's single group [q.., k, v] is already in that order."""
+    rows = np.array(["q0", "q1", "k0", "v0", "q2", "q3", "k1", "v1"])
+    regrouped = jgguf.regroup_falcon_qkv(rows[:, None], n_heads=4, n_kv_heads=2)[:, 0]
+    assert regrouped.tolist() == ["q0", "q1", "q2", "q3", "k0", "k1", "v0", "v1"]
+    seven_b = np.array(["q0", "q1", "q2", "q3", "k", "v"])[:, None]
+    assert (jgguf.regroup_falcon_qkv(seven_b, n_heads=4, n_kv_heads=1) == seven_b).all()
+
+
+def test_falcon_gguf(tmp_path):
+    """A Falcon-40B-style model: llama.cpp's falcon keys, both LayerNorms, the fused qkv
+    regrouped (bit for bit, f32); linear biases and a sequential block are refused."""
+    import dataclasses
+
+    m = lora_model("falcon40b_gqa", tmp_path / "model")
+    path = export_gguf(m, tmp_path / "f.gguf", CONTEXT, "f32", separate=False)
+    f, c = _fields(path), m.config
+    expected = {
+        "general.architecture": "falcon",
+        "falcon.context_length": CONTEXT,
+        "falcon.embedding_length": 64,
+        "falcon.feed_forward_length": 96,
+        "falcon.block_count": 2,
+        "falcon.attention.head_count": 4,
+        "falcon.attention.head_count_kv": 2,
+        "falcon.rope.freq_base": c.rope_theta,
+        "tokenizer.ggml.pre": "falcon",
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    assert f["falcon.attention.layer_norm_epsilon"] == np.float32(c.layer_norm_epsilon)
+    hf, tensors = _hf_weights(m), _tensors(path)
+    layer = "transformer.h.0."
+    pairs = {
+        "blk.0.attn_norm.weight": layer + "ln_mlp.weight",
+        "blk.0.attn_norm_2.bias": layer + "ln_attn.bias",
+        "blk.0.attn_output.weight": layer + "self_attention.dense.weight",
+        "blk.0.ffn_up.weight": layer + "mlp.dense_h_to_4h.weight",
+    }
+    for name, hf_name in pairs.items():
+        np.testing.assert_array_equal(np.asarray(tensors[name].data), hf[hf_name], err_msg=name)
+    qkv = hf[layer + "self_attention.query_key_value.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.0.attn_qkv.weight"].data), jgguf.regroup_falcon_qkv(qkv, 4, 2)
+    )
+    assert len(tensors) == len(hf)
+    for bad, match in [({"bias": True}, "bias=true"), ({"parallel_attn": False}, "parallel")]:
+        other = m.replace(config=dataclasses.replace(c, **bad))
+        with pytest.raises(jgguf.GGUFError, match=match):
+            export_gguf(other, tmp_path / "bad.gguf", CONTEXT, "f32", separate=False)
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):
