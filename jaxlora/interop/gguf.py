@@ -392,8 +392,8 @@ def merge_scores(merges: list, vocab: dict[str, int]) -> dict[int, float]:
     return {i: scores.get(i, -float(len(merges))) for i in vocab.values()}
 
 
-def _sentencepiece_pieces(tokenizer: Any) -> list[tuple[str, float, int]] | None:
-    """(piece, score, type) of each id of the ``tokenizer.model`` beside ``tokenizer``, or
+def _sentencepiece_pieces(tokenizer: Any) -> dict[int, tuple[str, float, int]] | None:
+    """{id: (piece, score, type)} of the ``tokenizer.model`` beside ``tokenizer``, or
     ``None`` without one. SentencePiece's piece types number as ``gguf.TokenType`` does."""
     path = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
     if not path.is_file():
@@ -402,7 +402,7 @@ def _sentencepiece_pieces(tokenizer: Any) -> list[tuple[str, float, int]] | None
 
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
-    return [(p.piece, p.score, p.type) for p in proto.pieces]
+    return {i: (p.piece, p.score, p.type) for i, p in enumerate(proto.pieces)}
 
 
 def _add_space_prefix(tok_json: dict) -> bool:
@@ -425,7 +425,8 @@ def _spm_vocab(
     """Tokens, scores and types in id order, ``vocab_size`` long, as convert_hf_to_gguf's
     ``_create_vocab_sentencepiece`` writes them: tokenizer.model's pieces (or tokenizer.json's
     vocabulary scored by :func:`merge_scores`), added tokens as control / user-defined with
-    score -1000 (a normal piece that is an added token takes its type), ids past the tokenizer as ``[PAD<i>]`` (unused, -10000)."""
+    score -1000 (a normal piece that is an added token takes its type), ids past the
+    tokenizer as ``[PAD<i>]`` (unused, -10000)."""
     T = gguf.TokenType
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
@@ -435,18 +436,23 @@ def _spm_vocab(
     if pieces is None:
         merged = merge_scores(tok_json["model"]["merges"], vocab)
         unk = tok_json["model"].get("unk_token")
-        pieces = [
-            (
+        pieces = {
+            i: (
                 text,
                 merged[i],
                 T.UNKNOWN if text == unk else T.BYTE if _BYTE_PIECE.fullmatch(text) else T.NORMAL,
             )
-            for text, i in sorted(vocab.items(), key=lambda kv: kv[1])
-        ]
-    for i, (text, score, kind) in enumerate(pieces):
+            for text, i in vocab.items()
+        }
+    if max(pieces) >= vocab_size:
+        raise GGUFError(
+            f"GGUF export: the tokenizer has {max(pieces) + 1} pieces, more than the model's "
+            f"vocab_size {vocab_size}"
+        )
+    for i, (text, score, kind) in pieces.items():
         tokens[i], scores[i], types[i] = text, float(score), int(kind)
     for i, added in tokenizer.added_tokens_decoder.items():
-        own = i < len(pieces) and tokens[i] == added.content
+        own = i in pieces and tokens[i] == added.content
         if own and types[i] != T.NORMAL:  # unknown, byte and control pieces keep their type
             continue
         if not own:
