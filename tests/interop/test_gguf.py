@@ -504,6 +504,19 @@ def test_spm_vocab_from_tokenizer_json(tmp_path):
         assert llama_cpp_spm(text, vocab, scores[: len(vocab)]) == tok.convert_ids_to_tokens(ids)
 
 
+@pytest.mark.parametrize(
+    "tok_json, prefix",
+    [
+        ({"normalizer": {"type": "Prepend", "prepend": "\u2581"}}, True),  # Llama 2
+        ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "first"}}, True),  # Mistral v0.3
+        ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}, False),
+        ({"normalizer": {"type": "Replace", "content": "\u2581"}}, False),
+    ],
+)
+def test_spm_space_prefix_read_from_normalizer_or_metaspace(tok_json, prefix):
+    assert jgguf._add_space_prefix(tok_json) is prefix
+
+
 def test_spm_vocab_from_tokenizer_model(tmp_path):
     """With tokenizer.model beside the tokenizer: its pieces' own scores and types."""
     from transformers import AutoTokenizer
