@@ -43,16 +43,27 @@ PRE_TOKENIZER_REGEX = {
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 
+# Falcon's tokenizer.json pre-tokenizer
+_FALCON_PRE = [
+    pre_tokenizers.Punctuation(behavior="contiguous"),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    pre_tokenizers.Digits(individual_digits=False),
+    pre_tokenizers.Split(Regex("[0-9][0-9][0-9]"), behavior="isolated"),
+]
+
 
 def make_tokenizer(
     chat_template: bool = True, vocab_size: int = 300, pre: str = "gpt2"
 ) -> PreTrainedTokenizerFast:
     """A fast byte-level BPE tokenizer; BOS ``<s>`` is prepended by ``add_special_tokens``.
     ``pre``: GPT-2's pre-tokenizer (``ByteLevel``'s own regex), or Llama 3's / Qwen2's (a
-    ``Split`` on their regex before a ``ByteLevel`` without one), as their tokenizer.json has."""
+    ``Split`` on their regex before a ``ByteLevel`` without one), or Falcon's sequence of
+    steps, as their tokenizer.json has."""
     tok = Tokenizer(models.BPE())
     if pre == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre == "falcon":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(_FALCON_PRE)
     else:
         split = pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -11,13 +11,19 @@ Hugging Face checkpoint:
 - llama.cpp's ``llama`` architecture rotates adjacent pairs (GPT-J style) where Hugging Face
   rotates halves (``rotate_half``), so q/k rows (and biases, and a LoRA's B) are permuted per
   head: :func:`permute_qk`. Qwen2/3 use the half rotation in llama.cpp too (no permutation).
-- hyper-parameters as ``llama.*`` / ``qwen2.*`` keys; Llama 3.1's RoPE scaling as the
-  ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
+- Falcon (llama.cpp's ``falcon``): the fused ``query_key_value`` rows regrouped from
+  transformers' per-KV-group ``[q.., k, v]`` to all q, all k, all v (:func:`regroup_falcon_qkv`,
+  convert_hf_to_gguf's FalconModel); Falcon-7B's one LayerNorm, Falcon-40B's ``ln_mlp`` as
+  ``attn_norm`` and ``ln_attn`` as ``attn_norm_2``.
+- hyper-parameters as ``llama.*`` / ``qwen2.*`` / ``falcon.*`` keys; Llama 3.1's RoPE scaling
+  as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
   regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
-  SentencePiece-style tokenizers (Llama 2, Mistral) are refused: llama.cpp's ``llama``
-  tokenizer ranks merges by piece scores, which only ``tokenizer.model`` holds (gguf's
-  ``LlamaHfVocab`` writes a placeholder score, so llama.cpp would tokenize differently).
+  SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte fallback) as ``llama``, whose
+  tokenizer merges adjacent pieces by piece score: the scores and piece types of
+  ``tokenizer.model`` when it is beside the tokenizer (read with transformers' protobuf schema,
+  no ``sentencepiece`` needed), else scores ranked as tokenizer.json's merges are
+  (:func:`merge_scores`), so llama.cpp merges in the order Hugging Face's BPE does.
 
 Everything is converted and checked before a file is opened (:class:`GGUFFile`), and files are
 written to a temporary name and renamed, so a refusal or a failure leaves nothing behind.
@@ -29,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +81,7 @@ ARCHS = {
     "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_freqs=True),
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_freqs=False),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, rope_freqs=False),
+    "falcon": ArchSpec(gguf.MODEL_ARCH.FALCON, permute_qk=False, rope_freqs=False),
 }
 
 # tokenizer.json's pre-tokenizer regex -> llama.cpp's name for it (tokenizer.ggml.pre), read from
@@ -124,6 +132,24 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+def regroup_falcon_qkv(w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """Rows of Falcon's fused ``query_key_value`` (``[qkv, ...]``) from transformers' layout,
+    ``n_kv_heads`` groups of ``[q_0 .. q_{G-1}, k, v]``, to llama.cpp's: every q head, then every
+    k, then every v (FalconModel.modify_tensors in convert_hf_to_gguf; one group for 7B)."""
+    groups = w.reshape(n_kv_heads, n_heads // n_kv_heads + 2, -1, *w.shape[1:])
+    q, k, v = groups[:, :-2], groups[:, -2], groups[:, -1]
+    return np.concatenate([x.reshape(-1, *w.shape[1:]) for x in (q, k, v)])
+
+
+def _rows_to_gguf(hf_name: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """``w`` (a weight, bias or LoRA B of ``hf_name``) with its rows in llama.cpp's order."""
+    if config.model_type == "falcon" and ".query_key_value." in hf_name:
+        return regroup_falcon_qkv(w, config.num_attention_heads, config.num_key_value_heads)
+    if (heads := _qk_heads(hf_name, config)) is not None:
+        return permute_qk(w, heads)
+    return w
+
+
 def _qk_heads(hf_name: str, config: LlamaConfig) -> int | None:
     """Heads to permute ``hf_name`` over (llama.cpp's llama arch), ``None`` if not q/k."""
     if not arch_spec(config).permute_qk:
@@ -171,8 +197,25 @@ def _encode(name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple
     return gguf.quants.quantize(w, qtype), qtype
 
 
+def _falcon_hyperparameters(w: gguf.GGUFWriter, config: Any, context_length: int) -> None:
+    """FalconModel.set_gguf_parameters' keys, with the checkpoint's own context length, MLP
+    width (convert writes 4·hidden, which every released Falcon has) and RoPE base."""
+    w.add_context_length(context_length)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.ffn_hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_eps(config.layer_norm_epsilon)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_vocab_size(config.vocab_size)
+
+
 def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: int) -> None:
     """The ``<arch>.*`` keys llama.cpp reads (TextModel.set_gguf_parameters' subset for us)."""
+    if config.model_type == "falcon":
+        _falcon_hyperparameters(w, config, context_length)
+        return
     w.add_context_length(context_length)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -192,7 +235,23 @@ def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: in
 
 def _check_architecture(config: LlamaConfig, context_length: int) -> None:
     """Refuse what llama.cpp cannot compute for ``config``; warn where it computes otherwise."""
-    if config.rope_type == "llama3" and not arch_spec(config).rope_freqs:
+    if config.model_type == "falcon" and not config.parallel_attn:
+        raise GGUFError(
+            "GGUF export: llama.cpp's falcon runs attention and MLP in parallel; this Falcon "
+            "has parallel_attn=false (supported: Falcon-7B/40B/180B layouts)"
+        )
+    if config.model_type == "falcon" and config.bias:
+        raise GGUFError(
+            "GGUF export: llama.cpp's falcon has no biases on its linear layers; this Falcon "
+            "has bias=true (supported: bias=false, as every released Falcon has)"
+        )
+    if config.model_type == "falcon":
+        log.warning(
+            "GGUF export: llama.cpp's falcon computes GELU as a float16 table of the tanh "
+            "approximation, not the exact GELU the model was trained with: logits differ by "
+            "about 1e-3 (docs/interop.md)"
+        )
+    if getattr(config, "rope_type", "default") == "llama3" and not arch_spec(config).rope_freqs:
         raise GGUFError(
             f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
             "llama.cpp equivalent"
@@ -224,10 +283,27 @@ def _tokenizer_json(tokenizer: Any) -> dict:
     return json.loads(backend.to_str())
 
 
+# Falcon's tokenizer.json pre-tokenizes in steps, not one regex: punctuation runs, GPT-2's
+# regex, digit runs, then runs of three digits: llama.cpp's "falcon" (its three regexes).
+_FALCON_STEPS = ["Punctuation", "ByteLevel", "Digits", "Split"]
+_FALCON_DIGITS = "[0-9][0-9][0-9]"
+
+
+def _is_falcon(steps: list[dict]) -> bool:
+    return (
+        [s.get("type") for s in steps] == _FALCON_STEPS
+        and steps[1].get("use_regex", True)
+        and not steps[2].get("individual_digits")
+        and steps[3]["pattern"].get("Regex") == _FALCON_DIGITS
+    )
+
+
 def pre_tokenizer(tok_json: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE's pre-tokenizer."""
     pre = tok_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if _is_falcon(steps):
+        return "falcon"
     splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
     regex_in_bytelevel = any(s.get("type") == "ByteLevel" and s.get("use_regex") for s in steps)
     patterns = splits + ([_GPT2_REGEX] if regex_in_bytelevel else [])
@@ -235,7 +311,7 @@ def pre_tokenizer(tok_json: dict) -> str:
         return PRE_TOKENIZERS[patterns[0]]
     raise GGUFError(
         f"GGUF export: the tokenizer's pre-tokenizer {pre} has no llama.cpp equivalent we know "
-        f"(known: {', '.join(PRE_TOKENIZERS.values())})"
+        f"(known: {', '.join(PRE_TOKENIZERS.values())}, falcon)"
     )
 
 
@@ -277,12 +353,7 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
             "(supported: byte-level BPE, as Llama 3 and Qwen have)"
         )
     if model.get("byte_fallback"):
-        raise GGUFError(
-            "GGUF export: SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte "
-            "fallback) are not supported: llama.cpp's tokenizer for them needs the piece scores "
-            "of tokenizer.model, which tokenizer.json does not hold. Export format=merged and "
-            "convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
+        return _spm_tokenizer(tokenizer, tok_json, vocab_size)
     largest = max(tokenizer.get_vocab().values())
     if largest >= vocab_size:
         raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
@@ -297,6 +368,119 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
+        special.add_to_gguf(w, quiet=True)
+
+    return add
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def merge_scores(merges: list, vocab: dict[str, int]) -> dict[int, float]:
+    """Piece scores under which llama.cpp's ``llama`` tokenizer merges as a BPE with ``merges``.
+
+    llama.cpp repeatedly merges the adjacent pair whose concatenation is the highest-scoring
+    piece; Hugging Face's BPE merges the pair of lowest merge rank. Scoring each piece made by a
+    merge ``-rank`` of the first merge that makes it gives the same order (what SentencePiece's
+    own BPE scores are: ``-`` the order its merges were learned in, from which transformers'
+    converter wrote tokenizer.json's merges). Pieces no merge makes score below every merge."""
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(vocab[left + right], -float(rank))
+    return {i: scores.get(i, -float(len(merges))) for i in vocab.values()}
+
+
+def _sentencepiece_pieces(tokenizer: Any) -> dict[int, tuple[str, float, int]] | None:
+    """{id: (piece, score, type)} of the ``tokenizer.model`` beside ``tokenizer``, or
+    ``None`` without one. SentencePiece's piece types number as ``gguf.TokenType`` does."""
+    path = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
+    if not path.is_file():
+        return None
+    from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return {i: (p.piece, p.score, p.type) for i, p in enumerate(proto.pieces)}
+
+
+def _add_space_prefix(tok_json: dict) -> bool:
+    """Whether the tokenizer puts ``▁`` before the text (Llama 2's ``Prepend`` normalizer,
+    Mistral v0.3's ``Metaspace`` pre-tokenizer): llama.cpp's ``add_space_prefix``."""
+    steps = []
+    for key, kinds in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        step = tok_json.get(key) or {}
+        steps += step.get(kinds, [step]) if step.get("type") == "Sequence" else [step]
+    return any(
+        (s.get("type") == "Prepend" and s.get("prepend") == _SPACE)
+        or (s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never")
+        for s in steps
+    )
+
+
+def _spm_vocab(
+    tokenizer: Any, tok_json: dict, vocab_size: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types in id order, ``vocab_size`` long, as convert_hf_to_gguf's
+    ``_create_vocab_sentencepiece`` writes them: tokenizer.model's pieces (or tokenizer.json's
+    vocabulary scored by :func:`merge_scores`), added tokens as control / user-defined with
+    score -1000 (a normal piece that is an added token takes its type), ids past the
+    tokenizer as ``[PAD<i>]`` (unused, -10000)."""
+    T = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(T.UNUSED)] * vocab_size
+    vocab = tok_json["model"]["vocab"]
+    pieces = _sentencepiece_pieces(tokenizer)
+    if pieces is None:
+        merged = merge_scores(tok_json["model"]["merges"], vocab)
+        unk = tok_json["model"].get("unk_token")
+        pieces = {
+            i: (
+                text,
+                merged[i],
+                T.UNKNOWN if text == unk else T.BYTE if _BYTE_PIECE.fullmatch(text) else T.NORMAL,
+            )
+            for text, i in vocab.items()
+        }
+    if max(pieces) >= vocab_size:
+        raise GGUFError(
+            f"GGUF export: the tokenizer has {max(pieces) + 1} pieces, more than the model's "
+            f"vocab_size {vocab_size}"
+        )
+    for i, (text, score, kind) in pieces.items():
+        tokens[i], scores[i], types[i] = text, float(score), int(kind)
+    for i, added in tokenizer.added_tokens_decoder.items():
+        own = i in pieces and tokens[i] == added.content
+        if own and types[i] != T.NORMAL:  # unknown, byte and control pieces keep their type
+            continue
+        if not own:
+            tokens[i], scores[i] = added.content, -1000.0
+        types[i] = int(T.CONTROL if added.special else T.USER_DEFINED)
+    return tokens, scores, types
+
+
+def _spm_tokenizer(
+    tokenizer: Any, tok_json: dict, vocab_size: int
+) -> Callable[[gguf.GGUFWriter], None]:
+    """The ``llama`` (SentencePiece) tokenizer's keys; see :func:`_spm_vocab`."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
+    tokens, scores, types = _spm_vocab(tokenizer, tok_json, vocab_size)
+    space_prefix = _add_space_prefix(tok_json)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=False, n_vocab=vocab_size)
+
+    def add(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(space_prefix)
         special.add_to_gguf(w, quiet=True)
 
     return add
@@ -355,9 +539,7 @@ def model_gguf(
     dense = flatten_dict(jax.device_get(merged_params(params)), sep=".")
     tensors = {}
     for hf_name, w in dense.items():
-        w = np.asarray(w, np.float32)
-        if (heads := _qk_heads(hf_name, config)) is not None:
-            w = permute_qk(w, heads)
+        w = _rows_to_gguf(hf_name, np.asarray(w, np.float32), config)
         tensors[to_gguf(hf_name)] = _encode(hf_name, w, qtype)
     if spec.rope_freqs and (freqs := _rope_freqs(config)) is not None:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (freqs, None)
@@ -403,8 +585,7 @@ def _lora_tensors(params: dict, config: LlamaConfig, gguf_type: str) -> tuple[di
         fold = lw.scale * a.shape[0] / alpha
         if fold != 1.0:
             b = (b * np.float32(fold)).astype(np.float32)
-        if (heads := _qk_heads(path, config)) is not None:
-            b = permute_qk(b, heads)
+        b = _rows_to_gguf(path, b, config)
         name = to_gguf(path)
         out[name + ".lora_a"] = _encode(name + ".lora_a", a, qtype)
         out[name + ".lora_b"] = _encode(name + ".lora_b", b, qtype)

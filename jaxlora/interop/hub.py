@@ -188,8 +188,51 @@ def card_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
     return meta
 
 
-def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) -> str:
-    """The ``README.md`` for an export of step ``step`` of the run in ``run_dir``."""
+def gguf_files(export: Path) -> list[Path]:
+    """A GGUF export's files: the ``.gguf``, and when the ``Modelfile`` beside it is this
+    export's (its ``FROM`` names the file), the Modelfile and the GGUF LoRA its ``ADAPTER``
+    names (written by ``gguf.lora=true``)."""
+    files = [export]
+    modelfile = export.parent / "Modelfile"
+    if not modelfile.is_file():
+        return files
+    text = modelfile.read_text()
+    if not text.startswith(f"FROM ./{export.name}\n"):
+        return files
+    files.append(modelfile)
+    if adapter := re.search(r"^ADAPTER \./(.+)$", text, re.M):
+        lora = export.parent / adapter[1]
+        if not lora.is_file():
+            raise FileNotFoundError(f"{modelfile} names the adapter {lora}, which is missing")
+        files.append(lora)
+    return files
+
+
+def _gguf_usage(repo: str, files: list[Path]) -> str:
+    """How to run a GGUF upload: llama.cpp straight from the Hub (with the adapter, from a
+    download), Ollama from the downloaded folder's Modelfile."""
+    model, names = files[0].name, [f.name for f in files]
+    stem = files[0].stem
+    lora = next((n for n in names if n.endswith("-lora.gguf")), None)
+    get = f"hf download {repo} --local-dir {stem}"
+    if lora:
+        llama = f"`{get}`, then `llama-cli -m {stem}/{model} --lora {stem}/{lora}`"
+    else:
+        llama = f"`llama-cli --hf-repo {repo} --hf-file {model}`"
+    lines = [f"llama.cpp: {llama}"]
+    if "Modelfile" in names:  # its TEMPLATE is the chat template, ADAPTER the LoRA
+        ollama = f"`{get} && ollama create {stem} -f {stem}/Modelfile && ollama run {stem}`"
+        lines += ["", f"Ollama: {ollama}"]
+    elif not lora:
+        lines += ["", f"Ollama: `ollama run hf.co/{repo}`"]
+    return "\n".join(lines)
+
+
+def model_card(
+    cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str, export: Path | None = None
+) -> str:
+    """The ``README.md`` for an export of step ``step`` of the run in ``run_dir``; ``export``
+    (the uploaded file or folder) names a GGUF upload's files in its instructions."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: no model card for it; expected one of {list(FORMATS)}")
     what = FORMATS[fmt][0]
@@ -224,7 +267,9 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
         "",
         "## How to use",
         "",
-        _USAGE[fmt].format(repo=repo_id, base=base),
+        _gguf_usage(repo_id, gguf_files(Path(export)))
+        if fmt == "gguf" and export is not None
+        else _USAGE[fmt].format(repo=repo_id, base=base),
         *_vllm(fmt, repo_id, base, cfg),
         "",
         "## Recipe",
@@ -241,18 +286,19 @@ def model_card(cfg: Config, fmt: str, step: int, run_dir: Path, repo_id: str) ->
 
 def upload_folder(export: Path, card: str) -> Path:
     """The folder to upload: an export directory with ``README.md`` (the card) written into it,
-    or, for a single-file export (GGUF), ``<name>.hub/`` beside it holding a hard link to the
-    file (no copy of a multi-gigabyte file) and the card."""
+    or, for a single-file export (GGUF), ``<name>.hub/`` beside it holding hard links to the
+    file and to the Modelfile and GGUF LoRA written with it (:func:`gguf_files`; no copy of a
+    multi-gigabyte file) and the card. A second push rebuilds the folder."""
     export = Path(export)
     if export.is_dir():
         folder = export
     elif export.is_file():
         folder = export.with_name(export.name + ".hub")
         folder.mkdir(exist_ok=True)
-        link = folder / export.name
-        if link.exists():
-            link.unlink()
-        os.link(export, link)
+        for old in folder.iterdir():
+            old.unlink()
+        for file in gguf_files(export) if export.suffix == ".gguf" else [export]:
+            os.link(file, folder / file.name)
     else:
         raise FileNotFoundError(f"{export}: no export to upload")
     (folder / "README.md").write_text(card)

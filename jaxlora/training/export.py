@@ -130,7 +130,8 @@ def push_to_hub(
         finally:
             ckpt.close()
     cfg = load_config(str(run_dir / "config.yaml"))
-    folder = hub.upload_folder(Path(out), hub.model_card(cfg, fmt, step, run_dir, repo_id))
+    card = hub.model_card(cfg, fmt, step, run_dir, repo_id, export=Path(out))
+    folder = hub.upload_folder(Path(out), card)
     log.info("uploading %s to the Hugging Face Hub as %s", folder, repo_id)
     return hub.push(folder, repo_id, private=private)
 

@@ -8,11 +8,13 @@ a LoRA whose B is random (so the adapter changes every output) and whose scales 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import jax
@@ -31,38 +33,71 @@ from jaxlora.model import load_model
 from jaxlora.training.export import export_gguf
 from jaxlora.weights import LoRAWeight
 from tests._tokenizers import make_spm_tokenizer, make_tokenizer
-from tests.hf_models import make_hf_model
+from tests.hf_models import make_hf_falcon, make_hf_model
 
 CONTEXT = 64
 
 
-# Each family with the pre-tokenizer its real models have (llama_bias: GPT-2's, for coverage).
-PRE = {"llama3_gqa_tied_rope": "llama3", "llama_bias": "gpt2", "qwen2": "qwen2", "qwen3": "qwen2"}
+# Each family with the tokenizer its real models have: byte-level BPE with their pre-tokenizer
+# (llama_bias: GPT-2's, for coverage), SentencePiece-style for Llama 2 and Mistral.
+TOKENIZERS = {
+    "llama3_gqa_tied_rope": lambda: make_tokenizer(pre="llama3"),
+    "llama_bias": lambda: make_tokenizer(pre="gpt2"),
+    "qwen2": lambda: make_tokenizer(pre="qwen2"),
+    "qwen3": lambda: make_tokenizer(pre="qwen2"),
+    "llama2_mha": make_spm_tokenizer,
+    "mistral_window": make_spm_tokenizer,
+    "falcon7b_mqa": lambda: make_tokenizer(pre="falcon"),
+    "falcon40b_gqa": lambda: make_tokenizer(pre="falcon"),
+}
+# Mistral v0.2+ attends to the whole context (llama.cpp has no sliding window for it)
+INIT = {"falcon7b_mqa": 0.1, "falcon40b_gqa": 0.1}
+# Falcon-40B's layout without linear biases (llama.cpp's falcon has none, nor has any release)
+OVERRIDES = {"mistral_window": dict(sliding_window=None), "falcon40b_gqa": dict(bias=False)}
+# Falcon's module names for the LoRA targets and patterns (attention in, out; MLP out)
+FALCON_NAMES = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"),
+    "o_proj": "dense",
+    "down_proj": "dense_4h_to_h",
+}
+
+
+def _make_hf(family: str, directory: Path, **kw) -> None:
+    if family.startswith("falcon"):  # hidden 64 (head_dim 16), MLP 96 as the Llamas below
+        make_hf_falcon(family, directory, hidden_size=64, ffn_hidden_size=96, **kw)
+    else:
+        make_hf_model(family, directory, intermediate_size=96, hidden_size=64, **kw)
 
 
 def lora_model(family: str, directory: Path):
-    """A tiny ``family`` model with the byte-level BPE tokenizer and a random-B LoRA.
+    """A tiny ``family`` model with its kind of tokenizer and a random-B LoRA.
     hidden 64 / mlp 96 / head_dim 16: every row length a multiple of Q8_0's 32. The embedding
     has 5 rows more than the tokenizer has tokens (models pad it, e.g. Qwen's; and Qwen2's
     tokenizer class adds one, <|endoftext|>)."""
-    tok = make_tokenizer(pre=PRE[family])
-    make_hf_model(
+    tok = TOKENIZERS[family]()
+    _make_hf(
         family,
         directory,
+        **OVERRIDES.get(family, {}),
         vocab_size=len(tok) + 5,
-        hidden_size=64,
-        intermediate_size=96,
-        initializer_range=0.2,  # larger weights than 0.02: greedy decoding does not repeat one token
+        initializer_range=INIT.get(
+            family, 0.2
+        ),  # larger weights than 0.02: greedy decoding does not repeat one token
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     tok.save_pretrained(directory)
+    names = FALCON_NAMES if family.startswith("falcon") else {}
     cfg = LoraConfig(
         r=4,
         alpha=8,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"o_proj": 3},
+        target_modules=tuple(
+            dict.fromkeys(
+                names.get(t, t) for t in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+            )
+        ),
+        rank_pattern={names.get("down_proj", "down_proj"): 2},
+        alpha_pattern={names.get("o_proj", "o_proj"): 3},
     )
     m = load_model(directory).apply_lora(cfg)
     keys = iter(jax.random.split(jax.random.key(1), 64))
@@ -402,13 +437,160 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
         export_gguf(model, tmp_path / "m.gguf", CONTEXT, "q4_k", separate=False)
     import dataclasses
 
-    spm = model.replace(tokenizer=make_spm_tokenizer())
-    with pytest.raises(jgguf.GGUFError, match="SentencePiece-style tokenizers.*convert_hf_to_gguf"):
-        export_gguf(spm, tmp_path / "m.gguf", CONTEXT, "f16", separate=False)
-    falcon = model.replace(config=dataclasses.replace(model.config, model_type="falcon"))
-    with pytest.raises(jgguf.GGUFError, match="model_type='falcon'.*llama, mistral, qwen2, qwen3"):
-        export_gguf(falcon, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
+    neox = model.replace(config=dataclasses.replace(model.config, model_type="gpt_neox"))
+    with pytest.raises(
+        jgguf.GGUFError, match="model_type='gpt_neox'.*falcon, llama, mistral, qwen2, qwen3"
+    ):
+        export_gguf(neox, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- SentencePiece-style tokenizers ----------------------------------------------------------------
+
+
+def _spm_fields(tokenizer, tmp_path: Path, vocab_size: int) -> dict:
+    """The tokenizer keys alone, as model_gguf writes them (no model needed)."""
+    add = jgguf._tokenizer(tokenizer, vocab_size)
+    return _fields(jgguf.GGUFFile("llama", add).write(tmp_path / "tok.gguf"))
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float]) -> list[str]:
+    """llama.cpp's ``llama`` tokenizer (llm_tokenizer_spm) on one word-free run of text, as
+    pieces: a ``▁`` prefix and spaces as ``▁`` (add_space_prefix), UTF-8 characters as symbols,
+    then repeatedly the adjacent pair whose concatenation is the highest-scoring piece (the
+    leftmost among equals) merged; what is no piece falls back to ``<0xXX>`` bytes."""
+    score = {t: s for t, s in zip(tokens, scores, strict=True)}
+    symbols = list("\u2581" + text.replace(" ", "\u2581"))
+    while True:
+        pairs = [
+            (score[a + b], -i)
+            for i, (a, b) in enumerate(zip(symbols[:-1], symbols[1:], strict=True))
+            if a + b in score
+        ]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return [
+        p for s in symbols for p in ([s] if s in score else [f"<0x{b:02X}>" for b in s.encode()])
+    ]
+
+
+def test_spm_vocab_from_tokenizer_json(tmp_path):
+    """Without tokenizer.model: the vocabulary in id order with piece types, add_space_prefix,
+    BOS, and scores from the merges under which llama.cpp's merge-by-score tokenizes as
+    transformers does (spaces, digits, a newline and ü by byte fallback)."""
+    tok = make_spm_tokenizer()
+    f = _spm_fields(tok, tmp_path, len(tok) + 3)
+    T = gguf.TokenType
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    assert f["tokenizer.ggml.tokens"] == vocab + ["[PAD400]", "[PAD401]", "[PAD402]"]
+    types = f["tokenizer.ggml.token_type"]
+    assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL]  # <unk> <s> </s>
+    assert set(types[3:259]) == {T.BYTE} and set(types[259:400]) == {T.NORMAL}
+    assert set(types[400:]) == {T.UNUSED}
+    expected = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.add_space_prefix": True,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.bos_token_id": tok.bos_token_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_token_id,
+        "tokenizer.ggml.unknown_token_id": tok.unk_token_id,
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    scores = f["tokenizer.ggml.scores"]
+    for text in ["What is 2 plus 3?", "It's 12345   ok", "The quick brown fox,\nüber"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert llama_cpp_spm(text, vocab, scores[: len(vocab)]) == tok.convert_ids_to_tokens(ids)
+
+
+@pytest.mark.parametrize(
+    "tok_json, prefix",
+    [
+        ({"normalizer": {"type": "Prepend", "prepend": "\u2581"}}, True),  # Llama 2
+        ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "first"}}, True),  # Mistral v0.3
+        ({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}, False),
+        ({"normalizer": {"type": "Replace", "content": "\u2581"}}, False),
+    ],
+)
+def test_spm_space_prefix_read_from_normalizer_or_metaspace(tok_json, prefix):
+    assert jgguf._add_space_prefix(tok_json) is prefix
+
+
+def test_spm_vocab_from_tokenizer_model(tmp_path):
+    """With tokenizer.model beside the tokenizer: its pieces' own scores and types."""
+    from transformers import AutoTokenizer
+    from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
+
+    tok = make_spm_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    proto = sp_pb2.ModelProto()
+    types = {"<unk>": 2, "<s>": 3, "</s>": 3}  # SentencePiece: UNKNOWN, CONTROL; 6: BYTE
+    for text, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = text, -0.5 * i
+        piece.type = types.get(text, 6 if text.startswith("<0x") else 1)
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    f = _spm_fields(AutoTokenizer.from_pretrained(tmp_path / "tok"), tmp_path, len(tok))
+    assert f["tokenizer.ggml.scores"] == [p.score for p in proto.pieces]
+    assert f["tokenizer.ggml.token_type"] == [p.type for p in proto.pieces]
+    assert f["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
+
+
+# ---- Falcon ----------------------------------------------------------------------------------------
+
+
+def test_falcon_qkv_regrouped_as_llama_cpp_reads_it():
+    """Falcon-40B's fused rows, 2 KV groups of [q, q, k, v], become all q, all k, all v;
+    Falcon-7B's single group [q.., k, v] is already in that order."""
+    rows = np.array(["q0", "q1", "k0", "v0", "q2", "q3", "k1", "v1"])
+    regrouped = jgguf.regroup_falcon_qkv(rows[:, None], n_heads=4, n_kv_heads=2)[:, 0]
+    assert regrouped.tolist() == ["q0", "q1", "q2", "q3", "k0", "k1", "v0", "v1"]
+    seven_b = np.array(["q0", "q1", "q2", "q3", "k", "v"])[:, None]
+    assert (jgguf.regroup_falcon_qkv(seven_b, n_heads=4, n_kv_heads=1) == seven_b).all()
+
+
+def test_falcon_gguf(tmp_path):
+    """A Falcon-40B-style model: llama.cpp's falcon keys, both LayerNorms, the fused qkv
+    regrouped (bit for bit, f32); linear biases and a sequential block are refused."""
+    import dataclasses
+
+    m = lora_model("falcon40b_gqa", tmp_path / "model")
+    path = export_gguf(m, tmp_path / "f.gguf", CONTEXT, "f32", separate=False)
+    f, c = _fields(path), m.config
+    expected = {
+        "general.architecture": "falcon",
+        "falcon.context_length": CONTEXT,
+        "falcon.embedding_length": 64,
+        "falcon.feed_forward_length": 96,
+        "falcon.block_count": 2,
+        "falcon.attention.head_count": 4,
+        "falcon.attention.head_count_kv": 2,
+        "falcon.rope.freq_base": c.rope_theta,
+        "tokenizer.ggml.pre": "falcon",
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    assert f["falcon.attention.layer_norm_epsilon"] == np.float32(c.layer_norm_epsilon)
+    hf, tensors = _hf_weights(m), _tensors(path)
+    layer = "transformer.h.0."
+    pairs = {
+        "blk.0.attn_norm.weight": layer + "ln_mlp.weight",
+        "blk.0.attn_norm_2.bias": layer + "ln_attn.bias",
+        "blk.0.attn_output.weight": layer + "self_attention.dense.weight",
+        "blk.0.ffn_up.weight": layer + "mlp.dense_h_to_4h.weight",
+    }
+    for name, hf_name in pairs.items():
+        np.testing.assert_array_equal(np.asarray(tensors[name].data), hf[hf_name], err_msg=name)
+    qkv = hf[layer + "self_attention.query_key_value.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.0.attn_qkv.weight"].data), jgguf.regroup_falcon_qkv(qkv, 4, 2)
+    )
+    assert len(tensors) == len(hf)
+    for bad, match in [({"bias": True}, "bias=true"), ({"parallel_attn": False}, "parallel")]:
+        other = m.replace(config=dataclasses.replace(c, **bad))
+        with pytest.raises(jgguf.GGUFError, match=match):
+            export_gguf(other, tmp_path / "bad.gguf", CONTEXT, "f32", separate=False)
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):
@@ -438,26 +620,64 @@ def _llama_cpp(**request) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def ggml_gelu(family: str):
+    """For Falcon, jaxlora computing GELU as llama.cpp's CPU backend does: a float16 table of
+    the tanh approximation, indexed by the input rounded to float16 (ggml_vec_gelu_f32 with
+    GGML_GELU_FP16; 0 below -10, x above 10) instead of transformers' exact erf GELU. llama.cpp
+    computes that other function; this is the reference it is held to (the exact model's
+    distance is measured and documented in docs/interop.md)."""
+    if not family.startswith("falcon"):
+        yield
+        return
+    from jaxlora.models import falcon
+
+    exact = jax.nn.gelu
+
+    def gelu(x, approximate=False):
+        f16 = jax.numpy.float16
+        table = exact(x.astype(f16).astype(x.dtype), approximate=True).astype(f16)
+        return jax.numpy.where(x <= -10, 0.0, jax.numpy.where(x >= 10, x, table.astype(x.dtype)))
+
+    jax.clear_caches()  # compiled forwards hold the GELU they were traced with
+    try:
+        with mock.patch.object(falcon.jax.nn, "gelu", gelu):
+            yield
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.llama_cpp
 @pytest.mark.skipif(
     not LLAMA_CPP,
     reason="needs llama-cpp-python: set JAXLORA_LLAMA_CPP_PYTHON to a python that imports "
     "llama_cpp (docs/interop.md, 'Testing against llama.cpp')",
 )
-@pytest.mark.parametrize("family", ["llama3_gqa_tied_rope", "llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", list(TOKENIZERS))
 def test_llama_cpp_matches_jaxlora(family, tmp_path):
-    """llama.cpp on our f32 GGUF: the same tokenization, logits within 1e-3 (float32 throughout,
-    KV cache included; ggml's matmuls sum in another order and its RoPE computes sin/cos with
-    its own theta powers: measured 7e-6 at a logit scale of 8, far inside), the same greedy
-    tokens as jaxlora.generate; and the GGUF LoRA on the base GGUF equals the merged GGUF
-    (1e-4: the low-rank term added after the matmul instead of folded into W, float32)."""
+    """llama.cpp on our f32 GGUF: the same tokenization (a leading space, runs of spaces,
+    digits, a newline and a byte-fallback ü), logits within 1e-3 (float32 throughout, KV cache
+    included; ggml's matmuls sum in another order and its RoPE computes sin/cos with its own
+    theta powers: measured 7e-6 at a logit scale of 8, far inside), the same greedy tokens as
+    jaxlora.generate; and the GGUF LoRA on the base GGUF equals the merged GGUF (1e-4: the
+    low-rank term added after the matmul instead of folded into W, float32).
+
+    Falcon against jaxlora with llama.cpp's GELU (:func:`ggml_gelu`): where a pre-activation
+    lies within the matmuls' float32 rounding of a float16 rounding boundary, the two sides
+    index neighbouring table entries (one float16 step, 2⁻¹¹ relative, of one activation):
+    measured 8.3e-5 (7B) / 2.2e-4 (40B) at a logit scale of 3.5, other positions 1e-6."""
     from jaxlora.sampling import generate
 
+    with ggml_gelu(family):
+        _check_llama_cpp(family, tmp_path, generate)
+
+
+def _check_llama_cpp(family: str, tmp_path: Path, generate) -> None:
     model = lora_model(family, tmp_path / "model")
     merged_gguf = export_gguf(model, tmp_path / "merged" / "m.gguf", CONTEXT, "f32", separate=False)
     base_gguf = export_gguf(model, tmp_path / "lora" / "m.gguf", CONTEXT, "f32", separate=True)
     merged = model.merge()
-    prompt = "What is 2 plus 3? It's 12345   ok\n\nThe quick brown fox, über"
+    prompt = " What is 2 plus 3? It's 12345   ok\n\nThe quick brown fox, über"
     ids = merged.tokenizer(prompt)["input_ids"]
     ours = np.asarray(merged(np.array([ids])))[0]
     new = 8

@@ -57,6 +57,50 @@ def test_a_single_file_export_is_uploaded_from_a_folder_beside_it(tmp_path):
         hub.upload_folder(tmp_path / "missing", "card")
 
 
+def test_a_gguf_upload_holds_its_modelfile_and_lora_and_the_card_says_how_to_run_it(tmp_path):
+    """With ``gguf.lora=true`` the export is the base, ``<stem>-lora.gguf`` and a Modelfile
+    naming both: all three go up, and the card runs them in llama.cpp and Ollama. A Modelfile
+    that is another export's stays out; one naming a missing adapter is an error."""
+    cfg = load_config("demo", [])
+    base, lora = tmp_path / "m.gguf", tmp_path / "m-lora.gguf"
+    base.write_bytes(b"GGUF base")
+    lora.write_bytes(b"GGUF lora")
+    (tmp_path / "Modelfile").write_text("FROM ./m.gguf\nADAPTER ./m-lora.gguf\n")
+    card = hub.model_card(cfg, "gguf", 3, tmp_path, "me/tuned", export=base)
+    folder = hub.upload_folder(base, card)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "Modelfile",
+        "README.md",
+        "m-lora.gguf",
+        "m.gguf",
+    ]
+    assert (folder / "m-lora.gguf").stat().st_ino == lora.stat().st_ino
+    assert (
+        "`hf download me/tuned --local-dir m`, then `llama-cli -m m/m.gguf --lora m/m-lora.gguf`"
+        in card
+    )
+    assert (
+        "`hf download me/tuned --local-dir m && ollama create m -f m/Modelfile && ollama run m`"
+        in card
+    )
+
+    (tmp_path / "Modelfile").write_text("FROM ./other.gguf\n")  # another export's
+    card = hub.model_card(cfg, "gguf", 3, tmp_path, "me/tuned", export=base)
+    assert sorted(p.name for p in hub.upload_folder(base, card).iterdir()) == [
+        "README.md",
+        "m.gguf",
+    ]  # the first push's Modelfile and LoRA are gone from the rebuilt folder
+    assert "`llama-cli --hf-repo me/tuned --hf-file m.gguf`" in card
+    assert "`ollama run hf.co/me/tuned`" in card
+
+    (tmp_path / "Modelfile").write_text("FROM ./m.gguf\nADAPTER ./m-lora.gguf\n")
+    lora.unlink()
+    with pytest.raises(
+        FileNotFoundError, match="names the adapter .*m-lora.gguf, which is missing"
+    ):
+        hub.upload_folder(base, "card")
+
+
 def test_without_a_token_huggingface_hubs_refusal_says_how_to_retry(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
