@@ -285,7 +285,7 @@ class LlamaConfig:
 
         if cfg["model_type"] == gemma_config.MULTIMODAL:
             cfg = gemma_config.text_config(cfg, _IGNORED, fail)
-        parse_rope = lambda c: _parse_rope(c, refuse)
+        parse_rope = lambda c, head_dim: _parse_rope(c, refuse, head_dim)
         return cls(**gemma_config.gemma_fields(cfg, _IGNORED, fail, parse_rope))
 
     def to_hf(self) -> dict[str, Any]:

@@ -132,6 +132,18 @@ class FalconConfig:
         return None
 
     @property
+    def attn_logit_softcapping(self) -> None:
+        """No soft-capping (Gemma 2's), in attention or on the logits."""
+        return None
+
+    final_logit_softcapping = attn_logit_softcapping
+
+    @property
+    def rope_local_theta(self) -> None:
+        """One RoPE base for every layer (Gemma 3's sliding layers have their own)."""
+        return None
+
+    @property
     def sliding_windows(self) -> tuple[None, ...]:
         return (None,) * self.num_hidden_layers  # Falcon attends to the whole context
 

@@ -120,11 +120,12 @@ def gemma_fields(
     cfg: dict[str, Any],
     ignored: set[str],
     fail: Fail,
-    parse_rope: Callable[[dict[str, Any]], dict[str, Any]],
+    parse_rope: Callable[[dict[str, Any], int], dict[str, Any]],
 ) -> dict[str, Any]:
     """:class:`~jaxlora.models.config.LlamaConfig` keyword arguments for a ``gemma2`` or
     ``gemma3_text`` config dict. ``ignored``: the bookkeeping fields any family may carry;
-    ``parse_rope``: the Llama family's RoPE parser, which the full-attention layers share."""
+    ``parse_rope(fields, head_dim)``: the Llama family's RoPE parser, which the
+    full-attention layers share."""
     model_type = cfg["model_type"]
     expected = GEMMA_ARCHITECTURES[model_type]
     archs = cfg.get("architectures") or [expected]
@@ -206,7 +207,7 @@ def _rope(c, model_type, fail, parse_rope) -> dict[str, Any]:
     and ``rope_local_base_freq``."""
     params = c.get("rope_parameters") or {}
     if model_type == "gemma2":
-        return parse_rope({"rope_theta": _THETA[model_type]} | c)
+        return parse_rope({"rope_theta": _THETA[model_type]} | c, int(c["head_dim"]))
     if params and set(params) <= {"full_attention", "sliding_attention"}:
         local = dict(params.get("sliding_attention") or {})
         full = {"rope_theta": _THETA[model_type], **(params.get("full_attention") or {})}
@@ -220,7 +221,8 @@ def _rope(c, model_type, fail, parse_rope) -> dict[str, Any]:
             f"rope_parameters.sliding_attention={params.get('sliding_attention')!r} is not "
             "supported (rope_type 'default' and rope_theta only)"
         )
-    return parse_rope({"rope_parameters": full}) | {"rope_local_theta": local_theta}
+    full_rope = parse_rope({"rope_parameters": full}, int(c["head_dim"]))
+    return full_rope | {"rope_local_theta": local_theta}
 
 
 def gemma_to_hf(config) -> dict[str, Any]:

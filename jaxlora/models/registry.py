@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora.models import falcon, llama, stacking
+from jaxlora.models import falcon, gemma_config, llama, stacking
 from jaxlora.models.config import ARCHITECTURES, LlamaConfig, UnsupportedConfigError
 from jaxlora.models.falcon_config import FalconConfig
 
@@ -49,7 +49,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        model_types=tuple(ARCHITECTURES),
+        # gemma3 (image-text) checkpoints are read as their language model (gemma3_text)
+        model_types=(*ARCHITECTURES, gemma_config.MULTIMODAL),
         config_cls=LlamaConfig,
         module=llama.LlamaForCausalLM,
         module_axes=llama.MODULE_AXES,
