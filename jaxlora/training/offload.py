@@ -7,8 +7,10 @@ the parameter): the whole state is on the device through the forward and backwar
 compiled peak does not drop (docs/memory.md has the HLO). Here each parameter's state leaves
 (Adam's ``mu`` and ``nu`` of that leaf, 8-bit codes and absmax, Adafactor's factors) are
 fetched, updated and written back in turn, and :func:`jax.lax.optimization_barrier` makes
-each fetch wait for the gradients and for the previous write-back, so at most one stage's
-state (old and new) is on the device at a time.
+each fetch wait for the gradients and for the previous write-back, so the state comes to the
+device one stage at a time (old and new) after the backward. Not quite all of it: XLA's host
+offloader traces the first stage's copies through the barrier to the parameter and may still
+start them early (docs/memory.md has the measurements).
 
 The update of stage ``i`` calls the whole ``tx.update`` with the other stages' state as device
 zeros: every optimizer here updates a leaf from that leaf's state, gradient and parameter only
