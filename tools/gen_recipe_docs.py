@@ -171,8 +171,9 @@ MEANINGS: dict[str, str] = {
     "train.modules_to_save_lr": "Learning rate of `lora.modules_to_save` modules (fully "
     "trained heads or embeddings often want 5-10x less than the adapters); `null` = `train.lr`.",
     "train.optimizer_offload": "`host`: optimizer state kept in host memory (`pinned_host`) "
-    "between steps and brought to the device for the update (bitsandbytes' paged optimizers, "
-    "the JAX way). Not yet a saving: the compiled step's device peak rises (docs/memory.md).",
+    "between steps and streamed to the device one parameter's state at a time for the update "
+    "(bitsandbytes' paged optimizers, the JAX way): device memory drops by about the state's "
+    "size (docs/memory.md).",
     "train.loss_scale_init": "`model.compute_dtype=float16`: the first loss scale (torch's "
     "GradScaler: 2^16). A step whose gradients overflow is skipped and the scale halved.",
     "train.loss_scale_growth_interval": "`float16`: finite steps in a row after which the loss "

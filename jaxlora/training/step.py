@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora.training.loss import chunked_ce_sum, head_weight
+from jaxlora.training.offload import streamed_update
 from jaxlora.training.optim import LossScaleState
 
 Batch = dict[str, jax.Array]  # input_ids, targets, loss_mask, segment_ids, positions: [..., B, S]
@@ -80,7 +81,8 @@ def make_train_step(
     loss is multiplied by the state's scale before differentiating, so small gradients survive
     float16; ``tx`` unscales, skips a step whose gradients overflowed and lowers the scale
     (the state moves on, ``trainable`` does not). ``state_memory = (device, host)`` shardings:
-    the optimizer state lives in host memory and comes to the device only for the update.
+    the optimizer state lives in host memory and comes to the device only for the update, one
+    parameter's state at a time (:func:`~jaxlora.training.offload.streamed_update`).
     """
 
     def micro_loss(trainable, frozen, mb, rng, factor):
@@ -113,12 +115,17 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss / count
         grad_norm = optax.tree.norm(grads) / (opt_state.scale if scaled else 1)
-        if state_memory is not None:  # host -> device for the update only
-            opt_state = jax.device_put(opt_state, state_memory[0])
-        updates, new_opt_state = tx.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        if state_memory is None:
+            updates, new_opt_state = tx.update(grads, opt_state, trainable)
+            if not scaled:
+                new_opt_state = keep(new_opt_state, opt_state)
+        else:  # host -> device for the update only, one parameter's state at a time
+            updates, new_opt_state = streamed_update(
+                tx, grads, opt_state, trainable, state_memory, settle=None if scaled else keep
+            )
+        new_trainable = optax.apply_updates(trainable, updates)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -128,10 +135,6 @@ def make_train_step(
         }
         if scaled:  # the scale this step used; tx has already skipped or applied it
             metrics["loss_scale"] = opt_state.scale
-        else:
-            new_opt_state = keep(new_opt_state, opt_state)
-        if state_memory is not None:
-            new_opt_state = jax.device_put(new_opt_state, state_memory[1])
         return keep(new_trainable, trainable), new_opt_state, metrics
 
     return step

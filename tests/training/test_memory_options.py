@@ -19,7 +19,13 @@ from jaxlora.config import ConfigError, load_config
 from jaxlora.lora import LoraConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.training import run as run_builder
-from jaxlora.training.optim import LossScaleState, dynamic_loss_scale, make_optimizer
+from jaxlora.training.offload import streamed_update
+from jaxlora.training.optim import (
+    LossScaleState,
+    dynamic_loss_scale,
+    make_optimizer,
+    param_groups,
+)
 from jaxlora.training.step import make_train_step
 from tests.hf_models import tiny_config
 from tests.training.test_train_step import _batch
@@ -109,21 +115,30 @@ def _step_losses(memory: bool, remat: str = "none"):
         out_shardings=(None, host_sh if memory else state_sh, None),
     )
     state = jax.device_put(tx.init(trainable), host_sh if memory else state_sh)
-    losses = []
+    losses, first = [], None
     for i, b in enumerate(_batches(3)):
         trainable, state, m = step(trainable, state, frozen, b, jax.random.key(i))
         losses.append(float(m["loss"]))
+        first = first or (trainable, jax.tree.map(np.asarray, state))
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
-    return losses, trainable, kinds
+    return losses, first, kinds
 
 
 def test_optimizer_state_in_host_memory_trains_the_same():
-    """The state lives in pinned_host between steps; the update is the same arithmetic on the
-    same values, so losses and adapters equal the device-resident run's (1e-6)."""
-    ref_losses, ref, kinds = _step_losses(memory=False)
-    losses, got, host_kinds = _step_losses(memory=True)
+    """The state lives in pinned_host between steps and is updated one parameter's state at a
+    time (jaxlora.training.offload); losses equal the device-resident run's (1e-6), and after
+    step 1 the state exactly, the adapters to a bound derived below."""
+    ref_losses, (ref, ref_state), kinds = _step_losses(memory=False)
+    losses, (got, state), host_kinds = _step_losses(memory=True)
     assert host_kinds == {"pinned_host"} and kinds == {"device"}
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    chex.assert_trees_all_equal(state, ref_state)
+    # The staged program makes XLA (CPU) compute Adam's bias corrections m/(1-b1^t), v/(1-b2^t)
+    # as m·(1/(1-b1^t)): one more rounding (2^-24 relative) in m̂ and v̂, so m̂/(√v̂+eps) moves
+    # by at most ~2^-22 relative (≤ 2.4e-7 at step 1, where |m̂/√v̂| ≤ 1) and lr=1e-2 times
+    # that is ≤ 2.4e-9; the new parameter then rounds to a neighbouring float32 at worst
+    # (|p| < 1: 6e-8). atol 1e-7 covers both; later steps amplify it through Adam's
+    # normalization, so the comparison is at step 1 (the losses are compared at every step).
     chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
@@ -132,3 +147,42 @@ def test_float16_is_refused_on_a_tpu_naming_bfloat16():
     tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
     with pytest.raises(ConfigError, match="model.compute_dtype=float16.*bfloat16"):
         run_builder.for_mesh(cfg, tpu, {}, None)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adafactor", "lion", "sgd"])
+def test_streamed_update_is_the_update_for_every_optimizer(name):
+    """Each optimizer's state split by parameter (8-bit codes and absmax, Adafactor's factors,
+    LoRA+ groups' masks; the loss scale shared) and streamed stage by stage gives tx.update's
+    updates and state: one update from a non-zero state (a first tx.update), compared after one
+    more; every optimizer here updates a leaf from its own state, so the arithmetic is the same
+    up to XLA's choice of x/c or x·(1/c) for a scalar c (one rounding: rtol 1e-6)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "q": {"a": jax.random.normal(keys[0], (8, 600)), "b": jax.random.normal(keys[1], (600, 8))},
+        "norm": jax.random.normal(keys[2], (24,)),
+    }
+    grads = jax.tree.map(lambda p: 0.1 * jnp.sin(3 * p + 1), params)
+    groups = param_groups(params, loraplus_lr_ratio=4.0)
+    inner = make_optimizer(
+        optax.constant_schedule(1e-2),
+        name=name,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        momentum=0.9,
+        min_8bit_size=4096,
+        groups=groups,
+    )
+    tx = dynamic_loss_scale(inner, init_scale=4.0, growth_interval=2)
+    _, state = tx.update(grads, tx.init(params), params)  # moments no longer zero
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device_sh = jax.tree.map(lambda _: dev, state)
+    host_sh = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), device_sh)
+    streamed = jax.jit(
+        lambda g, s, p: streamed_update(tx, g, s, p, (device_sh, host_sh)),
+        out_shardings=(None, host_sh),
+    )
+    want_updates, want_state = jax.jit(tx.update)(grads, state, params)
+    updates, got_state = streamed(grads, jax.device_put(state, host_sh), params)
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(got_state)} == {"pinned_host"}
+    chex.assert_trees_all_close(updates, want_updates, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, got_state), want_state, rtol=1e-6, atol=0)
