@@ -51,6 +51,11 @@ def check_sharegpt(rec: dict, cfg: DataConfig) -> str | None:
             )
         if not isinstance(t.get(content), str):
             return f'{name}[{j}] must have a string "{content}"'
+    system = rec.get("system")
+    if system is not None and not isinstance(system, str):
+        return 'field "system" (the conversation\'s system prompt) must be a string'
+    if system and any(known[t[role]] == "system" for t in turns):
+        return f'has both a "system" field and a system turn in "{name}"; keep one'
     return None
 
 
@@ -58,7 +63,9 @@ def messages(rec: dict, cfg: DataConfig) -> list[dict[str, str]]:
     """A checked ``chat`` or ``sharegpt`` record as ``[{role, content}, ...]``."""
     if cfg.format == "sharegpt":
         to_role = roles(cfg)
-        return [
+        # LLaMA-Factory's ShareGPT variant keeps the system prompt beside the conversation
+        system = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+        return system + [
             {"role": to_role[t[cfg.role_field]], "content": t[cfg.content_field]}
             for t in rec[cfg.conversations_field]
         ]

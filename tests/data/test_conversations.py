@@ -97,6 +97,29 @@ def test_sharegpt_field_names_and_extra_roles(tmp_path):
     assert make_tokenizer().decode(ex.tokens) == "<s><|user|>\nHi\n<|assistant|>\nHello</s>\n"
 
 
+def test_sharegpt_system_field_is_the_system_turn(tmp_path):
+    """LLaMA-Factory's variant keeps the system prompt in a top-level ``system`` field: it
+    trains exactly as the same conversation with a system turn first."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    beside = _cfg(
+        _jsonl(tmp_path / "a.jsonl", [{"system": "Be brief.", "conversations": turns}]),
+        format="sharegpt",
+    )
+    first = [{"from": "system", "value": "Be brief."}, *turns]
+    inside = _cfg(_jsonl(tmp_path / "b.jsonl", [{"conversations": first}]), format="sharegpt")
+    tok = make_tokenizer()
+    (got,), _ = tokenize(load_records(beside), tok, beside)
+    (want,), _ = tokenize(load_records(inside), tok, inside)
+    assert got.tokens.tolist() == want.tokens.tolist()
+    assert got.trained.tolist() == want.trained.tolist()
+    both = _cfg(
+        _jsonl(tmp_path / "c.jsonl", [{"system": "Be brief.", "conversations": first}]),
+        format="sharegpt",
+    )
+    with pytest.raises(DataError, match=r'c\.jsonl:1: has both a "system" field'):
+        load_records(both)
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
