@@ -54,7 +54,12 @@ TOKENIZERS = {
     "phi3": make_spm_tokenizer,
 }
 # Mistral v0.2+ attends to the whole context (llama.cpp has no sliding window for it)
-INIT = {"falcon7b_mqa": 0.1, "falcon40b_gqa": 0.1, "gemma2_softcap": 0.05, "gemma3_text_untied": 0.05}
+INIT = {
+    "falcon7b_mqa": 0.1,
+    "falcon40b_gqa": 0.1,
+    "gemma2_softcap": 0.05,
+    "gemma3_text_untied": 0.05,
+}
 # Falcon-40B's layout without linear biases (llama.cpp's falcon has none, nor has any release)
 OVERRIDES = {
     "mistral_window": dict(sliding_window=None),
@@ -137,9 +142,7 @@ def lora_model(family: str, directory: Path):
         eos_token_id=tok.eos_token_id,
     )
     tok.save_pretrained(directory)
-    names = (
-        FALCON_NAMES if family.startswith("falcon") else PHI3_NAMES if family == "phi3" else {}
-    )
+    names = FALCON_NAMES if family.startswith("falcon") else PHI3_NAMES if family == "phi3" else {}
     cfg = LoraConfig(
         r=4,
         alpha=8,
@@ -491,7 +494,8 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
 
     neox = model.replace(config=dataclasses.replace(model.config, model_type="gpt_neox"))
     with pytest.raises(
-        jgguf.GGUFError, match="model_type='gpt_neox'.*falcon, llama, mistral, qwen2, qwen3"
+        jgguf.GGUFError,
+        match="model_type='gpt_neox'.*falcon, gemma2, gemma3_text, llama, mistral, phi3, qwen2",
     ):
         export_gguf(neox, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
     assert list(tmp_path.iterdir()) == []
@@ -587,6 +591,97 @@ def test_spm_vocab_from_tokenizer_model(tmp_path):
     assert f["tokenizer.ggml.scores"] == [p.score for p in proto.pieces]
     assert f["tokenizer.ggml.token_type"] == [p.type for p in proto.pieces]
     assert f["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
+
+
+# ---- Gemma 2, Gemma 3 text, Phi-3 -----------------------------------------------------------------
+
+# GGUF name -> Hugging Face name where these families differ from the Llama table (_gguf_to_hf)
+GEMMA_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+PHI3_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# What each tiny model (OVERRIDES) must carry besides the common keys: soft-caps, the window,
+# Gemma 3's linear-scaled global RoPE, Phi-3's partial rotary and LongRoPE (factor 64/16:
+# cos/sin scaled by sqrt(1 + ln 4 / ln 16)).
+NEW_FAMILY_KEYS = {
+    "gemma2_softcap": {
+        "gemma2.attn_logit_softcapping": 5.0,
+        "gemma2.final_logit_softcapping": 3.0,
+        "gemma2.attention.sliding_window": 4,
+        "gemma2.attention.key_length": 14,
+    },
+    "gemma3_text_untied": {
+        "gemma3.final_logit_softcapping": 2.0,
+        "gemma3.attention.sliding_window": 3,
+        "gemma3.rope.freq_base": 1000.0,
+        "gemma3.rope.scaling.type": "linear",
+        "gemma3.rope.scaling.factor": 2.0,
+        "gemma3.attention.key_length": 12,
+    },
+    "phi3": {
+        "phi3.rope.dimension_count": 12,
+        "phi3.rope.scaling.original_context_length": 16,
+        "phi3.rope.scaling.attn_factor": np.float32(np.sqrt(1 + np.log(4) / np.log(16))),
+        "phi3.attention.sliding_window": 0,
+    },
+}
+
+
+def _new_family_to_hf(name: str, family: str) -> str:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    table = GEMMA_NAMES if family.startswith("gemma") else PHI3_TENSORS
+    if m and m[2] in table:
+        return f"model.layers.{m[1]}.{table[m[2]]}.weight"
+    return _gguf_to_hf(name)
+
+
+@pytest.mark.parametrize("family", list(NEW_FAMILY_KEYS))
+def test_gemma_and_phi3_gguf(family, tmp_path):
+    """Every tensor (f32) is the merged weight bit for bit, Gemma's norms with llama.cpp's +1
+    (``x·w`` for transformers' ``x·(1 + w)``: the same float32 addition on both sides), q/k
+    not permuted (llama.cpp rotates halves for these), Phi-3's fused qkv and gate|up as they
+    are; Phi-3's LongRoPE factors as tensors; the family's keys; Gemma variants llama.cpp
+    would compute otherwise refused."""
+    import dataclasses
+
+    m = lora_model(family, tmp_path / "model")
+    path = export_gguf(m, tmp_path / "m.gguf", CONTEXT, "f32", separate=False)
+    f, c = _fields(path), m.config
+    assert {k: f.get(k) for k in NEW_FAMILY_KEYS[family]} == NEW_FAMILY_KEYS[family]
+    assert f["tokenizer.ggml.model"] == "llama"
+    hf, tensors = _hf_weights(m), _tensors(path)
+    if family == "phi3":
+        s = c.rope_scaling
+        long, short = (
+            tensors.pop("rope_factors_long.weight"),
+            tensors.pop("rope_factors_short.weight"),
+        )
+        np.testing.assert_array_equal(np.asarray(long.data), np.float32(s.long_factor))
+        np.testing.assert_array_equal(np.asarray(short.data), np.float32(s.short_factor))
+    assert {_new_family_to_hf(n, family) for n in tensors} == set(hf)
+    for name, t in tensors.items():
+        want = hf[_new_family_to_hf(name, family)]
+        if family.startswith("gemma") and name.endswith("norm.weight"):
+            np.testing.assert_array_equal(np.asarray(t.data), want + np.float32(1), err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.asarray(t.data), want, err_msg=name)
+    if not family.startswith("gemma"):
+        return
+    window = max(w for w in c.sliding_windows if w)
+    bad = [
+        ({"query_pre_attn_scalar": 256.0}, "query_pre_attn_scalar=256"),
+        ({"sliding_windows": (window,) * c.num_hidden_layers}, "slides the window"),
+        ({"attn_logit_softcapping": None, "final_logit_softcapping": None}, "soft-cap"),
+    ]
+    if family == "gemma3_text_untied":
+        bad[2] = ({"rope_local_theta": 97.0}, "base 10000")
+    for change, match in bad:
+        other = m.replace(config=dataclasses.replace(c, **change))
+        with pytest.raises(jgguf.GGUFError, match=match):
+            export_gguf(other, tmp_path / "bad.gguf", CONTEXT, "f32", separate=False)
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 # ---- Falcon ----------------------------------------------------------------------------------------
