@@ -15,8 +15,13 @@ Hugging Face checkpoint:
   transformers' per-KV-group ``[q.., k, v]`` to all q, all k, all v (:func:`regroup_falcon_qkv`,
   convert_hf_to_gguf's FalconModel); Falcon-7B's one LayerNorm, Falcon-40B's ``ln_mlp`` as
   ``attn_norm`` and ``ln_attn`` as ``attn_norm_2``.
-- hyper-parameters as ``llama.*`` / ``qwen2.*`` / ``falcon.*`` keys; Llama 3.1's RoPE scaling
-  as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
+- Gemma 2 / 3 (llama.cpp's ``gemma2`` / ``gemma3``): RMSNorm weights plus 1 (llama.cpp
+  computes ``x·w`` for transformers' ``x·(1 + w)``), soft-caps and the window as keys; what
+  llama.cpp fixes by architecture (window pattern, Gemma 3's local RoPE base, the attention
+  scale) is checked, not written (:func:`_check_gemma`). Phi-3 (``phi3``): fused qkv and
+  gate|up as they are, partial rotary, LongRoPE's factors as ``rope_factors_long/short``.
+- hyper-parameters as ``<arch>.*`` keys (``llama.*``, ``qwen2.*``, ...); Llama 3.1's RoPE
+  scaling as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
   regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
   SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte fallback) as ``llama``, whose
