@@ -334,9 +334,9 @@ def _check_gemma(config: LlamaConfig) -> None:
     )
     if window is None or config.sliding_windows != expected:
         raise GGUFError(
-            f"GGUF export: llama.cpp's {kind} slides the window on every layer but each "
-            f"{period}th (one window size); this model's layers have windows "
-            f"{list(config.sliding_windows)}"
+            f"GGUF export: llama.cpp's {kind} attends globally on layers i with "
+            f"(i + 1) % {period} == 0 and slides one window on the others; this model's "
+            f"layers have windows {list(config.sliding_windows)}"
         )
     n_layers = config.num_hidden_layers
     scalar = (

@@ -672,7 +672,7 @@ def test_gemma_and_phi3_gguf(family, tmp_path):
     window = max(w for w in c.sliding_windows if w)
     bad = [
         ({"query_pre_attn_scalar": 256.0}, "query_pre_attn_scalar=256"),
-        ({"sliding_windows": (window,) * c.num_hidden_layers}, "slides the window"),
+        ({"sliding_windows": (window,) * c.num_hidden_layers}, "attends globally on layers"),
         ({"attn_logit_softcapping": None, "final_logit_softcapping": None}, "soft-cap"),
     ]
     if family == "gemma3_text_untied":
