@@ -15,8 +15,13 @@ Hugging Face checkpoint:
   transformers' per-KV-group ``[q.., k, v]`` to all q, all k, all v (:func:`regroup_falcon_qkv`,
   convert_hf_to_gguf's FalconModel); Falcon-7B's one LayerNorm, Falcon-40B's ``ln_mlp`` as
   ``attn_norm`` and ``ln_attn`` as ``attn_norm_2``.
-- hyper-parameters as ``llama.*`` / ``qwen2.*`` / ``falcon.*`` keys; Llama 3.1's RoPE scaling
-  as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
+- Gemma 2 / 3 (llama.cpp's ``gemma2`` / ``gemma3``): RMSNorm weights plus 1 (llama.cpp
+  computes ``x·w`` for transformers' ``x·(1 + w)``), soft-caps and the window as keys; what
+  llama.cpp fixes by architecture (window pattern, Gemma 3's local RoPE base, the attention
+  scale) is checked, not written (:func:`_check_gemma`). Phi-3 (``phi3``): fused qkv and
+  gate|up as they are, partial rotary, LongRoPE's factors as ``rope_factors_long/short``.
+- hyper-parameters as ``<arch>.*`` keys (``llama.*``, ``qwen2.*``, ...); Llama 3.1's RoPE
+  scaling as the ``rope_freqs.weight`` tensor of per-frequency divisors, linear scaling as a key.
 - the tokenizer: byte-level BPE (Llama 3, Qwen) as ``gpt2`` with the pre-tokenizer named by its
   regex; merges, special tokens, ``add_bos`` and the chat template via ``gguf.SpecialVocab``.
   SentencePiece-style tokenizers (Llama 2, Mistral: BPE with byte fallback) as ``llama``, whose
@@ -73,6 +78,8 @@ class ArchSpec:
     arch: gguf.MODEL_ARCH
     permute_qk: bool  # llama.cpp rotates adjacent pairs: q/k rows reordered (see permute_qk)
     rope_freqs: bool  # llama.cpp reads Llama 3.1 RoPE scaling as a rope_freqs tensor
+    norm_shift: float = 0.0  # added to RMSNorm weights: llama.cpp computes x·w for HF's x·(1+w)
+    swa_period: int | None = None  # llama.cpp's sliding-window layers: il % period < period - 1
 
 
 # One entry per supported family (what convert_hf_to_gguf.py registers for its architecture).
@@ -82,7 +89,19 @@ ARCHS = {
     "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False, rope_freqs=False),
     "qwen3": ArchSpec(gguf.MODEL_ARCH.QWEN3, permute_qk=False, rope_freqs=False),
     "falcon": ArchSpec(gguf.MODEL_ARCH.FALCON, permute_qk=False, rope_freqs=False),
+    "gemma2": ArchSpec(
+        gguf.MODEL_ARCH.GEMMA2, permute_qk=False, rope_freqs=False, norm_shift=1.0, swa_period=2
+    ),
+    "gemma3_text": ArchSpec(
+        gguf.MODEL_ARCH.GEMMA3, permute_qk=False, rope_freqs=False, norm_shift=1.0, swa_period=6
+    ),
+    "phi3": ArchSpec(gguf.MODEL_ARCH.PHI3, permute_qk=False, rope_freqs=False),
 }
+# llama.cpp's fixed choices for Gemma (llama-model.cpp, load_hparams): Gemma 3's sliding layers
+# rotate with base 10000 unscaled; the attention scale is head_dim^-1/2, or (hidden/heads)^-1/2
+# for the 27B models, recognised by their layer count (46: Gemma 2, 62: Gemma 3).
+GEMMA_LOCAL_ROPE_BASE = 10000.0
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 # tokenizer.json's pre-tokenizer regex -> llama.cpp's name for it (tokenizer.ggml.pre), read from
 # llama.cpp's llama-vocab.cpp. A ByteLevel pre-tokenizer with use_regex=true is GPT-2's.
@@ -142,7 +161,10 @@ def regroup_falcon_qkv(w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarr
 
 
 def _rows_to_gguf(hf_name: str, w: np.ndarray, config: LlamaConfig) -> np.ndarray:
-    """``w`` (a weight, bias or LoRA B of ``hf_name``) with its rows in llama.cpp's order."""
+    """``w`` (a weight, bias or LoRA B of ``hf_name``) with its rows in llama.cpp's order, and
+    Gemma's RMSNorm weights shifted by 1 (convert_hf_to_gguf's ``norm_shift``)."""
+    if (shift := arch_spec(config).norm_shift) and hf_name.endswith("norm.weight"):
+        return (w + np.float32(shift)).astype(np.float32)
     if config.model_type == "falcon" and ".query_key_value." in hf_name:
         return regroup_falcon_qkv(w, config.num_attention_heads, config.num_key_value_heads)
     if (heads := _qk_heads(hf_name, config)) is not None:
@@ -224,13 +246,38 @@ def _hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig, context_length: in
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
-    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_dimension_count(config.rotary_dim)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_vocab_size(config.vocab_size)
     if config.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_factor)
+    if config.gemma:
+        _gemma_hyperparameters(w, config)
+    if config.model_type == "phi3":
+        _phi3_hyperparameters(w, config)
+
+
+def _gemma_hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig) -> None:
+    """Gemma2Model / Gemma3Model's keys besides the common ones: soft-caps and the window (the
+    window pattern, local RoPE base and attention scale are llama.cpp's own, checked by
+    :func:`_check_gemma`)."""
+    if config.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    w.add_sliding_window(max(s for s in config.sliding_windows if s is not None))
+
+
+def _phi3_hyperparameters(w: gguf.GGUFWriter, config: LlamaConfig) -> None:
+    """Phi3MiniModel's keys: the window (0 for none; llama.cpp does not use it for Phi-3) and
+    LongRoPE's original length and cos/sin factor (its per-frequency factors are tensors,
+    :func:`_longrope_factors`)."""
+    w.add_sliding_window(max((s for s in config.sliding_windows if s is not None), default=0))
+    if (s := config.rope_scaling) is not None:
+        w.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
+        w.add_rope_scaling_attn_factors(s.attention_factor)
 
 
 def _check_architecture(config: LlamaConfig, context_length: int) -> None:
@@ -251,18 +298,83 @@ def _check_architecture(config: LlamaConfig, context_length: int) -> None:
             "approximation, not the exact GELU the model was trained with: logits differ by "
             "about 1e-3 (docs/interop.md)"
         )
+    if config.model_type in ("gemma2", "gemma3_text"):
+        _check_gemma(config)
+    if config.model_type == "phi3" and config.rope_scaling is not None:
+        log.warning(
+            "GGUF export: llama.cpp picks Phi-3's long RoPE factors by the context size "
+            "(n_ctx > %d), transformers by the sequence length: a shorter sequence in a longer "
+            "context is computed with the long factors (docs/interop.md)",
+            config.rope_scaling.original_max_position_embeddings,
+        )
     if getattr(config, "rope_type", "default") == "llama3" and not arch_spec(config).rope_freqs:
         raise GGUFError(
             f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
             "llama.cpp equivalent"
         )
     windows = sorted({s for s in config.sliding_windows if s is not None})
-    if windows and windows[0] < context_length:
+    if windows and windows[0] < context_length and arch_spec(config).swa_period is None:
         log.warning(
             "GGUF export: llama.cpp's %s attends to the whole context, not the sliding window "
             "of %s tokens this model has: outputs differ beyond the window",
             config.model_type,
             windows,
+        )
+
+
+def _check_gemma(config: LlamaConfig) -> None:
+    """Refuse a Gemma that llama.cpp's gemma2 / gemma3 would compute otherwise: those take the
+    layer pattern, Gemma 3's local RoPE base and the attention scale from the architecture
+    (and the layer count), not from the file, and Gemma 2 always soft-caps."""
+    spec, kind = arch_spec(config), config.model_type
+    period = spec.swa_period
+    window = max((s for s in config.sliding_windows if s is not None), default=None)
+    expected = tuple(
+        window if i % period < period - 1 else None for i in range(config.num_hidden_layers)
+    )
+    if window is None or config.sliding_windows != expected:
+        raise GGUFError(
+            f"GGUF export: llama.cpp's {kind} attends globally on layers i with "
+            f"(i + 1) % {period} == 0 and slides one window on the others; this model's "
+            f"layers have windows {list(config.sliding_windows)}"
+        )
+    n_layers = config.num_hidden_layers
+    scalar = (
+        config.hidden_size // config.num_attention_heads
+        if n_layers == GEMMA_27B_LAYERS[kind]
+        else config.head_dim
+    )
+    if config.query_pre_attn_scalar != scalar:
+        raise GGUFError(
+            f"GGUF export: llama.cpp's {kind} scales attention by {scalar}^-1/2 for "
+            f"{n_layers} layers; this model has query_pre_attn_scalar="
+            f"{config.query_pre_attn_scalar:g} (supported: {scalar})"
+        )
+    if kind == "gemma2" and None in (config.attn_logit_softcapping, config.final_logit_softcapping):
+        raise GGUFError(
+            "GGUF export: llama.cpp's gemma2 always soft-caps attention and output logits; this "
+            "model leaves one uncapped (supported: both attn_logit_softcapping and "
+            "final_logit_softcapping set, as every released Gemma 2 has)"
+        )
+    if kind == "gemma2" and config.rope_type != "default":
+        raise GGUFError(
+            f"GGUF export: rope_type={config.rope_type!r} on gemma2 has no llama.cpp "
+            "equivalent (supported: default)"
+        )
+    if kind == "gemma3_text" and config.attn_logit_softcapping is not None:
+        raise GGUFError(
+            "GGUF export: llama.cpp's gemma3 has no attention soft-cap; this model has "
+            f"attn_logit_softcapping={config.attn_logit_softcapping:g} (supported: none)"
+        )
+    if kind == "gemma3_text" and config.rope_local_theta != GEMMA_LOCAL_ROPE_BASE:
+        raise GGUFError(
+            "GGUF export: llama.cpp's gemma3 rotates sliding layers with base "
+            f"{GEMMA_LOCAL_ROPE_BASE:g}; this model's is {config.rope_local_theta:g}"
+        )
+    if kind == "gemma3_text" and config.rope_type not in ("default", "linear"):
+        raise GGUFError(
+            f"GGUF export: rope_type={config.rope_type!r} on gemma3_text has no llama.cpp "
+            "equivalent (supported: default, linear)"
         )
 
 
@@ -272,6 +384,22 @@ def _rope_freqs(config: LlamaConfig) -> np.ndarray | None:
         return None
     plain = dataclasses.replace(config, rope_type="default").inv_freq()
     return (plain / config.inv_freq()).astype(np.float32)
+
+
+def _longrope_factors(config: LlamaConfig) -> dict[str, tuple[np.ndarray, None]]:
+    """Phi-3's LongRoPE as llama.cpp takes it: ``rope_factors_long`` / ``rope_factors_short``,
+    the divisor of each inverse frequency (Phi3MiniModel.generate_extra_tensors)."""
+    s = config.rope_scaling
+    if config.model_type != "phi3" or s is None:
+        return {}
+    names = {
+        gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: s.long_factor,
+        gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: s.short_factor,
+    }
+    return {
+        gguf.TENSOR_NAMES[t] + ".weight": (np.asarray(f, np.float32), None)
+        for t, f in names.items()
+    }
 
 
 def _tokenizer_json(tokenizer: Any) -> dict:
@@ -543,6 +671,7 @@ def model_gguf(
         tensors[to_gguf(hf_name)] = _encode(hf_name, w, qtype)
     if spec.rope_freqs and (freqs := _rope_freqs(config)) is not None:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (freqs, None)
+    tensors |= _longrope_factors(config)
 
     def fill(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)

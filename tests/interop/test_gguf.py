@@ -49,24 +49,79 @@ TOKENIZERS = {
     "mistral_window": make_spm_tokenizer,
     "falcon7b_mqa": lambda: make_tokenizer(pre="falcon"),
     "falcon40b_gqa": lambda: make_tokenizer(pre="falcon"),
+    "gemma2_softcap": make_spm_tokenizer,
+    "gemma3_text_untied": make_spm_tokenizer,
+    "phi3": make_spm_tokenizer,
 }
 # Mistral v0.2+ attends to the whole context (llama.cpp has no sliding window for it)
-INIT = {"falcon7b_mqa": 0.1, "falcon40b_gqa": 0.1}
+INIT = {
+    "falcon7b_mqa": 0.1,
+    "falcon40b_gqa": 0.1,
+    "gemma2_softcap": 0.05,
+    "gemma3_text_untied": 0.05,
+}
 # Falcon-40B's layout without linear biases (llama.cpp's falcon has none, nor has any release)
-OVERRIDES = {"mistral_window": dict(sliding_window=None), "falcon40b_gqa": dict(bias=False)}
+OVERRIDES = {
+    "mistral_window": dict(sliding_window=None),
+    "falcon40b_gqa": dict(bias=False),
+    # llama.cpp's fixed Gemma choices (window on all layers but each 2nd / 6th, Gemma 3's local
+    # base 10000, attention scale head_dim^-1/2) and caps that bite without flattening logits
+    "gemma2_softcap": dict(
+        query_pre_attn_scalar=14, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
+    ),
+    "gemma3_text_untied": dict(
+        num_hidden_layers=6,
+        sliding_window_pattern=6,
+        query_pre_attn_scalar=12,
+        final_logit_softcapping=2.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+        },
+    ),
+    # head_dim 16: 12 rotary dims, 6 LongRoPE factors each; no window (llama.cpp has none
+    # for Phi-3)
+    "phi3": dict(
+        partial_rotary_factor=0.75,
+        rope_scaling=dict(
+            type="longrope",
+            short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            long_factor=[2.0, 2.5, 3.0, 4.0, 5.5, 7.0],
+        ),
+        sliding_window=None,
+    ),
+}
 # Falcon's module names for the LoRA targets and patterns (attention in, out; MLP out)
 FALCON_NAMES = {
     **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"),
     "o_proj": "dense",
     "down_proj": "dense_4h_to_h",
 }
+PHI3_NAMES = dict.fromkeys(("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
 
 def _make_hf(family: str, directory: Path, **kw) -> None:
     if family.startswith("falcon"):  # hidden 64 (head_dim 16), MLP 96 as the Llamas below
         make_hf_falcon(family, directory, hidden_size=64, ffn_hidden_size=96, **kw)
+    elif family.startswith("gemma"):
+        _make_hf_gemma(family, directory, **kw)
     else:
         make_hf_model(family, directory, intermediate_size=96, hidden_size=64, **kw)
+
+
+def _make_hf_gemma(family: str, directory: Path, **kw) -> None:
+    """A Gemma whose norms scale by ``1 + w`` around 1 (w = 0.1·N(0, 1), as Gemma's zero-init
+    norms perturbed), not around 2 as make_hf_model's Llama-style ``w`` around 1 would give:
+    every norm doubling the model's gain would double its sensitivity to llama.cpp's float16
+    GELU table (see test_llama_cpp_matches_jaxlora)."""
+    import torch
+
+    model = make_hf_model(family, None, intermediate_size=96, hidden_size=64, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.sub_(1.0)
+    model.save_pretrained(directory)
 
 
 def lora_model(family: str, directory: Path):
@@ -87,7 +142,7 @@ def lora_model(family: str, directory: Path):
         eos_token_id=tok.eos_token_id,
     )
     tok.save_pretrained(directory)
-    names = FALCON_NAMES if family.startswith("falcon") else {}
+    names = FALCON_NAMES if family.startswith("falcon") else PHI3_NAMES if family == "phi3" else {}
     cfg = LoraConfig(
         r=4,
         alpha=8,
@@ -439,7 +494,8 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
 
     neox = model.replace(config=dataclasses.replace(model.config, model_type="gpt_neox"))
     with pytest.raises(
-        jgguf.GGUFError, match="model_type='gpt_neox'.*falcon, llama, mistral, qwen2, qwen3"
+        jgguf.GGUFError,
+        match="model_type='gpt_neox'.*falcon, gemma2, gemma3_text, llama, mistral, phi3, qwen2",
     ):
         export_gguf(neox, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
     assert list(tmp_path.iterdir()) == []
@@ -537,6 +593,97 @@ def test_spm_vocab_from_tokenizer_model(tmp_path):
     assert f["tokenizer.ggml.tokens"] == [p.piece for p in proto.pieces]
 
 
+# ---- Gemma 2, Gemma 3 text, Phi-3 -----------------------------------------------------------------
+
+# GGUF name -> Hugging Face name where these families differ from the Llama table (_gguf_to_hf)
+GEMMA_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+PHI3_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# What each tiny model (OVERRIDES) must carry besides the common keys: soft-caps, the window,
+# Gemma 3's linear-scaled global RoPE, Phi-3's partial rotary and LongRoPE (factor 64/16:
+# cos/sin scaled by sqrt(1 + ln 4 / ln 16)).
+NEW_FAMILY_KEYS = {
+    "gemma2_softcap": {
+        "gemma2.attn_logit_softcapping": 5.0,
+        "gemma2.final_logit_softcapping": 3.0,
+        "gemma2.attention.sliding_window": 4,
+        "gemma2.attention.key_length": 14,
+    },
+    "gemma3_text_untied": {
+        "gemma3.final_logit_softcapping": 2.0,
+        "gemma3.attention.sliding_window": 3,
+        "gemma3.rope.freq_base": 1000.0,
+        "gemma3.rope.scaling.type": "linear",
+        "gemma3.rope.scaling.factor": 2.0,
+        "gemma3.attention.key_length": 12,
+    },
+    "phi3": {
+        "phi3.rope.dimension_count": 12,
+        "phi3.rope.scaling.original_context_length": 16,
+        "phi3.rope.scaling.attn_factor": np.float32(np.sqrt(1 + np.log(4) / np.log(16))),
+        "phi3.attention.sliding_window": 0,
+    },
+}
+
+
+def _new_family_to_hf(name: str, family: str) -> str:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    table = GEMMA_NAMES if family.startswith("gemma") else PHI3_TENSORS
+    if m and m[2] in table:
+        return f"model.layers.{m[1]}.{table[m[2]]}.weight"
+    return _gguf_to_hf(name)
+
+
+@pytest.mark.parametrize("family", list(NEW_FAMILY_KEYS))
+def test_gemma_and_phi3_gguf(family, tmp_path):
+    """Every tensor (f32) is the merged weight bit for bit, Gemma's norms with llama.cpp's +1
+    (``x·w`` for transformers' ``x·(1 + w)``: the same float32 addition on both sides), q/k
+    not permuted (llama.cpp rotates halves for these), Phi-3's fused qkv and gate|up as they
+    are; Phi-3's LongRoPE factors as tensors; the family's keys; Gemma variants llama.cpp
+    would compute otherwise refused."""
+    import dataclasses
+
+    m = lora_model(family, tmp_path / "model")
+    path = export_gguf(m, tmp_path / "m.gguf", CONTEXT, "f32", separate=False)
+    f, c = _fields(path), m.config
+    assert {k: f.get(k) for k in NEW_FAMILY_KEYS[family]} == NEW_FAMILY_KEYS[family]
+    assert f["tokenizer.ggml.model"] == "llama"
+    hf, tensors = _hf_weights(m), _tensors(path)
+    if family == "phi3":
+        s = c.rope_scaling
+        long, short = (
+            tensors.pop("rope_factors_long.weight"),
+            tensors.pop("rope_factors_short.weight"),
+        )
+        np.testing.assert_array_equal(np.asarray(long.data), np.float32(s.long_factor))
+        np.testing.assert_array_equal(np.asarray(short.data), np.float32(s.short_factor))
+    assert {_new_family_to_hf(n, family) for n in tensors} == set(hf)
+    for name, t in tensors.items():
+        want = hf[_new_family_to_hf(name, family)]
+        if family.startswith("gemma") and name.endswith("norm.weight"):
+            np.testing.assert_array_equal(np.asarray(t.data), want + np.float32(1), err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.asarray(t.data), want, err_msg=name)
+    if not family.startswith("gemma"):
+        return
+    window = max(w for w in c.sliding_windows if w)
+    bad = [
+        ({"query_pre_attn_scalar": 256.0}, "query_pre_attn_scalar=256"),
+        ({"sliding_windows": (window,) * c.num_hidden_layers}, "attends globally on layers"),
+        ({"attn_logit_softcapping": None, "final_logit_softcapping": None}, "soft-cap"),
+    ]
+    if family == "gemma3_text_untied":
+        bad[2] = ({"rope_local_theta": 97.0}, "base 10000")
+    for change, match in bad:
+        other = m.replace(config=dataclasses.replace(c, **change))
+        with pytest.raises(jgguf.GGUFError, match=match):
+            export_gguf(other, tmp_path / "bad.gguf", CONTEXT, "f32", separate=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 # ---- Falcon ----------------------------------------------------------------------------------------
 
 
@@ -622,12 +769,13 @@ def _llama_cpp(**request) -> dict:
 
 @contextlib.contextmanager
 def ggml_gelu(family: str):
-    """For Falcon, jaxlora computing GELU as llama.cpp's CPU backend does: a float16 table of
-    the tanh approximation, indexed by the input rounded to float16 (ggml_vec_gelu_f32 with
-    GGML_GELU_FP16; 0 below -10, x above 10) instead of transformers' exact erf GELU. llama.cpp
-    computes that other function; this is the reference it is held to (the exact model's
-    distance is measured and documented in docs/interop.md)."""
-    if not family.startswith("falcon"):
+    """For Falcon and Gemma, jaxlora computing GELU as llama.cpp's CPU backend does: a float16
+    table of the tanh approximation, indexed by the input rounded to float16 (ggml_vec_gelu_f32
+    and ggml_vec_geglu_f32 with GGML_GELU_FP16; 0 below -10, x above 10) instead of Falcon's
+    exact erf GELU / Gemma's float32 tanh GELU. llama.cpp computes that other function; this is
+    the reference it is held to (the exact model's distance is measured and documented in
+    docs/interop.md)."""
+    if not family.startswith(("falcon", "gemma")):
         yield
         return
     from jaxlora.models import falcon
@@ -665,7 +813,12 @@ def test_llama_cpp_matches_jaxlora(family, tmp_path):
     Falcon against jaxlora with llama.cpp's GELU (:func:`ggml_gelu`): where a pre-activation
     lies within the matmuls' float32 rounding of a float16 rounding boundary, the two sides
     index neighbouring table entries (one float16 step, 2⁻¹¹ relative, of one activation):
-    measured 8.3e-5 (7B) / 2.2e-4 (40B) at a logit scale of 3.5, other positions 1e-6."""
+    measured 8.3e-5 (7B) / 2.2e-4 (40B) at a logit scale of 3.5, other positions 1e-6.
+    Gemma (GeGLU through the same table) likewise; its sandwich norms amplify a flipped entry
+    more: measured 1.7e-4 (Gemma 3) / 8.9e-5 (Gemma 2) at a logit scale of 1.4, and at most
+    5e-4 with every GELU input moved by ±2⁻²⁰ or ±2⁻²² relative (more than the matmuls'
+    reordering moves them), inside 1e-3 on any host. The GGUF LoRA against the merged GGUF
+    flips entries the same way inside llama.cpp: measured 1.5e-4 / 3.0e-4, held to 1e-3."""
     from jaxlora.sampling import generate
 
     with ggml_gelu(family):
@@ -690,8 +843,11 @@ def _check_llama_cpp(family: str, tmp_path: Path, generate) -> None:
     assert merged.tokenizer.decode(greedy, skip_special_tokens=True) == want
     lora = base_gguf.with_name("m-lora.gguf")
     with_lora = _llama_cpp(model=base_gguf, lora=lora, ids=ids, new=0, text=prompt)
+    # Gemma: the LoRA's float32 differences flip float16 GELU-table entries inside llama.cpp as
+    # the matmul order does against jaxlora, so the two llama.cpp runs are held to that bound
+    lora_atol = 1e-3 if family.startswith("gemma") else 1e-4
     np.testing.assert_allclose(
-        np.array(with_lora["logits"]), np.array(got["logits"]), atol=1e-4, rtol=0
+        np.array(with_lora["logits"]), np.array(got["logits"]), atol=lora_atol, rtol=0
     )
 
 
