@@ -238,3 +238,33 @@ def make_hf_falcon(variant: str, directory: Path | None = None, seed: int = 0, *
     if directory is not None:
         model.save_pretrained(directory)
     return model
+
+
+def assert_greedy_equals_transformers(hf_model, model, ids, mask, max_new_tokens: int, eos=60):
+    """Greedy generation with jaxlora's KV cache (``sampling.generate_ids``) gives the tokens
+    transformers' ``generate`` gives for the same (left-padded) prompts, stopping at ``eos``."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from jaxlora.sampling import generate_ids
+
+    with torch.no_grad():
+        ref = hf_model.generate(
+            torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )[:, ids.shape[1] :].numpy()
+    ours = generate_ids(
+        model.module(),
+        model.params,
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        jnp.asarray([eos], jnp.int32),
+        jax.random.key(0),
+        max_new_tokens=max_new_tokens,
+    )
+    np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)

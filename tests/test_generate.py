@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxlora
 from jaxlora import data
@@ -18,7 +17,7 @@ from jaxlora.config import ConfigError, from_argv
 from jaxlora.generate import GenerateArgs
 from jaxlora.generate import main as generate_main
 from jaxlora.sampling import _sample, generate, generate_ids, init_caches, stream
-from tests.hf_models import make_hf_model, random_ids
+from tests.hf_models import assert_greedy_equals_transformers, make_hf_model, random_ids
 
 
 @pytest.fixture(scope="module", params=["llama3_gqa_tied_rope", "qwen2_window_tied"])
@@ -58,26 +57,7 @@ def test_greedy_matches_transformers_generate_with_left_padding(ckpt):
     mask[1, :2] = 0
     mask[2, :4] = 0
     eos = 60
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            max_new_tokens=9,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )[:, 7:].numpy()
-    ours = generate_ids(
-        model.module(),
-        model.params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask, jnp.int32),
-        jnp.asarray([eos], jnp.int32),
-        jax.random.key(0),
-        max_new_tokens=9,
-    )
-    ours = np.asarray(ours)[:, : ref.shape[1]]
-    np.testing.assert_array_equal(ours, ref)
+    assert_greedy_equals_transformers(hf_model, model, ids, mask, 9, eos=eos)
 
 
 def test_top_k_and_top_p_only_sample_allowed_tokens():

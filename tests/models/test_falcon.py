@@ -22,8 +22,12 @@ from jaxlora.models.config import UnsupportedConfigError
 from jaxlora.models.falcon import FalconDecoderLayer
 from jaxlora.models.falcon_config import FalconConfig
 from jaxlora.models.llama import attention_mask, rope_tables
-from jaxlora.sampling import generate_ids
-from tests.hf_models import FALCON_VARIANTS, make_hf_falcon, random_ids
+from tests.hf_models import (
+    FALCON_VARIANTS,
+    assert_greedy_equals_transformers,
+    make_hf_falcon,
+    random_ids,
+)
 
 LAYER_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -95,25 +99,7 @@ def test_greedy_generation_matches_transformers_generate(ckpt):
     mask[1, :2] = 0
     mask[2, :4] = 0
     eos = 60
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )[:, 7:].numpy()
-    ours = generate_ids(
-        model.module(),
-        model.params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask, jnp.int32),
-        jnp.asarray([eos], jnp.int32),
-        jax.random.key(0),
-        max_new_tokens=8,
-    )
-    np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)
+    assert_greedy_equals_transformers(hf_model, model, ids, mask, 8, eos=eos)
 
 
 # ---- one block, 1e-5 --------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,8 +23,13 @@ import jaxlora
 from jaxlora.models import stacking
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
 from jaxlora.models.llama import DecoderLayer, attention_mask, rope_tables
-from jaxlora.sampling import generate_ids
-from tests.hf_models import GEMMA_FAMILIES, hf_config, make_hf_model, random_ids
+from tests.hf_models import (
+    GEMMA_FAMILIES,
+    assert_greedy_equals_transformers,
+    hf_config,
+    make_hf_model,
+    random_ids,
+)
 
 LAYER_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -137,25 +141,7 @@ def test_greedy_generation_equals_transformers_generate(gemma):
     mask[1, :2] = 0
     mask[2, :4] = 0
     eos = 60
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )[:, 7:].numpy()
-    ours = generate_ids(
-        model.module(),
-        model.params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask, jnp.int32),
-        jnp.asarray([eos], jnp.int32),
-        jax.random.key(0),
-        max_new_tokens=8,
-    )
-    np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)
+    assert_greedy_equals_transformers(hf_model, model, ids, mask, 8, eos=eos)
 
 
 @pytest.mark.parametrize("gemma", ["gemma3_text_untied"], indirect=True)

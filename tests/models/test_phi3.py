@@ -27,7 +27,7 @@ from jaxlora.lora.targets import resolve_targets
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
 from jaxlora.models.llama import MLP, Attention, attention_mask, config_rope_tables
 from jaxlora.sampling import generate_ids
-from tests.hf_models import hf_config, make_hf_model, random_ids
+from tests.hf_models import assert_greedy_equals_transformers, hf_config, make_hf_model, random_ids
 
 LAYER_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -98,25 +98,7 @@ def test_greedy_generation_matches_transformers_generate(phi3):
     ids = random_ids(2, 7, seed=4)
     mask = np.ones_like(ids)
     mask[1, :2] = 0
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            max_new_tokens=8,
-            do_sample=False,
-            eos_token_id=60,
-            pad_token_id=60,
-        )[:, 7:].numpy()
-    ours = generate_ids(
-        model.module(),
-        model.params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask, jnp.int32),
-        jnp.asarray([60], jnp.int32),
-        jax.random.key(0),
-        max_new_tokens=8,
-    )
-    np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)
+    assert_greedy_equals_transformers(hf, model, ids, mask, 8, eos=60)
     # 7 + 11 tokens would cross original_max_position_embeddings=16 mid-generation, where
     # transformers recomputes the cache with the long factors: refused, with the reason.
     with pytest.raises(NotImplementedError, match="recomputes the whole KV cache"):

@@ -10,16 +10,13 @@ go short then long on a fresh model, the order in which its state equals the per
 from __future__ import annotations
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import jaxlora
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
-from jaxlora.sampling import generate_ids
-from tests.hf_models import hf_config, make_hf_model, random_ids
+from tests.hf_models import assert_greedy_equals_transformers, hf_config, make_hf_model, random_ids
 
 MODEL_TOL = 1e-4
 LONGROPE = dict(
@@ -121,25 +118,7 @@ def test_greedy_generation_crossing_the_switch_matches_generate(name, tmp_path):
     ids = random_ids(2, 12, seed=6)
     mask = np.ones_like(ids)
     mask[1, :3] = 0
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            max_new_tokens=10,
-            do_sample=False,
-            eos_token_id=60,
-            pad_token_id=60,
-        )[:, 12:].numpy()
-    ours = generate_ids(
-        model.module(),
-        model.params,
-        jnp.asarray(ids, jnp.int32),
-        jnp.asarray(mask, jnp.int32),
-        jnp.asarray([60], jnp.int32),
-        jax.random.key(0),
-        max_new_tokens=10,
-    )
-    np.testing.assert_array_equal(np.asarray(ours)[:, : ref.shape[1]], ref)
+    assert_greedy_equals_transformers(hf, model, ids, mask, 10, eos=60)
 
 
 @pytest.mark.parametrize(
