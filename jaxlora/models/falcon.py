@@ -17,16 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
-from jaxlora.models.attention import attend, attention
 from jaxlora.models.falcon_config import FalconConfig
-from jaxlora.models.llama import Embed, Layers, Linear, rope
+from jaxlora.models.llama import Embed, Layers, Linear, attend_heads, rope
 from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight by its Hugging Face module name (see llama.MODULE_AXES). The
@@ -96,27 +94,14 @@ class FalconAttention(nn.Module):
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
         cfg = self.config
-        S = x.shape[1]
-        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, D = cfg.num_attention_heads, cfg.head_dim
         pd = self.param_dtype
         fused = Linear(cfg.qkv_size, cfg.hidden_size, cfg.bias, pd, name="query_key_value")(x)
         q, k, v = split_qkv(fused, cfg)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        # heads first: q (B, KV, G, S, D), k and v (B, KV, T, D), as in llama.Attention
-        q = rearrange(q, "b s (kv g) d -> b kv g s d", kv=KV)
-        k, v = (rearrange(t, "b s kv d -> b kv s d") for t in (k, v))
-        if cache is not None:
-            idx = cache["index"]
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
-            cache = cache | {"k": k, "v": v, "index": idx + S}
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
-        chex.assert_shape(q, (x.shape[0], KV, H // KV, S, D))
-        if mask is not None:
-            out = attend(q, k, v, mask, D**-0.5)
-        else:
-            out = attention(q, k, v, segment_ids=segment_ids, scale=D**-0.5, impl=self.attn_impl)
-        out = rearrange(out, "b kv g s d -> b s (kv g d)")
+        out, cache = attend_heads(
+            q, k, v, mask, cache, segment_ids, dtype=x.dtype, scale=D**-0.5, impl=self.attn_impl
+        )
         return Linear(cfg.hidden_size, H * D, cfg.bias, pd, name="dense")(out), cache
 
 

@@ -167,6 +167,53 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rot if rest.shape[-1] == 0 else jnp.concatenate([rot, rest], axis=-1)
 
 
+def attend_heads(
+    q,
+    k,
+    v,
+    mask,
+    cache,
+    segment_ids,
+    *,
+    dtype,
+    scale,
+    softcap=None,
+    sliding_window=None,
+    impl="eager",
+):
+    """Attention of ``q [B, S, H, D]`` over ``k, v [B, S, KV, D]`` after RoPE, for every family's
+    attention module: heads first, so every product is a plain batched matmul over ``(B, KV)``
+    (q ``(B, KV, G, S, D)`` with ``G = H / KV`` query heads per KV head, k and v
+    ``(B, KV, T, D)``); with a ``cache`` this step's keys and values are written at
+    ``cache["index"]`` first and read back in ``dtype`` (the activations'). ``mask`` (eager) or
+    ``segment_ids`` (flash, ``impl``) as in :class:`Attention`. Returns ``out [B, S, H·D]`` and
+    the cache."""
+    S, KV = q.shape[1], k.shape[2]
+    q = rearrange(q, "b s (kv g) d -> b kv g s d", kv=KV)
+    k, v = (rearrange(t, "b s kv d -> b kv s d") for t in (k, v))
+    if cache is not None:
+        idx = cache["index"]
+        k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
+        v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
+        cache = cache | {"k": k, "v": v, "index": idx + S}
+        k, v = k.astype(dtype), v.astype(dtype)
+    chex.assert_equal_shape([k, v])
+    if mask is not None:
+        out = attend(q, k, v, mask, scale, softcap)  # (B, KV, G, S, D)
+    else:
+        out = attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            impl=impl,
+        )
+    return rearrange(out, "b kv g s d -> b s (kv g d)"), cache
+
+
 class Attention(nn.Module):
     """Self-attention of one layer. ``rope_cs`` is ``(cos, sin)`` from :func:`rope_tables` and
     ``mask`` the boolean ``[B, 1, 1, S, T]`` from :func:`attention_mask`, both built once per
@@ -185,7 +232,6 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
         cfg = self.config
-        S = x.shape[1]
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.qkv_bias
         lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
@@ -201,33 +247,19 @@ class Attention(nn.Module):
             q = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="q_norm")(q)
             k = RMSNorm(D, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="k_norm")(k)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        # Heads first, so every attention product is a plain batched matmul over (B, KV):
-        # q (B, KV, G, S, D) with G = H / KV query heads per kv head, k and v (B, KV, T, D).
-        q = rearrange(q, "b s (kv g) d -> b kv g s d", kv=KV)
-        k, v = (rearrange(t, "b s kv d -> b kv s d") for t in (k, v))
-        if cache is not None:
-            idx = cache["index"]
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
-            cache = cache | {"k": k, "v": v, "index": idx + S}
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
-        chex.assert_shape(q, (x.shape[0], KV, H // KV, S, D))
-        chex.assert_equal_shape([k, v])
-        scale, cap = cfg.attention_scale, cfg.attn_logit_softcapping
-        if mask is not None:
-            out = attend(q, k, v, mask, scale, cap)  # (B, KV, G, S, D)
-        else:
-            out = attention(
-                q,
-                k,
-                v,
-                segment_ids=segment_ids,
-                scale=scale,
-                sliding_window=self.sliding_window,
-                softcap=cap,
-                impl=self.attn_impl,
-            )
-        out = rearrange(out, "b kv g s d -> b s (kv g d)")
+        out, cache = attend_heads(
+            q,
+            k,
+            v,
+            mask,
+            cache,
+            segment_ids,
+            dtype=x.dtype,
+            scale=cfg.attention_scale,
+            softcap=cfg.attn_logit_softcapping,
+            sliding_window=self.sliding_window,
+            impl=self.attn_impl,
+        )
         out = lin("o_proj", cfg.hidden_size, H * D, cfg.attention_bias)(out)
         return out, cache
 
