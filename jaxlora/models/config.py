@@ -39,9 +39,9 @@ ARCHITECTURES |= gemma_config.GEMMA_ARCHITECTURES
 
 ROPE_TYPES = ("default", "linear", "llama3", *rope_rules.SCALED_TYPES)
 
-# Fields that do not change what the forward pass computes (bookkeeping, generation defaults,
-# output switches). Anything not here and not read below is refused.
-_IGNORED = {
+# Fields that do not change what any family's forward pass computes (bookkeeping, generation
+# defaults, output switches): every family's reader skips them (Falcon's too).
+BOOKKEEPING = {
     "_name_or_path",
     "architectures",
     "bos_token_id",
@@ -77,20 +77,6 @@ _IGNORED = {
     "tf_legacy_loss",
     "quantization_config",
     "model_type",
-    "max_window_layers",
-    "use_sliding_window",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "layer_types",
-    "sliding_window",
-    "attention_dropout",
-    "pretraining_tp",
-    "hidden_act",
-    "mlp_bias",
-    "attention_bias",
-    "head_dim",
-    "tie_word_embeddings",
     "bad_words_ids",
     "begin_suppress_tokens",
     "diversity_penalty",
@@ -119,8 +105,29 @@ _IGNORED = {
     "output_router_logits",
     "_attn_implementation_autoset",
     "_attn_implementation",
-    "partial_rotary_factor",  # checked == 1.0 below
 }
+# Fields the Llama family reads or checks itself below (another family refuses or reads them
+# on its own terms); partial_rotary_factor is checked == 1.0 outside phi3.
+_LLAMA_READ = {
+    "max_window_layers",
+    "use_sliding_window",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "layer_types",
+    "sliding_window",
+    "attention_dropout",
+    "pretraining_tp",
+    "hidden_act",
+    "mlp_bias",
+    "attention_bias",
+    "head_dim",
+    "tie_word_embeddings",
+    "partial_rotary_factor",
+}
+# Anything neither here nor read below is refused.
+_IGNORED = BOOKKEEPING | _LLAMA_READ
+
 _REQUIRED = (
     "vocab_size",
     "hidden_size",

@@ -19,31 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models.config import _IGNORED as _LLAMA_IGNORED
-from jaxlora.models.config import UnsupportedConfigError
+from jaxlora.models.config import BOOKKEEPING, UnsupportedConfigError
 
-# Fields of the Llama family's bookkeeping list that name Llama architecture, not bookkeeping:
-# Falcon reads or refuses them itself.
-_LLAMA_ONLY = {
-    "max_window_layers",
-    "use_sliding_window",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "layer_types",
-    "sliding_window",
-    "attention_dropout",
-    "pretraining_tp",
-    "hidden_act",
-    "mlp_bias",
-    "attention_bias",
-    "head_dim",
-    "tie_word_embeddings",
-    "partial_rotary_factor",
-}
 # ``auto_map`` points at the original remote code (RWForCausalLM); transformers runs its own
 # FalconForCausalLM for model_type "falcon" whatever it says.
-_IGNORED = (_LLAMA_IGNORED - _LLAMA_ONLY) | {"auto_map", "max_position_embeddings"}
+_IGNORED = BOOKKEEPING | {"auto_map"}
 _READ = {
     "vocab_size",
     "hidden_size",
