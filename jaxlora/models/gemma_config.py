@@ -27,39 +27,27 @@ MODEL_TYPES = (*GEMMA_ARCHITECTURES, MULTIMODAL)
 ACTIVATION = "gelu_pytorch_tanh"
 
 # transformers' defaults (Gemma2Config, Gemma3TextConfig, 5.x), applied to absent fields.
+_GEMMA2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 256000,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": ACTIVATION,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "final_logit_softcapping": 30.0,
+    "attn_logit_softcapping": 50.0,
+}
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "gemma2": {
-        "vocab_size": 256000,
-        "hidden_size": 2304,
-        "intermediate_size": 9216,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "hidden_activation": ACTIVATION,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
-        "final_logit_softcapping": 30.0,
-        "attn_logit_softcapping": 50.0,
-    },
-    "gemma3_text": {
-        "vocab_size": 262208,
-        "hidden_size": 2304,
-        "intermediate_size": 9216,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "hidden_activation": ACTIVATION,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
-        "final_logit_softcapping": None,
-        "attn_logit_softcapping": None,
-    },
+    "gemma2": _GEMMA2_DEFAULTS,
+    # Gemma3TextConfig: Gemma 2's defaults with the larger vocabulary and no soft-capping
+    "gemma3_text": _GEMMA2_DEFAULTS
+    | {"vocab_size": 262208, "final_logit_softcapping": None, "attn_logit_softcapping": None},
 }
 _THETA = {"gemma2": 10000.0, "gemma3_text": 1_000_000.0}  # full-attention layers
 _LOCAL_THETA = 10000.0  # Gemma 3's sliding layers
