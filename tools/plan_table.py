@@ -94,7 +94,10 @@ def run_row(row: dict, tmp: Path) -> dict:
         "jaxlora.plan",
         *plan_argv(row, model_dir(row["model"], row["layers"], tmp)),
     ]
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    # the compile toolchains: the `aot` extra in this environment, or a side directory
+    # ($JAXLORA_AOT_TOOLCHAIN, where .ci/run installs them) on the plan process's path only
+    path = [os.environ.get("JAXLORA_AOT_TOOLCHAIN"), str(ROOT), os.environ.get("PYTHONPATH")]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, path))}
     start, cpu0 = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     # CPU seconds of the whole plan process: on a shared machine far steadier than wall time
