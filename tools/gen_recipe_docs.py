@@ -56,7 +56,10 @@ MEANINGS: dict[str, str] = {
     "quant.double_quant": "Quantize the per-block scales too (8-bit, blocks of 256): "
     "4.127 instead of 4.5 bits per parameter.",
     "quant.compute_dtype": "Dtype a dequantized 4-bit weight is multiplied in "
-    "(`bnb_4bit_compute_dtype`).",
+    "(`bnb_4bit_compute_dtype`): the activations are cast to it and the product back, as "
+    "bitsandbytes' `Linear4bit` does; `null` = `model.compute_dtype`. `model.compute_dtype="
+    "float32 quant.compute_dtype=bfloat16` is PEFT's QLoRA after `prepare_model_for_kbit_"
+    "training` (float32 activations, bf16 4-bit matmuls); see memory.md.",
     "quant.kernel": "The 4-bit matmul, chosen for the devices the step is built for: `auto` = "
     "Pallas kernels where they compile (Mosaic on TPU, Triton on compute capability 8.0+), "
     "dequantize-then-dot elsewhere; `dequant` = never a kernel; `interpret` = the kernels in "
@@ -174,7 +177,8 @@ MEANINGS: dict[str, str] = {
     "between steps and streamed to the device one parameter's state at a time for the update "
     "(bitsandbytes' paged optimizers, the JAX way): device memory drops by about the state's "
     "size (docs/memory.md).",
-    "train.loss_scale_init": "`model.compute_dtype=float16`: the first loss scale (torch's "
+    "train.loss_scale_init": "`model.compute_dtype` or `quant.compute_dtype` `float16`: the "
+    "first loss scale (torch's "
     "GradScaler: 2^16). A step whose gradients overflow is skipped and the scale halved.",
     "train.loss_scale_growth_interval": "`float16`: finite steps in a row after which the loss "
     "scale doubles (torch's GradScaler: 2000).",

@@ -118,7 +118,9 @@ class QuantConfig(Section):
     type: Literal["none", "nf4", "fp4"] = "none"
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: Dtype = "bfloat16"  # dtype the dequantized weight is multiplied in
+    # dtype the dequantized weight is multiplied in (bnb_4bit_compute_dtype); None = the
+    # activations' (model.compute_dtype)
+    compute_dtype: ComputeDtype | None = None
     # The 4-bit matmul: auto = Pallas kernels where they compile (Mosaic on TPU, Triton on
     # sm_80+ GPUs), dequantize-then-dot elsewhere; dequant = never a kernel; interpret = the
     # kernels in Pallas interpret mode on any device (slow: debugging).
@@ -424,6 +426,12 @@ class Config(Section):
             "a streamed dataset or a mixture has no length to count train.epochs in; set "
             "train.max_steps (a stream that runs out starts its next epoch)",
         )
+
+    @property
+    def quant_compute_dtype(self) -> str:
+        """The dtype 4-bit weights are multiplied in: ``quant.compute_dtype``, else the
+        activations' (``model.compute_dtype``)."""
+        return self.quant.compute_dtype or self.model.compute_dtype
 
     @property
     def data_seed(self) -> int:

@@ -6,9 +6,12 @@ dequantizes, updates in float32, and quantizes again; parameters smaller than
 ``min_8bit_size`` (bnb's 4096) keep float32 moments, as bnb does.
 
 Written here because optax has no 8-bit state and bnb's kernels are torch ops. The rounding
-is the nearest code (bnb's CUDA ``dQuantize``, ties to the search's pivot); bnb's CPU kernel
-searches approximately and sometimes stores a farther code (tests/training/test_optimizers.py
-measures how often).
+is bnb's CUDA optimizer kernel's (``kOptimizerStatic8bit2StateBlockwise``): the nearest code
+(``quantize_2D``, the same binary search as ``dQuantize``, ties to the search's pivot), except
+that the first moment keeps its sign: a negative value whose nearest code is 0 stores the
+smallest negative code instead. bnb's CPU kernel searches approximately: it sometimes stores a
+farther code (tests/training/test_optimizers.py measures how often) and never stores 0 for a
+value under about 2e-5 of its block's absmax, zero included (it stores that code instead).
 """
 
 from __future__ import annotations
@@ -39,16 +42,24 @@ class ScaleByAdam8bitState(NamedTuple):
     nu: Any  # per leaf: Quantized8bit (unsigned map) or a float32 array
 
 
-def quantize(x: jax.Array, table: np.ndarray) -> Quantized8bit:
-    """``x`` (any shape, float32) -> blockwise 8-bit codes of ``table`` and per-block absmax."""
+def quantize(x: jax.Array, table: np.ndarray, *, keep_sign: bool = False) -> Quantized8bit:
+    """``x`` (any shape, float32) -> blockwise 8-bit codes of ``table`` and per-block absmax.
+
+    ``keep_sign`` (the first moment, signed map): where the nearest code's sign differs from the
+    value's (a negative value nearest to code 0.0), the neighbouring code towards the value's
+    side is stored, as bnb's 8-bit optimizer kernels do."""
     flat = x.reshape(-1)
     n = flat.shape[0]
     blocks = jnp.pad(flat, (0, (-n) % BLOCKSIZE)).reshape(-1, BLOCKSIZE)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # An all-zero block (absmax 0) stores code 0 × absmax 0 = 0 whatever the code.
     scaled = blocks * (1.0 / jnp.where(absmax == 0, 1.0, absmax))[:, None]
-    codes = dynamic_quantize(jnp, scaled, table).reshape(-1)[:n]
-    return Quantized8bit(codes, absmax)
+    codes = dynamic_quantize(jnp, scaled, table)
+    if keep_sign:
+        flipped = jnp.signbit(jnp.asarray(table)[codes]) != jnp.signbit(scaled)
+        shifted = codes.astype(jnp.int32) + jnp.where(scaled > 0, 1, -1)
+        codes = jnp.where(flipped, shifted, codes).astype(jnp.uint8)
+    return Quantized8bit(codes.reshape(-1)[:n], absmax)
 
 
 def dequantize(q: Quantized8bit, table: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
@@ -91,8 +102,8 @@ def scale_by_adam_8bit(
     def load(state, table, g):
         return dequantize(state, table, g.shape) if is_q(state) else state
 
-    def store(like, x, table):
-        return quantize(x, table) if is_q(like) else x
+    def store(like, x, table, keep_sign=False):
+        return quantize(x, table, keep_sign=keep_sign) if is_q(like) else x
 
     def update(grads, state, params=None):
         del params
@@ -105,7 +116,8 @@ def scale_by_adam_8bit(
             m = load(mq, DYNAMIC_MAP, g) * jnp.float32(b1) + jnp.float32(1 - b1) * g
             v = load(vq, UNSIGNED_DYNAMIC_MAP, g) * jnp.float32(b2) + jnp.float32(1 - b2) * g * g
             direction = m / (jnp.sqrt(v) / c2 + jnp.float32(eps)) / c1
-            return direction, store(mq, m, DYNAMIC_MAP), store(vq, v, UNSIGNED_DYNAMIC_MAP)
+            m_q = store(mq, m, DYNAMIC_MAP, keep_sign=True)
+            return direction, m_q, store(vq, v, UNSIGNED_DYNAMIC_MAP)
 
         out = jax.tree.map(one, grads, state.mu, state.nu, is_leaf=is_q)
         pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out, is_leaf=is_q)

@@ -102,7 +102,7 @@ def export_checkpoint(
             model.config,
             out,
             dtype=dtype or param_dtype(base),
-            compute_dtype=cfg.quant.compute_dtype,
+            compute_dtype=cfg.quant_compute_dtype,
         )
         model.tokenizer.save_pretrained(str(out))
         model.save_adapter(out / "adapter", base_model_name_or_path=str(out.absolute()))

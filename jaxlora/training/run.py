@@ -94,7 +94,9 @@ def make_tx(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``train.optimizer`` with the recipe's schedule and, with LoRA+
     (``lora.loraplus_lr_ratio``) or ``train.modules_to_save_lr``, per-group LRs over
-    ``trainable`` (arrays or shape structs); returns ``(optimizer, schedule)``."""
+    ``trainable`` (arrays or shape structs); returns ``(optimizer, schedule)``. With a float16
+    backward anywhere (``model.compute_dtype`` or ``quant.compute_dtype`` float16, as torch's
+    GradScaler with fp16 autocast) the loss is scaled dynamically."""
     t = cfg.train
     schedule = make_schedule(t.lr, total_steps, t.warmup_ratio, t.schedule)
     groups = None
@@ -119,7 +121,7 @@ def make_tx(
         min_8bit_size=t.optimizer_8bit_min_size,
         groups=groups,
     )
-    if cfg.model.compute_dtype == "float16":
+    if "float16" in (cfg.model.compute_dtype, cfg.quant_compute_dtype):  # any float16 backward
         tx = dynamic_loss_scale(tx, t.loss_scale_init, t.loss_scale_growth_interval)
     return tx, schedule
 
@@ -160,16 +162,21 @@ def make_mesh(cfg: Config) -> Mesh:
 
 def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
     """``(kernels, frozen)``: the kernels for the mesh's devices (``quant.kernel``; the mesh's
-    platform decides, not the process's default backend), written into the frozen tree with
+    platform decides, not the process's default backend; 4-bit weights multiplied in
+    ``quant.compute_dtype``, as bitsandbytes' ``Linear4bit``), written into the frozen tree with
     each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
     its devices' own rows; attention kernels split the batch over the batch axes and the heads
     over the axis the ``heads`` rule names."""
     platform = mesh.devices.flat[0].platform
-    if cfg.model.compute_dtype == "float16" and platform == "tpu":
-        raise ConfigError(
-            "model.compute_dtype=float16: TPUs compute in bfloat16 (no float16 matmul, no loss "
-            "scaling needed); set model.compute_dtype=bfloat16"
-        )
+    for key, dtype in (
+        ("model.compute_dtype", cfg.model.compute_dtype),
+        ("quant.compute_dtype", cfg.quant.compute_dtype),
+    ):
+        if dtype == "float16" and platform == "tpu":
+            raise ConfigError(
+                f"{key}=float16: TPUs compute in bfloat16 (no float16 matmul, no loss scaling "
+                f"needed); set {key}=bfloat16"
+            )
     kv_heads = model_config.num_key_value_heads
     kernels = kernels_for(
         list(mesh.devices.flat),
@@ -180,6 +187,7 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
         mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
         heads=(kv_heads, model_config.num_attention_heads // kv_heads),
         softcap=model_config.attn_logit_softcapping is not None,
+        nf4_dtype=cfg.quant_compute_dtype,
     )
     specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused_layouts(model_config))
     frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)

@@ -59,6 +59,7 @@ class Quantized(Protocol):
 
     shape: tuple[int, ...]
     blocksize: int
+    run: NF4Run  # how it is multiplied in the program being built
 
     @property
     def is_2d(self) -> bool: ...
@@ -108,7 +109,9 @@ class Kernels:
 
     ``platform`` is the devices' (``"cpu"``, ``"gpu"``, ``"tpu"``); ``nf4`` the 4-bit matmul
     (``"mosaic"``, ``"triton"`` or ``"dequant"``: dequantize-then-dot); ``interpret`` runs Pallas
-    kernels in interpret mode (CPU tests, debugging).
+    kernels in interpret mode (CPU tests, debugging); ``nf4_dtype`` the dtype a 4-bit weight is
+    multiplied in (bitsandbytes' ``bnb_4bit_compute_dtype``: the input is cast to it and the
+    product back to the input's dtype, as ``bnb.nn.Linear4bit`` does), ``None`` = the input's.
     """
 
     platform: str = "cpu"
@@ -116,6 +119,7 @@ class Kernels:
     interpret: bool = False
     attention: str = "eager"
     attention_mesh: AttentionMesh | None = None
+    nf4_dtype: str | None = None
 
     @property
     def fuse_lora(self) -> bool:
@@ -127,7 +131,14 @@ class Kernels:
         where = ""
         if self.attention_mesh is not None and self.attention in ATTENTION_KERNELS:
             where = f" under shard_map over {dict(self.attention_mesh.mesh.shape)}"
-        return f"{self.platform}: NF4 matmul {self.nf4}{how}, attention {self.attention}{where}"
+        dtype = "" if self.nf4_dtype is None else f" in {self.nf4_dtype}"
+        return (
+            f"{self.platform}: NF4 matmul {self.nf4}{how}{dtype}, attention {self.attention}{where}"
+        )
+
+    def nf4_compute_dtype(self, x_dtype: Any) -> np.dtype:
+        """The dtype a 4-bit weight multiplies an ``x_dtype`` input in (:attr:`nf4_dtype`)."""
+        return jnp.dtype(x_dtype if self.nf4_dtype is None else self.nf4_dtype)
 
 
 def _compute_capability(device: jax.Device) -> tuple[int, int] | None:
@@ -181,12 +192,14 @@ def kernels_for(
     mesh: AttentionMesh | None = None,
     heads: tuple[int, int] | None = None,
     softcap: bool = False,
+    nf4_dtype: str | None = None,
 ) -> Kernels:
     """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
     logged once per choice with the reason for the attention. ``mode``: ``"auto"`` (Mosaic on
     TPU, Triton on sm_80+ GPUs, dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel),
     ``"interpret"`` (the GPU kernels in Pallas interpret mode on any platform: slow; tests and
-    debugging).
+    debugging). ``nf4_dtype``: the dtype 4-bit weights multiply in (``quant.compute_dtype``;
+    ``None`` = the input's).
 
     Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
     ``sliding_window`` or not, soft-capped scores or not: ``softcap``) on several devices: the
@@ -220,7 +233,7 @@ def kernels_for(
     elif platform == "gpu" and softcap:
         reason = "attention logit soft-capping: neither cuDNN nor Pallas GPU flash attention has it"
     on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
-    chosen = Kernels(platform, nf4, interpret, attention, on_mesh)
+    chosen = Kernels(platform, nf4, interpret, attention, on_mesh, nf4_dtype)
     if chosen not in _LOGGED:
         _LOGGED.add(chosen)
         log.info(
@@ -342,8 +355,9 @@ def fusable_base(
     share one dtype, the base is an array or a packed weight on its dequantize-then-dot path,
     and there are at least as many tokens as input features (the concatenation copies ``W``
     each call: worth it only then). Elsewhere the branch runs beside the base: on GPU and TPU
-    (not measured there), with a packed base that has a fused kernel, and for a float32 adapter
-    on a bf16 base (PEFT's mixed-precision sum).
+    (not measured there), with a packed base that has a fused kernel or multiplies in another
+    dtype than the input's (``Kernels.nf4_dtype``), and for a float32 adapter on a bf16 base
+    (PEFT's mixed-precision sum).
     """
     if not fuse:
         return None
@@ -354,5 +368,7 @@ def fusable_base(
     if isinstance(base, jax.Array):
         return base if base.dtype == x.dtype else None
     if isinstance(base, Quantized):
+        if base.run.kernels.nf4_compute_dtype(x.dtype) != x.dtype:
+            return None
         return dequantized_operand(base, x.dtype, x.shape)
     return None

@@ -314,17 +314,20 @@ class NF4Tensor:
     def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """``x [..., in] -> x @ Wᵀ [..., out]`` in ``x.dtype``; no gradient for ``W``.
 
-        The path is :func:`jaxlora.weights.dispatch.nf4_path`'s for ``self.run``: the Pallas
+        Multiplied in ``self.run.kernels.nf4_dtype`` when set (``quant.compute_dtype``), as
+        ``bnb.nn.Linear4bit`` with its ``compute_dtype``: ``x`` is cast to it, the product
+        rounded to it and cast back to ``x.dtype``. The path is
+        :func:`jaxlora.weights.dispatch.nf4_path`'s for ``self.run``: the Pallas
         dequant-matmul (``jaxlora.kernels.nf4_matmul``), the same on each device's rows inside
         ``shard_map`` in a sharded program (``jaxlora.kernels.nf4_sharded``: FSDP gathers the
-        4-bit codes and 8-bit absmax codes), or dequantize to ``x.dtype`` and dot; logged once
-        per shape. ``rng`` is unused (no randomness).
+        4-bit codes and 8-bit absmax codes), or dequantize to the compute dtype and dot; logged
+        once per shape. ``rng`` is unused (no randomness).
         """
         del rng
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"NF4Tensor.matmul: x has {x.shape[-1]} features, weight {self.shape}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.shape[1])
+        lead, out_dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.shape[1]).astype(self.run.kernels.nf4_compute_dtype(x.dtype))
         path, reason = dispatch.nf4_path(self, self.run)
         dispatch.log_path_once(self.shape, x.shape, path, reason)
         code = tuple(float(c) for c in CODES[self.quant_type])
@@ -357,9 +360,9 @@ class NF4Tensor:
                 platform="tpu" if k.nf4 == "mosaic" else "gpu",
             )
         else:
-            w = jax.lax.stop_gradient(self.dequantize(x.dtype))
-            y = jnp.einsum("mi,oi->mo", x2, w, preferred_element_type=jnp.float32).astype(x.dtype)
-        return y.reshape(*lead, self.shape[0])
+            w = jax.lax.stop_gradient(self.dequantize(x2.dtype))
+            y = jnp.einsum("mi,oi->mo", x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+        return y.astype(out_dtype).reshape(*lead, self.shape[0])
 
 
 def storage_bits_per_param(t: NF4Tensor) -> float:

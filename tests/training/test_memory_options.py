@@ -27,6 +27,7 @@ from jaxlora.training.optim import (
     param_groups,
 )
 from jaxlora.training.step import make_train_step
+from jaxlora.weights.nf4 import quantize
 from tests.hf_models import tiny_config
 from tests.training.test_train_step import _batch
 
@@ -142,11 +143,35 @@ def test_optimizer_state_in_host_memory_trains_the_same():
     chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_float16_is_refused_on_a_tpu_naming_bfloat16():
-    cfg = load_config("demo", ["model.compute_dtype=float16"])
+@pytest.mark.parametrize("key", ["model.compute_dtype", "quant.compute_dtype"])
+def test_float16_is_refused_on_a_tpu_naming_bfloat16(key):
+    cfg = load_config("demo", [f"{key}=float16"])
     tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
-    with pytest.raises(ConfigError, match="model.compute_dtype=float16.*bfloat16"):
+    with pytest.raises(ConfigError, match=f"{key}=float16.*{key}=bfloat16"):
         run_builder.for_mesh(cfg, tpu, {}, None)
+
+
+@pytest.mark.parametrize(
+    "overrides, dtype",
+    [
+        ([], "float32"),  # the demo's model.compute_dtype
+        (["model.compute_dtype=bfloat16"], "bfloat16"),
+        (["quant.compute_dtype=bfloat16"], "bfloat16"),  # float32 activations, bf16 4-bit
+        (["quant.compute_dtype=float16"], "float16"),  # PEFT's QLoRA on a T4
+    ],
+)
+def test_quant_compute_dtype_reaches_every_4bit_weight(overrides, dtype):
+    """``quant.compute_dtype`` (unset: ``model.compute_dtype``) is what the run's 4-bit weights
+    multiply in: it is in the kernels ``for_mesh`` writes into the frozen tree; a float16 one
+    has a float16 backward, so the loss is scaled as for float16 activations."""
+    cfg = load_config("demo", overrides)
+    w = quantize(np.ones((CFG.hidden_size, CFG.intermediate_size), np.float32))
+    frozen = {"model": {"layers": {"0": {"mlp": {"down_proj": {"weight": w}}}}}}
+    kernels, frozen = run_builder.for_mesh(cfg, run_builder.make_mesh(cfg), frozen, CFG)
+    assert kernels.nf4_dtype == dtype
+    assert frozen["model"]["layers"]["0"]["mlp"]["down_proj"]["weight"].run.kernels == kernels
+    tx, _ = run_builder.make_tx(cfg, 10, {"w": jnp.zeros((2, 2))})
+    assert isinstance(tx.init({"w": jnp.zeros((2, 2))}), LossScaleState) == (dtype == "float16")
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "adafactor", "lion", "sgd"])

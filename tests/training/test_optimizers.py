@@ -56,10 +56,12 @@ def _bnb_step(p, opt, g: np.ndarray):
     return p.detach().numpy().copy(), m, v
 
 
-def _check_moment(ours, ref, exact: np.ndarray, table: np.ndarray) -> float:
-    """``ours`` is the nearest code to ``exact / absmax`` everywhere; bnb's equals it wherever
-    bnb's is nearest too. Returns the fraction of values where bnb's CPU kernel stored a code
-    farther from the value than ours (its approximate search)."""
+def _check_moment(ours, ref, exact: np.ndarray, table: np.ndarray, keep_sign=False) -> float:
+    """``ours`` is the nearest code to ``exact / absmax`` everywhere (with ``keep_sign``, the
+    first moment: the nearest of the codes with the value's sign bit, as bnb's CUDA kernel
+    stores it); bnb's equals it wherever bnb's is that code too. Returns the fraction of values
+    where bnb's CPU kernel stored a code farther from the value than ours (its approximate
+    search)."""
     # absmax is a max of float32 moments computed by the same operations in the same order
     # (b·m then + (1-b)·g, one rounding each), except that torch's vectorized add_ with alpha
     # is one FMA: at most 1 ulp (2^-23 relative) apart.
@@ -68,6 +70,8 @@ def _check_moment(ours, ref, exact: np.ndarray, table: np.ndarray) -> float:
     live = absmax > 0  # an all-zero block's codes are free: code × 0 = 0
     scaled = exact.reshape(-1)[live] / absmax[live]
     dist = np.abs(scaled[:, None] - table[None, :])
+    if keep_sign:
+        dist = np.where(np.signbit(scaled)[:, None] == np.signbit(table)[None, :], dist, np.inf)
     best = dist.min(axis=1)
     ours_d = dist[np.arange(scaled.size), np.asarray(ours.codes)[live]]
     ref_d = dist[np.arange(scaled.size), np.asarray(ref.codes)[live]]
@@ -97,7 +101,7 @@ def test_adamw_8bit_moments_equal_bitsandbytes_after_one_and_two_updates():
     upd, state = jax.jit(tx.update)(jnp.asarray(g1), state, jnp.asarray(p0))
     p1 = np.asarray(optax.apply_updates(jnp.asarray(p0), upd))
     m1, v1 = state[0].mu, state[0].nu
-    far_m = _check_moment(m1, ref_m1, (1 - B1) * g1, DYNAMIC_MAP)
+    far_m = _check_moment(m1, ref_m1, (1 - B1) * g1, DYNAMIC_MAP, keep_sign=True)
     far_v = _check_moment(v1, ref_v1, (1 - B2) * g1 * g1, UNSIGNED_DYNAMIC_MAP)
     assert np.all(np.asarray(m1.absmax)[1] == 0)  # the zero block
     # Parameters: p·(1-lr·wd) + (-lr/c1)·m/denom in bnb (two roundings at |p|), p + (-lr)·
@@ -113,13 +117,30 @@ def test_adamw_8bit_moments_equal_bitsandbytes_after_one_and_two_updates():
     deq = lambda q, table: np.asarray(adam8bit.dequantize(q, table, p0.shape))
     m2 = deq(ref_m1, DYNAMIC_MAP) * np.float32(B1) + np.float32(1 - B1) * g2
     v2 = deq(ref_v1, UNSIGNED_DYNAMIC_MAP) * np.float32(B2) + np.float32(1 - B2) * g2 * g2
-    far_m2 = _check_moment(state[0].mu, ref_m2, m2, DYNAMIC_MAP)
+    far_m2 = _check_moment(state[0].mu, ref_m2, m2, DYNAMIC_MAP, keep_sign=True)
     far_v2 = _check_moment(state[0].nu, ref_v2, v2, UNSIGNED_DYNAMIC_MAP)
     p2 = np.asarray(optax.apply_updates(jnp.asarray(ref_p1), upd))
     np.testing.assert_allclose(p2, ref_p2, rtol=2**-22, atol=8 * LR * 2**-23)
     print(
         f"bnb CPU farther codes: m {far_m:.4%} v {far_v:.4%}, step 2 m {far_m2:.4%} v {far_v2:.4%}"
     )
+
+
+def test_first_moment_keeps_its_sign_second_rounds_to_nearest():
+    """bnb's CUDA 8-bit optimizer kernel (``kOptimizerStatic8bit2StateBlockwise``) stores the
+    nearest code, then "make sure state1 term has still the same sign after quantization": a
+    negative first moment whose nearest code is 0.0 takes the next code down (-5.5e-7 of the
+    block's absmax). Positive and zero values keep 0.0; the second moment (unsigned) has no such
+    rule. One block: its absmax 1, then values far below the smallest non-zero codes."""
+    tiny = np.array([1.0, -1e-8, 1e-8, 0.0, -2e-7, 2e-7, -4e-7], np.float32)
+    m = adam8bit.quantize(jnp.asarray(tiny), DYNAMIC_MAP, keep_sign=True)
+    got = DYNAMIC_MAP[np.asarray(m.codes)]
+    neg = DYNAMIC_MAP[DYNAMIC_MAP < 0].max()  # -5.5e-7: the smallest negative code
+    np.testing.assert_array_equal(got, np.array([1.0, neg, 0, 0, neg, 0, neg], np.float32))
+    nearest = adam8bit.quantize(jnp.asarray(tiny), DYNAMIC_MAP)  # without the rule: 0.0
+    np.testing.assert_array_equal(DYNAMIC_MAP[np.asarray(nearest.codes)][1:6], 0.0)
+    v = adam8bit.quantize(jnp.asarray(np.abs(tiny)), UNSIGNED_DYNAMIC_MAP)  # 1e-8 and 0 -> 0
+    np.testing.assert_array_equal(UNSIGNED_DYNAMIC_MAP[np.asarray(v.codes)][1:4], 0.0)
 
 
 def test_adamw_8bit_state_is_a_quarter_of_float32_adamw():
