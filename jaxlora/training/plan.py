@@ -142,20 +142,42 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     model = model.replace(params=lora.combine(frozen, trainable), kernels=kernels)
     step = jit_train_step(cfg, model, tx, sh)
     start = time.perf_counter()
-    compiled = step.lower(
+    lowered = step.lower(
         _sds(trainable, sh.trainable),
         _sds(opt_state, sh.opt_state),
         _sds(frozen, sh.frozen),
         batch_sds,
         key,
-    ).compile()
-    compile_s = time.perf_counter() - start
-    text = compiled.as_text()
-    per_device = {
+    )
+    trees = {
         "frozen_bytes": _bytes_per_device(frozen, sh.frozen),
         "trainable_bytes": _bytes_per_device(trainable, sh.trainable),
         "optimizer_bytes": _bytes_per_device(opt_state, sh.opt_state),
-    } | memory_report(compiled, t.memory_bytes)
+    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses, at compile time, a program larger than the chip's memory: that is
+        # the plan's answer ("does not fit"), with the compiler's own figure in its message.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        per_device = trees | refused_report(str(e), t.memory_bytes)
+        return Plan(
+            target=target,
+            devices=mesh.size,
+            mesh={k: int(v) for k, v in mesh.shape.items()},
+            micro_batch=batch,
+            seq_len=seq,
+            per_device=per_device,
+            flops_per_device=None,
+            flops_source="none: not compiled",
+            kernels={"matmul": kernels.nf4, "attention": kernels.attention},
+            compile_s=time.perf_counter() - start,
+            scan_layers=runs is not None,
+        )
+    compile_s = time.perf_counter() - start
+    text = compiled.as_text()
+    per_device = trees | memory_report(compiled, t.memory_bytes)
     cost = compiled.cost_analysis()
     flops = cost.get("flops") if isinstance(cost, dict) else None
     return Plan(
@@ -207,9 +229,28 @@ def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
     }
 
 
+def refused_report(message: str, device_bytes: int | None) -> dict[str, Any]:
+    """The per-device report of a step the compiler refused for want of device memory: byte
+    figures it did not produce are ``None``, ``fits`` is false and ``refused`` is its message
+    (the first line, which says how much it needed)."""
+    first = message.strip().splitlines()[0]
+    return {
+        "host_bytes": None,
+        "arguments_bytes": None,
+        "temp_bytes": None,
+        "output_bytes": None,
+        "total_bytes": None,
+        "device_bytes": device_bytes,
+        "fits": False,
+        "refused": first.removeprefix("RESOURCE_EXHAUSTED: "),
+    }
+
+
 def memory_line(report: dict[str, Any]) -> str:
     """One line: total per device against the device's memory, and the headroom left."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"
+    if report["total_bytes"] is None:
+        return f"does not fit: the compiler refused the step ({report['refused']})"
     line = f"{gib(report['total_bytes'])} per device (temporaries {gib(report['temp_bytes'])})"
     if report["device_bytes"]:
         free = 1 - report["total_bytes"] / report["device_bytes"]

@@ -5,7 +5,9 @@ name, and the FLOPs a GPU step is counted at (dots, NF4 and flash attention call
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import types
 from pathlib import Path
 
 import jax
@@ -190,3 +192,55 @@ def test_step_flops_and_kernels_from_the_hlo():
         "splash_mha_dq_segmented_no_residuals": 1,
     }
     assert hlo.pallas_kernels(GPU_HLO) == {"nf4_matmul_dx": 1}
+
+
+def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
+    """XLA:TPU refuses, when compiling, a program larger than the chip (Llama-3.1-8B LoRA with
+    its bf16 base on one v5e chip: "RESOURCE_EXHAUSTED: Ran out of memory on HBM ..."): the plan
+    says it does not fit, with the compiler's figure, and a batch search counts it as too big."""
+    from jaxlora.plan import render
+    from jaxlora.training import plan as plan_mod
+
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (16.58G) exceeds available HBM (15.75G).\nmore detail"
+    )
+    report = plan_mod.refused_report(message, 16 * GiB)
+    assert report["fits"] is False and report["total_bytes"] is None
+    assert (
+        report["refused"].startswith("Ran out of memory on HBM") and "16.58G" in report["refused"]
+    )
+    assert "does not fit" in plan_mod.memory_line(report) and "16.58G" in plan_mod.memory_line(
+        report
+    )
+    trees = {"frozen_bytes": 15 * GiB, "trainable_bytes": GiB // 8, "optimizer_bytes": GiB // 4}
+    refused = plan_mod.Plan(
+        target="tpu-v5e-1",
+        devices=1,
+        mesh={"data": 1, "fsdp": 1, "tensor": 1},
+        micro_batch=1,
+        seq_len=2048,
+        per_device=trees | report,
+        flops_per_device=None,
+        flops_source="none: not compiled",
+        kernels={"matmul": "mosaic", "attention": "splash"},
+        compile_s=12.0,
+    )
+    text = render(refused)
+    assert "DOES NOT FIT" in text and "16.58G" in text and "15.00 GiB" in text
+
+    # search_batch: micro-batch 1 fits, 2 is refused by the compiler -> 1
+    def fake_compile(cfg, target, *, micro_batch=None):
+        fits = {"fits": True, "total_bytes": 10 * GiB, "device_bytes": 16 * GiB}
+        per_device = trees | (fits if micro_batch == 1 else report)
+        return dataclasses.replace(refused, micro_batch=micro_batch, per_device=per_device)
+
+    class Mesh:
+        shape = {"data": 1, "fsdp": 1, "tensor": 1}
+
+    monkeypatch.setattr(plan_mod, "compile_step", fake_compile)
+    monkeypatch.setattr(plan_mod.targets, "compile_mesh", lambda *a, **k: Mesh())
+    monkeypatch.setattr(plan_mod.targets, "get_target", lambda name: None)
+    cfg = types.SimpleNamespace(mesh=types.SimpleNamespace(data=1, fsdp=1, tensor=1))
+    batch, best = plan_mod.search_batch(cfg, "tpu-v5e-1")
+    assert batch == 1 and best.micro_batch == 1
