@@ -47,8 +47,10 @@ MEANINGS: dict[str, str] = {
     "model.scan_layers": "Scan the decoder layers over stacked parameters in the train step "
     "(each run of alike layers compiles once instead of every layer: docs/planning.md has the "
     "compile times). `auto` = on for TPU/GPU meshes and `plan`, off on CPU (a CPU step compiles "
-    "fast unrolled). Adapters, exports and generation see the usual `layers/0 ... N-1`; a "
-    "checkpoint records its layout, so resume with the same setting.",
+    "fast unrolled). The base then loads stacked, straight onto the mesh (on the device once), "
+    "and LoRA dropout draws the same masks as unrolled. Adapters, exports and generation see "
+    "the usual `layers/0 ... N-1`; a checkpoint records its layout, so resume with the same "
+    "setting.",
     # quant
     "quant.type": "`none` = 16/32-bit LoRA; `nf4` = QLoRA (4-bit NormalFloat, the paper's "
     "choice); `fp4` = bitsandbytes' FP4. A bitsandbytes 4-bit checkpoint is read as stored.",

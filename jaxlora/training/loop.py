@@ -59,8 +59,10 @@ def run(cfg: Config) -> dict:
 
     require_sinks(cfg.train.report_to)
 
-    # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
-    model = load_base(cfg)
+    # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none;
+    # a step that scans its layers gets them stacked as they stream, on the mesh already
+    mesh = make_mesh(cfg)
+    model = load_base(cfg, mesh if scans(cfg, mesh) else None)
 
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
     train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
@@ -80,7 +82,6 @@ def run(cfg: Config) -> dict:
     )
 
     # --- the step, sharded over the mesh; trainable params and optimizer state are donated
-    mesh = make_mesh(cfg)
     # layers stacked for scan on accelerators; the model holds the stacked tree from here on
     frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
     model = model.replace(params=lora.combine(frozen, trainable))

@@ -17,16 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora import lora, targets
 from jaxlora.config import Config
 from jaxlora.dtypes import FLOAT_DTYPES
-from jaxlora.interop import bnb, hf
+from jaxlora.interop import hf
 from jaxlora.model import Model
-from jaxlora.models.registry import param_shapes
 from jaxlora.targets import hlo
 from jaxlora.training.run import (
+    abstract_base,
     for_mesh,
     jit_train_step,
     make_tx,
@@ -34,7 +33,6 @@ from jaxlora.training.run import (
     stack_for_scan,
     step_shardings,
 )
-from jaxlora.weights import quantize
 
 # Keep 10-20 % of device memory free (TUNING.md): a plan that leaves less does not "fit".
 HEADROOM = 0.10
@@ -77,19 +75,8 @@ class Plan:
 def abstract_model(cfg: Config) -> Model:
     """The base as ``config.json`` describes it, every leaf a ``ShapeDtypeStruct`` (4-bit
     decoder linears when ``quant.type`` says so): nothing is downloaded but the config."""
-    config, _ = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
-    params = param_shapes(config, FLOAT_DTYPES[cfg.model.dtype])
-    if cfg.quant.type != "none":
-        q = cfg.quant
-        quant = lambda w: quantize(
-            w, blocksize=q.blocksize, quant_type=q.type, double_quant=q.double_quant
-        )
-        flat = flatten_dict(params, sep=".")
-        flat = {
-            k: jax.eval_shape(quant, v) if bnb.is_quantized_weight(k) else v
-            for k, v in flat.items()
-        }
-        params = unflatten_dict(flat, sep=".")
+    config, raw = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
+    params = abstract_base(cfg, config, raw)
     return Model(config=config, params=params, dtype=FLOAT_DTYPES[cfg.model.compute_dtype])
 
 
