@@ -112,29 +112,38 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tflops(plan: dict) -> str:
+    """FLOPs per device and step, counted with every loop body × its trip count; "—" for rows
+    planned before they were (no ``flops_source``, or XLA's cost analysis, which counts a
+    scanned step's layers once) or where the plan could not count them."""
+    if plan.get("flops_source") != "hlo_matmuls":
+        return "—"
+    return f"{plan['flops_per_device'] / 1e12:.1f}"
+
+
 def render(results: list[dict]) -> str:
     gib = lambda n: f"{n / 2**30:.2f}"
     lines = [
         "| model | method | S | target | per device GiB (of) | headroom | fits | largest mb "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP per device | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = lambda r: (MODELS.index(r["model"]), r["quant"], r["seq"], TARGETS.index(r["target"]))
     for r in sorted((r for r in results if r["layers"] is None), key=order):
         head = f"| {r['model']} | {r['quant']} | {r['seq']} | {r['target']} "
         if "error" in r:
-            lines.append(head + f"| error: {' '.join(r['error'])[:80]} | | | | |")
+            lines.append(head + f"| error: {' '.join(r['error'])[:80]} | | | | | |")
             continue
         p = r["plan"]
         d = p["per_device"]
         if d.get("total_bytes") is None:  # a search that found nothing fits
-            lines.append(head + "| does not fit at micro-batch 1 | | no | 0 | |")
+            lines.append(head + "| does not fit at micro-batch 1 | | no | 0 | | |")
             continue
         free = 1 - d["total_bytes"] / d["device_bytes"]
         mb = p["micro_batch"] if r["search"] == "batch" else "—"
         lines.append(
             head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) | {100 * free:.1f} % "
-            f"| {'yes' if d['fits'] else 'no'} | {mb} | {p['compile_s']:.0f} |"
+            f"| {'yes' if d['fits'] else 'no'} | {mb} | {_tflops(p)} | {p['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 
