@@ -114,14 +114,23 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tflops(plan: dict) -> str:
+    """FLOPs per device and step, counted with every loop body × its trip count; "—" for rows
+    planned before they were (no ``flops_source``, or XLA's cost analysis, which counts a
+    scanned step's layers once) or where the plan could not count them."""
+    if plan.get("flops_source") != "hlo_matmuls" or plan.get("flops_per_device") is None:
+        return "—"
+    return f"{plan['flops_per_device'] / 1e12:.1f}"
+
+
 def render(results: list[dict]) -> str:
     """One line per (model, method, S, target, overrides): the micro-batch-1 plan's figures and,
     when a ``--search batch`` row was run too, the largest micro-batch it found."""
     gib = lambda n: f"{n / 2**30:.2f}"
     lines = [
         "| model | method | S | target | per device GiB (of) | headroom | fits | largest mb "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP per device | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     group = lambda r: (r["model"], r["quant"], r["seq"], r["target"], *r.get("overrides", ()))
     rows: dict[tuple, dict[str, dict]] = {}
@@ -138,12 +147,12 @@ def render(results: list[dict]) -> str:
             fits_any = search["plan"]["per_device"].get("total_bytes") is not None
             largest = search["plan"]["micro_batch"] if fits_any else 0
         if one is None:
-            lines.append(head + f"| | | | {largest} | |")
+            lines.append(head + f"| | | | {largest} | | |")
         elif "error" in one:
-            lines.append(head + f"| error: {' '.join(one['error'])[:80]} | | | {largest} | |")
+            lines.append(head + f"| error: {' '.join(one['error'])[:80]} | | | {largest} | | |")
         elif one["plan"]["per_device"]["total_bytes"] is None:  # the compiler refused it
             refused = one["plan"]["per_device"].get("refused", "")
-            lines.append(head + f"| does not fit: {refused[:90]} | | no | {largest} | |")
+            lines.append(head + f"| does not fit: {refused[:90]} | | no | {largest} | | |")
         else:
             p = one["plan"]
             d = p["per_device"]
@@ -151,7 +160,7 @@ def render(results: list[dict]) -> str:
             lines.append(
                 head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) "
                 f"| {100 * free:.1f} % | {'yes' if d['fits'] else 'no'} | {largest} "
-                f"| {p['compile_s']:.0f} |"
+                f"| {_tflops(p)} | {p['compile_s']:.0f} |"
             )
     return "\n".join(lines)
 

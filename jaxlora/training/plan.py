@@ -24,6 +24,7 @@ from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import hf
 from jaxlora.model import Model
 from jaxlora.targets import hlo
+from jaxlora.targets.flops import FlopsUnknown, matmul_flops
 from jaxlora.training.run import (
     abstract_base,
     for_mesh,
@@ -49,7 +50,7 @@ class Plan:
     seq_len: int
     per_device: dict[str, int | bool]
     flops_per_device: float | None
-    flops_source: str  # "cost_analysis" (XLA's), or "hlo_matmuls" (counted: hlo.matmul_flops)
+    flops_source: str  # "hlo_matmuls" (jaxlora.targets.flops), or "unknown: <why>" with None
     kernels: dict[str, str]
     compile_s: float
     scan_layers: bool = False
@@ -165,8 +166,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
     per_device = trees | memory_report(compiled, t.memory_bytes)
-    cost = compiled.cost_analysis()
-    flops = cost.get("flops") if isinstance(cost, dict) else None
+    flops, flops_source = step_flops(text)
     return Plan(
         target=target,
         devices=mesh.size,
@@ -174,8 +174,8 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         micro_batch=batch,
         seq_len=seq,
         per_device=per_device,
-        flops_per_device=_flops(flops, text, scanned=runs is not None),
-        flops_source="cost_analysis" if flops else "hlo_matmuls",
+        flops_per_device=flops,
+        flops_source=flops_source,
         kernels={"matmul": kernels.nf4, "attention": kernels.attention},
         compile_s=compile_s,
         scan_layers=runs is not None,
@@ -184,13 +184,15 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     )
 
 
-def _flops(xla_flops: float | None, hlo_text: str, *, scanned: bool) -> float | None:
-    """FLOPs per device: XLA's cost analysis, else the NF4 kernels' counted from the HLO;
-    None for a step that scans its layers, where both would count each scanned layer once
-    (a while loop's body is analysed once, not once per iteration)."""
-    if scanned:
-        return None
-    return float(xla_flops) if xla_flops else float(hlo.matmul_flops(hlo_text)) or None
+def step_flops(hlo_text: str) -> tuple[float | None, str]:
+    """``(FLOPs per device, source)`` of a compiled step: its matmuls counted from the HLO,
+    every loop body × its trip count (:mod:`jaxlora.targets.flops`), on TPU and GPU alike —
+    XLA's cost analysis counts a loop body once, and a compile-only GPU executable has none.
+    ``(None, "unknown: <why>")`` where they cannot be counted (a loop without a trip count)."""
+    try:
+        return float(matmul_flops(hlo_text)), "hlo_matmuls"
+    except FlopsUnknown as e:
+        return None, f"unknown: {e}"
 
 
 def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
