@@ -10,6 +10,7 @@ not measurements of a run.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,16 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         "trainable_bytes": _bytes_per_device(trainable, sh.trainable),
         "optimizer_bytes": _bytes_per_device(opt_state, sh.opt_state),
     }
+    plan = functools.partial(
+        Plan,
+        target=target,
+        devices=mesh.size,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        micro_batch=batch,
+        seq_len=seq,
+        kernels={"matmul": kernels.nf4, "attention": kernels.attention},
+        scan_layers=runs is not None,
+    )
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -149,36 +160,20 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         # the plan's answer ("does not fit"), with the compiler's own figure in its message.
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        per_device = trees | refused_report(str(e), t.memory_bytes)
-        return Plan(
-            target=target,
-            devices=mesh.size,
-            mesh={k: int(v) for k, v in mesh.shape.items()},
-            micro_batch=batch,
-            seq_len=seq,
-            per_device=per_device,
+        return plan(
+            per_device=trees | refused_report(str(e), t.memory_bytes),
             flops_per_device=None,
             flops_source="none: not compiled",
-            kernels={"matmul": kernels.nf4, "attention": kernels.attention},
             compile_s=time.perf_counter() - start,
-            scan_layers=runs is not None,
         )
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
-    per_device = trees | memory_report(compiled, t.memory_bytes)
     flops, flops_source = step_flops(text)
-    return Plan(
-        target=target,
-        devices=mesh.size,
-        mesh={k: int(v) for k, v in mesh.shape.items()},
-        micro_batch=batch,
-        seq_len=seq,
-        per_device=per_device,
+    return plan(
+        per_device=trees | memory_report(compiled, t.memory_bytes),
         flops_per_device=flops,
         flops_source=flops_source,
-        kernels={"matmul": kernels.nf4, "attention": kernels.attention},
         compile_s=compile_s,
-        scan_layers=runs is not None,
         custom_calls=sorted(hlo.custom_call_targets(text)),
         hlo_text=text,
     )
