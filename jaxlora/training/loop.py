@@ -31,10 +31,12 @@ from jaxlora.training.run import (
     load_base,
     make_mesh,
     make_tx,
+    run_keys,
     run_meta,
     scans,
     stack_for_scan,
     step_shardings,
+    train_batches,
 )
 
 log = logging.getLogger("jaxlora.train")
@@ -71,8 +73,7 @@ def run(cfg: Config) -> dict:
     total_steps = t.max_steps if streamed else _total_steps(cfg, len(train_ds))
 
     # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
-    key = jax.random.key(t.seed)
-    key, init_key = jax.random.split(key)
+    init_key, step_key = run_keys(t.seed)
     model, frozen, trainable = init_lora(cfg, model, init_key)
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     log.info(
@@ -101,14 +102,8 @@ def run(cfg: Config) -> dict:
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
     meta = run_meta(cfg, runs)
     pc, pi = jax.process_count(), jax.process_index()
-    if streamed:
-        batches = train_ds.batches(t.batch_size, process_index=pi, process_count=pc)
-    else:
-        batches = data.batches(
-            train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
-        )
+    batches = train_batches(cfg, train_ds, pi, pc)
     start = 0
-    key, step_key = jax.random.split(key)
     if t.resume and latest is not None:
         trainable, opt_state, data_state, step_key, _ = ckpt.restore(
             latest, trainable, opt_state, meta

@@ -118,6 +118,35 @@ def _sharding_of(cfg: Config, mesh: Mesh, model_config) -> stacking.ShardingOf:
     return of
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, step_key)``: the run's two random streams from ``train.seed``, the LoRA
+    initialisation's and the steps' (dropout; step ``s`` folds ``s`` in), so a tool can rebuild
+    the adapter a run starts from."""
+    key = jax.random.key(seed)
+    key, init_key = jax.random.split(key)
+    _, step_key = jax.random.split(key)
+    return init_key, step_key
+
+
+def train_batches(
+    cfg: Config, train_ds, process_index: int = 0, process_count: int = 1
+) -> data.BatchIterator | data.StreamIterator:
+    """The training loop's batches of ``train_ds`` (from ``data.build_datasets``): this
+    process's share of every global batch of ``train.batch_size`` rows, in the run's order
+    (shuffled by ``cfg.data_seed``; a stream's own order), resumable."""
+    if isinstance(train_ds, data.ExampleStream):
+        return train_ds.batches(
+            cfg.train.batch_size, process_index=process_index, process_count=process_count
+        )
+    return data.batches(
+        train_ds,
+        cfg.train.batch_size,
+        seed=cfg.data_seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
 def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, Any]:
     """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``."""
     model = model.apply_lora(cfg.lora, key=key)
