@@ -131,7 +131,7 @@ def _keys(rng, n: int):
     return keys[:n], keys[n]
 
 
-SUBCHUNKS = 4  # a chunk that the longest row's loss tokens end inside is walked in quarters
+_SUBCHUNKS = 4  # a chunk that the longest row's loss tokens end inside is walked in quarters
 
 
 def _over_chunks(chunk, h, targets, mask, rng, fn, init):
@@ -146,7 +146,7 @@ def _over_chunks(chunk, h, targets, mask, rng, fn, init):
     width = max(1, chunk // h.shape[0])  # positions of every row per chunk
     order, dest, longest = _compact(mask)
     xs = tuple(_rows(x, order) for x in (h, targets, mask))
-    widths = (width, max(1, width // SUBCHUNKS))
+    widths = (width, max(1, width // _SUBCHUNKS))
     carry, y = _walk(fn, carry=init, xs=xs, key=rng, start=0, longest=longest, widths=widths)
     if y is None:
         return carry, None

@@ -209,8 +209,9 @@ def _rows_data(mask):
 @pytest.mark.parametrize("masks", list(MASKS))
 def test_loss_tokens_only_equal_to_whole_logits(masks, chunk, softcap):
     """Three rows: chunks of 7 and 12 tokens (2 and 4 positions of each row, a tail of 1 and
-    3), of 3 (one position, no tail), of 64 (longer than the rows: the tail alone); rows of
-    unequal loss-token counts (0, 5, 10), every token masked, every token trained. Loss and
+    3), of 3 (one position, no tail), of 64 (longer than the rows: the tail alone, walked in
+    quarters of 5 positions); rows of unequal loss-token counts (0, 5, 10: chunks computed
+    whole, walked in quarters and skipped), every token masked, every token trained. Loss and
     the gradients w.r.t. ``h`` and a trained head equal the whole-logits reference, at the
     bounds of the model-level tests (``dL/dh`` of masked tokens: exactly 0)."""
     h, head, targets, mask = _rows_data(MASKS[masks])
