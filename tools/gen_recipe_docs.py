@@ -184,10 +184,13 @@ MEANINGS: dict[str, str] = {
     "the forward runs twice, about +50 % matmul work for LoRA), `dots` (keeps matmul "
     "outputs, recomputes the rest) or `offload` (keeps what `dots` keeps in host memory: "
     "device memory of `full`, less recompute; costs transfers).",
-    "train.loss_chunk": "Tokens per chunk of the cross-entropy: each chunk's logits are formed, "
+    "train.loss_chunk": "Tokens per chunk of the cross-entropy, all rows of a micro-batch "
+    "together (`loss_chunk // batch` positions of each row): each chunk's logits are formed, "
     "reduced and differentiated on the spot, so the float32 `[tokens, vocab]` logits never "
-    "exist at once (Llama 3 at 8,192 tokens: 4 GiB). Same loss and gradients as `0` (whole "
-    "logits) up to summation order, and as fast on CPU. See memory.md.",
+    "exist at once (Llama 3 at 8,192 tokens: 4 GiB), and only tokens in the loss go through "
+    "the head (a masked prompt or padding is skipped: 1.25x the tokens/s on the 57m shape "
+    "with the demo data, CPU). Same loss and gradients as `0` (whole logits, every "
+    "token) up to summation order. See memory.md.",
     "train.seed": "Seed for adapter init, dropout and (unless `data.shuffle_seed`) data order.",
     "train.log_every": "Write a `metrics.jsonl` / TensorBoard record every N steps (the first "
     "and last step and every eval step are always written).",
