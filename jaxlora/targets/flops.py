@@ -23,8 +23,11 @@ accumulation are loops too. So the FLOPs are counted here, on TPU and GPU alike:
   dots as convolutions), the NF4 kernel calls ``2·m·n·k`` and flash attention calls
   ``2·B·H·S²·D`` per ``[S, S]`` product (:data:`ATTENTION_PRODUCTS`), from their operand
   shapes. A kernel call of a family that computes (Mosaic, Triton, cuDNN, cuBLAS) that is not
-  one of these raises :class:`FlopsUnknown`, and so does a ``conditional`` whose branches
-  compute (which branch runs is not in the program).
+  one of these raises :class:`FlopsUnknown`;
+* a ``conditional`` counts its most expensive branch (which one runs depends on the data, not
+  in the program): an upper bound. The chunked loss skips the chunks past the batch's last
+  loss token this way (``jaxlora.training.loss``), so the count is the step's with every
+  token in the loss.
 
 Elementwise work is not counted: a few percent of a transformer step, split over devices as
 the matmuls are.
@@ -121,9 +124,19 @@ def _inclusive(
         loop = _loop(instr, comp, comps) if instr.opcode == "while" else None
         if instr.opcode in ("async-update", "async-done"):  # run once, named by async-start
             continue
+        branches = [
+            _inclusive(comps[name], comps, memo)
+            for attr, name in instr.called
+            if attr in ("branch_computations", "true_computation", "false_computation")
+        ]
+        if branches:  # the most expensive branch: an upper bound, as no branch is known
+            for kind, n in max(branches, key=lambda b: sum(b.values())).items():
+                total[kind] += n
         for attr, name in instr.called:
             inner = _inclusive(comps[name], comps, memo)
             if not any(inner.values()):
+                continue
+            if attr in ("branch_computations", "true_computation", "false_computation"):
                 continue
             if attr == "body":
                 if loop.trips is None:
@@ -133,11 +146,6 @@ def _inclusive(
                         "over an induction variable with constant start and step"
                     )
                 times = loop.trips
-            elif attr in ("branch_computations", "true_computation", "false_computation"):
-                raise FlopsUnknown(
-                    f"conditional %{instr.name} has a branch that computes (%{name}); which "
-                    "branch runs is not in the program"
-                )
             else:
                 times = 1
             for kind, n in inner.items():
