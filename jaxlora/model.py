@@ -30,7 +30,7 @@ from jaxlora.models.attention import AttentionImpl
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.registry import embedding, family
-from jaxlora.models.stacking import stacked_runs
+from jaxlora.models.stacking import StackingSink, stacked_runs
 from jaxlora.weights import Kernels, kernels_for, prepare
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ def load_model(
     tokenizer: bool = True,
     quant_kwargs: dict[str, Any] | None = None,
     kernel: str = "auto",
+    sink: StackingSink | None = None,
 ) -> Model:
     """Load a Llama-family checkpoint (local HF directory or hub id) into a :class:`Model`.
 
@@ -295,13 +296,16 @@ def load_model(
         format as the chat template.
       kernel: the 4-bit matmul (``"auto"``, ``"dequant"``, ``"interpret"``), chosen for the
         devices the model runs on (``jax.devices()``); see ``weights.kernels_for``.
+      sink: where the leaves go as they stream in: a
+        :class:`~jaxlora.models.stacking.StackingSink` stacks the layers for scan on the way
+        (the train step's layout, on its shardings) instead of loading them one by one.
     """
     directory = hf.resolve(path_or_id, revision)
     config, raw = hf.read_config(directory)
     convert = None
     if quant not in (None, "none"):
         convert = bnb.quantizing_converter(quant, dtype=dtype, **(quant_kwargs or {}))
-    params = hf.load_params(directory, config, dtype, convert=convert, raw_config=raw)
+    params = hf.load_params(directory, config, dtype, convert=convert, raw_config=raw, sink=sink)
     is_bnb = bool(raw.get("quantization_config"))
     model = Model(
         config=config,

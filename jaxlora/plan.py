@@ -45,6 +45,23 @@ def _gib(n: int) -> str:
 
 def render(plan: Plan) -> str:
     d = plan.per_device
+    mesh = " × ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    head = (
+        f"plan for {plan.target}: {plan.devices} device(s), mesh {mesh}, "
+        f"micro-batch {plan.micro_batch} × {plan.seq_len} tokens (compiled figures, not a run)"
+    )
+    if d["total_bytes"] is None:  # refused by the compiler: larger than the device
+        return "\n".join(
+            [
+                head,
+                f"  DOES NOT FIT: the compiler refused the step: {d['refused']}",
+                f"  frozen base       {_gib(d['frozen_bytes']):>12} per device",
+                f"  trainable params  {_gib(d['trainable_bytes']):>12} per device",
+                f"  optimizer state   {_gib(d['optimizer_bytes']):>12} per device",
+                f"  device memory     {_gib(d['device_bytes']):>12} per device",
+                f"  compile           {plan.compile_s:.1f} s (until refused)",
+            ]
+        )
     free = 1 - d["total_bytes"] / d["device_bytes"]
     rows = [
         ("frozen base", d["frozen_bytes"]),
@@ -57,10 +74,8 @@ def render(plan: Plan) -> str:
         ("device memory", d["device_bytes"]),
         ("in host memory", d["host_bytes"]),
     ]
-    mesh = " × ".join(f"{k}={v}" for k, v in plan.mesh.items())
     lines = [
-        f"plan for {plan.target}: {plan.devices} device(s), mesh {mesh}, "
-        f"micro-batch {plan.micro_batch} × {plan.seq_len} tokens (compiled figures, not a run)",
+        head,
         *(f"  {name:<17} {_gib(v):>12} per device" for name, v in rows),
         f"  headroom          {100 * free:>10.1f} %  "
         + ("fits" if d["fits"] else f"DOES NOT FIT (keep >= {100 * HEADROOM:.0f} % free)"),
@@ -73,11 +88,9 @@ def render(plan: Plan) -> str:
 
 
 def _flops(plan) -> str:
-    if plan.scan_layers:  # a loop body is analysed once, not once per layer
-        return "n/a (layers scanned; model.scan_layers=false gives the count)"
-    source = {"cost_analysis": "XLA cost analysis", "hlo_matmuls": "matmuls in the HLO"}
-    value = f"{plan.flops_per_device:.3e}" if plan.flops_per_device else "n/a"
-    return f"{value} ({source[plan.flops_source]})"
+    if plan.flops_per_device is None:  # flops_source says why
+        return f"n/a ({plan.flops_source})"
+    return f"{plan.flops_per_device:.3e} (matmuls in the HLO, each loop body × its trip count)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

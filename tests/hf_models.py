@@ -150,6 +150,26 @@ def make_hf_model(family: str, directory: Path | None = None, seed: int = 0, **o
     return model
 
 
+def make_deep_model(directory: Path) -> Path:
+    """A tiny 5-layer Llama with a tokenizer in ``directory`` (hidden 64, so NF4 keeps its 2-D
+    layout and its blocks split over a mesh): enough layers for LoRA on a few to split runs."""
+    from tests._tokenizers import make_tokenizer
+
+    tok = make_tokenizer()
+    make_hf_model(
+        "llama2_mha",
+        directory,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    tok.save_pretrained(directory)
+    return directory
+
+
 def random_ids(batch: int, seq: int, vocab: int = 61, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int64)
 

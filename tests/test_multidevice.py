@@ -211,3 +211,47 @@ def test_train_cli_two_processes_equal_one(tmp_path):
     for k in a:
         x, y = np.asarray(a[k]), np.asarray(b[k])
         assert np.linalg.norm(x - y) <= ADAPTER_NORM_RTOL * np.linalg.norm(x), k
+
+
+# ---- a base stacked for scan while it loads, straight onto the mesh ---------------------------
+
+STACKED = Path(__file__).parent / "multidevice" / "stacked_load_run.py"
+
+
+def test_stacked_load_lands_on_the_step_shardings(tmp_path):
+    """``load_base(cfg, mesh)`` on 1 process x 8 devices and 2 x 4 (mesh 1,4,2): the stacked
+    tree equals the base loaded on one device and stacked, bit for bit; every leaf already has
+    the train step's sharding (layer axis whole, NF4 codes and absmax split over fsdp and
+    tensor), so placing it copies nothing."""
+    from tests.hf_models import make_deep_model
+
+    model = make_deep_model(tmp_path / "model")
+    base = [sys.executable, str(STACKED), "--model", str(model), "--mesh", "1,4,2"]
+    one = tmp_path / "one.json"
+    proc = subprocess.run(
+        [*base, "--devices", "8", "--out", str(one)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port, two = _free_port(), tmp_path / "two.json"
+    procs = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "JAXLORA_COORDINATOR": f"127.0.0.1:{port}",
+            "JAXLORA_NUM_PROCESSES": "2",
+            "JAXLORA_PROCESS_ID": str(i),
+        }
+        cmd = [*base, "--devices", "4", "--out", str(two)]
+        pipe = subprocess.PIPE
+        procs.append(subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for path, processes in ((one, 1), (two, 2)):
+        res = json.loads(path.read_text())
+        assert (res["devices"], res["processes"]) == (8, processes)
+        assert res["runs"] == [[0, 1], [1, 3], [3, 5]]
+        assert res["equal"] and res["on_step_shardings"] and res["no_copy"]
+        specs = res["stacked_specs"]
+        assert all(s.startswith("P(None") for s in specs)  # the layer axis is never split
+        assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)

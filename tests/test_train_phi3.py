@@ -46,11 +46,11 @@ def test_phi3_qlora_run_lowers_the_loss_and_writes_a_peft_adapter(tmp_path):
             "quant.type=nf4",
             "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
             "train.batch_size=4",
-            "train.max_steps=10",
+            "train.max_steps=40",
             "train.lr=2e-2",
             "train.log_every=1",
-            "train.eval_every=10",
-            "train.save_every=10",
+            "train.eval_every=40",
+            "train.save_every=40",
             "train.sample_every=0",
             "train.exact_match_examples=0",
             f"output_dir={out}",
@@ -58,7 +58,9 @@ def test_phi3_qlora_run_lowers_the_loss_and_writes_a_peft_adapter(tmp_path):
     )
     assert rc == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses  # nats; the format is learnt
+    # The format is learnt: 0.3 nats lower over 40 steps. (Measured 5.50 -> 5.08, with dropout 0.05
+    # and with 0; at 10 steps the drop was 0.22-0.35 depending on the dropout stream alone.)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
     # PEFT reads the adapter onto the dense transformers base with the numbers jaxlora gives
     # the same adapter on the same dense base (the run trained it over the NF4 base).
     pm = peft.PeftModel.from_pretrained(hf, out / "adapter").eval()

@@ -1,13 +1,17 @@
-"""Shared pieces of the training benchmark (``tools/bench_train.py``) and the curve-parity test.
+"""Shared pieces of the training benchmarks (``tools/bench_train.py``, ``tools/bench_cli.py``) and
+the curve-parity test.
 
 * model shapes (a CPU-sized ``tiny``; Llama-3.2-1B and Llama-3-8B dimensions),
+* the cached random-init checkpoint of a shape and its bitsandbytes NF4 copy, and the
+  transformers + PEFT (+ bitsandbytes) model both benchmarks train as the reference,
 * packed synthetic batches (random ids, several documents per row, positions restarting at 0),
   and the refusal of degenerate token streams (all zeros, one repeated id),
 * the FLOP count per token (REFERENCE.md "Cost model") and the peak-FLOP/s table for MFU,
 * process memory (peak RSS, resettable through ``/proc/self/clear_refs``), machine and versions,
 * statistics over rounds and the printed table.
 
-Nothing here imports jax or torch: each benchmark side imports only its own framework.
+Nothing here imports jax or torch at module level: each benchmark side imports only its own
+framework (the functions that need torch import it when called).
 """
 
 from __future__ import annotations
@@ -131,6 +135,74 @@ def save_atomically(model, directory: Path) -> None:
         tmp.rename(directory)
     except OSError:  # another process got there first
         shutil.rmtree(tmp)
+
+
+# ---- the cached checkpoints and the reference model -------------------------------------------
+
+
+def checkpoint_dirs(cache_dir: Path, shape: str, dtype: str) -> dict[str, Path]:
+    """Where the random-init checkpoint of ``shape`` (``dense``) and its bitsandbytes NF4 +
+    double-quant copy (``bnb``) are cached."""
+    base = Path(cache_dir) / f"{shape}-{dtype}"
+    return {"dense": base / "dense", "bnb": base / "bnb-nf4-dq"}
+
+
+def prepare_checkpoints(cache_dir: Path, shape: str, dtype: str, mode: str, device: str) -> None:
+    """Build what is missing of :func:`checkpoint_dirs`: the random-init transformers checkpoint
+    (``torch.manual_seed(1234)``) and, for ``mode == "qlora"``, its copy quantized by
+    transformers + bitsandbytes (:func:`bnb_config`), which both sides of a benchmark read as
+    stored. Each is written whole or not at all (:func:`save_atomically`)."""
+    import torch
+    import transformers
+
+    d = checkpoint_dirs(cache_dir, shape, dtype)
+    if not d["dense"].exists():
+        torch.manual_seed(1234)
+        model = transformers.AutoModelForCausalLM.from_config(
+            SHAPES[shape].hf_config(), dtype=torch_dtype(dtype)
+        )
+        save_atomically(model, d["dense"])
+    if mode == "qlora" and not d["bnb"].exists():
+        q = transformers.AutoModelForCausalLM.from_pretrained(
+            d["dense"],
+            quantization_config=bnb_config(dtype),
+            dtype=torch_dtype(dtype),
+            device_map="cuda" if device == "gpu" else "cpu",
+        )
+        save_atomically(q, d["bnb"])
+        del q  # free the GPU before jax takes it
+
+
+def peft_model(
+    base: Path,
+    adapter: Path,
+    *,
+    mode: str,
+    dtype: str,
+    attn: str,
+    device: str = "cpu",
+    remat: bool = False,
+):
+    """The reference: transformers' model of ``base`` (4-bit through bitsandbytes for
+    ``mode == "qlora"``, as stored) with the PEFT adapter ``adapter`` loaded trainable
+    (``PeftModel.from_pretrained(..., is_trainable=True)``); ``attn`` is transformers'
+    ``attn_implementation``, ``remat`` turns on its per-layer gradient checkpointing.
+    ``prepare_model_for_kbit_training`` is not called: it casts norms and embeddings to
+    float32, which jaxlora does not."""
+    import peft
+    import transformers
+
+    kw = {"quantization_config": bnb_config(dtype)} if mode == "qlora" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        base,
+        dtype=torch_dtype(dtype),
+        attn_implementation=attn,
+        device_map=device,
+        **kw,
+    )
+    if remat:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
 # ---- synthetic data --------------------------------------------------------------------------
@@ -378,8 +450,16 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, dtype: str) -> dict:
 
 
 def aggregate(rounds: list[dict], flops_per_tok: float, dtype: str) -> dict:
-    """One side's rounds -> tokens/s over rounds, median step time, memory, FLOP/s, MFU."""
-    tps = [r["tokens_per_step"] * len(r["step_times"]) / sum(r["step_times"]) for r in rounds]
+    """One side's rounds -> tokens/s over rounds, median step time, memory, FLOP/s, MFU.
+
+    A round's tokens/s is its own ``tokens_per_s`` where it has one (``bench_cli``: the median
+    of its steps' figures), else its timed tokens over its timed time."""
+    tps = [
+        r["tokens_per_s"]
+        if "tokens_per_s" in r
+        else r["tokens_per_step"] * len(r["step_times"]) / sum(r["step_times"])
+        for r in rounds
+    ]
     med = summarize(tps)["median"]
     peak, why = peak_flops(rounds[0]["device"], dtype)
     mems = [r["peak_memory"] for r in rounds if r["peak_memory"] is not None]

@@ -165,42 +165,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _dirs(args) -> dict[str, Path]:
-    base = args.cache_dir / f"{args.shape}-{args.dtype}"
-    return {
-        "dense": base / "dense",
-        "bnb": base / "bnb-nf4-dq",
-        "adapter": args.workdir / "adapter",
-    }
+    dirs = bc.checkpoint_dirs(args.cache_dir, args.shape, args.dtype)
+    return dirs | {"adapter": args.workdir / "adapter"}
 
 
 # ---- prepare: checkpoint (cached), bnb copy (cached), adapter --------------------------------
 
 
 def prepare(args) -> None:
-    import torch
-    import transformers
-
-    d = _dirs(args)
-    if not d["dense"].exists():
-        torch.manual_seed(1234)
-        cfg = bc.SHAPES[args.shape].hf_config()
-        dtype = bc.torch_dtype(args.dtype)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        bc.save_atomically(model, d["dense"])
-    if args.mode == "qlora" and not d["bnb"].exists():
-        q = transformers.AutoModelForCausalLM.from_pretrained(
-            d["dense"],
-            quantization_config=bc.bnb_config(args.dtype),
-            dtype=bc.torch_dtype(args.dtype),
-            device_map="cuda" if args.device == "gpu" else "cpu",
-        )
-        bc.save_atomically(q, d["bnb"])
-        del q  # free the GPU before jax takes it
+    bc.prepare_checkpoints(args.cache_dir, args.shape, args.dtype, args.mode, args.device)
     import jax
 
     import jaxlora
     from jaxlora.lora import LoraConfig
 
+    d = _dirs(args)
     base = jaxlora.load_model(d["dense"], dtype=args.dtype, tokenizer=False)
     cfg = LoraConfig(
         r=args.rank, alpha=args.alpha, dropout=0.0, target_modules="all-linear", init=args.init
@@ -290,26 +269,20 @@ class PeftSide:
     """transformers (+ bitsandbytes) + ``PeftModel.from_pretrained(..., is_trainable=True)``."""
 
     def __init__(self, args, probe: bool):
-        import peft
         import torch
-        import transformers
 
         torch.set_num_threads(args.threads)
         self.torch, d = torch, _dirs(args)
         self.dev = torch.device("cuda" if args.device == "gpu" else "cpu")
-        kw = {"quantization_config": bc.bnb_config(args.dtype)} if args.mode == "qlora" else {}
-        base = transformers.AutoModelForCausalLM.from_pretrained(
+        model = bc.peft_model(
             d["bnb"] if args.mode == "qlora" else d["dense"],
-            dtype=bc.torch_dtype(args.dtype),
-            attn_implementation=args.attn,
-            device_map=str(self.dev),
-            **kw,
+            d["adapter"],
+            mode=args.mode,
+            dtype=args.dtype,
+            attn=args.attn,
+            device=str(self.dev),
+            remat=args.remat == "on",
         )
-        if args.remat == "on":
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        model = peft.PeftModel.from_pretrained(base, d["adapter"], is_trainable=True)
         if probe and args.mode == "qlora":  # bnb's exact semantics (see test_bnb_checkpoints)
             import bitsandbytes as bnb
 
@@ -438,7 +411,7 @@ def run_child(args) -> dict:
 # ---- the parent: prepare, probe, alternate, report -------------------------------------------
 
 
-def _child_malloc_env(args) -> dict[str, str]:
+def malloc_settings(args) -> dict[str, str]:
     """``--malloc tuned``: jaxlora.training.host's glibc settings (what ``python -m jaxlora.train``
     applies to itself) as start-up environment variables, for PEFT's process and jaxlora's
     alike; ``default``: none, glibc's defaults for both."""
@@ -447,20 +420,27 @@ def _child_malloc_env(args) -> dict[str, str]:
     return malloc_env() if args.malloc == "tuned" else {}
 
 
-def _spawn(argv: list[str], args, side: str, task: str | None = None) -> dict:
-    out = args.workdir / f"{side}-{task}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, __file__, *argv, "--side", side, "--workdir", str(args.workdir)]
-    cmd += ["--task", task] if task else []
+def child_env(args) -> dict[str, str]:
+    """The environment of every side's process: offline, quiet transformers, JAX on the
+    benchmark's device, and the same glibc allocator settings (``--malloc``) for both sides as
+    start-up variables, with jaxlora adding nothing on top of them."""
     env = dict(
         os.environ,
-        BENCH_RESULT=str(out),
         TRANSFORMERS_VERBOSITY="error",
         HF_HUB_OFFLINE="1",
         JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu",
     )
     env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
-    env |= _child_malloc_env(args)  # the same glibc allocator settings for both sides
+    env |= malloc_settings(args)
     env["JAXLORA_HOST_ALLOCATOR"] = "default"  # nothing on top of what the environment says
+    return env
+
+
+def _spawn(argv: list[str], args, side: str, task: str | None = None) -> dict:
+    out = args.workdir / f"{side}-{task}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, __file__, *argv, "--side", side, "--workdir", str(args.workdir)]
+    cmd += ["--task", task] if task else []
+    env = child_env(args) | {"BENCH_RESULT": str(out)}
     if side == "prepare":  # torch (bnb quantization) and jax share this process's GPU
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     cpus = set(args.cpu_set)
@@ -510,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     info["env"] = {k: os.environ.get(k) for k in ENV_RECORDED}  # children inherit these
-    info["env"] |= _child_malloc_env(args) or {"MALLOC_*": "glibc defaults"}
+    info["env"] |= malloc_settings(args) or {"MALLOC_*": "glibc defaults"}
     print(json.dumps(info, indent=1))
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         args.workdir = Path(tmp)

@@ -52,7 +52,8 @@ def devices(target: str) -> int:
 
 
 def row_key(r: dict) -> tuple:
-    return (r["model"], r["quant"], r["seq"], r["target"], r["layers"], r["scan"], r["search"])
+    keys = ("model", "quant", "seq", "target", "layers", "scan", "search")
+    return (*(r[k] for k in keys), tuple(r.get("overrides", ())))
 
 
 def plan_argv(row: dict, model_dir: Path) -> list[str]:
@@ -71,6 +72,7 @@ def plan_argv(row: dict, model_dir: Path) -> list[str]:
         f"target={row['target']}",
         f"search={row['search']}",
         "format=json",
+        *row.get("overrides", ()),
     ]
 
 
@@ -112,30 +114,54 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _tflops(plan: dict) -> str:
+    """FLOPs per device and step, counted with every loop body × its trip count; "—" for rows
+    planned before they were (no ``flops_source``, or XLA's cost analysis, which counts a
+    scanned step's layers once) or where the plan could not count them."""
+    if plan.get("flops_source") != "hlo_matmuls" or plan.get("flops_per_device") is None:
+        return "—"
+    return f"{plan['flops_per_device'] / 1e12:.1f}"
+
+
 def render(results: list[dict]) -> str:
+    """One line per (model, method, S, target, overrides): the micro-batch-1 plan's figures and,
+    when a ``--search batch`` row was run too, the largest micro-batch it found."""
     gib = lambda n: f"{n / 2**30:.2f}"
     lines = [
         "| model | method | S | target | per device GiB (of) | headroom | fits | largest mb "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP per device | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = lambda r: (MODELS.index(r["model"]), r["quant"], r["seq"], TARGETS.index(r["target"]))
-    for r in sorted((r for r in results if r["layers"] is None), key=order):
-        head = f"| {r['model']} | {r['quant']} | {r['seq']} | {r['target']} "
-        if "error" in r:
-            lines.append(head + f"| error: {' '.join(r['error'])[:80]} | | | | |")
-            continue
-        p = r["plan"]
-        d = p["per_device"]
-        if d.get("total_bytes") is None:  # a search that found nothing fits
-            lines.append(head + "| does not fit at micro-batch 1 | | no | 0 | |")
-            continue
-        free = 1 - d["total_bytes"] / d["device_bytes"]
-        mb = p["micro_batch"] if r["search"] == "batch" else "—"
-        lines.append(
-            head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) | {100 * free:.1f} % "
-            f"| {'yes' if d['fits'] else 'no'} | {mb} | {p['compile_s']:.0f} |"
-        )
+    group = lambda r: (r["model"], r["quant"], r["seq"], r["target"], *r.get("overrides", ()))
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        if r["layers"] is None:
+            rows.setdefault(group(r), {})[r["search"]] = r
+    order = lambda k: (MODELS.index(k[0]), k[1], k[2], TARGETS.index(k[3]), k[4:])
+    for key in sorted(rows, key=order):
+        one, search = rows[key].get("none"), rows[key].get("batch")
+        method = " ".join([key[1], *key[4:]])
+        head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
+        largest = "—"
+        if search is not None and "error" not in search:
+            fits_any = search["plan"]["per_device"].get("total_bytes") is not None
+            largest = search["plan"]["micro_batch"] if fits_any else 0
+        if one is None:
+            lines.append(head + f"| | | | {largest} | | |")
+        elif "error" in one:
+            lines.append(head + f"| error: {' '.join(one['error'])[:80]} | | | {largest} | | |")
+        elif one["plan"]["per_device"]["total_bytes"] is None:  # the compiler refused it
+            refused = one["plan"]["per_device"].get("refused", "")
+            lines.append(head + f"| does not fit: {refused[:90]} | | no | {largest} | | |")
+        else:
+            p = one["plan"]
+            d = p["per_device"]
+            free = 1 - d["total_bytes"] / d["device_bytes"]
+            lines.append(
+                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) "
+                f"| {100 * free:.1f} % | {'yes' if d['fits'] else 'no'} | {largest} "
+                f"| {_tflops(p)} | {p['compile_s']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -149,6 +175,13 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", type=int, default=[None])
     ap.add_argument("--scan", nargs="+", default=["auto"], choices=["auto", "true", "false"])
     ap.add_argument("--search", default="none", choices=["none", "batch"])
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every row (e.g. train.optimizer=adamw_8bit), part of its key",
+    )
     ap.add_argument("--render", action="store_true", help="print the markdown table and exit")
     args = ap.parse_args()
     done = (
@@ -173,6 +206,7 @@ def main() -> None:
                 layers=layers,
                 scan=scan,
                 search=args.search,
+                overrides=list(args.set),
             )
             if row_key(row) in seen:
                 continue

@@ -320,7 +320,9 @@ class TrainConfig(Section):
     remat: Literal["none", "full", "dots", "offload"] = "none"
     loss_scale_init: float = 2.0**16  # model.compute_dtype=float16 only: dynamic loss scaling
     loss_scale_growth_interval: int = 2000  # good steps before the scale doubles
-    loss_chunk: int = 512  # tokens per chunk of the cross-entropy (0 = whole [tokens, vocab])
+    # tokens per chunk of the cross-entropy, all rows of a micro-batch together; only tokens in
+    # the loss go through the head (0 = whole [tokens, vocab] logits, every token)
+    loss_chunk: int = 512
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

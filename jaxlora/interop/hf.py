@@ -35,6 +35,7 @@ from jaxlora.interop.safetensors import (
 from jaxlora.models import gemma_config
 from jaxlora.models.config import LlamaConfig, UnsupportedConfigError
 from jaxlora.models.registry import config_from_hf, param_shapes
+from jaxlora.models.stacking import StackingSink
 from jaxlora.weights.nf4 import NF4Tensor
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,16 @@ def load_params(
     dtype: str = "float32",
     convert: Converter | None = None,
     raw_config: dict[str, Any] | None = None,
+    sink: StackingSink | None = None,
 ) -> dict:
     """Stream a checkpoint into a parameter tree, asserting every key and shape.
 
     Unexpected keys, missing keys and shape mismatches are errors naming the key. A tied
     checkpoint that also stores ``lm_head.weight`` has it dropped (transformers ties it anyway).
     bitsandbytes 4-bit checkpoints are read without requantizing (see ``jaxlora.nf4``).
+    With ``sink``, each converted leaf goes to it as it is read and the tree is the one the
+    sink builds: a :class:`~jaxlora.models.stacking.StackingSink` writes the layers straight
+    into their runs' stacked arrays on the device.
     """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(FLOAT_DTYPES)}")
@@ -117,6 +122,7 @@ def load_params(
     reader = _bnb_reader(raw_config or {})
     text_part = (raw_config or {}).get("model_type") == gemma_config.MULTIMODAL
     out: dict[str, Any] = {}
+    seen: set[str] = set()
     for key, arr in iter_tensors(directory):
         if key.endswith(_IGNORED_SUFFIXES):
             continue
@@ -138,7 +144,7 @@ def load_params(
                 f"{directory}: unexpected tensor {key!r} for {config.architecture} "
                 f"(expected keys like {sorted(expected)[:3]}...)"
             )
-        if key in out:
+        if key in seen:
             raise CheckpointError(f"{directory}: tensor {key!r} appears twice")
         if leaf is None:
             if tuple(arr.shape) != tuple(expected[key]):
@@ -151,13 +157,18 @@ def load_params(
                 leaf = jnp.asarray(np.asarray(arr, dtype=FLOAT_DTYPES[dtype]))
         elif tuple(leaf.shape) != tuple(expected[key]):
             raise CheckpointError(f"{directory}: {key} dequantizes to shape {leaf.shape}")
-        out[key] = leaf
+        seen.add(key)
+        if sink is None:
+            out[key] = leaf
+        else:
+            sink.put(key.split("."), leaf)
+        del leaf  # the sink holds it now (or its slot of a stacked array)
     if reader is not None:
         reader.check_complete(directory)
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{directory}: missing tensor(s) {missing[:8]}")
-    return unflatten_dict(out, sep=".")
+    return unflatten_dict(out, sep=".") if sink is None else sink.tree()
 
 
 # Where an image-text Gemma 3 keeps its language model: transformers 4.5x wrote

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config.lora import LoraConfig, LoraConfigError
+from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.weights.dispatch import dense_weight
+from jaxlora.weights.lora import LoRAWeight
 from jaxlora.weights.nf4 import quantize
 
 
@@ -117,3 +119,33 @@ def dora_magnitude(base: Any, a: jax.Array, b: jax.Array, scale: float, dtype: A
     w = dense_weight(base, jnp.float32)
     w = w + scale * (b.astype(jnp.float32) @ a.astype(jnp.float32))
     return jnp.linalg.norm(w, axis=1).astype(dtype)
+
+
+def module_keys(targets: Any, key: jax.Array) -> dict[str, jax.Array]:
+    """One key per targeted module path, dealt in sorted path order: a module's A and B depend
+    on the key and the set of targets only, not on how the tree is laid out."""
+    return dict(zip(sorted(targets), jax.random.split(key, len(targets)), strict=True))
+
+
+def changes_base(cfg: LoraConfig) -> bool:
+    """Whether :func:`init_lora` returns a new base (PiSSA, LoftQ) rather than the weight."""
+    return cfg.init in ("pissa", "loftq") or cfg.init.startswith("pissa_niter_")
+
+
+def reads_weight(cfg: LoraConfig) -> bool:
+    """Whether initialising reads the weight's values (PiSSA, LoftQ, DoRA's magnitude); the
+    other inits need only its shape."""
+    return changes_base(cfg) or cfg.use_dora
+
+
+def wrap(cfg: LoraConfig, module: str, weight: Any, r: int, key: jax.Array) -> LoRAWeight:
+    """``weight`` (of ``module``) as a :class:`LoRAWeight` of rank ``r``, initialised per
+    ``cfg`` from ``key``. When :func:`reads_weight` is false ``weight`` may be its shape (a
+    ``ShapeDtypeStruct``), which then stands as the base."""
+    dtype = FLOAT_DTYPES[cfg.dtype]
+    scale = cfg.scale(module)
+    base, a, b = init_lora(cfg, weight, r, scale, key, dtype, where=module)
+    magnitude = dora_magnitude(base, a, b, scale, dtype) if cfg.use_dora else None
+    return LoRAWeight(
+        base, a, b, magnitude, scale=scale, dropout=cfg.dropout, use_dora=cfg.use_dora
+    )

@@ -196,7 +196,10 @@ def check_modules_to_save(params: dict, cfg: LoraConfig) -> None:
     saved = modules_to_save_paths(params, cfg)
     for key, leaf in flatten_dict(params, sep=".").items():
         module = key.rsplit(".", 1)[0]
-        if under(module, saved) and not isinstance(leaf, jax.Array | np.ndarray):
+        # an array, or its shape (jaxlora.lora.stacked matches on a tree of shapes)
+        if under(module, saved) and not isinstance(
+            leaf, jax.Array | np.ndarray | jax.ShapeDtypeStruct
+        ):
             raise LoraConfigError(
                 f"lora.modules_to_save: {key} is a {type(leaf).__name__}; only "
                 "unquantized modules can be trained in full"

@@ -20,9 +20,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora.config.lora import LoraConfig
-from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.lora import init as lora_init
+from jaxlora.lora import stacked as lora_stacked
 from jaxlora.lora import targets as lora_targets
+from jaxlora.models.stacking import stacked_runs
 from jaxlora.weights.lora import LoRAWeight
 
 # ---- tree functions -----------------------------------------------------------------------------
@@ -37,28 +38,24 @@ def _map(tree: dict, fn) -> dict:
 def inject(params: dict, cfg: LoraConfig, key: jax.Array) -> dict:
     """Wrap every weight ``cfg`` targets in a :class:`LoRAWeight`; everything else is unchanged.
 
-    ``params`` is the Hugging Face-shaped tree (arrays or ``NF4Tensor`` weights). Matching,
-    ranks, scales and the initial A, B (and, for PiSSA/LoftQ, the new base) come from
-    :mod:`jaxlora.lora.targets` and :mod:`jaxlora.lora.init`. Raises :class:`LoraConfigError`
-    for a target that matches nothing (listing the modules there are) or a module LoRA cannot
-    wrap.
+    ``params`` is the Hugging Face-shaped tree (arrays or ``NF4Tensor`` weights), or one with
+    its layers stacked for scan, which gets the same LoRA weights stacked
+    (:mod:`jaxlora.lora.stacked`). Matching, ranks, scales and the initial A, B (and, for
+    PiSSA/LoftQ, the new base) come from :mod:`jaxlora.lora.targets` and
+    :mod:`jaxlora.lora.init`. Raises :class:`LoraConfigError` for a target that matches
+    nothing (listing the modules there are) or a module LoRA cannot wrap.
     """
+    if stacked_runs(params) is not None:
+        return lora_stacked.inject(params, cfg, key)
     targets = lora_targets.resolve_targets(params, cfg, strict=True)
     lora_targets.check_modules_to_save(params, cfg)
-    keys = dict(zip(sorted(targets), jax.random.split(key, len(targets)), strict=True))
-    dtype = FLOAT_DTYPES[cfg.dtype]
+    keys = lora_init.module_keys(targets, key)
 
     def wrap(path: str, leaf: Any) -> Any:
         module, name = path.rsplit(".", 1)
         if name != "weight" or module not in targets:
             return leaf
-        r, _ = targets[module]
-        scale = cfg.scale(module)
-        base, a, b = lora_init.init_lora(cfg, leaf, r, scale, keys[module], dtype, where=module)
-        magnitude = lora_init.dora_magnitude(base, a, b, scale, dtype) if cfg.use_dora else None
-        return LoRAWeight(
-            base, a, b, magnitude, scale=scale, dropout=cfg.dropout, use_dora=cfg.use_dora
-        )
+        return lora_init.wrap(cfg, module, leaf, targets[module][0], keys[module])
 
     return _map(params, wrap)
 
@@ -78,11 +75,15 @@ def partition(params: dict, cfg: LoraConfig) -> tuple[dict, dict]:
     Trainable: every LoRA ``a``, ``b`` and DoRA ``magnitude``; biases per ``cfg.bias``; every
     leaf of a ``modules_to_save`` module. A LoRA weight splits into a half with only ``base``
     and a half with only ``a``/``b``/``magnitude``. ``None`` is an empty pytree, so
-    ``jax.grad``/optax over ``trainable`` see exactly the trainable arrays.
+    ``jax.grad``/optax over ``trainable`` see exactly the trainable arrays. A tree with its
+    layers stacked for scan splits as its Hugging Face tree would, stacked.
     """
     flat = flatten_dict(params, sep=".")
     lora_modules = {p.rsplit(".", 1)[0] for p, v in flat.items() if isinstance(v, LoRAWeight)}
-    saved = lora_targets.modules_to_save_paths(params, cfg)
+    if stacked_runs(params) is not None:
+        saved = lora_stacked.saved_paths(params, cfg)
+    else:
+        saved = lora_targets.modules_to_save_paths(params, cfg)
 
     def split(path: str, leaf: Any, want_trainable: bool) -> Any:
         if isinstance(leaf, LoRAWeight):

@@ -21,11 +21,7 @@ import numpy as np
 
 from jaxlora.models import gemma_config
 from jaxlora.models import rope as rope_rules
-
-
-class UnsupportedConfigError(ValueError):
-    """A ``config.json`` asks for something jaxlora does not implement."""
-
+from jaxlora.models.fields import BOOKKEEPING, UnsupportedConfigError, check_fields
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -39,73 +35,6 @@ ARCHITECTURES |= gemma_config.GEMMA_ARCHITECTURES
 
 ROPE_TYPES = ("default", "linear", "llama3", *rope_rules.SCALED_TYPES)
 
-# Fields that do not change what any family's forward pass computes (bookkeeping, generation
-# defaults, output switches): every family's reader skips them (Falcon's too).
-BOOKKEEPING = {
-    "_name_or_path",
-    "architectures",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-    "initializer_range",
-    "use_cache",
-    "chunk_size_feed_forward",
-    "id2label",
-    "label2id",
-    "is_encoder_decoder",
-    "output_attentions",
-    "output_hidden_states",
-    "problem_type",
-    "return_dict",
-    "max_position_embeddings",
-    "tokenizer_class",
-    "prefix",
-    "sep_token_id",
-    "decoder_start_token_id",
-    "task_specific_params",
-    "finetuning_task",
-    "cross_attention_hidden_size",
-    "add_cross_attention",
-    "is_decoder",
-    "tie_encoder_decoder",
-    "pruned_heads",
-    "torchscript",
-    "use_bfloat16",
-    "tf_legacy_loss",
-    "quantization_config",
-    "model_type",
-    "bad_words_ids",
-    "begin_suppress_tokens",
-    "diversity_penalty",
-    "do_sample",
-    "early_stopping",
-    "encoder_no_repeat_ngram_size",
-    "exponential_decay_length_penalty",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "length_penalty",
-    "max_length",
-    "min_length",
-    "no_repeat_ngram_size",
-    "num_beam_groups",
-    "num_beams",
-    "num_return_sequences",
-    "output_scores",
-    "remove_invalid_values",
-    "repetition_penalty",
-    "return_dict_in_generate",
-    "suppress_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "typical_p",
-    "output_router_logits",
-    "_attn_implementation_autoset",
-    "_attn_implementation",
-}
 # Fields the Llama family reads or checks itself below (another family refuses or reads them
 # on its own terms); partial_rotary_factor is checked == 1.0 outside phi3.
 _LLAMA_READ = {
@@ -228,19 +157,8 @@ class LlamaConfig:
             )
         if model_type == "phi3":
             return _phi3_from_hf(cls, cfg)
-        archs = cfg.get("architectures") or [ARCHITECTURES[model_type]]
-        if archs != [ARCHITECTURES[model_type]]:
-            raise UnsupportedConfigError(
-                f"config.json: architectures={archs} is not supported for model_type="
-                f"{model_type!r} (expected [{ARCHITECTURES[model_type]!r}])"
-            )
-        unknown = sorted(k for k in cfg if k not in _IGNORED and k not in _REQUIRED)
-        unknown = [k for k in unknown if k != "num_key_value_heads"]
-        if unknown:
-            raise UnsupportedConfigError(
-                f"config.json: unsupported field(s) {unknown} for model_type={model_type!r}; "
-                "jaxlora refuses fields it would otherwise silently ignore"
-            )
+        accepted = _IGNORED | set(_REQUIRED) | {"num_key_value_heads"}
+        check_fields(cfg, model_type, ARCHITECTURES[model_type], accepted)
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             raise UnsupportedConfigError(f"config.json: missing required field(s) {missing}")
@@ -471,15 +389,7 @@ def _phi3_from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
     ``default`` or ``longrope`` RoPE (legacy ``su``/``yarn`` mean longrope there, and the
     top-level ``original_max_position_embeddings``, default 4096, overrides the rope dict's),
     one sliding window for every layer when set."""
-    archs = cfg.get("architectures") or ["Phi3ForCausalLM"]
-    if archs != ["Phi3ForCausalLM"]:
-        _refuse("architectures", archs, "['Phi3ForCausalLM'] for model_type 'phi3'")
-    unknown = sorted(k for k in cfg if k not in _PHI3_FIELDS and k not in _REQUIRED)
-    if unknown:
-        raise UnsupportedConfigError(
-            f"config.json: unsupported field(s) {unknown} for model_type='phi3'; "
-            "jaxlora refuses fields it would otherwise silently ignore"
-        )
+    check_fields(cfg, "phi3", ARCHITECTURES["phi3"], _PHI3_FIELDS | set(_REQUIRED))
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UnsupportedConfigError(f"config.json: missing required field(s) {missing}")

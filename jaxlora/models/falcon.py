@@ -92,17 +92,18 @@ class FalconAttention(nn.Module):
     sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
         cfg = self.config
         H, D = cfg.num_attention_heads, cfg.head_dim
         pd = self.param_dtype
-        fused = Linear(cfg.qkv_size, cfg.hidden_size, cfg.bias, pd, name="query_key_value")(x)
+        qkv = Linear(cfg.qkv_size, cfg.hidden_size, cfg.bias, pd, name="query_key_value")
+        fused = qkv(x, dropout_key)
         q, k, v = split_qkv(fused, cfg)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         out, cache = attend_heads(
             q, k, v, mask, cache, segment_ids, dtype=x.dtype, scale=D**-0.5, impl=self.attn_impl
         )
-        return Linear(cfg.hidden_size, H * D, cfg.bias, pd, name="dense")(out), cache
+        return Linear(cfg.hidden_size, H * D, cfg.bias, pd, name="dense")(out, dropout_key), cache
 
 
 class FalconMLP(nn.Module):
@@ -110,12 +111,12 @@ class FalconMLP(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, dropout_key=None):
         cfg, pd = self.config, self.param_dtype
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
-        h = Linear(f, d, cfg.bias, pd, name="dense_h_to_4h")(x)
+        h = Linear(f, d, cfg.bias, pd, name="dense_h_to_4h")(x, dropout_key)
         h = jax.nn.gelu(h, approximate=False)  # transformers' "gelu": exact erf
-        return Linear(d, f, cfg.bias, pd, name="dense_4h_to_h")(h)
+        return Linear(d, f, cfg.bias, pd, name="dense_4h_to_h")(h, dropout_key)
 
 
 class FalconDecoderLayer(nn.Module):
@@ -132,19 +133,20 @@ class FalconDecoderLayer(nn.Module):
     sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon, pd, name=name)
         attn = FalconAttention(cfg, pd, self.attn_impl, name="self_attention")
         mlp = FalconMLP(cfg, pd, name="mlp")
         two_norms = cfg.num_ln_in_parallel_attn == 2
         h_attn = norm("ln_attn" if two_norms else "input_layernorm")(x)
-        a, cache = attn(h_attn, rope_cs, mask, cache, segment_ids)
+        a, cache = attn(h_attn, rope_cs, mask, cache, segment_ids, dropout_key)
         if cfg.new_decoder_architecture or cfg.parallel_attn:
             h_mlp = norm("ln_mlp")(x) if two_norms else h_attn
-            return x + (mlp(h_mlp) + a), cache  # transformers: mlp_output += attn; residual +
+            # transformers: mlp_output += attn; residual +
+            return x + (mlp(h_mlp, dropout_key) + a), cache
         x = x + a
-        return x + mlp(norm("post_attention_layernorm")(x)), cache
+        return x + mlp(norm("post_attention_layernorm")(x), dropout_key), cache
 
 
 class FalconModel(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models.config import BOOKKEEPING, UnsupportedConfigError
+from jaxlora.models.fields import BOOKKEEPING, UnsupportedConfigError, check_fields
 
 # ``auto_map`` points at the original remote code (RWForCausalLM); transformers runs its own
 # FalconForCausalLM for model_type "falcon" whatever it says.
@@ -137,15 +137,7 @@ class FalconConfig:
                 f"(supported: {allowed}){why}"
             )
 
-        archs = cfg.get("architectures") or ["FalconForCausalLM"]
-        if archs != ["FalconForCausalLM"]:
-            refuse("architectures", archs, "['FalconForCausalLM']")
-        unknown = sorted(k for k in cfg if k not in _IGNORED and k not in _READ)
-        if unknown:
-            raise UnsupportedConfigError(
-                f"config.json: unsupported field(s) {unknown} for model_type='falcon'; "
-                "jaxlora refuses fields it would otherwise silently ignore"
-            )
+        check_fields(cfg, "falcon", "FalconForCausalLM", _IGNORED | _READ)
         missing = [k for k in _REQUIRED if k not in cfg]
         if "hidden_size" not in cfg and "n_embed" not in cfg:
             missing.append("hidden_size")

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from jaxlora.models.fields import check_fields
+
 GEMMA_ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 MULTIMODAL = "gemma3"  # read as its text part
 MODEL_TYPES = (*GEMMA_ARCHITECTURES, MULTIMODAL)
@@ -86,15 +88,7 @@ Fail = Callable[[str], None]
 def text_config(cfg: dict[str, Any], ignored: set[str], fail: Fail) -> dict[str, Any]:
     """The language model's config of a ``gemma3`` image-text config (tied to the embeddings
     unless the top level says otherwise, as ``Gemma3ForConditionalGeneration`` ties them)."""
-    archs = cfg.get("architectures") or ["Gemma3ForConditionalGeneration"]
-    if archs != ["Gemma3ForConditionalGeneration"]:
-        fail(
-            f"architectures={archs} is not supported for model_type='gemma3' "
-            "(expected ['Gemma3ForConditionalGeneration'])"
-        )
-    unknown = sorted(set(cfg) - ignored - _MULTIMODAL_FIELDS)
-    if unknown:
-        fail(f"unsupported field(s) {unknown} for model_type='gemma3'")
+    check_fields(cfg, MULTIMODAL, "Gemma3ForConditionalGeneration", ignored | _MULTIMODAL_FIELDS)
     text = dict(cfg.get("text_config") or {})
     if text.get("model_type", "gemma3_text") != "gemma3_text":
         fail(f"text_config.model_type={text['model_type']!r} is not supported ('gemma3_text')")
@@ -116,15 +110,7 @@ def gemma_fields(
     full-attention layers share."""
     model_type = cfg["model_type"]
     expected = GEMMA_ARCHITECTURES[model_type]
-    archs = cfg.get("architectures") or [expected]
-    if archs != [expected]:
-        fail(f"architectures={archs} is not supported for {model_type!r} (expected [{expected!r}])")
-    unknown = sorted(set(cfg) - ignored - _FIELDS)
-    if unknown:
-        fail(
-            f"unsupported field(s) {unknown} for model_type={model_type!r}; "
-            "jaxlora refuses fields it would otherwise silently ignore"
-        )
+    check_fields(cfg, model_type, expected, ignored | _FIELDS)
     c = _DEFAULTS[model_type] | {k: v for k, v in cfg.items() if k in _FIELDS or k in ignored}
     if c["hidden_activation"] != ACTIVATION:
         fail(f"hidden_activation={c['hidden_activation']!r} is not supported ({ACTIVATION!r})")

@@ -12,6 +12,8 @@ References: Touvron et al. 2023 (Llama 2), Dubey et al. 2024 (Llama 3, rope scal
 
 from __future__ import annotations
 
+import functools
+import zlib
 from typing import Any
 
 import chex
@@ -32,7 +34,7 @@ from jaxlora.models.attention import (
     swiglu,
 )
 from jaxlora.models.config import LlamaConfig
-from jaxlora.models.stacking import run_key
+from jaxlora.models.stacking import parse_run_key, run_key
 from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight, by the Hugging Face module name that owns it (torch orientation).
@@ -87,8 +89,26 @@ def _normal(std: float = 0.02):
     return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
 
 
+def module_key(layer_key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+    """The LoRA-dropout key of the module at ``path`` inside a decoder layer whose key is
+    ``layer_key``: the layer's key with the path's CRC-32 folded in. ``path`` starts below the
+    layer (``("self_attn", "q_proj")``), so the key is the same whether the layer runs unrolled
+    (``layers/3/...``) or in a scan (``layers/0:32/...``)."""
+    return jax.random.fold_in(layer_key, zlib.crc32("/".join(path).encode()))
+
+
+def _below_layer(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The part of a module path below its decoder layer (``layers/3`` or ``layers/0:32``)."""
+    at = max(i for i, p in enumerate(path) if p.isdigit() or parse_run_key(p) is not None)
+    return tuple(path[at + 1 :])
+
+
 class Linear(nn.Module):
-    """``x ↦ x @ Wᵀ + b`` with ``W [out, in]`` of any weight type (array, NF4, LoRA)."""
+    """``x ↦ x @ Wᵀ + b`` with ``W [out, in]`` of any weight type (array, NF4, LoRA).
+
+    ``dropout_key`` (inside a decoder layer: the layer's key, see :class:`Layers`) gives LoRA
+    dropout its mask through :func:`module_key`; elsewhere (``lm_head``) the key comes from the
+    ``"dropout"`` rng stream when the caller passes one. Without either there is no dropout."""
 
     out_features: int
     in_features: int
@@ -96,7 +116,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         # `variable` rather than `param`: a stored weight may be an NF4Tensor or LoRAWeight
         # pytree, whose leaves Linen's param shape check would misread.
         shape = (self.out_features, self.in_features)
@@ -109,7 +129,10 @@ class Linear(nn.Module):
                 "params", "bias", lambda: jnp.zeros((self.out_features,), self.param_dtype)
             ).value
         # Dropout (LoRA's only randomness) is on exactly when the caller passes a "dropout" rng.
-        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        if dropout_key is not None:
+            rng = module_key(dropout_key, _below_layer(self.scope.path))
+        else:
+            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         return dense(x, w, b, rng=rng)
 
 
@@ -222,7 +245,8 @@ class Attention(nn.Module):
 
     ``attn_impl`` other than ``"eager"`` (see :func:`jaxlora.models.attention.attention`) runs
     flash attention from ``segment_ids [B, S]`` and ``sliding_window`` instead of ``mask``
-    (which is then None); decoding with a cache stays eager."""
+    (which is then None); decoding with a cache stays eager. ``dropout_key``: the layer's
+    LoRA-dropout key (:class:`Linear`)."""
 
     config: LlamaConfig
     param_dtype: Any = jnp.float32
@@ -230,11 +254,13 @@ class Attention(nn.Module):
     sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
         cfg = self.config
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.qkv_bias
-        lin = lambda n, o, i, b: Linear(o, i, b, self.param_dtype, name=n)
+        lin = lambda n, o, i, b: functools.partial(
+            Linear(o, i, b, self.param_dtype, name=n), dropout_key=dropout_key
+        )
         heads = lambda t: rearrange(t, "b s (h d) -> b s h d", d=D)
         if cfg.fused_projections:  # Phi-3: one [(H + 2·KV)·D, d] projection, q | k | v
             qkv = heads(lin("qkv_proj", (H + 2 * KV) * D, cfg.hidden_size, False)(x))
@@ -269,17 +295,20 @@ class MLP(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, dropout_key=None):
         cfg = self.config
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        lin = lambda n, o, i: functools.partial(
+            Linear(o, i, b, self.param_dtype, name=n), dropout_key=dropout_key
+        )
         if cfg.fused_projections:  # Phi-3: one [2·f, d] projection, gate | up
-            gate_up = Linear(2 * f, d, b, self.param_dtype, name="gate_up_proj")(x)
+            gate_up = lin("gate_up_proj", 2 * f, d)(x)
             gate, up = jnp.split(gate_up, 2, axis=-1)
-            return Linear(d, f, b, self.param_dtype, name="down_proj")(swiglu(gate, up))
-        gate = Linear(f, d, b, self.param_dtype, name="gate_proj")(x)
-        up = Linear(f, d, b, self.param_dtype, name="up_proj")(x)
+            return lin("down_proj", d, f)(swiglu(gate, up))
+        gate = lin("gate_proj", f, d)(x)
+        up = lin("up_proj", f, d)(x)
         act = geglu if cfg.hidden_act == "gelu_pytorch_tanh" else swiglu
-        return Linear(d, f, b, self.param_dtype, name="down_proj")(act(gate, up))
+        return lin("down_proj", d, f)(act(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -289,24 +318,24 @@ class DecoderLayer(nn.Module):
     sliding_window: int | None = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None):
+    def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
         cfg, pd = self.config, self.param_dtype
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.gemma, name="input_layernorm")(x)
         attn = Attention(cfg, pd, self.attn_impl, self.sliding_window, name="self_attn")
-        h, cache = attn(h, rope_cs, mask, cache, segment_ids)
+        h, cache = attn(h, rope_cs, mask, cache, segment_ids, dropout_key)
         if cfg.gemma:
-            return self._gemma_rest(x, h), cache
+            return self._gemma_rest(x, h, dropout_key), cache
         x = x + h
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, pd, name="mlp")(h), cache
+        return x + MLP(cfg, pd, name="mlp")(h, dropout_key), cache
 
-    def _gemma_rest(self, x, h):
+    def _gemma_rest(self, x, h, dropout_key):
         """Gemma's sandwich: the attention output and the MLP's each normalised again before
         their residual add (Gemma 2 report, Gemma Team 2024)."""
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, True, name=name)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, pd, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = MLP(cfg, pd, name="mlp")(norm("pre_feedforward_layernorm")(x), dropout_key)
         return x + norm("post_feedforward_layernorm")(h)
 
 
@@ -323,6 +352,13 @@ class Layers(nn.Module):
     written in. A flash ``attn_impl`` needs no mask: it gets the segment ids (decoding stays
     eager, with masks). ``block`` is the layer module (default :class:`DecoderLayer`); a
     family with another block (Falcon) passes its own, with the same signature.
+
+    LoRA dropout: with a ``"dropout"`` rng, layer ``i`` gets the key ``fold_in(k, i)`` from one
+    key ``k`` drawn here, passed in as an argument (scanned: one per layer, scanned over like
+    the parameters), and each module folds in its path below the layer
+    (:func:`module_key`). The masks are thus the same function of the step's key, the
+    layer's index and the module whether the layers run unrolled or scanned, in any runs;
+    Linen's own per-module streams would differ (a scan splits its rng per iteration).
     """
 
     config: LlamaConfig
@@ -363,6 +399,12 @@ class Layers(nn.Module):
             )
         args = (self.param_dtype, self.attn_impl)
         spans = self.runs or tuple((i, i + 1) for i in range(cfg.num_hidden_layers))
+        key = self.make_rng("dropout") if self.has_rng("dropout") else None
+        layer_keys = lambda start, stop: (
+            None
+            if key is None
+            else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, stop))
+        )
         new_caches = []
         for j, (start, stop) in enumerate(spans):
             windows = set(cfg.sliding_windows[start:stop])
@@ -370,17 +412,19 @@ class Layers(nn.Module):
                 raise ValueError(f"layers {start}..{stop - 1} mix sliding windows {windows}")
             window = windows.pop()
             cache = None if caches is None else caches[j]
+            keys = layer_keys(start, stop)
             if self.runs is None:
                 layer = layer_cls(cfg, *args, window, name=str(start))
+                keys = None if keys is None else keys[0]
             else:
                 layer = nn.scan(
                     layer_cls,
                     variable_axes={"params": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                     length=stop - start,
                 )(cfg, *args, window, name=run_key(start, stop))
-            x, cache = layer(x, rope_cs[window], masks[window], cache, segment_ids)
+            x, cache = layer(x, rope_cs[window], masks[window], cache, segment_ids, keys)
             if cache is not None:
                 segs = k_segments if self.runs is None else jnp.stack([k_segments] * (stop - start))
                 cache = cache | {"segment_ids": segs}

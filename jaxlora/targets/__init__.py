@@ -9,7 +9,9 @@
   device, compute capability, which NF4 matmul runs there).
 * :mod:`~jaxlora.targets.toolchain`: compile-only devices from libtpu / the CUDA PJRT plugin
   (the one module on JAX's experimental and private APIs, pinned to the JAX it was written for).
-* :mod:`~jaxlora.targets.hlo`: kernels and collectives in compiled HLO text.
+* :mod:`~jaxlora.targets.hlo`: computations, kernels and collectives in compiled HLO text.
+* :mod:`~jaxlora.targets.flops`: a compiled step's matmul FLOPs per device, every loop body ×
+  its trip count.
 
 Depends only on jax and numpy.
 """

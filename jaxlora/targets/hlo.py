@@ -1,24 +1,29 @@
-"""What a compiled program contains: kernels and collectives, read from its HLO text.
+"""What a compiled program contains: its computations, kernels and collectives, read from
+its HLO text.
 
-``compiled.as_text()`` (after SPMD partitioning, so shapes are per device) has one
-instruction per line::
+``compiled.as_text()`` (after SPMD partitioning, so shapes are per device) is a list of
+computations, each a header line, one instruction per line (a Mosaic call's
+``kernel_metadata`` runs on over a few more lines) and a closing brace::
 
-    %all-gather.3 = u8[64,128]{1,0} all-gather(u8[8,128]{1,0} %p), channel_id=1, ...
-    %ags.1 = (u8[8,128]{1,0}, u8[64,128]{1,0}) all-gather-start(u8[8,128]{1,0} %p), ...
-    %cc = bf16[16,64]{1,0} custom-call(...), custom_call_target="tpu_custom_call", ...
+    %region_2.57 (arg_tuple.1: (s32[], f32[8,128,1024])) -> (s32[], f32[8,128,1024]) {
+      %all-gather.3 = u8[64,128]{1,0} all-gather(%p), channel_id=1, ...
+      %ags.1 = (u8[8,128]{1,0}, u8[64,128]{1,0}) all-gather-start(%p), ...
+      ROOT %cc = bf16[16,64]{1,0} custom-call(...), custom_call_target="tpu_custom_call", ...
+    }
 
-These helpers find the custom-call targets (``tpu_custom_call`` is a Mosaic kernel,
+:func:`parse` reads it into :class:`Computation` s of :class:`Instruction` s; the helpers
+find the custom-call targets (``tpu_custom_call`` is a Mosaic kernel,
 ``__gpu$xla.gpu.triton`` a Triton one), the Pallas kernels by name (an NF4 matmul, splash or
-Pallas flash attention), the collectives with their element types and per-device result
-bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights", and a step's matmul
-FLOPs counted from its instructions (:func:`matmul_flops`), which is what a compile-only GPU
-executable offers in place of XLA's cost analysis.
+Pallas flash attention), and the collectives with their element types and per-device result
+bytes, so a test can say "FSDP gathers 4-bit codes, not bf16 weights". What the program
+computes, in FLOPs, is :mod:`jaxlora.targets.flops`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MOSAIC_CALL = "tpu_custom_call"
@@ -42,8 +47,15 @@ _BYTES = {
     "f64": 8,
 }
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
+_INSTR = re.compile(r"^\s+(?P<root>ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$", re.DOTALL)
+_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")  # shapes hold "T(8,128)" but never " word("
+# attributes naming the computations an instruction runs: a fusion's or call's (calls=), a
+# reduction's (to_apply=), a loop's (condition=, body=), a conditional's branches
+_CALLED = re.compile(
+    r"\b(calls|to_apply|condition|body|branch_computations|true_computation|false_computation)"
+    r"=(\{[^}]*\}|%[\w.\-]+)"
+)
 
 
 @dataclass(frozen=True)
@@ -84,16 +96,99 @@ class Collective:
         return out
 
 
-def _instructions(hlo_text: str):
-    """``(name, shape text, opcode, line)`` for each instruction line of the module."""
+@dataclass(frozen=True)
+class Instruction:
+    """One HLO instruction: its name (without ``%``), result shape text, opcode and whole text
+    (continuation lines joined)."""
+
+    name: str
+    shape: str
+    opcode: str
+    text: str
+    root: bool = False
+
+    @property
+    def operands(self) -> list[str]:
+        """Operand names, ``op(%a, %b)``: compiled HLO writes them without their shapes."""
+        call = f" {self.opcode}("
+        args = self.text[self.text.index(call) + len(call) :]
+        return re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+
+    @property
+    def called(self) -> list[tuple[str, str]]:
+        """``(attribute, computation)`` for each computation this instruction runs:
+        ``("body", "region_2.57")``, ``("calls", "fused_computation.3")``, ..."""
+        if "=%" not in self.text and "={%" not in self.text:  # most instructions: quickly
+            return []
+        return [
+            (attr, name)
+            for attr, names in _CALLED.findall(self.text)
+            for name in re.findall(r"%([\w.\-]+)", names)
+        ]
+
+    def attribute(self, key: str) -> str | None:
+        """A ``key=value`` attribute's value (``index``, ``direction``), up to the next comma."""
+        m = re.search(r"\b" + re.escape(key) + r"=([^,\s]+)", self.text)
+        return m.group(1) if m else None
+
+    @property
+    def arrays(self) -> list[Array]:
+        """The arrays of the result shape (a tuple's, in order)."""
+        return _arrays(self.shape)
+
+
+@dataclass(frozen=True)
+class Computation:
+    """One computation of a module: its instructions by name, in order, and its ``ROOT``."""
+
+    name: str
+    instructions: dict[str, Instruction]
+    entry: bool = False
+
+    @property
+    def root(self) -> Instruction:
+        return next(i for i in self.instructions.values() if i.root)
+
+
+def parse(hlo_text: str) -> dict[str, Computation]:
+    """The module's computations by name. An instruction's lines after its first (a Mosaic
+    call's ``kernel_metadata``) are joined to it."""
+    comps: dict[str, Computation] = {}
+    lines: list[str] = []  # the current computation's instructions
+    header = None
     for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if m is None:
-            continue
+        if header is None:
+            header = _HEADER.match(line)
+            lines = []
+        elif line == "}":
+            comps[header.group("name")] = _computation(header, lines)
+            header = None
+        elif _INSTR.match(line):
+            lines.append(line)
+        elif lines:
+            lines[-1] += "\n" + line
+    return comps
+
+
+def _computation(header: re.Match, lines: list[str]) -> Computation:
+    instructions = {}
+    for text in lines:
+        m = _INSTR.match(text)
         rest = m.group("rest")
         op = _OPCODE.search(rest)
-        if op is not None:
-            yield m.group("name"), rest[: op.start()], op.group(1), line.strip()
+        if op is None:
+            raise ValueError(f"an HLO instruction without an opcode: {text[:200]}")
+        name = m.group("name")
+        instructions[name] = Instruction(
+            name, rest[: op.start()], op.group(1), text.strip(), root=bool(m.group("root"))
+        )
+    return Computation(header.group("name"), instructions, entry=bool(header.group("entry")))
+
+
+def instructions(hlo_text: str) -> Iterator[Instruction]:
+    """Every instruction of the module, computation after computation."""
+    for comp in parse(hlo_text).values():
+        yield from comp.instructions.values()
 
 
 def _arrays(shape: str) -> list[Array]:
@@ -118,125 +213,52 @@ def collectives(hlo_text: str, op: str | None = None) -> list[Collective]:
     since every computation of the module is in the text.
     """
     found = []
-    for _, shape, opcode, line in _instructions(hlo_text):
-        base = opcode.removesuffix("-start")
-        if base not in COLLECTIVES or opcode.endswith("-done") or (op and base != op):
+    for i in instructions(hlo_text):
+        base = i.opcode.removesuffix("-start")
+        if base not in COLLECTIVES or i.opcode.endswith("-done") or (op and base != op):
             continue
-        arrays = _arrays(shape)
-        if opcode.endswith("-start") and len(arrays) % 2 == 0:
+        arrays = i.arrays
+        if i.opcode.endswith("-start") and len(arrays) % 2 == 0:
             arrays = arrays[len(arrays) // 2 :]
-        found.append(Collective(base, tuple(arrays), line))
+        found.append(Collective(base, tuple(arrays), i.text))
     return found
 
 
-def nf4_kernel_flops(hlo_text: str) -> int:
-    """Per-device matmul FLOPs of the NF4 Pallas kernel calls (Mosaic or Triton) in a module.
-
-    Each call is ``out [m, c] = lhs [m, r] · W``: forward ``x [m, k] -> [m, n]``, input
-    gradient ``dy [m, n] -> [m, k]``, so ``2·m·c·r`` (with padding on TPU). The calls are
-    found by the ``nf4_matmul`` kernel name in their metadata, their operand shapes in
-    ``operand_layout_constraints``. XLA's own cost analysis is unavailable for compile-only
-    GPU executables, so this is how a GPU compile is checked for "each device computes only
-    its share".
-    """
-    total = 0
-    for _, shape, opcode, line in _instructions(hlo_text):
-        if opcode != "custom-call" or "nf4_matmul" not in line:
-            continue
-        operands = re.search(r"operand_layout_constraints=\{([^}]*)\}", line)
-        if operands is None:
-            raise ValueError(f"NF4 kernel call without operand shapes: {line[:200]}")
-        out, lhs = _arrays(shape)[0], _arrays(operands.group(1))[0]
-        total += 2 * out.dims[0] * out.dims[1] * lhs.dims[1]
-    return total
+def kernel_name(instr: Instruction) -> str | None:
+    """The Pallas kernel a custom call runs (Mosaic or Triton), ``None`` for any other
+    instruction: Mosaic calls are named after their kernel (``splash_mha_fwd_segmented_residuals``,
+    ``nf4_matmul_fwd_tpu``); Triton calls are ``pallas_call`` s whose metadata path ends in
+    the kernel (``.../mha_forward/pallas_call``)."""
+    calls = (MOSAIC_CALL, TRITON_CALL)
+    if instr.opcode != "custom-call" or not any(c in instr.text for c in calls):
+        return None
+    kernel = re.sub(r"\.[0-9]+$", "", instr.name)
+    if kernel == "pallas_call":
+        m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', instr.text)
+        kernel = m.group(1) if m else kernel
+    return kernel
 
 
-def _ops_in(line: str) -> list[str]:
-    """The operand names of an instruction line, ``op(%a, %b)`` or ``op(f32[..] %a, ...)``."""
-    args = line[line.index("(", line.index("=")) :]
-    return re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
-
-
-def _dims(line: str, key: str) -> tuple[int, ...]:
-    m = re.search(key + r"=\{([0-9,]*)\}", line)
-    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
-
-
-def dot_flops(hlo_text: str) -> int:
-    """``2 · |out| · |contracted|`` summed over the module's ``dot`` instructions (those in
-    fused computations included: XLA:GPU keeps its GEMM fusions as dots in the text). Operand
-    shapes come from where each operand is defined in the same computation."""
-    total, shapes = 0, {}
-    for line in hlo_text.splitlines():
-        if line.endswith("{") and "=" not in line.split("(", 1)[0]:  # a computation starts
-            shapes = dict(re.findall(r"([\w.\-]+): ([a-z]+[0-9]*\[[0-9,]*\])", line))
-            continue
-        m = _INSTR.match(line)
-        if m is None:
-            continue
-        rest = m.group("rest")
-        op = _OPCODE.search(rest)
-        if op is None:
-            continue
-        shapes[m.group("name")] = rest[: op.start()]
-        if op.group(1) != "dot":
-            continue
-        out = _arrays(rest[: op.start()])[0]
-        lhs = _arrays(shapes[_ops_in(line)[0]])[0]
-        contracted = math.prod(lhs.dims[d] for d in _dims(line, "lhs_contracting_dims"))
-        total += 2 * math.prod(out.dims) * contracted
-    return total
-
-
-# Pallas flash attention kernels on GPU (jax.experimental.pallas.ops.gpu.attention), by the
-# name in their metadata, and how many [S, S] matmuls each makes: the forward QKᵀ and PV; the
-# backward recomputes QKᵀ and forms dO·Vᵀ, Pᵀ·dO, dSᵀ·Q and dS·K (the preprocessing call is
-# elementwise). cuDNN's fused attention, by custom-call target, does the same products.
-ATTENTION_MATMULS = {
-    "mha_forward/": 2,
-    "mha_backward/": 5,
-    "__cudnn$fmhaSoftmaxBackward": 5,
-    "__cudnn$fmhaSoftmax": 2,
-}
-
-
-def attention_kernel_flops(hlo_text: str) -> int:
-    """Per-device matmul FLOPs of the GPU flash attention kernel calls: ``2·B·H·S²·D`` per
-    ``[S, S]`` product (:data:`ATTENTION_MATMULS`) from the call's ``q [B, S, H, D]``, counted
-    dense (the causal blocks a kernel skips are not subtracted)."""
-    total = 0
-    for _, shape, opcode, line in _instructions(hlo_text):
-        if opcode != "custom-call":
-            continue
-        products = next((n for key, n in ATTENTION_MATMULS.items() if key in line), 0)
-        if not products:
-            continue
-        operands = re.search(r"operand_layout_constraints=\{([^}]*)\}", line)
-        q = _arrays(operands.group(1) if operands else shape)[0]
-        b, s, h, d = q.dims
-        total += products * 2 * b * h * s * s * d
-    return total
-
-
-def matmul_flops(hlo_text: str) -> int:
-    """A step's per-device matmul FLOPs counted from its compiled HLO: XLA's dots, the NF4
-    kernel calls and the GPU flash attention calls. Elementwise work is not counted: it is a
-    few percent of a transformer step's FLOPs and splits over the devices as the matmuls do."""
-    return dot_flops(hlo_text) + nf4_kernel_flops(hlo_text) + attention_kernel_flops(hlo_text)
+def operand_arrays(instr: Instruction) -> list[Array]:
+    """A custom call's operand shapes, from its ``operand_layout_constraints`` (compiled HLO
+    names operands without shapes); empty where it has none."""
+    start = instr.text.find("operand_layout_constraints={")
+    if start < 0:
+        return []
+    start, depth = start + len("operand_layout_constraints={"), 1
+    for end in range(start, len(instr.text)):
+        depth += {"{": 1, "}": -1}.get(instr.text[end], 0)
+        if depth == 0:
+            return _arrays(instr.text[start:end])
+    raise ValueError(f"unbalanced operand_layout_constraints: {instr.text[:200]}")
 
 
 def pallas_kernels(hlo_text: str) -> dict[str, int]:
     """How many calls of each Pallas kernel (Mosaic or Triton) the module makes, by kernel
-    name: Mosaic calls are named after their kernel (``splash_mha_fwd_segmented_residuals``,
-    ``nf4_matmul_fwd_tpu``); Triton calls are ``pallas_call`` s whose metadata path ends in
-    the kernel (``.../mha_forward/pallas_call``)."""
+    name (:func:`kernel_name`)."""
     counts: dict[str, int] = {}
-    for name, _, opcode, line in _instructions(hlo_text):
-        if opcode != "custom-call" or not (MOSAIC_CALL in line or TRITON_CALL in line):
-            continue
-        kernel = re.sub(r"\.[0-9]+$", "", name)
-        if kernel == "pallas_call":
-            m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', line)
-            kernel = m.group(1) if m else kernel
-        counts[kernel] = counts.get(kernel, 0) + 1
+    for i in instructions(hlo_text):
+        kernel = kernel_name(i)
+        if kernel is not None:
+            counts[kernel] = counts.get(kernel, 0) + 1
     return counts

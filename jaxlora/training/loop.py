@@ -31,10 +31,12 @@ from jaxlora.training.run import (
     load_base,
     make_mesh,
     make_tx,
+    run_keys,
     run_meta,
     scans,
     stack_for_scan,
     step_shardings,
+    train_batches,
 )
 
 log = logging.getLogger("jaxlora.train")
@@ -59,8 +61,10 @@ def run(cfg: Config) -> dict:
 
     require_sinks(cfg.train.report_to)
 
-    # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none
-    model = load_base(cfg)
+    # --- model: the frozen base, quantized to 4 bits as it streams in when quant.type != none;
+    # a step that scans its layers gets them stacked as they stream, on the mesh already
+    mesh = make_mesh(cfg)
+    model = load_base(cfg, mesh if scans(cfg, mesh) else None)
 
     # --- data: every error (malformed line, empty set, all too long) surfaces before compute
     train_ds, val_ds = data.build_datasets(cfg.data, model.tokenizer, cfg.data_seed)
@@ -69,8 +73,7 @@ def run(cfg: Config) -> dict:
     total_steps = t.max_steps if streamed else _total_steps(cfg, len(train_ds))
 
     # --- LoRA: wrap the targeted weights, then split what trains from what stays frozen
-    key = jax.random.key(t.seed)
-    key, init_key = jax.random.split(key)
+    init_key, step_key = run_keys(t.seed)
     model, frozen, trainable = init_lora(cfg, model, init_key)
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     log.info(
@@ -80,7 +83,6 @@ def run(cfg: Config) -> dict:
     )
 
     # --- the step, sharded over the mesh; trainable params and optimizer state are donated
-    mesh = make_mesh(cfg)
     # layers stacked for scan on accelerators; the model holds the stacked tree from here on
     frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))
     model = model.replace(params=lora.combine(frozen, trainable))
@@ -100,14 +102,8 @@ def run(cfg: Config) -> dict:
     # --- checkpoints: resume from the latest when asked; refuse a foreign one
     meta = run_meta(cfg, runs)
     pc, pi = jax.process_count(), jax.process_index()
-    if streamed:
-        batches = train_ds.batches(t.batch_size, process_index=pi, process_count=pc)
-    else:
-        batches = data.batches(
-            train_ds, t.batch_size, seed=cfg.data_seed, process_index=pi, process_count=pc
-        )
+    batches = train_batches(cfg, train_ds, pi, pc)
     start = 0
-    key, step_key = jax.random.split(key)
     if t.resume and latest is not None:
         trainable, opt_state, data_state, step_key, _ = ckpt.restore(
             latest, trainable, opt_state, meta

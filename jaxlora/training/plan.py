@@ -10,6 +10,7 @@ not measurements of a run.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,16 +18,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora import lora, targets
 from jaxlora.config import Config
 from jaxlora.dtypes import FLOAT_DTYPES
-from jaxlora.interop import bnb, hf
+from jaxlora.interop import hf
 from jaxlora.model import Model
-from jaxlora.models.registry import param_shapes
 from jaxlora.targets import hlo
+from jaxlora.targets.flops import FlopsUnknown, matmul_flops
 from jaxlora.training.run import (
+    abstract_base,
     for_mesh,
     jit_train_step,
     make_tx,
@@ -34,7 +35,6 @@ from jaxlora.training.run import (
     stack_for_scan,
     step_shardings,
 )
-from jaxlora.weights import quantize
 
 # Keep 10-20 % of device memory free (TUNING.md): a plan that leaves less does not "fit".
 HEADROOM = 0.10
@@ -51,7 +51,7 @@ class Plan:
     seq_len: int
     per_device: dict[str, int | bool]
     flops_per_device: float | None
-    flops_source: str  # "cost_analysis" (XLA's), or "hlo_matmuls" (counted: hlo.matmul_flops)
+    flops_source: str  # "hlo_matmuls" (jaxlora.targets.flops), or "unknown: <why>" with None
     kernels: dict[str, str]
     compile_s: float
     scan_layers: bool = False
@@ -77,19 +77,8 @@ class Plan:
 def abstract_model(cfg: Config) -> Model:
     """The base as ``config.json`` describes it, every leaf a ``ShapeDtypeStruct`` (4-bit
     decoder linears when ``quant.type`` says so): nothing is downloaded but the config."""
-    config, _ = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
-    params = param_shapes(config, FLOAT_DTYPES[cfg.model.dtype])
-    if cfg.quant.type != "none":
-        q = cfg.quant
-        quant = lambda w: quantize(
-            w, blocksize=q.blocksize, quant_type=q.type, double_quant=q.double_quant
-        )
-        flat = flatten_dict(params, sep=".")
-        flat = {
-            k: jax.eval_shape(quant, v) if bnb.is_quantized_weight(k) else v
-            for k, v in flat.items()
-        }
-        params = unflatten_dict(flat, sep=".")
+    config, raw = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
+    params = abstract_base(cfg, config, raw)
     return Model(config=config, params=params, dtype=FLOAT_DTYPES[cfg.model.compute_dtype])
 
 
@@ -142,46 +131,63 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     model = model.replace(params=lora.combine(frozen, trainable), kernels=kernels)
     step = jit_train_step(cfg, model, tx, sh)
     start = time.perf_counter()
-    compiled = step.lower(
+    lowered = step.lower(
         _sds(trainable, sh.trainable),
         _sds(opt_state, sh.opt_state),
         _sds(frozen, sh.frozen),
         batch_sds,
         key,
-    ).compile()
-    compile_s = time.perf_counter() - start
-    text = compiled.as_text()
-    per_device = {
+    )
+    trees = {
         "frozen_bytes": _bytes_per_device(frozen, sh.frozen),
         "trainable_bytes": _bytes_per_device(trainable, sh.trainable),
         "optimizer_bytes": _bytes_per_device(opt_state, sh.opt_state),
-    } | memory_report(compiled, t.memory_bytes)
-    cost = compiled.cost_analysis()
-    flops = cost.get("flops") if isinstance(cost, dict) else None
-    return Plan(
+    }
+    plan = functools.partial(
+        Plan,
         target=target,
         devices=mesh.size,
         mesh={k: int(v) for k, v in mesh.shape.items()},
         micro_batch=batch,
         seq_len=seq,
-        per_device=per_device,
-        flops_per_device=_flops(flops, text, scanned=runs is not None),
-        flops_source="cost_analysis" if flops else "hlo_matmuls",
         kernels={"matmul": kernels.nf4, "attention": kernels.attention},
-        compile_s=compile_s,
         scan_layers=runs is not None,
+    )
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses, at compile time, a program larger than the chip's memory: that is
+        # the plan's answer ("does not fit"), with the compiler's own figure in its message.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return plan(
+            per_device=trees | refused_report(str(e), t.memory_bytes),
+            flops_per_device=None,
+            flops_source="none: not compiled",
+            compile_s=time.perf_counter() - start,
+        )
+    compile_s = time.perf_counter() - start
+    text = compiled.as_text()
+    flops, flops_source = step_flops(text)
+    return plan(
+        per_device=trees | memory_report(compiled, t.memory_bytes),
+        flops_per_device=flops,
+        flops_source=flops_source,
+        compile_s=compile_s,
         custom_calls=sorted(hlo.custom_call_targets(text)),
         hlo_text=text,
     )
 
 
-def _flops(xla_flops: float | None, hlo_text: str, *, scanned: bool) -> float | None:
-    """FLOPs per device: XLA's cost analysis, else the NF4 kernels' counted from the HLO;
-    None for a step that scans its layers, where both would count each scanned layer once
-    (a while loop's body is analysed once, not once per iteration)."""
-    if scanned:
-        return None
-    return float(xla_flops) if xla_flops else float(hlo.matmul_flops(hlo_text)) or None
+def step_flops(hlo_text: str) -> tuple[float | None, str]:
+    """``(FLOPs per device, source)`` of a compiled step: its matmuls counted from the HLO,
+    every loop body × its trip count (:mod:`jaxlora.targets.flops`), on TPU and GPU alike —
+    XLA's cost analysis counts a loop body once, and a compile-only GPU executable has none.
+    ``(None, "unknown: <why>")`` where they cannot be counted (a loop without a trip count)."""
+    try:
+        return float(matmul_flops(hlo_text)), "hlo_matmuls"
+    except FlopsUnknown as e:
+        return None, f"unknown: {e}"
 
 
 def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
@@ -192,10 +198,14 @@ def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
     total -= mem.alias_size_in_bytes  # donated: trainable params and optimizer state
-    total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
     # What lives in host memory (pinned_host): offloaded optimizer state and activations.
     host = mem.host_argument_size_in_bytes + mem.host_temp_size_in_bytes
     host += mem.host_output_size_in_bytes - mem.host_alias_size_in_bytes
+    # The compiler's peak where it is larger — except when the step keeps buffers in host
+    # memory: XLA:GPU's peak then counts them too (8B QLoRA, remat=offload, h100-1: peak 16.80
+    # GiB = 7.19 arguments + 9.61 host; device buffers 9.02 GiB), which is not device memory.
+    if not host:
+        total = max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0)
     return {
         "host_bytes": host,
         "arguments_bytes": mem.argument_size_in_bytes,
@@ -207,9 +217,28 @@ def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
     }
 
 
+def refused_report(message: str, device_bytes: int | None) -> dict[str, Any]:
+    """The per-device report of a step the compiler refused for want of device memory: byte
+    figures it did not produce are ``None``, ``fits`` is false and ``refused`` is its message
+    (the first line, which says how much it needed)."""
+    first = message.strip().splitlines()[0]
+    return {
+        "host_bytes": None,
+        "arguments_bytes": None,
+        "temp_bytes": None,
+        "output_bytes": None,
+        "total_bytes": None,
+        "device_bytes": device_bytes,
+        "fits": False,
+        "refused": first.removeprefix("RESOURCE_EXHAUSTED: "),
+    }
+
+
 def memory_line(report: dict[str, Any]) -> str:
     """One line: total per device against the device's memory, and the headroom left."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"
+    if report["total_bytes"] is None:
+        return f"does not fit: the compiler refused the step ({report['refused']})"
     line = f"{gib(report['total_bytes'])} per device (temporaries {gib(report['temp_bytes'])})"
     if report["device_bytes"]:
         free = 1 - report["total_bytes"] / report["device_bytes"]

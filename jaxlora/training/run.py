@@ -8,20 +8,24 @@ back into exactly the trees it was written from, and no command imports another.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError
-from jaxlora.interop import hf
+from jaxlora.dtypes import FLOAT_DTYPES
+from jaxlora.interop import bnb, hf
 from jaxlora.kernels.attention_sharded import AttentionMesh
+from jaxlora.lora.stacked import hf_view
 from jaxlora.model import Model, load_model
 from jaxlora.models import stacking
-from jaxlora.models.registry import fused_layouts
+from jaxlora.models.registry import fused_layouts, param_shapes
 from jaxlora.training import checkpoint, sharding
 from jaxlora.training.optim import (
     dynamic_loss_scale,
@@ -30,11 +34,17 @@ from jaxlora.training.optim import (
     param_groups,
 )
 from jaxlora.training.step import make_eval_step, make_train_step
-from jaxlora.weights import kernels_for, prepare
+from jaxlora.weights import kernels_for, prepare, quantize
 
 
-def load_base(cfg: Config) -> Model:
-    """The frozen base (NF4/FP4 while streaming when ``quant.type`` says so) and its tokenizer."""
+def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
+    """The frozen base (NF4/FP4 while streaming when ``quant.type`` says so) and its tokenizer.
+
+    With ``mesh`` (a run whose step scans its layers: :func:`scans`) the layers arrive stacked
+    into the runs the step will scan (:func:`plan_runs`), each stacked leaf written slot by
+    slot as the checkpoint streams, already on its sharding over ``mesh`` (the step's, layer
+    axis whole): the base is on the devices once, not loaded and then copied into stacked
+    arrays (:class:`~jaxlora.models.stacking.StackingSink`)."""
     quant = None if cfg.quant.type == "none" else cfg.quant.type
     model = load_model(
         cfg.model.path,
@@ -44,6 +54,7 @@ def load_base(cfg: Config) -> Model:
         revision=cfg.model.revision,
         quant_kwargs={"blocksize": cfg.quant.blocksize, "double_quant": cfg.quant.double_quant},
         kernel=cfg.quant.kernel,
+        sink=None if mesh is None else stacking_sink(cfg, mesh),
     )
     if cfg.model.tokenizer:
         model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
@@ -53,6 +64,87 @@ def load_base(cfg: Config) -> Model:
     # export (adapter, merged, bnb4) carries it and sampling prompts the way training did.
     data.install_template(model.tokenizer, cfg.data)
     return model
+
+
+def stacking_sink(cfg: Config, mesh: Mesh) -> stacking.StackingSink:
+    """Where :func:`load_base` streams a base whose layers the step scans: the runs of
+    :func:`plan_runs`, every leaf on the step's sharding over ``mesh``."""
+    config, raw = hf.read_config(hf.resolve(cfg.model.path, cfg.model.revision))
+    return stacking.StackingSink(plan_runs(cfg, config, raw), _sharding_of(cfg, mesh, config))
+
+
+def abstract_base(cfg: Config, config, raw: dict[str, Any]) -> dict:
+    """The base's parameter tree from ``config.json`` alone (``config``, and ``raw``, its
+    dict), every leaf a ``ShapeDtypeStruct``: ``model.dtype``, the decoder linears 4-bit as
+    ``quant.type`` says, or as a bitsandbytes checkpoint stores them (which load as stored)."""
+    params = param_shapes(config, FLOAT_DTYPES[cfg.model.dtype])
+    if raw.get("quantization_config"):
+        q = bnb.parse_quantization_config(raw["quantization_config"])
+        kw = {"blocksize": 64, "quant_type": q["quant_type"], "double_quant": q["double_quant"]}
+    elif cfg.quant.type != "none":
+        q = cfg.quant
+        kw = {"blocksize": q.blocksize, "quant_type": q.type, "double_quant": q.double_quant}
+    else:
+        return params
+    flat = flatten_dict(params, sep=".")
+    for k, v in flat.items():
+        if bnb.is_quantized_weight(k):
+            flat[k] = jax.eval_shape(lambda w: quantize(w, **kw), v)
+    return unflatten_dict(flat, sep=".")
+
+
+def plan_runs(cfg: Config, config, raw: dict[str, Any]) -> stacking.Runs:
+    """The runs the step will scan, from ``config.json`` and the recipe alone: those of the
+    abstract base with the recipe's LoRA injected (shapes only), which is what
+    :func:`stack_for_scan` computes from the loaded base, and checks against it."""
+    base = abstract_base(cfg, config, raw)
+    injected = jax.eval_shape(lambda p, k: lora.inject(p, cfg.lora, k), base, jax.random.key(0))
+    return stacking.layer_runs(injected, config.sliding_windows)
+
+
+def _sharding_of(cfg: Config, mesh: Mesh, model_config) -> stacking.ShardingOf:
+    """Where each leaf of the frozen base lives in the step: the shardings
+    :func:`step_shardings` gives it (they follow a leaf's path and shape, not what LoRA wraps
+    around it)."""
+    rules, fused = cfg.mesh.rules, fused_layouts(model_config)
+
+    def of(path: tuple[str, ...], leaf: Any) -> Any:
+        tree = functools.reduce(lambda sub, k: {k: sub}, reversed(path), leaf)
+        out = sharding.tree_shardings(tree, mesh, rules, fused)
+        for k in path:
+            out = out[k]
+        return out
+
+    return of
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, step_key)``: the run's two random streams from ``train.seed``, the LoRA
+    initialisation's and the steps' (dropout; step ``s`` folds ``s`` in), so a tool can rebuild
+    the adapter a run starts from."""
+    key = jax.random.key(seed)
+    key, init_key = jax.random.split(key)
+    _, step_key = jax.random.split(key)
+    return init_key, step_key
+
+
+def train_batches(
+    cfg: Config, train_ds, process_index: int = 0, process_count: int = 1
+) -> data.BatchIterator | data.StreamIterator:
+    """The training loop's batches of ``train_ds`` (from ``data.build_datasets``): this
+    process's share of every global batch of ``train.batch_size`` rows, in the run's order
+    (shuffled by ``cfg.data_seed``; a stream's own order), resumable."""
+    if isinstance(train_ds, data.ExampleStream):
+        return train_ds.batches(
+            cfg.train.batch_size, process_index=process_index, process_count=process_count
+        )
+    return data.batches(
+        train_ds,
+        cfg.train.batch_size,
+        seed=cfg.data_seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, Any]:
@@ -74,11 +166,26 @@ def scans(cfg: Config, mesh: Mesh) -> bool:
 def stack_for_scan(frozen, trainable, model_config, scan: bool):
     """``(frozen, trainable, runs)``: both halves with their layers stacked into the runs of
     their combined tree when ``scan`` (:mod:`jaxlora.models.stacking`), or as they are with
-    ``runs = None``."""
+    ``runs = None``. Halves already stacked (loaded so: :func:`load_base` with a mesh) are
+    checked to hold exactly those runs, so a checkpoint's layout does not depend on how the
+    base was loaded."""
+    stacked = stacking.stacked_runs(frozen)
     if not scan:
+        if stacked is not None:
+            raise ValueError("the base was loaded stacked for scan, but this step unrolls")
         return frozen, trainable, None
-    runs = stacking.layer_runs(lora.combine(frozen, trainable), model_config.sliding_windows)
-    return stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs), runs
+    combined = lora.combine(frozen, trainable)
+    if stacked is None:
+        runs = stacking.layer_runs(combined, model_config.sliding_windows)
+        return stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs), runs
+    runs = stacking.layer_runs(hf_view(combined), model_config.sliding_windows)
+    if runs != stacked:
+        raise ValueError(
+            f"the base was stacked while loading into the runs {stacked} (planned from "
+            f"config.json and the LoRA config), but the loaded model's layers form {runs}; "
+            "load it unstacked (model.scan_layers=false) and report this"
+        )
+    return frozen, trainable, runs
 
 
 def hf_adapter_params(frozen, trainable) -> Any:

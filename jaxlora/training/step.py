@@ -7,7 +7,9 @@ exactly, whatever the padding — not a mean of per-micro-batch means.
 
 With ``loss_chunk > 0`` the loss is taken from the final hidden states ``loss_chunk`` tokens at a
 time (:mod:`jaxlora.training.loss`), so the ``[tokens, vocab]`` float32 logits never exist at
-once; ``0`` forms them whole.
+once, and only the tokens in ``loss_mask`` go through the output head (a masked prompt or
+padding costs no head work, in training and in eval); ``0`` forms the logits whole, for every
+token.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def loss_sum(
     module, params, batch: Batch, rng: jax.Array | None = None, *, chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropy over ``loss_mask`` (float32) and the count of its tokens;
-    ``chunk > 0``: over chunks of that many tokens (the same sum, one reduction order apart)."""
+    ``chunk > 0``: over chunks of that many tokens of the ``[B, S]`` batch, the tokens out of
+    the loss skipped (the same sum, one reduction order apart)."""
     chex.assert_equal_shape([batch[k] for k in BATCH_KEYS])
     chex.assert_rank(batch["input_ids"], 2)
     rngs = {"dropout": rng} if rng is not None else {}
@@ -48,10 +51,8 @@ def loss_sum(
     head = head_weight(module.config, params)
     # the head's LoRA-dropout key: one stream apart from the ones Linen derives for the layers
     head_rng = None if rng is None else jax.random.fold_in(rng, 0x4EAD)
-    flat = lambda x: x.reshape(-1, *x.shape[2:])
     cap = module.config.final_logit_softcapping
-    targets = flat(batch["targets"])
-    total = chunked_ce_sum(flat(h), head, targets, flat(mask), chunk, head_rng, softcap=cap)
+    total = chunked_ce_sum(h, head, batch["targets"], mask, chunk, head_rng, softcap=cap)
     return total, jnp.sum(mask)
 
 

@@ -17,6 +17,7 @@ tighter than the 1e-4 model tolerance; a wrong layer, window or mask moves them 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import chex
 import jax
@@ -29,13 +30,14 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxlora import lora
 from jaxlora.config.lora import LoraConfig
 from jaxlora.model import Model
-from jaxlora.models import stacking
+from jaxlora.models import registry, stacking
+from jaxlora.models.falcon_config import FalconConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
 from jaxlora.sampling import generate_ids
 from jaxlora.training.optim import make_optimizer
 from jaxlora.training.step import make_train_step
 from jaxlora.weights import NF4Tensor, quantize
-from tests.hf_models import tiny_config
+from tests.hf_models import make_hf_falcon, tiny_config
 
 
 def assert_close(actual, expected):
@@ -189,3 +191,57 @@ def test_stacked_leaves_shard_like_one_layer_with_the_layer_axis_whole(halves):
         assert logical_axes_for(path, np.ndim(leaf)) == (None, *want)
         sharded += any(a is not None for a in want)
     assert sharded >= 8  # the two norms of each of the 4 runs (flat-layout NF4 replicates)
+
+
+# ---- LoRA dropout: the same masks whether the layers are scanned or not -------------------------
+
+
+def _falcon_config():
+    hf = make_hf_falcon("falcon40b_gqa", num_hidden_layers=4)
+    return FalconConfig.from_hf(json.loads(hf.config.to_json_string()))
+
+
+@pytest.mark.parametrize("family, remat", [("llama", "full"), ("falcon", "none")])
+def test_lora_dropout_is_the_same_scanned_or_unrolled(family, remat):
+    """``lora.dropout = 0.1``: layer ``i``'s masks are a function of the step's key, ``i`` and
+    the module alone (``llama.Layers``), so scanned runs draw the unrolled layers' masks and
+    logits and LoRA gradients agree within the dropout-0 tolerance above. LoRA on some layers
+    only splits the runs (Llama ``0 | 1 | 2-3 | 4`` with its windows, Falcon ``0 | 1-2 | 3``);
+    B starts random, so every adapter and its mask reach the logits."""
+    config = CFG if family == "llama" else _falcon_config()
+    lcfg = LoraConfig(
+        r=4,
+        alpha=8,
+        target_modules=(
+            ("q_proj", "o_proj", "down_proj")
+            if family == "llama"
+            else ("query_key_value", "dense", "dense_4h_to_h")
+        ),
+        layers_to_transform=(1, 2, 3) if family == "llama" else (1, 2),
+        init="random",
+        dropout=0.1,
+    )
+    params = lora.inject(registry.init_params(config, jax.random.key(0)), lcfg, jax.random.key(1))
+    runs = stacking.layer_runs(params, config.sliding_windows)
+    assert runs == (
+        ((0, 1), (1, 2), (2, 4), (4, 5)) if family == "llama" else ((0, 1), (1, 3), (3, 4))
+    )
+    frozen, trainable = lora.partition(params, lcfg)
+    stacked = stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs)
+    b = _batch()
+    args = (b["input_ids"], b["positions"], b["segment_ids"])
+
+    def loss(t, f, key):
+        m = Model(config=config, params=lora.combine(f, t))
+        logits, _ = m.module(remat=remat).apply({"params": m.params}, *args, rngs={"dropout": key})
+        return jnp.sum(logits * b["loss_mask"][..., None] ** 2), logits
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    key = jax.random.key(5)
+    (_, lu), gu = grad(trainable, frozen, key)
+    (_, ls), gs = grad(stacked[1], stacked[0], key)
+    assert_close(ls, lu)
+    assert_close(stacking.unstack_layers(gs), gu)
+    # not vacuous: another key draws other masks, and they move the logits far beyond the bound
+    (_, other), _ = grad(trainable, frozen, jax.random.key(6))
+    assert float(jnp.max(jnp.abs(other - lu))) > 1e-2

@@ -14,11 +14,11 @@ split like the weight, the nested scales and offset replicated), ``x [M, D]`` bf
 over ``(data, fsdp)``, and the gradient of a scalar loss in ``x``. It is compiled for one chip and for 8 (meshes
 fsdp=8 and data2×fsdp2×tensor2), and for each compile the script records: compile seconds,
 the custom-call targets, the all-gathers (element types, per-device bytes), per-device
-FLOPs (XLA's cost analysis on TPU, where the Mosaic kernels carry a cost estimate; counted
-from the HLO's dots and NF4 kernel calls on GPU, whose compile-only executables have no cost
-analysis), and memory analysis. ``--mode targets`` compiles one NF4 matmul for every
-registered target of the platform; ``--mode both`` compiles the stack for one TPU chip and
-one GPU in the same process (the coexistence check).
+FLOPs (XLA's cost analysis on TPU, where the Mosaic kernels carry a cost estimate; compile-only
+GPU executables have none; and on both, the NF4 kernel calls' and all matmuls' counted from
+the HLO by :mod:`jaxlora.targets.flops`), and memory analysis. ``--mode targets`` compiles one
+NF4 matmul for every registered target of the platform; ``--mode both`` compiles the stack for
+one TPU chip and one GPU in the same process (the coexistence check).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxlora import targets  # noqa: E402
 from jaxlora.kernels import nf4_sharded  # noqa: E402
-from jaxlora.targets import hlo  # noqa: E402
+from jaxlora.targets import flops, hlo  # noqa: E402
 from jaxlora.weights.nf4 import DQ_TABLE  # noqa: E402
 
 LAYERS, M, D, F, BS, NBS = 2, 256, 512, 1024, 64, 256
@@ -122,7 +122,8 @@ def compile_once(target_name: str, mesh_sizes: tuple[int, int, int]) -> dict:
         "gathered_bytes": gathered,  # per device and step, by element type
         "collective_ops": sorted({c.op for c in hlo.collectives(text)}),
         "cost_flops": None if cost is None else float(cost.get("flops", 0.0)),
-        "hlo_flops": hlo.nf4_kernel_flops(text),
+        "hlo_flops": flops.flops_by_kind(text)["nf4"],
+        "matmul_flops": flops.matmul_flops(text),
         "temp_bytes": mem.temp_size_in_bytes,  # HBM temporaries (TPU: small ones sit in VMEM)
         "peak_bytes": mem.peak_memory_in_bytes,
         "argument_bytes": mem.argument_size_in_bytes,

@@ -16,10 +16,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from jaxlora.config import load_config  # noqa: E402
-from jaxlora.targets import hlo  # noqa: E402
+from jaxlora.targets import flops, hlo  # noqa: E402
 from jaxlora.training.plan import compile_step  # noqa: E402
 
-RUNS = {  # (target, data, fsdp, tensor, model.scan_layers): unrolled, where XLA counts FLOPs
+RUNS = {  # (target, data, fsdp, tensor, model.scan_layers)
     "tpu": [
         ("tpu-v5e-1", 1, 1, 1, "false"),
         ("tpu-v5e-8", 1, 8, 1, "false"),
@@ -34,6 +34,7 @@ RUNS = {  # (target, data, fsdp, tensor, model.scan_layers): unrolled, where XLA
     ],
 }
 
+ACCUM = 3  # micro-batches a step: its loop's trip count differs from the layers' (2)
 PROJECTION = re.compile(r"[qkvo]_proj/")
 
 
@@ -70,7 +71,7 @@ for seq in args.seq:
                 "lora.alpha=16",
                 "data.max_seq_len=" + str(seq),
                 "train.batch_size=8",
-                "train.grad_accum=2",
+                f"train.grad_accum={ACCUM}",
                 "train.remat=full",
                 f"mesh.data={data}",
                 f"mesh.fsdp={fsdp}",
@@ -89,8 +90,12 @@ for seq in args.seq:
             | {
                 "custom_calls": plan.custom_calls,
                 "pallas_kernels": hlo.pallas_kernels(plan.hlo_text),
-                "nf4_kernel_flops": hlo.nf4_kernel_flops(plan.hlo_text),
-                "attention_kernel_flops": hlo.attention_kernel_flops(plan.hlo_text),
+                "accum": ACCUM,
+                "flops_by_kind": flops.flops_by_kind(plan.hlo_text),
+                "loops": [
+                    {"name": lp.name, "known": lp.known, "derived": lp.derived}
+                    for lp in flops.loops(plan.hlo_text)
+                ],
                 "gathered_bytes": gathered,
                 "gathered_16bit_shapes": sorted(
                     {a.dims for g in gathers for a in g.results if a.dtype in ("bf16", "f16")}

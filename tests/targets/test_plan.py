@@ -3,7 +3,8 @@ remat, AdamW), built by the run builder ``python -m jaxlora.train`` uses, compil
 topology and for 8 H100s from this CPU machine: it compiles, the Pallas NF4 kernel and flash
 attention are in the compiled program (on 8 devices, inside shard_map, with no all-gather of
 activations for attention), FSDP moves 4-bit codes, and each of 8 devices computes 1/8 of the
-work.
+work; the FLOPs of a step that scans its layers are those of the unrolled step, loop bodies
+counted once per iteration.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ATTENTION_KERNELS = {  # forward and backward kernels, by name (hlo.pallas_kerne
     "gpu": {"mha_forward", "mha_backward"},
 }
 MISSING = _toolchain.missing()
-VOCAB, HIDDEN, RANK = 256, 1024, 8  # the model below, and plan_run.py's lora.r
+VOCAB, HIDDEN, KV_WIDTH, RANK = 256, 1024, 512, 8  # the model below, plan_run.py's lora.r
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +54,25 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize(
-    "platform",
-    [
+@pytest.fixture(
+    scope="module",
+    params=[
         pytest.param(p, marks=pytest.mark.skipif(p in MISSING, reason=MISSING.get(p, "")))
         for p in ("tpu", "gpu")
     ],
 )
-def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platform):
-    out = tmp_path / "plan.json"
+def plans(request, tmp_path_factory, model_dir):
+    """``(platform, [one device, fsdp=8, data2×fsdp2×tensor2, fsdp=8 scanned])``: the four
+    compiles of plan_run.py, made once per platform for the tests below."""
+    out = tmp_path_factory.mktemp(f"plan_{request.param}") / "plan.json"
     _toolchain.run_script(
-        SCRIPT, "--platform", platform, "--model", str(model_dir), "--out", str(out)
+        SCRIPT, "--platform", request.param, "--model", str(model_dir), "--out", str(out)
     )
-    one, fsdp8, mixed, scanned = json.loads(out.read_text())
+    return request.param, json.loads(out.read_text())
+
+
+def test_real_step_compiles_sharded_with_the_kernel(plans):
+    platform, (one, fsdp8, mixed, scanned) = plans
     assert (one["devices"], fsdp8["devices"], mixed["devices"]) == (1, 8, 8)
     assert fsdp8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert mixed["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -89,18 +96,41 @@ def test_real_step_compiles_sharded_with_the_kernel(tmp_path, model_dir, platfor
         lm_head = [VOCAB // run["mesh"]["tensor"], HIDDEN]
         for dims in run["gathered_16bit_shapes"]:
             assert RANK in dims or dims == lm_head, run["gathered_16bit_shapes"]
-        if run is scanned:  # FLOPs: XLA analyses a scanned layer once, so no ratio to check
-            continue
-        # each device computes 1/8 of the NF4 matmuls ...
-        assert run["nf4_kernel_flops"] * 8 == pytest.approx(one["nf4_kernel_flops"], rel=0.10)
-        # ... and of the step: XLA's cost analysis on TPU; on GPU, whose compile-only
-        # executables have none, the matmuls counted from the HLO (jaxlora.targets.hlo:
-        # dots, NF4 kernel calls, flash attention calls)
-        assert run["flops_source"] == {"tpu": "cost_analysis", "gpu": "hlo_matmuls"}[platform]
+
+
+def test_step_flops_count_every_loop_iteration(plans):
+    platform, (one, fsdp8, mixed, scanned) = plans
+    # FLOPs per device, counted from the HLO on both platforms (jaxlora.targets.flops: dots,
+    # convolutions, NF4 and flash attention calls), every loop body × its trip count: the
+    # accumulation's 3, the loss chunks' 2 (1024 tokens / 512) and, scanned, the layers' 2
+    # forward and 2 backward. XLA:GPU writes each trip count, and it is the one the loop's
+    # induction variable gives; XLA:TPU writes none, and the induction variable gives them all.
+    for run in (one, fsdp8, mixed, scanned):
+        assert run["flops_source"] == "hlo_matmuls", run["flops_source"]
+        assert run["flops_per_device"] == sum(run["flops_by_kind"].values())
+        trips = sorted(lp["derived"] for lp in run["loops"])
+        assert trips == ([2, 2, 2, 3] if run is scanned else [2, 3]), run["loops"]
+        for lp in run["loops"]:
+            assert lp["known"] == (lp["derived"] if platform == "gpu" else None), lp
+    # The scanned step runs the unrolled step's matmuls on the same mesh and one more: the first
+    # layer's input gradient through q, k and v (the NF4 base and LoRA's A), which the unrolled
+    # step drops (nothing before that layer trains) and a loop body, the same for every layer,
+    # cannot. Per device and micro-batch: 128 of the 8 × 128 tokens.
+    tokens, accum = 8 * 128 // 8, scanned["accum"]
+    s, u = scanned["flops_by_kind"], fsdp8["flops_by_kind"]
+    assert s["nf4"] - u["nf4"] == accum * 2 * tokens * HIDDEN * (HIDDEN + 2 * KV_WIDTH)
+    lora_dx = accum * 3 * 2 * tokens * RANK * HIDDEN
+    assert (s["dot"] + s["convolution"]) - (u["dot"] + u["convolution"]) == lora_dx
+    assert s["attention"] == u["attention"]
+    # Each of 8 devices computes 1/8 of the step (scanned: of the unrolled step, and the extra
+    # gradient above, 4 % of it) and of its NF4 matmuls, and exactly 1/8 of its flash
+    # attention: its batch rows and heads.
+    for run in (fsdp8, mixed, scanned):
+        kinds = run["flops_by_kind"]
+        assert kinds["nf4"] * 8 == pytest.approx(one["flops_by_kind"]["nf4"], rel=0.10)
         ratio = run["flops_per_device"] * 8 / one["flops_per_device"]
         assert 0.9 <= ratio <= 1.1, ratio
-        if platform == "gpu":  # each device's flash attention: its batch rows and heads
-            assert run["attention_kernel_flops"] * 8 == one["attention_kernel_flops"], run
+        assert kinds["attention"] * 8 == one["flops_by_kind"]["attention"], run
 
 
 @pytest.mark.skipif("gpu" in MISSING, reason=MISSING.get("gpu", ""))

@@ -1,18 +1,20 @@
 """jaxlora.targets without any compile toolchain: the registry's numbers, the NF4 kernel each
 target gets, the GPU target configs, the JAX version pin, the install hints, and the HLO
 readers on text shaped like XLA:TPU's and XLA:GPU's compiled modules: collectives, kernels by
-name, and the FLOPs a GPU step is counted at (dots, NF4 and flash attention calls)."""
+name (the FLOPs of a step: tests/targets/test_flops.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import types
 from pathlib import Path
 
 import jax
 import pytest
 
 from jaxlora import targets
-from jaxlora.targets import hlo, registry, toolchain
+from jaxlora.targets import flops, hlo, registry, toolchain
 
 GiB = 2**30
 REQUIRED = [
@@ -134,15 +136,25 @@ def test_missing_toolchain_names_the_package(monkeypatch):
 
 # Lines in the shapes XLA prints them (compiled modules of tests/targets/compile_run.py, cut).
 TPU_HLO = """
+%region_0.2 (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %add.1 = bf16[] add(%a, %b)
+}
+
+ENTRY %main.1 (p.1: f32[2,4,512]) -> bf16[64,512] {
   %all-gather.34 = f32[2,4,512]{2,1,0:T(4,128)S(1)} all-gather(%bitcast.52), channel_id=1, dimensions={0}
   %all-gather.36 = u8[512,256]{1,0:T(32,128)(4,1)S(1)} all-gather(%copy-done.1), channel_id=1, dimensions={1}
   %nf4_matmul_fwd_tpu.4 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} custom-call(%copy-done, %fusion.5, %reshape.99), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[64,512]{1,0}, u8[256,512]{1,0}, f32[8,512]{1,0}}, metadata={op_name="jit(loss)/jvp()/shard_map/nf4_matmul_fwd_tpu/pallas_call"}
-  %psum.28 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} all-reduce(%nf4_matmul_fwd_tpu.4), channel_id=1, to_apply=%region_0.2
+  ROOT %psum.28 = bf16[64,512]{1,0:T(8,128)(2,1)S(1)} all-reduce(%nf4_matmul_fwd_tpu.4), channel_id=1, to_apply=%region_0.2
+}
 """
 GPU_HLO = """
+ENTRY %main.2 (p0: u8[128,512]) -> bf16[64,256] {
   %all-gather-start = ((u8[128,512]{1,0}, f32[4,512]{1,0}, u8[256,256]{1,0}, f32[256,8]{1,0}, u8[128,512]{1,0}, /*index=5*/f32[4,512]{1,0}), (u8[256,512]{1,0}, f32[8,512]{1,0}, u8[512,256]{1,0}, f32[512,8]{1,0}, u8[256,512]{1,0}, /*index=5*/f32[8,512]{1,0})) all-gather-start(%p0, %p1, %p2, %p3, %p4, %p5), channel_id=3, dimensions={1}
   %all-gather-done = (u8[256,512]{1,0}, f32[8,512]{1,0}) all-gather-done(%all-gather-start)
-  %pallas_call.30 = bf16[64,256]{1,0} custom-call(%wrapped_add.1, %gte.8, %gte.10), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[64,512]{1,0}, u8[512,256]{1,0}, f32[512,8]{1,0}}, metadata={op_name="jit(loss)/transpose(jvp())/shard_map/nf4_matmul_dx/pallas_call"}
+  ROOT %pallas_call.30 = bf16[64,256]{1,0} custom-call(%wrapped_add.1, %gte.8, %gte.10), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={bf16[64,512]{1,0}, u8[512,256]{1,0}, f32[512,8]{1,0}}, metadata={op_name="jit(loss)/transpose(jvp())/shard_map/nf4_matmul_dx/pallas_call"}
+}
 """
 
 
@@ -158,35 +170,58 @@ def test_hlo_readers():
     (ag,) = hlo.collectives(GPU_HLO, "all-gather")  # async: the results half, once
     assert ag.dtypes == {"u8", "f32"}
     assert ag.nbytes == 3 * (256 * 512) + 3 * (8 * 512 * 4)  # u8 codes + f32 absmax
-    assert hlo.nf4_kernel_flops(TPU_HLO) == 2 * 64 * 512 * 512
-    assert hlo.nf4_kernel_flops(GPU_HLO) == 2 * 64 * 256 * 512
-
-
-# From the real step compiled for one H100 (tests/targets/plan_run.py), cut: a GEMM fusion
-# (its dot's operands are the computation's parameters), a Pallas flash forward call, and a
-# splash kernel as XLA:TPU names it.
-STEP_HLO = """
-%gemm_fusion_dot.99_computation (parameter_0: f32[1024,8,128], parameter_1: f32[8,8,128]) -> f32[8,1024,8] {
-  %parameter_0 = f32[1024,8,128]{2,1,0} parameter(0), metadata={scheduling_name="parameter_0"}
-  %parameter_1 = f32[8,8,128]{2,1,0} parameter(1), metadata={scheduling_name="parameter_1"}
-  ROOT %dot.170 = f32[8,1024,8]{2,1,0} dot(%parameter_0, %parameter_1), lhs_batch_dims={1}, lhs_contracting_dims={2}, rhs_batch_dims={1}, rhs_contracting_dims={2}, metadata={op_name="jit(step)/q_proj/dot_general"}
-}
-
-ENTRY %main.1 (p.1: f32[8,128,16,64]) -> f32[8,128,16,64] {
-  %pallas_call.24 = (f32[8,128,16,64]{3,2,1,0}, f32[8,16,128]{2,1,0}) custom-call(%a, %b, %c, %d), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, s32[8,128]{1,0}}, metadata={op_name="jit(step)/layers/0/self_attn/jit(mha)/mha_forward/pallas_call"}
-  %splash_mha_dq_segmented_no_residuals.3 = f32[8,16,128,64]{3,2,1,0:T(8,128)} custom-call(%e), custom_call_target="tpu_custom_call", operand_layout_constraints={f32[8,16,128,64]{3,2,1,0}}
-}
-"""
-
-
-def test_step_flops_and_kernels_from_the_hlo():
-    dot = 2 * (8 * 1024 * 8) * 128  # |out| · the contracted 128 of parameter_0
-    mha_forward = 2 * (2 * 8 * 16 * 128 * 128 * 64)  # QKᵀ and PV: B 8, H 16, S 128, D 64
-    assert hlo.dot_flops(STEP_HLO) == dot
-    assert hlo.attention_kernel_flops(STEP_HLO) == mha_forward
-    assert hlo.matmul_flops(STEP_HLO) == dot + mha_forward
-    assert hlo.pallas_kernels(STEP_HLO) == {
-        "mha_forward": 1,
-        "splash_mha_dq_segmented_no_residuals": 1,
-    }
+    assert flops.flops_by_kind(TPU_HLO)["nf4"] == 2 * 64 * 512 * 512
+    assert flops.flops_by_kind(GPU_HLO)["nf4"] == 2 * 64 * 256 * 512
     assert hlo.pallas_kernels(GPU_HLO) == {"nf4_matmul_dx": 1}
+
+
+def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
+    """XLA:TPU refuses, when compiling, a program larger than the chip (Llama-3.1-8B LoRA with
+    its bf16 base on one v5e chip: "RESOURCE_EXHAUSTED: Ran out of memory on HBM ..."): the plan
+    says it does not fit, with the compiler's figure, and a batch search counts it as too big."""
+    from jaxlora.plan import render
+    from jaxlora.training import plan as plan_mod
+
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (16.58G) exceeds available HBM (15.75G).\nmore detail"
+    )
+    report = plan_mod.refused_report(message, 16 * GiB)
+    assert report["fits"] is False and report["total_bytes"] is None
+    assert (
+        report["refused"].startswith("Ran out of memory on HBM") and "16.58G" in report["refused"]
+    )
+    assert "does not fit" in plan_mod.memory_line(report) and "16.58G" in plan_mod.memory_line(
+        report
+    )
+    trees = {"frozen_bytes": 15 * GiB, "trainable_bytes": GiB // 8, "optimizer_bytes": GiB // 4}
+    refused = plan_mod.Plan(
+        target="tpu-v5e-1",
+        devices=1,
+        mesh={"data": 1, "fsdp": 1, "tensor": 1},
+        micro_batch=1,
+        seq_len=2048,
+        per_device=trees | report,
+        flops_per_device=None,
+        flops_source="none: not compiled",
+        kernels={"matmul": "mosaic", "attention": "splash"},
+        compile_s=12.0,
+    )
+    text = render(refused)
+    assert "DOES NOT FIT" in text and "16.58G" in text and "15.00 GiB" in text
+
+    # search_batch: micro-batch 1 fits, 2 is refused by the compiler -> 1
+    def fake_compile(cfg, target, *, micro_batch=None):
+        fits = {"fits": True, "total_bytes": 10 * GiB, "device_bytes": 16 * GiB}
+        per_device = trees | (fits if micro_batch == 1 else report)
+        return dataclasses.replace(refused, micro_batch=micro_batch, per_device=per_device)
+
+    class Mesh:
+        shape = {"data": 1, "fsdp": 1, "tensor": 1}
+
+    monkeypatch.setattr(plan_mod, "compile_step", fake_compile)
+    monkeypatch.setattr(plan_mod.targets, "compile_mesh", lambda *a, **k: Mesh())
+    monkeypatch.setattr(plan_mod.targets, "get_target", lambda name: None)
+    cfg = types.SimpleNamespace(mesh=types.SimpleNamespace(data=1, fsdp=1, tensor=1))
+    batch, best = plan_mod.search_batch(cfg, "tpu-v5e-1")
+    assert batch == 1 and best.micro_batch == 1
