@@ -102,14 +102,15 @@ def test_step_flops_count_every_loop_iteration(plans):
     platform, (one, fsdp8, mixed, scanned) = plans
     # FLOPs per device, counted from the HLO on both platforms (jaxlora.targets.flops: dots,
     # convolutions, NF4 and flash attention calls), every loop body × its trip count: the
-    # accumulation's 3, the loss chunks' 2 (1024 tokens / 512) and, scanned, the layers' 2
-    # forward and 2 backward. XLA:GPU writes each trip count, and it is the one the loop's
+    # accumulation's 3, the loss chunks' 2 (1024 tokens / 512), the 4 quarters of the chunk the
+    # last loss token falls in (a branch of a conditional: counted as computed, the upper
+    # bound) and, scanned, the layers' 2 forward and 2 backward. XLA:GPU writes each trip count, and it is the one the loop's
     # induction variable gives; XLA:TPU writes none, and the induction variable gives them all.
     for run in (one, fsdp8, mixed, scanned):
         assert run["flops_source"] == "hlo_matmuls", run["flops_source"]
         assert run["flops_per_device"] == sum(run["flops_by_kind"].values())
         trips = sorted(lp["derived"] for lp in run["loops"])
-        assert trips == ([2, 2, 2, 3] if run is scanned else [2, 3]), run["loops"]
+        assert trips == ([2, 2, 2, 3, 4] if run is scanned else [2, 3, 4]), run["loops"]
         for lp in run["loops"]:
             assert lp["known"] == (lp["derived"] if platform == "gpu" else None), lp
     # The scanned step runs the unrolled step's matmuls on the same mesh and one more: the first
