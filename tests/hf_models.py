@@ -150,6 +150,27 @@ def make_hf_model(family: str, directory: Path | None = None, seed: int = 0, **o
     return model
 
 
+def save_bnb_nf4(dense: Path, directory: Path, compute_dtype: str = "float32") -> None:
+    """``dense`` (a transformers checkpoint) quantized by transformers + bitsandbytes as QLoRA
+    defines it (NF4, double quantization, ``bnb_4bit_compute_dtype=compute_dtype``) and saved
+    to ``directory``: the bnb-4bit checkpoint jaxlora reads as stored."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = AutoModelForCausalLM.from_pretrained(
+        dense,
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        ),
+    )
+    q.save_pretrained(directory)
+
+
 def make_deep_model(directory: Path) -> Path:
     """A tiny 5-layer Llama with a tokenizer in ``directory`` (hidden 64, so NF4 keeps its 2-D
     layout and its blocks split over a mesh): enough layers for LoRA on a few to split runs."""

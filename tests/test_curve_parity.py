@@ -27,7 +27,7 @@ from jaxlora import lora
 from jaxlora.interop.peft import adapter_tensors
 from jaxlora.lora import LoraConfig
 from jaxlora.training.optim import make_optimizer
-from tests.hf_models import make_hf_model
+from tests.hf_models import make_hf_model, save_bnb_nf4
 from tools.bench_common import packed_batches
 
 STEPS = 32
@@ -81,23 +81,10 @@ def _bnb_exact(model):
 def base_dirs(tmp_path_factory):
     """``{"dense": dir, "bnb": dir}``: the tiny base, and its NF4 + double-quant copy made by
     transformers + bitsandbytes (float32 compute), which jaxlora reads as stored."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     dense = tmp_path_factory.mktemp("dense")
     make_hf_model("llama2_mha", dense, seed=3, **MODEL)
     bnb_dir = tmp_path_factory.mktemp("bnb")
-    q = AutoModelForCausalLM.from_pretrained(
-        dense,
-        dtype=torch.float32,
-        device_map="cpu",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-    )
-    q.save_pretrained(bnb_dir)
+    save_bnb_nf4(dense, bnb_dir)
     return {"dense": dense, "bnb": bnb_dir}
 
 

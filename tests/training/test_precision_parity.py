@@ -53,7 +53,7 @@ from jaxlora import lora
 from jaxlora.interop.peft import adapter_tensors
 from jaxlora.lora import LoraConfig
 from jaxlora.training.step import loss_sum
-from tests.hf_models import make_hf_model
+from tests.hf_models import make_hf_model, save_bnb_nf4
 from tools.bench_common import packed_batches
 
 with warnings.catch_warnings():
@@ -71,22 +71,9 @@ ULP_BF16 = 2.0**-8  # one bf16 ulp, relative to the value (8 significant bits)
 def qlora(tmp_path_factory):
     """``(bnb checkpoint dir, adapter dir)``: the tiny base in NF4 (bf16 compute dtype) and a
     random adapter on every linear."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     root = tmp_path_factory.mktemp("precision")
     make_hf_model("llama2_mha", root / "dense", seed=3, **MODEL)
-    q = AutoModelForCausalLM.from_pretrained(
-        root / "dense",
-        dtype=torch.float32,
-        device_map="cpu",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-    )
-    q.save_pretrained(root / "bnb")
+    save_bnb_nf4(root / "dense", root / "bnb", compute_dtype="bfloat16")
     model = jaxlora.load_model(root / "dense", tokenizer=False)
     cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
     model.apply_lora(cfg, key=jax.random.key(7)).save_adapter(root / "adapter")
