@@ -66,8 +66,9 @@ def plans(request, tmp_path_factory, model_dir):
     compiles of plan_run.py, made once per platform for the tests below. Kept in
     :data:`_COMPILED` too, so a worker that gets the platform's tests interleaved with the
     other platform's compiles it once. (The module's ``xdist_group`` does not keep these tests
-    on one worker with pytest-xdist 3.8.0 here — a 3-test module marked alike lands on both —
-    so under ``-n 2`` each worker may still compile: measured in CI, GPU 750 + 694 s.)"""
+    on one worker with pytest 9.2 + pytest-xdist 3.8.0: xdist groups by rewriting
+    ``item._nodeid``, which pytest 9.2's ``Node.nodeid`` no longer reads; so under ``-n 2``
+    each worker may still compile: measured in CI, GPU 750 + 694 s.)"""
     if request.param not in _COMPILED:
         out = tmp_path_factory.mktemp(f"plan_{request.param}") / "plan.json"
         _toolchain.run_script(
