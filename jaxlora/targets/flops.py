@@ -110,6 +110,9 @@ def loops(hlo_text: str) -> list[Loop]:
     ]
 
 
+_BRANCHES = ("branch_computations", "true_computation", "false_computation")
+
+
 def _inclusive(
     comp: Computation, comps: dict[str, Computation], memo: dict[str, dict[str, int]]
 ) -> dict[str, int]:
@@ -124,19 +127,15 @@ def _inclusive(
         loop = _loop(instr, comp, comps) if instr.opcode == "while" else None
         if instr.opcode in ("async-update", "async-done"):  # run once, named by async-start
             continue
-        branches = [
-            _inclusive(comps[name], comps, memo)
-            for attr, name in instr.called
-            if attr in ("branch_computations", "true_computation", "false_computation")
-        ]
+        branches = [_inclusive(comps[n], comps, memo) for a, n in instr.called if a in _BRANCHES]
         if branches:  # the most expensive branch: an upper bound, as no branch is known
             for kind, n in max(branches, key=lambda b: sum(b.values())).items():
                 total[kind] += n
         for attr, name in instr.called:
+            if attr in _BRANCHES:  # counted above
+                continue
             inner = _inclusive(comps[name], comps, memo)
             if not any(inner.values()):
-                continue
-            if attr in ("branch_computations", "true_computation", "false_computation"):
                 continue
             if attr == "body":
                 if loop.trips is None:
