@@ -22,7 +22,7 @@ import pytest
 from jaxlora.targets import hlo
 from tests.targets import _toolchain
 
-pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
+pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "compile_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}

@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 
 from tests.targets import _toolchain
 
-pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
+pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "offload_run.py"
 MISSING = _toolchain.missing()

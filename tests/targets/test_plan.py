@@ -9,7 +9,9 @@ counted once per iteration.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from transformers import LlamaConfig
 from jaxlora.targets import hlo
 from tests.targets import _toolchain
 
-pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
+pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "plan_run.py"
 KERNEL_CALL = {"tpu": hlo.MOSAIC_CALL, "gpu": hlo.TRITON_CALL}
@@ -63,22 +65,26 @@ def model_dir(tmp_path_factory):
 )
 def plans(request, tmp_path_factory, model_dir):
     """``(platform, [one device, fsdp=8, data2×fsdp2×tensor2, fsdp=8 scanned])``: the four
-    compiles of plan_run.py, made once per platform for the tests below. Kept in
-    :data:`_COMPILED` too, so a worker that gets the platform's tests interleaved with the
-    other platform's compiles it once. (The module's ``xdist_group`` does not keep these tests
-    on one worker with pytest 9.2 + pytest-xdist 3.8.0: xdist groups by rewriting
-    ``item._nodeid``, which pytest 9.2's ``Node.nodeid`` no longer reads; so under ``-n 2``
-    each worker may still compile: measured in CI, GPU 750 + 694 s.)"""
-    if request.param not in _COMPILED:
-        out = tmp_path_factory.mktemp(f"plan_{request.param}") / "plan.json"
-        _toolchain.run_script(
-            SCRIPT, "--platform", request.param, "--model", str(model_dir), "--out", str(out)
-        )
-        _COMPILED[request.param] = json.loads(out.read_text())
-    return request.param, _COMPILED[request.param]
-
-
-_COMPILED: dict[str, list[dict]] = {}  # platform -> plan_run.py's results, once per process
+    compiles of plan_run.py, made once per platform and test session (a compile of the CI model
+    takes 3-10 min on the 2-core CI machine). Under pytest-xdist the workers share them through
+    the session's common temporary directory, the first to ask compiling while the others wait
+    on a lock, so it does not matter which worker gets which test: grouping the tests on one
+    worker with ``xdist_group`` would serialise the two platforms' compiles, and did not even
+    hold with pytest 9.2 + pytest-xdist 3.8.0 (pytest-dev/pytest-xdist#1386), when every
+    worker compiled both (measured in CI, GPU 750 + 694 s)."""
+    platform = request.param
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / f"jaxlora_plan_{platform}.json"
+    with open(shared / f"jaxlora_plan_{platform}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not out.exists():
+            tmp = out.with_suffix(".partial")
+            _toolchain.run_script(
+                SCRIPT, "--platform", platform, "--model", str(model_dir), "--out", str(tmp)
+            )
+            tmp.replace(out)
+    return platform, json.loads(out.read_text())
 
 
 def test_real_step_compiles_sharded_with_the_kernel(plans):

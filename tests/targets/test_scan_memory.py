@@ -22,7 +22,7 @@ from transformers import LlamaConfig
 
 from tests.targets import _toolchain
 
-pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.xdist_group("aot")]
+pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 MISSING = _toolchain.missing()
 HIDDEN, FFN, SEQ, RANK = 1024, 8192, 256, 8
