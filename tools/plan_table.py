@@ -30,25 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxlora.targets.registry import TARGETS as REGISTRY
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "assets" / "configs"
 MODELS = ["Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Mistral-7B-v0.3"]
-TARGETS = [
-    "tpu-v5e-1",
-    "tpu-v5e-8",
-    "tpu-v6e-1",
-    "h100-1",
-    "h100-8",
-    "a100-40g-1",
-    "l4-1",
-    "rtx4090-1",
-    "t4-1",
-]
+TARGETS = list(REGISTRY)  # every registered target, in the registry's order
 QUANT = {"qlora": ["recipe=llama_qlora"], "lora": ["recipe=llama_lora"]}
 
 
 def devices(target: str) -> int:
-    return int(target.rsplit("-", 1)[1])
+    """Devices JAX sees on the target (``tpu-v5p-8`` is 4 megacore chips, ``tpu-v4-8`` 8 half
+    chips: jaxlora/targets/registry.py)."""
+    return REGISTRY[target].num_devices
 
 
 def row_key(r: dict) -> tuple:
@@ -104,6 +98,11 @@ def run_row(row: dict, tmp: Path) -> dict:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     # CPU seconds of the whole plan process: on a shared machine far steadier than wall time
     times = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu_s() - cpu0}
+    # the code that planned the row: rows of one table may come from different commits
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    times |= {"commit": commit or None}
     if proc.returncode != 0:
         return row | {"error": proc.stderr.strip().splitlines()[-1:]} | times
     return row | {"plan": json.loads(proc.stdout[proc.stdout.index("{") :])} | times
