@@ -311,7 +311,7 @@ def step_shardings(
     state = sharding.tree_shardings(opt_state, mesh, rules, fused)
     home = state
     if cfg.train.optimizer_offload == "host":
-        home = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), state)
+        home = jax.tree.map(_in_host_memory, state)
     return Shardings(
         mesh=mesh,
         frozen=sharding.tree_shardings(frozen, mesh, rules, fused),
@@ -321,6 +321,24 @@ def step_shardings(
         batch=sharding.batch_sharding(mesh, ndim=3, leading=1),
         replicated=sharding.replicated(mesh),
     )
+
+
+def _in_host_memory(s: NamedSharding) -> NamedSharding:
+    """``s`` in its devices' pinned host memory. Devices that report no host memory space get
+    no memory kind from JAX, which then places the state in device memory without a word:
+    refused instead. JAX 0.10.2's compile-only GPU devices are such (``python -m jaxlora.plan``
+    for a GPU target): a real GPU, a TPU and the CPU have it."""
+    host = s.with_memory_kind("pinned_host")
+    if host.memory_kind != "pinned_host":
+        device = s.mesh.devices.flat[0]
+        raise ValueError(
+            f"train.optimizer_offload=host: the {device.platform} devices of this mesh "
+            f"({device.device_kind}) report no host memory space, so the optimizer state would "
+            "stay in device memory. JAX's compile-only GPU devices have none: plan host offload "
+            "for a TPU target, or run it on the GPU itself (train.remat=offload plans on GPU "
+            "targets; train.optimizer=adamw_8bit shrinks the state instead)."
+        )
+    return host
 
 
 def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
