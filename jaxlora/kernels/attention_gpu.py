@@ -92,6 +92,27 @@ def cudnn_attention(
     return _zero_padding(_from_bshd(out, kv), segment_ids)
 
 
+# Rows of a q, k or v tile by the bytes of one row (head_dim padded to a power of two, as Triton
+# pads it, × the itemsize): the largest power of two whose forward and backward kernels compile
+# for an L4 / RTX 4090 (99 KiB of shared memory a block, the least of jaxlora's GPU targets;
+# tests/targets/test_aot.py). The forward kernel keeps q, k and v tiles and the [rows, rows]
+# scores with Triton's pipelined copies, so the need grows faster than the row: float32 at
+# head_dim 128 and 64 rows asks an L4 for 114,944 bytes; at 128 rows an H100 for 262,656.
+TILE_ROWS = {128: 128, 256: 128, 512: 32, 1024: 16}
+
+
+def tile_rows(head_dim: int, dtype) -> int:
+    """Rows of the kernel's tiles for ``head_dim`` at ``dtype`` (:data:`TILE_ROWS`)."""
+    row = max(128, (1 << (head_dim - 1).bit_length()) * jnp.dtype(dtype).itemsize)
+    if row not in TILE_ROWS:
+        raise NotImplementedError(
+            f"pallas_gpu attention: head_dim {head_dim} at {jnp.dtype(dtype).name} ({row} bytes "
+            f"a row) has no tile size known to fit a GPU's shared memory (up to "
+            f"{max(TILE_ROWS)} bytes); use impl='chunked'"
+        )
+    return TILE_ROWS[row]
+
+
 def pallas_gpu_attention(
     q: jax.Array,
     k: jax.Array,
@@ -114,7 +135,8 @@ def pallas_gpu_attention(
             "or impl='chunked'"
         )
     B, KV, G, S, D = q.shape
-    bq = min(block, max(16, 1 << (S - 1).bit_length()))  # a power of two, >= 16 for Triton
+    # a power of two, >= 16 for Triton, within the shared memory a block has
+    bq = min(block, tile_rows(D, q.dtype), max(16, 1 << (S - 1).bit_length()))
     q, k, v, seg = pad_sequence(q, k, v, segment_ids, bq)
     kh = jnp.repeat(k.transpose(0, 2, 1, 3), G, axis=2)  # (B, S, H, D), head kv * G + g
     vh = jnp.repeat(v.transpose(0, 2, 1, 3), G, axis=2)

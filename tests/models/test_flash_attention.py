@@ -395,3 +395,16 @@ def test_gpu_kernels_refuse_soft_capping_and_gpus_take_chunked(caplog):
         cudnn_attention(q, k, v, seg, implementation="xla", **kw)
     with pytest.raises(NotImplementedError, match="soft-capping"):
         _vjp(_impl("pallas_gpu", seg, None, softcap=CAP, interpret=True), q, k, v, do)
+
+
+def test_pallas_gpu_tiles_shrink_as_rows_widen_and_too_wide_is_refused():
+    """Tile rows by the bytes of a row (head_dim padded to a power of two × itemsize): what
+    compiles within an L4's shared memory (tests/targets/test_aot.py compiles each width)."""
+    from jaxlora.kernels.attention_gpu import tile_rows
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert [tile_rows(64, bf16), tile_rows(64, f32), tile_rows(128, bf16)] == [128, 128, 128]
+    assert [tile_rows(96, f32), tile_rows(128, f32), tile_rows(256, bf16)] == [32, 32, 32]
+    assert tile_rows(256, f32) == 16
+    with pytest.raises(NotImplementedError, match="head_dim 512 at float32"):
+        tile_rows(512, f32)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxlora import targets  # noqa: E402
-from jaxlora.kernels import nf4_sharded  # noqa: E402
+from jaxlora.kernels import attention_gpu, nf4_sharded  # noqa: E402
 from jaxlora.targets import flops, hlo  # noqa: E402
 from jaxlora.weights.nf4 import DQ_TABLE  # noqa: E402
 
@@ -169,6 +169,8 @@ def check_target(target_name: str) -> dict:
         "kernel": target.nf4_kernel,
         "custom_calls": compile_with(target.nf4_kernel),
     }
+    if target.pallas_kernels and target.platform == "gpu":
+        out["attention_tiles"] = {f"{d}/{h}": attention_tiles(mesh, d, h) for d, h in TILE_CASES}
     if target.platform == "gpu" and not target.pallas_kernels:
         try:
             compile_with("triton")
@@ -177,6 +179,30 @@ def check_target(target_name: str) -> dict:
             out["triton_refused"] = str(e).splitlines()[0][:300]
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+# Pallas GPU attention at each row width of attention_gpu.TILE_ROWS: (dtype, head_dim)
+TILE_CASES = (("bfloat16", 128), ("float32", 128), ("bfloat16", 256), ("float32", 256))
+
+
+def attention_tiles(mesh, dtype: str, head_dim: int) -> str:
+    """The Pallas GPU flash attention, forward and gradients, compiled on one device with the
+    tile rows attention_gpu.tile_rows picks: ``"ok"``, or XLA's refusal (shared memory)."""
+    b, kv, g, s = 1, 2, 2, 512
+    sharding = NamedSharding(mesh, P())
+    shapes = [((b, kv, g, s, head_dim), dtype), ((b, kv, s, head_dim), dtype)]
+    shapes += [((b, kv, s, head_dim), dtype), ((b, s), "int32")]
+    args = [jax.ShapeDtypeStruct(sh, dt, sharding=sharding) for sh, dt in shapes]
+
+    def loss(q, k, v, seg):
+        out = attention_gpu.pallas_gpu_attention(q, k, v, seg, scale=head_dim**-0.5)
+        return out.astype(jnp.float32).sum()
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    except Exception as e:  # XLA's refusal, recorded for the test to read
+        return str(e).splitlines()[0][:300]
+    return "ok"
 
 
 def main():
