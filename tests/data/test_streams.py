@@ -253,6 +253,9 @@ def test_the_expected_mixture_is_logged_per_source(files, tok, caplog):
     """Weights 2:1 give 66.7 % / 33.3 % of the examples; the Alpaca records are far longer than
     the text ones, so their share of the tokens is larger than their share of the examples."""
     stream, _ = build_datasets(_mixture(files, val_size=0), tok, seed=0)
+    # Only what log_plan says: build_datasets logs too when an earlier test in this worker left
+    # jaxlora's loggers at INFO (the train CLI, run in-process, does).
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="jaxlora.data.streams"):
         stream.log_plan(rows=40)
     shards, texts = (r.getMessage() for r in caplog.records)
