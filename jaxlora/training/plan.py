@@ -158,7 +158,9 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     except jax.errors.JaxRuntimeError as e:
         # XLA:TPU refuses, at compile time, a program larger than the chip's memory: that is
         # the plan's answer ("does not fit"), with the compiler's own figure in its message.
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        # Any other exhausted resource (a kernel's shared memory on a GPU) is a failure to
+        # compile the step, not a plan.
+        if "RESOURCE_EXHAUSTED" not in str(e) or "Ran out of memory" not in str(e):
             raise
         return plan(
             per_device=trees | refused_report(str(e), t.memory_bytes),
