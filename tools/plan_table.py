@@ -20,6 +20,7 @@ Models are the ``config.json`` files in ``assets/configs/`` (the published Huggi
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -98,14 +99,19 @@ def run_row(row: dict, tmp: Path) -> dict:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     # CPU seconds of the whole plan process: on a shared machine far steadier than wall time
     times = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu_s() - cpu0}
-    # the code that planned the row: rows of one table may come from different commits
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    times |= {"commit": commit or None}
+    times |= {"commit": _commit()}  # rows of one table may come from different commits
     if proc.returncode != 0:
         return row | {"error": proc.stderr.strip().splitlines()[-1:]} | times
     return row | {"plan": json.loads(proc.stdout[proc.stdout.index("{") :])} | times
+
+
+@functools.cache
+def _commit() -> str | None:
+    """The commit whose code plans the rows (``git rev-parse``, once per run)."""
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    return out.stdout.strip() or None
 
 
 def _children_cpu_s() -> float:

@@ -43,3 +43,17 @@ def run_script(script: Path, *args: str, timeout: int = 1800) -> None:
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_plan(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """``python -m jaxlora.plan ARGS`` as a user runs it, from the repository root with the
+    toolchain on its path (``env`` adds variables); the completed process, for the caller to
+    check its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlora.plan", *args],
+        env=ENV | (env or {}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

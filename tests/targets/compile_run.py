@@ -190,8 +190,8 @@ def attention_tiles(mesh, dtype: str, head_dim: int) -> str:
     tile rows attention_gpu.tile_rows picks: ``"ok"``, or XLA's refusal (shared memory)."""
     b, kv, g, s = 1, 2, 2, 512
     sharding = NamedSharding(mesh, P())
-    shapes = [((b, kv, g, s, head_dim), dtype), ((b, kv, s, head_dim), dtype)]
-    shapes += [((b, kv, s, head_dim), dtype), ((b, s), "int32")]
+    q, kv_shape = (b, kv, g, s, head_dim), (b, kv, s, head_dim)
+    shapes = [(q, dtype), (kv_shape, dtype), (kv_shape, dtype), ((b, s), "int32")]
     args = [jax.ShapeDtypeStruct(sh, dt, sharding=sharding) for sh, dt in shapes]
 
     def loss(q, k, v, seg):

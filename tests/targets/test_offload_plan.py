@@ -65,25 +65,7 @@ def test_host_offload_for_a_gpu_target_is_refused_not_planned_on_the_device():
     """JAX 0.10.2's compile-only GPU devices report no host memory space, and JAX then drops a
     sharding's ``pinned_host`` kind without a word: the plan would show the state on the
     device as if offload did nothing. ``python -m jaxlora.plan`` refuses it, naming why."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxlora.plan",
-            "recipe=demo",
-            "train.optimizer_offload=host",
-            "target=h100-1",
-        ],
-        env=_toolchain.ENV,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _toolchain.run_plan("recipe=demo", "train.optimizer_offload=host", "target=h100-1")
     assert out.returncode != 0, out.stdout[-2000:]
     assert "train.optimizer_offload=host" in out.stderr
     assert "report no host memory space" in out.stderr, out.stderr[-2000:]

@@ -155,18 +155,7 @@ def test_plan_command_on_a_gpu_without_flash_kernels_names_the_fallbacks():
     """``python -m jaxlora.plan`` as a user runs it, for a T4 (sm_75): the NF4 matmul
     dequantizes and attention is chunked (neither Triton nor cuDNN flash runs there), the
     step compiles, and the printed plan says so."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run(
-        [sys.executable, "-m", "jaxlora.plan", "recipe=demo", "target=t4-1"],
-        env=_toolchain.ENV,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _toolchain.run_plan("recipe=demo", "target=t4-1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "plan for t4-1: 1 device(s)" in out.stdout
     assert "kernels           matmul dequant, attention chunked" in out.stdout

@@ -13,8 +13,6 @@ of every layer's codes, before the loops, alive through the step (8B: 104 MiB a 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,28 +28,20 @@ HIDDEN, FFN, SEQ, RANK = 1024, 8192, 256, 8
 
 def plan(model_dir: Path) -> dict:
     """``python -m jaxlora.plan`` for one v5e chip, as a user runs it: per-device bytes."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxlora.plan",
-            "recipe=llama_qlora",
-            f"model.path={model_dir}",
-            "model.tokenizer=null",
-            f"data.max_seq_len={SEQ}",
-            "train.batch_size=1",
-            "train.grad_accum=1",
-            f"lora.r={RANK}",
-            f"lora.alpha={2 * RANK}",
-            "target=tpu-v5e-1",
-            "format=json",
-        ],
+    out = _toolchain.run_plan(
+        "recipe=llama_qlora",
+        f"model.path={model_dir}",
+        "model.tokenizer=null",
+        f"data.max_seq_len={SEQ}",
+        "train.batch_size=1",
+        "train.grad_accum=1",
+        f"lora.r={RANK}",
+        f"lora.alpha={2 * RANK}",
+        "target=tpu-v5e-1",
+        "format=json",
         # as a user runs it: the default matmul precision (tests/conftest.py sets 'highest',
         # which splash attention refuses for bf16)
-        env=_toolchain.ENV | {"JAX_DEFAULT_MATMUL_PRECISION": "default"},
-        cwd=_toolchain.ROOT,
-        capture_output=True,
-        text=True,
+        env={"JAX_DEFAULT_MATMUL_PRECISION": "default"},
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
