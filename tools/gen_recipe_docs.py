@@ -178,7 +178,8 @@ MEANINGS: dict[str, str] = {
     "train.optimizer_offload": "`host`: optimizer state kept in host memory (`pinned_host`) "
     "between steps and streamed to the device one parameter's state at a time for the update "
     "(bitsandbytes' paged optimizers, the JAX way): device memory drops by about the state's "
-    "size (docs/memory.md).",
+    "size (docs/memory.md). Refused on devices with no host memory space, as JAX's "
+    "compile-only GPU devices (`jaxlora.plan` for a GPU target) are.",
     "train.loss_scale_init": "`model.compute_dtype` or `quant.compute_dtype` `float16`: the "
     "first loss scale (torch's "
     "GradScaler: 2^16). A step whose gradients overflow is skipped and the scale halved.",
