@@ -7,7 +7,10 @@ benchmark's tiny model that was 32,000 minor page faults and about 55 ms of kern
 105 ms step (``tools/bench_train.py``; docs/benchmarks.md). Keeping the memory mapped removes
 them. The four ``mallopt`` settings below are what measured that way; any one alone does not.
 With two arenas instead of one the effect came and went from run to run (which arena a
-thread lands in), so all threads share one.
+thread lands in), so all threads share one. A fifth, no block ever ``mmap``-ed
+(``M_MMAP_MAX`` 0), covers what glibc's 32 MiB cap on ``M_MMAP_THRESHOLD`` leaves out: a step
+whose temporaries XLA allocates as one block above 32 MiB (the chunked loss's tiny-model step:
+131 MiB) was mapped and unmapped, and its 33,000 pages faulted in again, on every step.
 
 :func:`tune_allocator` applies them to the running process. It must run before the first JAX
 computation (before XLA's threads have their arenas); ``python -m jaxlora.train`` calls it
@@ -27,13 +30,14 @@ import sys
 log = logging.getLogger(__name__)
 
 # mallopt parameters (glibc malloc.h) and the values measured.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
 # (mallopt parameter, its name, the environment variable glibc reads at start-up, value)
 SETTINGS = (
     (M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", "MALLOC_MMAP_THRESHOLD_", 32 << 20),  # heap up to 32 MiB
     (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD", "MALLOC_TRIM_THRESHOLD_", (1 << 31) - 1),  # keep the top
     (M_TOP_PAD, "M_TOP_PAD", "MALLOC_TOP_PAD_", 512 << 20),  # grow in 512 MiB steps (addresses)
     (M_ARENA_MAX, "M_ARENA_MAX", "MALLOC_ARENA_MAX", 1),  # one arena for all threads
+    (M_MMAP_MAX, "M_MMAP_MAX", "MALLOC_MMAP_MAX_", 0),  # larger blocks from the heap too
 )
 ENV = "JAXLORA_HOST_ALLOCATOR"
 

@@ -22,9 +22,46 @@ def _run(env_extra: dict[str, str], before: str = "") -> list[str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
-def test_applies_all_four_settings_once():
+def test_applies_all_five_settings_once():
     first, again = _run({})
-    assert first == again == ("tuned: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX")
+    assert first == again == (
+        "tuned: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX, M_MMAP_MAX"
+    )
+
+
+# Allocate, touch and free a 128 MiB block (what XLA:CPU does with a step's temporaries, one
+# block above glibc's 32 MiB mmap-threshold cap for the chunked loss's step) three times; print
+# the minor page faults of the last two rounds.
+REUSE = """
+import ctypes, resource
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+n = 128 << 20
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(ctypes.c_void_p(p))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+@pytest.mark.parametrize("allocator", ["tuned", "default"])
+def test_a_large_freed_block_comes_back_without_page_faults_once_tuned(allocator):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env |= {"JAX_PLATFORMS": "cpu", "JAXLORA_HOST_ALLOCATOR": allocator}
+    code = "import jaxlora.training.host as h; h.tune_allocator()\n" + REUSE
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    faults = int(out.stdout.split()[-1])
+    pages = 2 * (128 << 20) // os.sysconf("SC_PAGE_SIZE")  # the two later rounds' pages
+    if allocator == "tuned":  # the block stays in the heap: its pages are already there
+        assert faults < pages // 20, faults
+    else:  # glibc unmaps it on free, and the next round faults every page in again
+        assert faults > pages // 2, faults
 
 
 def test_leaves_the_allocator_alone_when_asked_configured_or_on_an_accelerator():
