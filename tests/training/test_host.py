@@ -24,8 +24,10 @@ def _run(env_extra: dict[str, str], before: str = "") -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_applies_all_five_settings_once():
     first, again = _run({})
-    assert first == again == (
-        "tuned: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX, M_MMAP_MAX"
+    assert (
+        first
+        == again
+        == ("tuned: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD, M_ARENA_MAX, M_MMAP_MAX")
     )
 
 
