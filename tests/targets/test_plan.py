@@ -59,19 +59,28 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(
     scope="module",
     params=[
-        pytest.param(p, marks=pytest.mark.skipif(p in MISSING, reason=MISSING.get(p, "")))
+        pytest.param(
+            p,
+            marks=[
+                pytest.mark.skipif(p in MISSING, reason=MISSING.get(p, "")),
+                pytest.mark.xdist_group(f"plan_{p}"),
+            ],
+        )
         for p in ("tpu", "gpu")
     ],
 )
 def plans(request, tmp_path_factory, model_dir):
     """``(platform, [one device, fsdp=8, data2×fsdp2×tensor2, fsdp=8 scanned])``: the four
     compiles of plan_run.py, made once per platform and test session (a compile of the CI model
-    takes 3-10 min on the 2-core CI machine). Under pytest-xdist the workers share them through
-    the session's common temporary directory, the first to ask compiling while the others wait
-    on a lock, so it does not matter which worker gets which test: grouping the tests on one
-    worker with ``xdist_group`` would serialise the two platforms' compiles, and did not even
-    hold with pytest 9.2 + pytest-xdist 3.8.0 (pytest-dev/pytest-xdist#1386), when every
-    worker compiled both (measured in CI, GPU 750 + 694 s)."""
+    takes 3-16 min on the 2-core CI machine, beside the other worker's tests). Each platform's
+    tests are an xdist group of their own (``plan_tpu``, ``plan_gpu``): one worker compiles a
+    platform and runs its tests in turn, while the other goes on with other work (in one CI run
+    the second TPU test waited 144 s on another worker for the compile), and xdist starts the
+    two groups early, with the other groups, rather than where tests/targets/ falls in the
+    collection (two thirds of the way through). Should a worker still meet a compile made
+    elsewhere (groups ignored, as pytest 9.2 + pytest-xdist 3.8.0 did: pytest-dev/pytest-xdist
+    #1386), the workers share it through the session's common temporary directory: the first
+    to ask compiles, the others wait on a lock."""
     platform = request.param
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
