@@ -11,12 +11,16 @@ import pytest
 SNIPPET = "import jaxlora.training.host as h; {before}print(h.tune_allocator()); print(h.tune_allocator())"
 
 
-def _run(env_extra: dict[str, str], before: str = "") -> list[str]:
+def _python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -c code`` on the CPU, with no allocator setting from this environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("JAXLORA_HOST_ALLOCATOR", None)
     env |= {"JAX_PLATFORMS": "cpu"} | env_extra
-    code = SNIPPET.format(before=before)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def _run(env_extra: dict[str, str], before: str = "") -> list[str]:
+    out = _python(SNIPPET.format(before=before), env_extra)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
@@ -53,10 +57,8 @@ print(sum(faults[1:]))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 @pytest.mark.parametrize("allocator", ["tuned", "default"])
 def test_a_large_freed_block_comes_back_without_page_faults_once_tuned(allocator):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env |= {"JAX_PLATFORMS": "cpu", "JAXLORA_HOST_ALLOCATOR": allocator}
     code = "import jaxlora.training.host as h; h.tune_allocator()\n" + REUSE
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _python(code, {"JAXLORA_HOST_ALLOCATOR": allocator})
     assert out.returncode == 0, out.stderr
     faults = int(out.stdout.split()[-1])
     pages = 2 * (128 << 20) // os.sysconf("SC_PAGE_SIZE")  # the two later rounds' pages
@@ -85,11 +87,7 @@ def test_refuses_after_jax_has_run():
 
 
 def test_bad_setting_is_an_error():
-    env = {k: v for k, v in os.environ.items() if k != "JAXLORA_HOST_ALLOCATOR"}
-    env["JAXLORA_HOST_ALLOCATOR"] = "fast"
-    out = subprocess.run(
-        [sys.executable, "-c", SNIPPET.format(before="")], env=env, capture_output=True, text=True
-    )
+    out = _python(SNIPPET.format(before=""), {"JAXLORA_HOST_ALLOCATOR": "fast"})
     assert (
         out.returncode != 0 and "JAXLORA_HOST_ALLOCATOR must be 'tuned' or 'default'" in out.stderr
     )
