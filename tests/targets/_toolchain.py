@@ -12,9 +12,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
+# The compiling processes build the program a TPU or GPU would run: JAX's default matmul
+# precision, not the "highest" tests/conftest.py sets for CPU parity tests (with it, XLA
+# compiles float32 dots as multi-pass bf16 / 3xTF32 programs: the CI model's four GPU compiles
+# took 699 CPU-s instead of 228, the TPU ones 324 instead of 210, on a 2-core AMD EPYC).
 ENV = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
+    "JAX_DEFAULT_MATMUL_PRECISION": "default",
     "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
 }
 

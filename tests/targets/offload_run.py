@@ -13,10 +13,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-# The step is compiled as it runs on a TPU: bf16 matmuls at the default precision (the test
-# suite's "highest", inherited from pytest, would make splash attention refuse bf16 inputs).
-os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "default"
-
 from jaxlora.config import load_config  # noqa: E402
 from jaxlora.training.plan import compile_step  # noqa: E402
 

@@ -50,6 +50,14 @@ def for_attention(gather_line: str) -> bool:
     return False
 
 
+def in_layers(gather_line: str) -> bool:
+    """Whether an all-gather belongs to a decoder layer (its op_name runs through
+    ``model/layers/``), where every 4-bit weight is, rather than to the embedding, the head or
+    the loss."""
+    name = re.search(r'op_name="([^"]*)"', gather_line)
+    return bool(name) and "model/layers/" in name.group(1)
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--platform", choices=sorted(RUNS), required=True)
 parser.add_argument("--model", required=True, help="a directory with config.json (no weights)")
@@ -97,8 +105,13 @@ for seq in args.seq:
                     for lp in flops.loops(plan.hlo_text)
                 ],
                 "gathered_bytes": gathered,
-                "gathered_16bit_shapes": sorted(
-                    {a.dims for g in gathers for a in g.results if a.dtype in ("bf16", "f16")}
+                "gathered_16bit": sorted(
+                    {
+                        (a.dims, in_layers(g.line))
+                        for g in gathers
+                        for a in g.results
+                        if a.dtype in ("bf16", "f16")
+                    }
                 ),
                 "attention_gathers": [g.line[:300] for g in gathers if for_attention(g.line)],
             }

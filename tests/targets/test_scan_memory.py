@@ -39,9 +39,6 @@ def plan(model_dir: Path) -> dict:
         f"lora.alpha={2 * RANK}",
         "target=tpu-v5e-1",
         "format=json",
-        # as a user runs it: the default matmul precision (tests/conftest.py sets 'highest',
-        # which splash attention refuses for bf16)
-        env={"JAX_DEFAULT_MATMUL_PRECISION": "default"},
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
