@@ -1,5 +1,5 @@
-"""Sharded train steps equal the single-device run (8 fake CPU devices, each run in its own
-process), and two processes × 4 devices equal one process × 8 devices: the first step's loss and
+"""Sharded train steps equal the single-device run (8 fake CPU devices; one process runs every
+mesh of a quantization in turn, the one-device reference on the first device), and two processes × 4 devices equal one process × 8 devices: the first step's loss and
 gradients to a reduction order, a 5-step SGD trajectory to float32 rounding, and the train CLI's
 AdamW run to Adam-amplified rounding (bounds and the measurements behind them below)."""
 
@@ -20,12 +20,14 @@ pytestmark = [pytest.mark.multidevice, pytest.mark.slow, pytest.mark.xdist_group
 SCRIPT = Path(__file__).parent / "multidevice" / "mesh_run.py"
 
 
-def _run(tmp_path, mesh, quant, devices=8, env=None, name=None):
-    out = tmp_path / f"{name or mesh.replace(',', '_')}_{quant}.json"
-    cmd = [sys.executable, str(SCRIPT), "--mesh", mesh, "--quant", quant]
+MESHES = ["1,8,1", "1,4,2", "2,2,2"]  # data,fsdp,tensor
+
+
+def _run(out: Path, quant: str, meshes: list[str], devices: int = 8) -> dict[str, dict]:
+    """mesh_run.py in one process over ``meshes`` in turn: ``{mesh: result}``."""
+    cmd = [sys.executable, str(SCRIPT), "--mesh", *meshes, "--quant", quant]
     cmd += ["--devices", str(devices), "--out", str(out)]
-    env = {**os.environ, **(env or {})}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -80,21 +82,23 @@ def _assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return {q: _run(d, "1,1,1", q, devices=1) for q in ("none", "nf4")}
+def runs(tmp_path_factory):
+    """``{quant: {mesh: result}}``: the one-device reference and every mesh, one process per
+    quantization (a process's start and imports cost more than these tiny steps)."""
+    d = tmp_path_factory.mktemp("meshes")
+    return {q: _run(d / f"{q}.json", q, ["1,1,1", *MESHES]) for q in ("none", "nf4")}
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-@pytest.mark.parametrize("mesh", ["1,8,1", "1,4,2", "2,2,2"])
-def test_mesh_equals_single_device(single, tmp_path, mesh, quant):
-    res = _run(tmp_path, mesh, quant)
-    assert res["devices"] == 8
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_equals_single_device(runs, mesh, quant):
+    res, single = runs[quant][mesh], runs[quant]["1,1,1"]
+    assert (res["devices"], single["devices"]) == (8, 1)
     # the weights really are split: some spec names fsdp (and tensor when the mesh has it)
     assert any("fsdp" in s for s in res["specs"])
     if mesh.endswith(",2"):
         assert any("tensor" in s for s in res["specs"])
-    _assert_same(res, single[quant])
+    _assert_same(res, single)
 
 
 def _free_port() -> int:
@@ -103,8 +107,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    one = _run(tmp_path, "1,8,1", "nf4", name="one")
+def test_two_processes_equal_one(runs, tmp_path):
+    one = runs["nf4"]["1,8,1"]
     port = _free_port()
     outs = [tmp_path / f"two_{i}.json" for i in range(2)]
     procs = []
@@ -122,7 +126,7 @@ def test_two_processes_equal_one(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    two = json.loads(outs[0].read_text())
+    two = json.loads(outs[0].read_text())["1,8,1"]
     assert (two["processes"], two["devices"]) == (2, 8)
     assert not outs[1].exists()  # results are written once, by process 0
     _assert_same(two, one)

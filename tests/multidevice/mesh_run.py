@@ -1,9 +1,12 @@
-"""Five sharded QLoRA/LoRA train steps on fake CPU devices; writes the first step's loss and
-gradients, the per-step losses and the initial and final adapters as JSON.
+"""Five sharded QLoRA/LoRA train steps on fake CPU devices, for each mesh asked; writes, per
+mesh, the first step's loss and gradients, the per-step losses and the initial and final
+adapters as JSON (``{"2,2,2": {...}, ...}``).
 
-Run in its own process (the device count is fixed at JAX start-up)::
+Run in its own process (the device count is fixed at JAX start-up); one process runs every mesh
+it is given in turn, each on the first ``data × fsdp × tensor`` of its devices (``1,1,1``: the
+one-device reference)::
 
-    python tests/multidevice/mesh_run.py --mesh 2,2,2 --quant nf4 --devices 8 --out r.json
+    python tests/multidevice/mesh_run.py --mesh 1,1,1 2,2,2 --quant nf4 --devices 8 --out r.json
 
 ``--optimizer sgd`` (the default) takes plain gradient steps, whose result is a smooth function
 of the gradients, so a float32 rounding difference stays a rounding difference;
@@ -27,7 +30,7 @@ import os
 import sys
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor")
+parser.add_argument("--mesh", nargs="+", default=["1,1,1"], help="data,fsdp,tensor (each)")
 parser.add_argument("--quant", default="none", choices=["none", "nf4"])
 parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
 parser.add_argument("--devices", type=int, default=8, help="fake CPU devices in this process")
@@ -138,9 +141,10 @@ def to_lists(tree):
     return {k: np.asarray(v, np.float64).tolist() for k, v in flat(gathered).items()}
 
 
-def main():
-    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-    mesh = sharding.make_mesh(data, fsdp, tensor)
+def run(mesh_arg: str) -> dict:
+    data, fsdp, tensor = (int(x) for x in mesh_arg.split(","))
+    size = data * fsdp * tensor
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=jax.devices()[:size])
     rules = MeshConfig().rules
     frozen, trainable = build()
     init = {k: np.asarray(v, np.float64).tolist() for k, v in flat(trainable).items()}
@@ -176,18 +180,21 @@ def main():
         losses.append(float(m["loss"]))
         if s == 0:
             grads0 = to_lists(opt[0])
-    adapters = to_lists(trainable)
-    if pi == 0:
-        out = {
-            "optimizer": args.optimizer,
-            "losses": losses,
-            "grads0": grads0,
-            "init": init,
-            "adapters": adapters,
-            "specs": sorted(specs),
-            "devices": jax.device_count(),
-            "processes": pc,
-        }
+    return {
+        "optimizer": args.optimizer,
+        "losses": losses,
+        "grads0": grads0,
+        "init": init,
+        "adapters": to_lists(trainable),
+        "specs": sorted(specs),
+        "devices": mesh.size,
+        "processes": len({d.process_index for d in mesh.devices.flat}),
+    }
+
+
+def main():
+    out = {m: run(m) for m in args.mesh}
+    if jax.process_index() == 0:
         with open(args.out, "w") as f:
             json.dump(out, f)
 
