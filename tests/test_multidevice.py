@@ -1,7 +1,8 @@
 """Sharded train steps equal the single-device run (8 fake CPU devices; one process runs every
-mesh of a quantization in turn, the one-device reference on the first device), and two processes × 4 devices equal one process × 8 devices: the first step's loss and
-gradients to a reduction order, a 5-step SGD trajectory to float32 rounding, and the train CLI's
-AdamW run to Adam-amplified rounding (bounds and the measurements behind them below)."""
+mesh of a quantization in turn, the one-device reference on the first device), and two
+processes × 4 devices equal one process × 8 devices: the first step's loss and gradients to a
+reduction order, a 5-step SGD trajectory to float32 rounding, and the train CLI's AdamW run to
+Adam-amplified rounding (bounds and the measurements behind them below)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ SCRIPT = Path(__file__).parent / "multidevice" / "mesh_run.py"
 MESHES = ["1,8,1", "1,4,2", "2,2,2"]  # data,fsdp,tensor
 
 
-def _run(out: Path, quant: str, meshes: list[str], devices: int = 8) -> dict[str, dict]:
-    """mesh_run.py in one process over ``meshes`` in turn: ``{mesh: result}``."""
+def _run(out: Path, quant: str, meshes: list[str]) -> dict[str, dict]:
+    """mesh_run.py in one process of 8 devices over ``meshes`` in turn: ``{mesh: result}``."""
     cmd = [sys.executable, str(SCRIPT), "--mesh", *meshes, "--quant", quant]
-    cmd += ["--devices", str(devices), "--out", str(out)]
+    cmd += ["--devices", "8", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
