@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -679,29 +678,6 @@ def stream_files(assets, tmp_path_factory) -> dict[str, Path]:
     return {"shards": d / "shards", "texts": d / "texts.jsonl"}
 
 
-@pytest.fixture
-def compile_cache(tmp_path_factory, monkeypatch):
-    """One persistent XLA cache for these runs, in this process and in the killed child (JAX
-    reads the same settings from the environment): the step compiles once, not in every run.
-    A cached executable is the same program, so results stay bit-identical."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "xla_cache"),
-        "jax_persistent_cache_min_compile_time_secs": 0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    before = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-        monkeypatch.setenv(k.upper(), str(v))
-    compilation_cache.reset_cache()
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
 def _kill_after_a_checkpoint(args: list[str], out: Path, steps: int) -> int:
     """Run ``python -m jaxlora.train args`` and SIGKILL it once a checkpoint is committed and
     training has moved past it; returns the checkpoint step a resume starts from."""
@@ -737,9 +713,7 @@ def _data_state(out: Path, step: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["streamed_shards", "mixture"])
-def test_stream_killed_and_resumed_equals_uninterrupted(
-    assets, stream_files, compile_cache, tmp_path, kind
-):
+def test_stream_killed_and_resumed_equals_uninterrupted(assets, stream_files, tmp_path, kind):
     """Parquet shards streamed (max_examples=60 of 96, so the run goes through several
     reshuffled epochs), or a weighted 2-source mixture (the shards as alpaca, weight 3; the text
     file as text, weight 1): the run killed with SIGKILL after a checkpoint and resumed ends
