@@ -225,3 +225,70 @@ def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
     cfg = types.SimpleNamespace(mesh=types.SimpleNamespace(data=1, fsdp=1, tensor=1))
     batch, best = plan_mod.search_batch(cfg, "tpu-v5e-1")
     assert batch == 1 and best.micro_batch == 1
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        "linear",  # bytes grow by the same amount per row: the line predicts the boundary
+        "kinked",  # growth doubles past 9 rows (a buffer laid out anew): the guess overshoots
+        "flat",  # the same bytes at every micro-batch: everything up to the limit fits
+        "refused",  # past 13 rows the compiler refuses the step (no byte figures)
+    ],
+)
+@pytest.mark.parametrize("unit", [1, 4])
+def test_batch_search_finds_the_boundary_bisection_finds_in_fewer_compiles(
+    monkeypatch, profile, unit
+):
+    """search_batch against every micro-batch compiled in turn: the same largest micro-batch
+    that fits, and, where bytes grow linearly, 4 compiles (1, 2, the line's guess and the one
+    above it) where doubling and bisecting take about 2·log2 of the answer."""
+    from jaxlora.training import plan as plan_mod
+
+    device = 80 * GiB
+    base, per_row = 20 * GiB, (3 * GiB) // 2
+
+    def total(rows: int) -> int | None:
+        k = rows // unit
+        if profile == "flat":
+            return base
+        if profile == "refused" and k > 13:
+            return None
+        grow = per_row * k if profile != "kinked" else per_row * (k + max(0, k - 9))
+        return base + grow
+
+    compiled = []
+
+    def fake_compile(cfg, target, *, micro_batch=None):
+        compiled.append(micro_batch)
+        t = total(micro_batch)
+        fits = t is not None and t <= (1 - plan_mod.HEADROOM) * device
+        per_device = {"total_bytes": t, "device_bytes": device, "fits": fits}
+        return types.SimpleNamespace(micro_batch=micro_batch, per_device=per_device)
+
+    class Mesh:
+        shape = {"data": 1, "fsdp": unit, "tensor": 1}
+
+    monkeypatch.setattr(plan_mod, "compile_step", fake_compile)
+    monkeypatch.setattr(plan_mod.targets, "compile_mesh", lambda *a, **k: Mesh())
+    monkeypatch.setattr(plan_mod.targets, "get_target", lambda name: None)
+    cfg = types.SimpleNamespace(mesh=types.SimpleNamespace(data=1, fsdp=unit, tensor=1))
+    limit = 256
+    expected = max(
+        (
+            k * unit
+            for k in range(1, limit // unit + 1)
+            if fake_compile(cfg, "", micro_batch=k * unit).per_device["fits"]
+        ),
+        default=0,
+    )
+    compiled.clear()
+    batch, best = plan_mod.search_batch(cfg, "h100-8", limit=limit)
+    assert batch == expected and best.micro_batch == expected
+    assert len(compiled) == len(set(compiled))  # no micro-batch compiled twice
+    assert all(b % unit == 0 for b in compiled)
+    if profile == "linear":
+        # (72 - 20) / 1.5 = 34.67: 34 units fit, 35 do not
+        assert expected == 34 * unit and compiled == [unit * k for k in (1, 2, 34, 35)]
+    if profile == "flat":
+        assert expected == limit
