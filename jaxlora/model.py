@@ -75,9 +75,10 @@ class Model:
     kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
     adapter_set: AdapterSet | None = None  # adapters loaded by name (load_adapter(..., name=))
 
-    def module(self, remat: str = "none") -> LlamaForCausalLM:
+    def module(self, remat: str = "none", mlp_chunk: int = 0) -> LlamaForCausalLM:
         """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
-        them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise."""
+        them stacked (:func:`jaxlora.models.stacking.stack_layers`), unrolled otherwise;
+        ``remat`` and ``mlp_chunk`` as ``train.remat`` and ``train.mlp_chunk``."""
         if id(self) in _DISABLED.get():
             raise lora.LoraError(
                 "this model's adapters are disabled inside `with model.disable_adapter() as "
@@ -93,6 +94,7 @@ class Model:
             remat=remat,
             attn_impl=AttentionImpl(k.attention, k.interpret, k.attention_mesh),
             runs=stacked_runs(self.params),
+            mlp_chunk=mlp_chunk,
         )
 
     def __call__(

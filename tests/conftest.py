@@ -30,7 +30,30 @@ def _session_compile_cache() -> str | None:
 
 _OWN_COMPILE_CACHE = _session_compile_cache()
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo run, ``python -m jaxlora.train output_dir=...`` (the demo recipe:
+    QLoRA, 200 steps, evals, samples and exact match), trained once per test process for the
+    tests of xdist group ``demo``, which read it: the README's generate command on its adapter,
+    and its final eval loss against LoRA's. Samples are greedy and evals read the weights
+    only, so the training is the one a run without them makes."""
+    from jaxlora import train
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the demo recipe's paths are relative to the repository root
+    try:
+        assert train.main([f"output_dir={out}"]) == 0
+    finally:
+        os.chdir(cwd)
+    return out
 
 
 def pytest_unconfigure(config):

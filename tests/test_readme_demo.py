@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from jaxlora import train
 from jaxlora.generate import main as generate_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +30,10 @@ def _readme_generate() -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-def test_readme_generate_answers_the_held_out_question_as_shown(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the demo recipe's paths are relative to the repository root
-    run = tmp_path / "demo"
-    assert train.main([f"output_dir={run}"]) == 0
+@pytest.mark.xdist_group("demo")
+def test_readme_generate_answers_the_held_out_question_as_shown(demo_run, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the command's paths are relative to the repository root
+    run = demo_run  # `python -m jaxlora.train output_dir=...` (tests/conftest.py)
     argv, shown = _readme_generate()
     assert "adapter=runs/demo/adapter" in argv
     argv = [f"adapter={run / 'adapter'}" if a.startswith("adapter=") else a for a in argv]

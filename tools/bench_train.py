@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="jaxlora's train.loss_chunk: tokens per chunk of the cross-entropy, 0 = whole "
         "logits (default: the recipe default)",
     )
+    p.add_argument(
+        "--mlp-chunk",
+        type=int,
+        default=TrainConfig.mlp_chunk,
+        help="jaxlora's train.mlp_chunk: tokens per tile of every layer's MLP, 0 = whole "
+        "sequences (default: the recipe default)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument(
         "--dtype",
@@ -156,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = args.cpus if args.threads is None else args.threads
     if args.loss_chunk < 0:
         p.error(f"--loss-chunk must be >= 0 (0 = whole logits), got {args.loss_chunk}")
+    if args.mlp_chunk < 0:
+        p.error(f"--mlp-chunk must be >= 0 (0 = whole sequences), got {args.mlp_chunk}")
     for name in ("batch", "seq", "steps", "warmup", "rounds", "rank", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -227,7 +236,7 @@ class JaxloraSide:
             memory, out = (here, host), {"out_shardings": (None, host, None)}
             self.opt_state = jax.device_put(self.opt_state, host)
         remat = {"off": "none", "on": "full", "offload": "offload"}[args.remat]
-        module = model.module(remat=remat).clone(attn_impl=args.jax_attn)
+        module = model.module(remat=remat, mlp_chunk=args.mlp_chunk).clone(attn_impl=args.jax_attn)
         self._step = jax.jit(
             make_train_step(
                 module,

@@ -196,6 +196,12 @@ MEANINGS: dict[str, str] = {
     "the head (a masked prompt or padding is skipped: 1.25x the tokens/s on the 57m shape "
     "with the demo data, CPU). Same loss and gradients as `0` (whole logits, every "
     "token) up to summation order. See memory.md.",
+    "train.mlp_chunk": "Tokens per tile of every layer's MLP, all rows of a micro-batch "
+    "together (`mlp_chunk // batch` positions of each row): the MLP runs over the sequence a "
+    "tile at a time, each tile rematerialized, so the backward holds one tile's "
+    "`[tokens, intermediate]` activations instead of the whole sequence's (Llama-3-8B at 8,192 "
+    "tokens: 448 MiB each in float32). For long sequences; same logits and gradients as `0` "
+    "(the whole sequence at once) up to summation order. See memory.md.",
     "train.seed": "Seed for adapter init, dropout and (unless `data.shuffle_seed`) data order.",
     "train.log_every": "Write a `metrics.jsonl` / TensorBoard record every N steps (the first "
     "and last step and every eval step are always written).",

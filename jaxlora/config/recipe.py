@@ -281,6 +281,7 @@ class TrainConfig(Section):
                 "weight_decay",
                 "exact_match_examples",
                 "loss_chunk",
+                "mlp_chunk",
             ],
             GE0,
         ),
@@ -323,6 +324,9 @@ class TrainConfig(Section):
     # tokens per chunk of the cross-entropy, all rows of a micro-batch together; only tokens in
     # the loss go through the head (0 = whole [tokens, vocab] logits, every token)
     loss_chunk: int = 512
+    # tokens per tile of every layer's MLP, all rows of a micro-batch together: the backward
+    # holds one tile's [tokens, intermediate] activations at a time (0 = the whole sequence)
+    mlp_chunk: int = 0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

@@ -24,7 +24,7 @@ from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
 from jaxlora.models.falcon_config import FalconConfig
-from jaxlora.models.llama import Embed, Layers, Linear, attend_heads, rope
+from jaxlora.models.llama import Embed, Layers, Linear, attend_heads, rope, tiled_mlp
 from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight by its Hugging Face module name (see llama.MODULE_AXES). The
@@ -90,6 +90,7 @@ class FalconAttention(nn.Module):
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
     sliding_window: int | None = None
+    mlp_chunk: int = 0  # tokens per MLP tile (jaxlora.models.llama.tiled_mlp)
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
@@ -131,6 +132,7 @@ class FalconDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
     sliding_window: int | None = None
+    mlp_chunk: int = 0  # tokens per MLP tile (jaxlora.models.llama.tiled_mlp)
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
@@ -144,9 +146,10 @@ class FalconDecoderLayer(nn.Module):
         if cfg.new_decoder_architecture or cfg.parallel_attn:
             h_mlp = norm("ln_mlp")(x) if two_norms else h_attn
             # transformers: mlp_output += attn; residual +
-            return x + (mlp(h_mlp, dropout_key) + a), cache
+            return x + (tiled_mlp(mlp, h_mlp, dropout_key, self.mlp_chunk) + a), cache
         x = x + a
-        return x + mlp(norm("post_attention_layernorm")(x), dropout_key), cache
+        h = norm("post_attention_layernorm")(x)
+        return x + tiled_mlp(mlp, h, dropout_key, self.mlp_chunk), cache
 
 
 class FalconModel(nn.Module):
@@ -156,6 +159,7 @@ class FalconModel(nn.Module):
     remat: str = "none"
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
+    mlp_chunk: int = 0
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None):
@@ -163,7 +167,14 @@ class FalconModel(nn.Module):
         embed = Embed(cfg.vocab_size, cfg.hidden_size, pd, name="word_embeddings")()
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
         layers = Layers(
-            cfg, self.remat, pd, self.attn_impl, self.runs, block=FalconDecoderLayer, name="h"
+            cfg,
+            self.remat,
+            pd,
+            self.attn_impl,
+            self.runs,
+            block=FalconDecoderLayer,
+            mlp_chunk=self.mlp_chunk,
+            name="h",
         )
         x, caches = layers(x, positions, segment_ids, caches)
         x = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon, pd, name="ln_f")(x)
@@ -181,6 +192,7 @@ class FalconForCausalLM(nn.Module):
     remat: str = "none"
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
+    mlp_chunk: int = 0
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
@@ -192,6 +204,7 @@ class FalconForCausalLM(nn.Module):
             self.remat,
             self.attn_impl,
             self.runs,
+            self.mlp_chunk,
             name="transformer",
         )(input_ids, positions, segment_ids, caches)
         if return_hidden:

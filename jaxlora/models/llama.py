@@ -311,11 +311,50 @@ class MLP(nn.Module):
         return lin("down_proj", d, f)(act(gate, up))
 
 
+def tiled_mlp(mlp: nn.Module, x: jax.Array, dropout_key: jax.Array | None, tokens: int):
+    """``mlp(x, dropout_key)`` for ``x [B, S, d]``, a tile of ``tokens // B`` positions of every
+    row at a time (``train.mlp_chunk``; 0, or a sequence that fits one tile: the whole).
+
+    The MLP is position-wise, so its tiles are independent: a scan over them, each tile
+    rematerialized, holds the MLP's ``[B, S, intermediate]`` activations one tile at a time in
+    the backward pass instead of all at once (at Llama-3-8B's 14,336 and S = 8192 each is
+    448 MiB in float32, and a layer's backward holds several). Its weights are the same in every
+    tile (broadcast, not stacked); LoRA dropout folds the tile's index into the layer's key,
+    so every tile draws its own mask. A sequence that is not a whole number of tiles is padded
+    with zeros to one and cut back: the padding's outputs are dropped, and the weights'
+    gradients get nothing from it (a zero input row adds nothing to ``xᵀ·dy``, and ``dy`` is
+    zero there)."""
+    B, S, _ = x.shape
+    size = max(1, tokens // B)
+    if not tokens or size >= S:
+        return mlp(x, dropout_key)
+    n = -(-S // size)
+    padded = jnp.pad(x, ((0, 0), (0, n * size - S), (0, 0)))
+    tiles = rearrange(padded, "b (n c) d -> n b c d", n=n)
+    keys = None
+    if dropout_key is not None:
+        keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(n))
+
+    def body(module, carry, tile):
+        x_tile, key = tile
+        return carry, module(x_tile, key)
+
+    scan = nn.scan(
+        nn.remat(body, prevent_cse=False),
+        variable_broadcast="params",
+        split_rngs={"params": False},
+        length=n,
+    )
+    _, out = scan(mlp, None, (tiles, keys))
+    return rearrange(out, "n b c d -> b (n c) d")[:, :S]
+
+
 class DecoderLayer(nn.Module):
     config: LlamaConfig
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
     sliding_window: int | None = None
+    mlp_chunk: int = 0  # tokens per MLP tile (tiled_mlp); 0 = the whole sequence
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
@@ -327,7 +366,8 @@ class DecoderLayer(nn.Module):
             return self._gemma_rest(x, h, dropout_key), cache
         x = x + h
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, pd, name="mlp")(h, dropout_key), cache
+        mlp = MLP(cfg, pd, name="mlp")
+        return x + tiled_mlp(mlp, h, dropout_key, self.mlp_chunk), cache
 
     def _gemma_rest(self, x, h, dropout_key):
         """Gemma's sandwich: the attention output and the MLP's each normalised again before
@@ -335,7 +375,8 @@ class DecoderLayer(nn.Module):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, True, name=name)
         x = x + norm("post_attention_layernorm")(h)
-        h = MLP(cfg, pd, name="mlp")(norm("pre_feedforward_layernorm")(x), dropout_key)
+        h = norm("pre_feedforward_layernorm")(x)
+        h = tiled_mlp(MLP(cfg, pd, name="mlp"), h, dropout_key, self.mlp_chunk)
         return x + norm("post_feedforward_layernorm")(h)
 
 
@@ -367,6 +408,7 @@ class Layers(nn.Module):
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
     block: Any = None
+    mlp_chunk: int = 0  # tokens per MLP tile in every layer (tiled_mlp); 0 = whole sequences
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, caches=None):
@@ -414,7 +456,7 @@ class Layers(nn.Module):
             cache = None if caches is None else caches[j]
             keys = layer_keys(start, stop)
             if self.runs is None:
-                layer = layer_cls(cfg, *args, window, name=str(start))
+                layer = layer_cls(cfg, *args, window, self.mlp_chunk, name=str(start))
                 keys = None if keys is None else keys[0]
             else:
                 layer = nn.scan(
@@ -423,7 +465,7 @@ class Layers(nn.Module):
                     split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                     length=stop - start,
-                )(cfg, *args, window, name=run_key(start, stop))
+                )(cfg, *args, window, self.mlp_chunk, name=run_key(start, stop))
             x, cache = layer(x, rope_cs[window], masks[window], cache, segment_ids, keys)
             if cache is not None:
                 segs = k_segments if self.runs is None else jnp.stack([k_segments] * (stop - start))
@@ -453,6 +495,7 @@ class LlamaModel(nn.Module):
     remat: str = "none"
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
+    mlp_chunk: int = 0
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None):
@@ -461,7 +504,15 @@ class LlamaModel(nn.Module):
         x = jnp.take(embed, input_ids, axis=0).astype(self.dtype)  # (B, S, d)
         if cfg.gemma:  # sqrt(hidden), rounded to the compute dtype as transformers does
             x = x * jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(self.dtype)
-        layers = Layers(cfg, self.remat, self.param_dtype, self.attn_impl, self.runs, name="layers")
+        layers = Layers(
+            cfg,
+            self.remat,
+            self.param_dtype,
+            self.attn_impl,
+            self.runs,
+            mlp_chunk=self.mlp_chunk,
+            name="layers",
+        )
         x, caches = layers(x, positions, segment_ids, caches)
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.param_dtype, cfg.gemma, name="norm")(x)
         return x, embed, caches
@@ -474,7 +525,8 @@ class LlamaForCausalLM(nn.Module):
     attention to tokens of the same segment, which serves padding masks and packed batches alike.
     ``attn_impl`` names the attention implementation (static; chosen by whoever builds the step
     for its target: see :func:`jaxlora.models.attention.attention`); decoding is always eager.
-    ``runs`` scans the layers over stacked parameters (see :class:`Layers`).
+    ``runs`` scans the layers over stacked parameters (see :class:`Layers`); ``mlp_chunk``
+    runs every layer's MLP a tile of tokens at a time (:func:`tiled_mlp`).
     """
 
     config: LlamaConfig
@@ -483,12 +535,20 @@ class LlamaForCausalLM(nn.Module):
     remat: str = "none"
     attn_impl: str = "eager"
     runs: tuple[tuple[int, int], ...] | None = None
+    mlp_chunk: int = 0
 
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
         h, embed_w, caches = LlamaModel(
-            cfg, self.dtype, self.param_dtype, self.remat, self.attn_impl, self.runs, name="model"
+            cfg,
+            self.dtype,
+            self.param_dtype,
+            self.remat,
+            self.attn_impl,
+            self.runs,
+            self.mlp_chunk,
+            name="model",
         )(input_ids, positions, segment_ids, caches)
         if return_hidden:
             return h, caches

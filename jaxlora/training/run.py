@@ -344,7 +344,7 @@ def _in_host_memory(s: NamedSharding) -> NamedSharding:
 def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
     """``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``,
     jitted with explicit shardings; trainable params and optimizer state are donated."""
-    module = model.module(remat=cfg.train.remat)
+    module = model.module(remat=cfg.train.remat, mlp_chunk=cfg.train.mlp_chunk)
     offload = cfg.train.optimizer_offload == "host"
     memory = (sh.opt_state_device, sh.opt_state) if offload else None
     return jax.jit(
@@ -364,5 +364,5 @@ def jit_train_step(cfg: Config, model: Model, tx, sh: Shardings):
 
 def jit_eval_step(cfg: Config, model: Model):
     """``eval_step(trainable, frozen, batch) -> (loss_sum, token_count)``, jitted."""
-    module = model.module(remat=cfg.train.remat)
+    module = model.module(remat=cfg.train.remat, mlp_chunk=cfg.train.mlp_chunk)
     return jax.jit(make_eval_step(module, lora.combine, loss_chunk=cfg.train.loss_chunk))

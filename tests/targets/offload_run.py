@@ -19,7 +19,6 @@ from jaxlora.training.plan import compile_step  # noqa: E402
 OPTIONS = {
     "base": [],
     "optimizer_offload": ["train.optimizer_offload=host"],
-    "adamw_8bit": ["train.optimizer=adamw_8bit", "train.optimizer_8bit_min_size=0"],
     "remat_dots": ["train.remat=dots"],
     "remat_offload": ["train.remat=offload"],
 }

@@ -1,7 +1,8 @@
 """Host offload, compiled for a TPU chip: with ``train.optimizer_offload=host`` the optimizer
 state is in host memory, not among the device's arguments and outputs; with
-``train.remat=offload`` the residuals ``remat=dots`` keeps on the device are in host memory;
-``adamw_8bit``'s state is about a quarter of AdamW's. The offloaded state comes to the device
+``train.remat=offload`` the residuals ``remat=dots`` keeps on the device are in host memory
+(``adamw_8bit``'s state, a quarter of AdamW's, is a figure of the state's tree, not of a
+compile: tests/training/test_optimizers.py). The offloaded state comes to the device
 one parameter's state at a time, after the backward, so the step's device memory (HBM:
 arguments, temporaries, outputs) drops by about the state's size (docs/memory.md)."""
 
@@ -56,8 +57,6 @@ def test_offloaded_state_and_residuals_are_in_host_memory(tmp_path):
     # remat=offload keeps dots' residuals in host memory; dots keeps them on the device.
     dots, roff = plans["remat_dots"], plans["remat_offload"]
     assert dots["host_bytes"] == 0 and roff["host_bytes"] > 0
-    q8 = plans["adamw_8bit"]["optimizer_bytes"]
-    assert 0.25 <= q8 / state < 0.27
 
 
 @pytest.mark.skipif("gpu" in MISSING, reason=MISSING.get("gpu", ""))

@@ -70,9 +70,9 @@ def model_dir(tmp_path_factory):
     ],
 )
 def plans(request, tmp_path_factory, model_dir):
-    """``(platform, [one device, fsdp=8, data2×fsdp2×tensor2, fsdp=8 scanned])``: the four
-    compiles of plan_run.py, made once per platform and test session (a compile of the CI model
-    takes 3-16 min on the 2-core CI machine, beside the other worker's tests). Each platform's
+    """``(platform, [one device, the meshes])``: the compiles of plan_run.py (TPU: one device,
+    data2×fsdp2×tensor2, fsdp=8 scanned; GPU: one device, fsdp=8 scanned), made once per
+    platform and test session (about a minute of one core each on the 2-core CI machine). Each platform's
     tests are an xdist group of their own (``plan_tpu``, ``plan_gpu``): one worker compiles a
     platform and runs its tests in turn, while the other goes on with other work (in one CI run
     the second TPU test waited 144 s on another worker for the compile), and xdist starts the
@@ -96,20 +96,29 @@ def plans(request, tmp_path_factory, model_dir):
     return platform, json.loads(out.read_text())
 
 
+def _runs(plans):
+    """``(platform, one device, [the meshes' runs], scanned fsdp=8)``."""
+    platform, runs = plans
+    one, *meshes = runs
+    (scanned,) = [r for r in meshes if r["scan_layers"]]
+    return platform, one, meshes, scanned
+
+
 def test_real_step_compiles_sharded_with_the_kernel(plans):
-    platform, (one, fsdp8, mixed, scanned) = plans
-    assert (one["devices"], fsdp8["devices"], mixed["devices"]) == (1, 8, 8)
-    assert fsdp8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert mixed["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert not any(r["scan_layers"] for r in (one, fsdp8, mixed)) and scanned["scan_layers"]
-    for run in (one, fsdp8, mixed, scanned):
+    platform, one, meshes, scanned = _runs(plans)
+    assert one["devices"] == 1 and not one["scan_layers"]
+    assert [r["devices"] for r in meshes] == [8] * len(meshes)
+    assert scanned["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    meshes_compiled = [r["mesh"] for r in meshes if not r["scan_layers"]]
+    assert meshes_compiled == ([{"data": 2, "fsdp": 2, "tensor": 2}] if platform == "tpu" else [])
+    for run in (one, *meshes):
         assert run["kernels"]["matmul"] == {"tpu": "mosaic", "gpu": "triton"}[platform]
         assert KERNEL_CALL[platform] in run["custom_calls"], run["custom_calls"]
         # flash attention, on one device and on each device's rows and heads of a mesh
         # (shard_map): splash on TPU, Pallas flash for packed rows on GPU, forward and backward
         assert run["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
         assert ATTENTION_KERNELS[platform] <= set(run["pallas_kernels"]), run["pallas_kernels"]
-    for run in (fsdp8, mixed, scanned):
+    for run in meshes:
         # the kernel runs where the activations already are: no all-gather made for attention
         assert run["attention_gathers"] == [], run["attention_gathers"]
         # FSDP gathers the 4-bit codes and the 8-bit codes of their absmax; the only other
@@ -127,39 +136,41 @@ def test_real_step_compiles_sharded_with_the_kernel(plans):
 
 
 def test_step_flops_count_every_loop_iteration(plans):
-    platform, (one, fsdp8, mixed, scanned) = plans
+    platform, one, meshes, scanned = _runs(plans)
     # FLOPs per device, counted from the HLO on both platforms (jaxlora.targets.flops: dots,
     # convolutions, NF4 and flash attention calls), every loop body × its trip count: the
     # accumulation's 3, the loss chunks' 2 (1024 tokens / 512), the 4 quarters of the chunk the
     # last loss token falls in (a branch of a conditional: counted as computed, the upper
-    # bound) and, scanned, the layers' 2 forward and 2 backward. XLA:GPU writes each trip count, and it is the one the loop's
-    # induction variable gives; XLA:TPU writes none, and the induction variable gives them all.
-    for run in (one, fsdp8, mixed, scanned):
+    # bound) and, scanned, the layers' 2 forward and 2 backward. XLA:GPU writes each trip
+    # count, and it is the one the loop's induction variable gives; XLA:TPU writes none, and
+    # the induction variable gives them all.
+    for run in (one, *meshes):
         assert run["flops_source"] == "hlo_matmuls", run["flops_source"]
         assert run["flops_per_device"] == sum(run["flops_by_kind"].values())
         trips = sorted(lp["derived"] for lp in run["loops"])
         assert trips == ([2, 2, 2, 3, 4] if run is scanned else [2, 3, 4]), run["loops"]
         for lp in run["loops"]:
             assert lp["known"] == (lp["derived"] if platform == "gpu" else None), lp
-    # The scanned step runs the unrolled step's matmuls on the same mesh and one more: the first
-    # layer's input gradient through q, k and v (the NF4 base and LoRA's A), which the unrolled
-    # step drops (nothing before that layer trains) and a loop body, the same for every layer,
-    # cannot. Per device and micro-batch: 128 of the 8 × 128 tokens.
-    tokens, accum = 8 * 128 // 8, scanned["accum"]
-    s, u = scanned["flops_by_kind"], fsdp8["flops_by_kind"]
-    assert s["nf4"] - u["nf4"] == accum * 2 * tokens * HIDDEN * (HIDDEN + 2 * KV_WIDTH)
+    # The scanned step on 8 devices runs 1/8 of the unrolled one-device step's matmuls and one
+    # more: the first layer's input gradient through q, k and v (the NF4 base and LoRA's A),
+    # which the unrolled step drops (nothing before that layer trains) and a loop body, the
+    # same for every layer, cannot. Over the 8 devices, per micro-batch: the 8 × 128 tokens.
+    # (fsdp=8 unrolled computes exactly 1/8 of the one-device step, to the FLOP, on both
+    # platforms: plan_run.py.)
+    tokens, accum = 8 * 128, scanned["accum"]
+    s, u = scanned["flops_by_kind"], one["flops_by_kind"]
+    assert 8 * s["nf4"] - u["nf4"] == accum * 2 * tokens * HIDDEN * (HIDDEN + 2 * KV_WIDTH)
     lora_dx = accum * 3 * 2 * tokens * RANK * HIDDEN
-    assert (s["dot"] + s["convolution"]) - (u["dot"] + u["convolution"]) == lora_dx
-    assert s["attention"] == u["attention"]
-    # Each of 8 devices computes 1/8 of the step (scanned: of the unrolled step, and the extra
-    # gradient above, 4 % of it) and of its NF4 matmuls, and exactly 1/8 of its flash
-    # attention: its batch rows and heads.
-    for run in (fsdp8, mixed, scanned):
+    assert 8 * (s["dot"] + s["convolution"]) - (u["dot"] + u["convolution"]) == lora_dx
+    # Each of 8 devices computes 1/8 of the step (scanned: and the extra gradient above, 4 %
+    # of it) and of its NF4 matmuls, and exactly 1/8 of its flash attention: its batch rows
+    # and heads.
+    for run in meshes:
         kinds = run["flops_by_kind"]
-        assert kinds["nf4"] * 8 == pytest.approx(one["flops_by_kind"]["nf4"], rel=0.10)
+        assert kinds["nf4"] * 8 == pytest.approx(u["nf4"], rel=0.10)
         ratio = run["flops_per_device"] * 8 / one["flops_per_device"]
         assert 0.9 <= ratio <= 1.1, ratio
-        assert kinds["attention"] * 8 == one["flops_by_kind"]["attention"], run
+        assert kinds["attention"] * 8 == u["attention"], run
 
 
 @pytest.mark.skipif("gpu" in MISSING, reason=MISSING.get("gpu", ""))

@@ -23,7 +23,7 @@ from tests.targets import _toolchain
 pytestmark = [pytest.mark.aot, pytest.mark.slow]
 
 MISSING = _toolchain.missing()
-HIDDEN, FFN, SEQ, RANK = 1024, 8192, 256, 8
+HIDDEN, FFN, SEQ, RANK = 1024, 2048, 256, 8
 
 
 def plan(model_dir: Path) -> dict:
