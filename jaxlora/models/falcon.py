@@ -24,7 +24,15 @@ from einops import rearrange
 
 from jaxlora.config import LOGICAL_AXES
 from jaxlora.models.falcon_config import FalconConfig
-from jaxlora.models.llama import Embed, Layers, Linear, attend_heads, rope, tiled_mlp
+from jaxlora.models.llama import (
+    Embed,
+    Layers,
+    Linear,
+    attend_heads,
+    inner_fields,
+    rope,
+    tiled_mlp,
+)
 from jaxlora.weights.dispatch import dense
 
 # Logical axes of each weight by its Hugging Face module name (see llama.MODULE_AXES). The
@@ -197,16 +205,9 @@ class FalconForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
-        h, embed_w, caches = FalconModel(
-            cfg,
-            self.dtype,
-            self.param_dtype,
-            self.remat,
-            self.attn_impl,
-            self.runs,
-            self.mlp_chunk,
-            name="transformer",
-        )(input_ids, positions, segment_ids, caches)
+        h, embed_w, caches = FalconModel(*inner_fields(self), name="transformer")(
+            input_ids, positions, segment_ids, caches
+        )
         if return_hidden:
             return h, caches
         if cfg.tie_word_embeddings:

@@ -518,6 +518,12 @@ class LlamaModel(nn.Module):
         return x, embed, caches
 
 
+def inner_fields(lm: nn.Module) -> tuple:
+    """A causal LM module's fields that its inner model (the embedding, layers and final
+    norm: ``LlamaModel``, ``FalconModel``) takes, in that model's order."""
+    return (lm.config, lm.dtype, lm.param_dtype, lm.remat, lm.attn_impl, lm.runs, lm.mlp_chunk)
+
+
 class LlamaForCausalLM(nn.Module):
     """``input_ids [B, S] -> logits [B, S, vocab]`` (and the updated KV caches when decoding).
 
@@ -540,16 +546,9 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions, segment_ids, caches=None, return_hidden=False):
         cfg = self.config
-        h, embed_w, caches = LlamaModel(
-            cfg,
-            self.dtype,
-            self.param_dtype,
-            self.remat,
-            self.attn_impl,
-            self.runs,
-            self.mlp_chunk,
-            name="model",
-        )(input_ids, positions, segment_ids, caches)
+        h, embed_w, caches = LlamaModel(*inner_fields(self), name="model")(
+            input_ids, positions, segment_ids, caches
+        )
         if return_hidden:
             return h, caches
         if cfg.tie_word_embeddings:
