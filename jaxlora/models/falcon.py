@@ -98,7 +98,6 @@ class FalconAttention(nn.Module):
     param_dtype: Any = jnp.float32
     attn_impl: str = "eager"
     sliding_window: int | None = None
-    mlp_chunk: int = 0  # tokens per MLP tile (jaxlora.models.llama.tiled_mlp)
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, cache=None, segment_ids=None, dropout_key=None):
