@@ -8,6 +8,20 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# XLA's CPU backend compiles the tests' programs without LLVM's optimization passes. They are
+# tiny programs (a 2-layer, 48-wide model's step; one kernel call) that run for milliseconds,
+# so compiling them is most of the suite; matmuls and convolutions are library calls either
+# way. The flag changes code generation, not the HLO, so results agree to the last bits
+# float32 leaves open between two CPUs (the bounds tests use are for those), and memory
+# figures are the same. Measured on tests/training/test_train_step.py, 2-core AMD EPYC: 75
+# CPU-s at the default level, 49 without. Processes the tests start inherit the flag (test
+# scripts that set a device count keep it: tests/xla_flags.py); the TPU and GPU compiles drop
+# it and compile what a user's would (tests/targets/_toolchain.py). Giving the flag a level in
+# XLA_FLAGS yourself overrides this.
+OPT_LEVEL = "--xla_backend_optimization_level"
+if OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL}=0".strip()
+
 
 def _session_compile_cache() -> str | None:
     """One persistent XLA compilation cache for the whole test session: both xdist workers and

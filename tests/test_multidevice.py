@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.xla_flags import with_host_devices
+
 pytestmark = [pytest.mark.multidevice, pytest.mark.slow, pytest.mark.xdist_group("multidevice")]
 
 SCRIPT = Path(__file__).parent / "multidevice" / "mesh_run.py"
@@ -180,7 +182,7 @@ def test_train_cli_two_processes_equal_one(tmp_path):
     assets = make_run_assets(tmp_path / "assets")
     root = Path(__file__).parents[1]
     cpu = {"JAX_PLATFORMS": "cpu"}
-    env8 = {**os.environ, **cpu, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env8 = {**os.environ, **cpu, "XLA_FLAGS": with_host_devices(8)}
     cmd = _train_cmd(assets, tmp_path / "one")
     one = subprocess.run(cmd, env=env8, cwd=root, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -190,7 +192,7 @@ def test_train_cli_two_processes_equal_one(tmp_path):
         env = {
             **os.environ,
             **cpu,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": with_host_devices(4),
             "JAXLORA_COORDINATOR": f"127.0.0.1:{port}",
             "JAXLORA_NUM_PROCESSES": "2",
             "JAXLORA_PROCESS_ID": str(i),

@@ -23,9 +23,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.xla_flags import with_host_devices  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_host_devices(8)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

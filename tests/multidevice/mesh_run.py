@@ -37,17 +37,12 @@ parser.add_argument("--devices", type=int, default=8, help="fake CPU devices in 
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
-_inherited = [
-    f
-    for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count")
-]
-os.environ["XLA_FLAGS"] = " ".join(
-    [*_inherited, f"--xla_force_host_platform_device_count={args.devices}"]
-)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.xla_flags import with_host_devices  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_host_devices(args.devices)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -25,9 +25,11 @@ parser.add_argument("--devices", type=int, default=8, help="fake CPU devices in 
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.xla_flags import with_host_devices  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_host_devices(args.devices)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

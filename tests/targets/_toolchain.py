@@ -13,15 +13,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_")
+OPT_LEVEL = "--xla_backend_optimization_level"
 SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
 # The compiling processes build the program a TPU or GPU would run: JAX's default matmul
 # precision, not the "highest" tests/conftest.py sets for CPU parity tests (with it, XLA
 # compiles float32 dots as multi-pass bf16 / 3xTF32 programs: the CI model's four GPU compiles
 # took 699 CPU-s instead of 228, the TPU ones 324 instead of 210, on a 2-core AMD EPYC).
 # They also leave out the test session's persistent compilation cache (tests/conftest.py):
-# a compile-only TPU or GPU executable is never run, and each compile here is of its own program.
+# a compile-only TPU or GPU executable is never run, and each compile here is of its own program;
+# and the session's CPU code-generation level (tests/conftest.py): they compile as a user would.
 ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(CACHE_VARIABLES)},
+    "XLA_FLAGS": " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(OPT_LEVEL)
+    ),
     "JAX_PLATFORMS": "cpu",
     "JAX_DEFAULT_MATMUL_PRECISION": "default",
     "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
