@@ -2,6 +2,8 @@ import os
 import shutil
 import tempfile
 
+from tests.processes import OPT_LEVEL, run_train
+
 # Tests run on CPU in float32 with full-precision matmuls (parity tolerances are 1e-5 / 1e-4).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
@@ -10,15 +12,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # XLA's CPU backend compiles the tests' programs without LLVM's optimization passes. They are
 # tiny programs (a 2-layer, 48-wide model's step; one kernel call) that run for milliseconds,
-# so compiling them is most of the suite; matmuls and convolutions are library calls either
-# way. The flag changes code generation, not the HLO, so results agree to the last bits
-# float32 leaves open between two CPUs (the bounds tests use are for those), and memory
-# figures are the same. Measured on tests/training/test_train_step.py, 2-core AMD EPYC: 75
-# CPU-s at the default level, 49 without. Processes the tests start inherit the flag (test
-# scripts that set a device count keep it: tests/xla_flags.py); the TPU and GPU compiles drop
-# it and compile what a user's would (tests/targets/_toolchain.py). Giving the flag a level in
-# XLA_FLAGS yourself overrides this.
-OPT_LEVEL = "--xla_backend_optimization_level"
+# so compiling them is most of the suite; matmuls are library calls either way. The flag
+# changes code generation, not the HLO: results agree to the last bits float32 leaves open
+# between two CPUs (the bounds tests use are for those), and memory figures are the same.
+# Measured on tests/training/test_train_step.py, 2-core AMD EPYC: 75 CPU-s at XLA's default
+# level, 49 without. Processes the tests start inherit it; long runs, whose steps then cost
+# more than their compile (the demo's 200 steps: 101 CPU-s at the default level, 199 without),
+# and the TPU and GPU compiles run at XLA's default (tests/processes.py). A level you give in
+# XLA_FLAGS yourself is kept.
 if OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL}=0".strip()
 
@@ -44,29 +45,19 @@ def _session_compile_cache() -> str | None:
 
 _OWN_COMPILE_CACHE = _session_compile_cache()
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The README's demo run, ``python -m jaxlora.train output_dir=...`` (the demo recipe:
-    QLoRA, 200 steps, evals, samples and exact match), trained once per test process for the
-    tests of xdist group ``demo``, which read it: the README's generate command on its adapter,
-    and its final eval loss against LoRA's. Samples are greedy and evals read the weights
-    only, so the training is the one a run without them makes."""
-    from jaxlora import train
-
+    QLoRA, 200 steps, evals, samples and exact match), run once per test process for the tests
+    of xdist group ``demo``, which read it: the README's generate command on its adapter, and
+    its final eval loss against LoRA's. Samples are greedy and evals read the weights only, so
+    the training is the one a run without them makes. Compiled at XLA's default level, as a
+    user's run is (above)."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the demo recipe's paths are relative to the repository root
-    try:
-        assert train.main([f"output_dir={out}"]) == 0
-    finally:
-        os.chdir(cwd)
+    run_train(f"output_dir={out}")
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.xla_flags import with_host_devices
+from tests.processes import with_host_devices
 
 pytestmark = [pytest.mark.multidevice, pytest.mark.slow, pytest.mark.xdist_group("multidevice")]
 

@@ -40,7 +40,7 @@ args = parser.parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.xla_flags import with_host_devices  # noqa: E402
+from tests.processes import with_host_devices  # noqa: E402
 
 os.environ["XLA_FLAGS"] = with_host_devices(args.devices)
 

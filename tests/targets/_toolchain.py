@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.processes import without_opt_level
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_")
-OPT_LEVEL = "--xla_backend_optimization_level"
 SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
 # The compiling processes build the program a TPU or GPU would run: JAX's default matmul
 # precision, not the "highest" tests/conftest.py sets for CPU parity tests (with it, XLA
@@ -24,9 +25,7 @@ SIDE = Path(os.environ.get("JAXLORA_AOT_TOOLCHAIN", ROOT / ".aot-toolchain"))
 # and the session's CPU code-generation level (tests/conftest.py): they compile as a user would.
 ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(CACHE_VARIABLES)},
-    "XLA_FLAGS": " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(OPT_LEVEL)
-    ),
+    "XLA_FLAGS": without_opt_level(),
     "JAX_PLATFORMS": "cpu",
     "JAX_DEFAULT_MATMUL_PRECISION": "default",
     "PYTHONPATH": os.pathsep.join([str(SIDE), str(ROOT), os.environ.get("PYTHONPATH", "")]),

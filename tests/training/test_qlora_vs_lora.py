@@ -20,13 +20,10 @@ spread and the bound sits above its largest measured value.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from jaxlora import train
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
@@ -36,13 +33,12 @@ def _final_eval_loss(out) -> float:
     return [r["eval_loss"] for r in evals if "eval_loss" in r][-1]
 
 
-def test_demo_qlora_ends_close_to_lora(demo_run, tmp_path, monkeypatch):
+def test_demo_qlora_ends_close_to_lora(demo_run, tmp_path):
     # QLoRA: the README's demo run (tests/conftest.py); LoRA: the same recipe with a float32
     # base, without samples, exact match and checkpoints, which do not change the training
-    monkeypatch.chdir(ROOT)  # the demo recipe's paths are relative to the repository root
     off = ["train.sample_every=0", "train.exact_match_examples=0", "train.save_every=0"]
     out = tmp_path / "lora"
-    assert train.main(["recipe=demo", *off, "quant.type=none", f"output_dir={out}"]) == 0
+    run_train("recipe=demo", *off, "quant.type=none", f"output_dir={out}")
     qlora, lora = _final_eval_loss(demo_run), _final_eval_loss(out)
     assert lora < 1.0  # both runs actually learned the task (the base starts near 6.1)
     # QLoRA must not end more than 35 % worse (measured 1.00-1.25 over four seeds, above). A
