@@ -7,6 +7,7 @@ call it before JAX is imported."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +47,11 @@ def run_train(*args: str) -> None:
     cmd = [sys.executable, "-m", "jaxlora.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The steps a running ``jaxlora.train`` has logged to ``out/metrics.jsonl`` so far: its
+    whole lines only (a reader can catch a line half-written)."""
+    path = out / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines()]

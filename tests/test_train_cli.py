@@ -21,6 +21,7 @@ from jaxlora.export import main as export_main
 from jaxlora.interop.safetensors import read_file
 from jaxlora.training import checkpoint
 from tests.hf_models import make_run_assets
+from tests.processes import logged_steps
 
 # One worker runs this module, so its module-scoped runs happen once.
 pytestmark = pytest.mark.xdist_group("train_cli")
@@ -623,7 +624,7 @@ def test_sigkill_and_resume_gives_bit_identical_adapter(assets, tmp_path):
     )
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once a checkpoint exists and training has moved past it
-        done = [r["step"] for r in _metrics(out)] if (out / "metrics.jsonl").exists() else []
+        done = logged_steps(out)
         if done and max(done) >= 100:
             break
         time.sleep(0.01)
@@ -691,7 +692,7 @@ def _kill_after_a_checkpoint(args: list[str], out: Path, steps: int) -> int:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         committed = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()]
-        done = [r["step"] for r in _metrics(out)] if (out / "metrics.jsonl").exists() else []
+        done = logged_steps(out)
         if committed and done and max(done) > min(committed):
             break
         time.sleep(0.01)

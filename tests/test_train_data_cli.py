@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from jaxlora import train
 from jaxlora.data.templates import NAMED
 from tests.hf_models import make_hf_model
+from tests.processes import logged_steps
 from tests.test_train_cli import _adapter, _metrics
 
 pytestmark = pytest.mark.xdist_group("train_cli")
@@ -84,7 +85,7 @@ def _kill_and_resume(argv: list[str], out: Path, after_step: int) -> None:
     )
     deadline = time.time() + 300
     while time.time() < deadline:
-        done = [r["step"] for r in _metrics(out)] if (out / "metrics.jsonl").exists() else []
+        done = logged_steps(out)
         if done and max(done) >= after_step:
             break
         time.sleep(0.01)

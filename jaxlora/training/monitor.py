@@ -26,6 +26,7 @@ import jax
 
 from jaxlora.config import Config, ConfigError
 from jaxlora.config.typed import to_plain
+from jaxlora.training.checkpoint import ResumeError
 
 log = logging.getLogger("jaxlora.train")
 
@@ -116,10 +117,29 @@ class Monitor:
         )
 
     def _truncate_after(self, step: int) -> None:
+        """Drop the lines a killed run wrote past the checkpoint it resumes from, and a last
+        line it was still writing (no newline yet, or cut short: not JSON). Any other line that
+        is not JSON is damage this does not guess at: an error naming the line, the file left
+        as it is."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in keep if json.loads(line)["step"] <= step]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()  # the write a kill interrupted
+        keep = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ResumeError(
+                    f"{self.path}, line {i}: not JSON ({e.msg}); the run's metrics record is "
+                    "damaged: repair or move the file to resume"
+                ) from None
+            if record["step"] <= step:
+                keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:

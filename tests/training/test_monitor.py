@@ -8,6 +8,7 @@ import pytest
 
 from jaxlora.config import ConfigError
 from jaxlora.training import monitor
+from jaxlora.training.checkpoint import ResumeError
 from jaxlora.training.monitor import Monitor
 
 
@@ -97,3 +98,20 @@ def test_wandb_without_its_package_is_refused_naming_the_extra(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"jaxlora\[wandb\]"):
         monitor.require_sinks(("jsonl", "wandb"))
     monitor.require_sinks(("jsonl", "tensorboard"))
+
+
+def test_resume_drops_a_line_a_kill_cut_short_and_refuses_a_damaged_one(tmp_path):
+    """A run killed while it wrote a metrics line leaves it without its newline: resuming drops
+    it with the lines past the checkpoint. A line in the middle that is not JSON is damage:
+    the resume stops, naming the file and line, and leaves the file as it was."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)]
+    path.write_text("\n".join(rows) + "\n" + rows[0][:7])  # killed in its 6th write
+    Monitor(tmp_path, total_steps=10, start_step=4, enabled=True).close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+    damaged = "\n".join([rows[0], rows[1][:7], rows[2]]) + "\n"
+    path.write_text(damaged)
+    with pytest.raises(ResumeError, match=r"metrics.jsonl, line 2: not JSON"):
+        Monitor(tmp_path, total_steps=10, start_step=2, enabled=True)
+    assert path.read_text() == damaged
