@@ -3,8 +3,8 @@
 * ``output_dir/metrics.jsonl``: one JSON object per logged step (step, loss, lr, grad_norm,
   tokens_per_sec, step_time; memory_bytes and peak_memory_bytes where the device reports them
   (accelerators; not the CPU); eval_loss on eval steps). Written by process 0 only, appended
-  and flushed line by line; on resume, lines past the restored step are dropped so the file has
-  no gap and no duplicate step.
+  and flushed line by line; on resume, lines past the restored step, and a last line a kill cut
+  short, are dropped so the file has no gap and no duplicate step.
 * TensorBoard event files in ``output_dir/tb`` and a Weights & Biases run in ``output_dir/wandb``,
   where ``train.report_to`` lists them: the same scalars at the same steps as metrics.jsonl
   (``WANDB_MODE=offline`` keeps the run on disk for ``wandb sync``). Only process 0 reports.
