@@ -19,26 +19,26 @@ DEVICE_COUNT = "--xla_force_host_platform_device_count"
 OPT_LEVEL = "--xla_backend_optimization_level"
 
 
-def _flags(flags: str | None) -> list[str]:
-    return (os.environ.get("XLA_FLAGS", "") if flags is None else flags).split()
+def _flags() -> list[str]:
+    return os.environ.get("XLA_FLAGS", "").split()
 
 
-def with_host_devices(n: int, flags: str | None = None) -> str:
-    """``flags`` (default: this process's ``XLA_FLAGS``) with ``n`` fake CPU devices in place of
-    any count they give."""
-    kept = [f for f in _flags(flags) if not f.startswith(DEVICE_COUNT)]
+def with_host_devices(n: int) -> str:
+    """This process's ``XLA_FLAGS`` with ``n`` fake CPU devices in place of any count they
+    give."""
+    kept = [f for f in _flags() if not f.startswith(DEVICE_COUNT)]
     return " ".join([*kept, f"{DEVICE_COUNT}={n}"])
 
 
-def without_opt_level(flags: str | None = None) -> str:
-    """``flags`` (default: this process's ``XLA_FLAGS``) without the session's code-generation
-    level: XLA's default, what a user's process compiles with."""
-    return " ".join(f for f in _flags(flags) if not f.startswith(OPT_LEVEL))
+def without_opt_level() -> str:
+    """This process's ``XLA_FLAGS`` without the session's code-generation level: XLA's
+    default, what a user's process compiles with."""
+    return " ".join(f for f in _flags() if not f.startswith(OPT_LEVEL))
 
 
-def user_env(**extra: str) -> dict[str, str]:
-    """This process's environment with XLA's default code generation, plus ``extra``."""
-    return {**os.environ, "XLA_FLAGS": without_opt_level(), **extra}
+def user_env() -> dict[str, str]:
+    """This process's environment with XLA's default code generation."""
+    return {**os.environ, "XLA_FLAGS": without_opt_level()}
 
 
 def run_train(*args: str) -> None:
