@@ -4,6 +4,7 @@ jaxlora call in README.md, docs/ and the notebook exists (tools/check_docs.py)."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -98,3 +99,24 @@ def test_check_docs_finds_bad_python(check_docs):
     assert any("no_such_name" in p for p in problems)
     assert any("'quantize'" in p for p in problems)
     assert any("missing_fn" in p for p in problems)
+
+
+def test_planning_tables_are_rendered_from_the_raw_rows():
+    """docs/planning.md's tables are exactly what tools/plan_table.py renders from
+    assets/plans/plans.jsonl: a row compiled but not rendered, or a figure edited by hand, fails."""
+    plan_table = _tool("plan_table")
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "assets" / "plans" / "plans.jsonl").read_text().splitlines()
+    ]
+    committed = (ROOT / "docs" / "planning.md").read_text()
+    assert committed == plan_table.write_blocks(committed, rows), (
+        "docs/planning.md's tables are stale: run python tools/plan_table.py "
+        "--out assets/plans/plans.jsonl --write docs/planning.md"
+    )
+
+
+def test_plan_table_refuses_a_file_without_its_markers(tmp_path):
+    plan_table = _tool("plan_table")
+    with pytest.raises(SystemExit, match="plan_table.py: matrix"):
+        plan_table.write_blocks("# no generated blocks here\n", [])

@@ -8,9 +8,16 @@ JSON-lines file as they come (a rerun skips rows already there: the whole table 
     nice python tools/plan_table.py --out plans.jsonl                       # every row
     nice python tools/plan_table.py --out plans.jsonl --models Llama-3.1-8B --quant qlora \\
         --seq 2048 --targets tpu-v5e-1 l4-1                                # some rows
-    python tools/plan_table.py --out plans.jsonl --render                  # the table
+    python tools/plan_table.py --out plans.jsonl --render                  # the tables
+    python tools/plan_table.py --out assets/plans/plans.jsonl --write docs/planning.md
     nice python tools/plan_table.py --out compile.jsonl --models Llama-3.1-8B --quant qlora \\
         --seq 2048 --targets tpu-v5e-1 --layers 2 8 --scan true false      # compile time
+
+``--write FILE`` replaces the generated blocks of a markdown file (between
+``<!-- plan_table.py: matrix -->`` or ``<!-- plan_table.py: rows -->`` and
+``<!-- /plan_table.py -->``) with the tables rendered from ``--out``; ``--check FILE`` exits 1
+when they differ (tests/test_docs.py runs it on docs/planning.md, so the docs cannot drift from
+``assets/plans/plans.jsonl``).
 
 ``--layers N`` compiles the model cut to its first N layers (a copy of ``config.json`` with
 ``num_hidden_layers = N`` in a temporary directory) to measure compile time against depth.
@@ -172,6 +179,67 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(one: dict | None, search: dict | None) -> str:
+    """One target's cell of the at-a-glance matrix: per-device GiB and whether it fits, "OOM"
+    where the compiler refused the step, the largest micro-batch when searched, "" where the
+    row was not compiled."""
+    if one is None or "error" in one:
+        return "error" if one is not None else ""
+    d = one["plan"]["per_device"]
+    text = (
+        "OOM ✗"
+        if d["total_bytes"] is None
+        else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
+    )
+    if search is not None and "error" not in search:
+        fits_any = search["plan"]["per_device"].get("total_bytes") is not None
+        text += f" mb {search['plan']['micro_batch'] if fits_any else 0}"
+    return text
+
+
+def render_matrix(results: list[dict]) -> str:
+    """Two matrices (TPU targets, GPU targets): a line per model, method and sequence length, a
+    column per target; each cell the per-device GiB at micro-batch 1, ✓ where it leaves at least
+    10 % of the device free, ✗ where it does not, "OOM" where the compiler refused it, "mb N"
+    the largest micro-batch where it was searched; empty where the row was not compiled."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        if r["layers"] is None and not r.get("overrides"):
+            key = (r["model"], r["quant"], r["seq"])
+            rows.setdefault(key, {})[(r["target"], r["search"])] = r
+    order = lambda k: (MODELS.index(k[0]), k[1], k[2])
+    out = []
+    for platform in ("tpu", "gpu"):
+        cols = [t for t in TARGETS if REGISTRY[t].platform == platform]
+        out += [
+            "| model | method | S | " + " | ".join(f"`{t}`" for t in cols) + " |",
+            "|---|---|---|" + "---|" * len(cols),
+        ]
+        for key in sorted(rows, key=order):
+            cells = [_cell(rows[key].get((t, "none")), rows[key].get((t, "batch"))) for t in cols]
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out[:-1])
+
+
+BLOCKS = {"matrix": render_matrix, "rows": render}
+END = "<!-- /plan_table.py -->"
+
+
+def write_blocks(text: str, results: list[dict]) -> str:
+    """``text`` with each generated block (``<!-- plan_table.py: NAME -->`` ... ``END``)
+    replaced by its table rendered from ``results``."""
+    for name, fn in BLOCKS.items():
+        start = f"<!-- plan_table.py: {name} -->"
+        if text.count(start) != 1:
+            raise SystemExit(f"expected one {start!r} marker, found {text.count(start)}")
+        head, rest = text.split(start)
+        if END not in rest:
+            raise SystemExit(f"no {END!r} after {start!r}")
+        text = head + start + "\n" + fn(results) + "\n" + END + rest.split(END, 1)[1]
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON-lines results (appended)")
@@ -189,7 +257,9 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="recipe overrides for every row (e.g. train.optimizer=adamw_8bit), part of its key",
     )
-    ap.add_argument("--render", action="store_true", help="print the markdown table and exit")
+    ap.add_argument("--render", action="store_true", help="print the markdown tables and exit")
+    ap.add_argument("--write", type=Path, help="replace the generated blocks of this markdown file")
+    ap.add_argument("--check", type=Path, help="exit 1 if this file's generated blocks are stale")
     args = ap.parse_args()
     done = (
         [json.loads(line) for line in args.out.read_text().splitlines()]
@@ -197,7 +267,16 @@ def main() -> None:
         else []
     )
     if args.render:
-        print(render(done))
+        print(render_matrix(done) + "\n\n" + render(done))
+        return
+    if args.write or args.check:
+        path = args.write or args.check
+        text = path.read_text()
+        fresh = write_blocks(text, done)
+        if args.write:
+            path.write_text(fresh)
+        elif fresh != text:
+            raise SystemExit(f"{path}: the tables are stale: run tools/plan_table.py --write")
         return
     seen = {row_key(r) for r in done}
     grid = itertools.product(
