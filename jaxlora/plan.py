@@ -25,7 +25,7 @@ import jax
 from jaxlora.config import ConfigError, Section, config_from_argv, from_argv
 from jaxlora.targets import TARGETS, ToolchainError
 from jaxlora.targets.toolchain import add_side_directory
-from jaxlora.training.plan import HEADROOM, Plan, compile_step, search_batch
+from jaxlora.training.plan import HEADROOM, Plan, advice_lines, compile_step, search_batch
 
 PLAN_KEYS = ("target", "search", "format")
 
@@ -60,6 +60,7 @@ def render(plan: Plan) -> str:
                 f"  optimizer state   {_gib(d['optimizer_bytes']):>12} per device",
                 f"  device memory     {_gib(d['device_bytes']):>12} per device",
                 f"  compile           {plan.compile_s:.1f} s (until refused)",
+                *_advice(plan),
             ]
         )
     free = 1 - d["total_bytes"] / d["device_bytes"]
@@ -83,8 +84,16 @@ def render(plan: Plan) -> str:
         f"{plan.kernels['attention']}",
         f"  flops per device  {_flops(plan)}",
         f"  compile           {plan.compile_s:.1f} s",
+        *_advice(plan),
     ]
     return "\n".join(lines)
+
+
+def _advice(plan: Plan) -> list[str]:
+    if not plan.advice:
+        return []
+    lines = advice_lines(plan.advice)
+    return ["  to make it fit, try (docs/memory.md):", *(f"    {a}" for a in lines)]
 
 
 def _flops(plan) -> str:

@@ -23,6 +23,7 @@ from jaxlora.training.checkpoint import ResumeError
 from jaxlora.training.distributed import maybe_initialize
 from jaxlora.training.host import tune_allocator
 from jaxlora.training.loop import TrainingDiverged, run
+from jaxlora.training.plan import StepTooLarge
 
 __all__ = ["TrainingDiverged", "main", "run"]
 
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ResumeError,
         UnsupportedConfigError,
         LoraError,
+        StepTooLarge,
     ) as e:
         print(f"jaxlora.train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

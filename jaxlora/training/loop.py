@@ -21,7 +21,14 @@ from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError, save_config
 from jaxlora.training import checkpoint, evaluate, sharding
 from jaxlora.training.monitor import NONFINITE_ADVICE, Monitor, require_sinks, wandb_args
-from jaxlora.training.plan import memory_line, memory_report
+from jaxlora.training.plan import (
+    StepTooLarge,
+    advice,
+    advice_lines,
+    memory_line,
+    memory_report,
+    refused_for_memory,
+)
 from jaxlora.training.run import (
     for_mesh,
     hf_adapter_params,
@@ -241,8 +248,21 @@ def _compile_and_report(train_step, trainable, opt_state, frozen, sh, cfg: Confi
         for k in (*ints, "loss_mask")
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
-    compiled = train_step.lower(trainable, opt_state, frozen, batch, key).compile()
+    rows_split = sh.batch.mesh.shape["data"] * sh.batch.mesh.shape["fsdp"]
+    tries = lambda: (
+        "to make it fit, try (docs/memory.md):\n  "
+        + "\n  ".join(advice_lines(advice(cfg, t.batch_size, rows_split)))
+    )
+    try:
+        compiled = train_step.lower(trainable, opt_state, frozen, batch, key).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not refused_for_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")
+        raise StepTooLarge(f"the compiler refused the train step: {first}\n{tries()}") from e
     stats = jax.devices()[0].memory_stats() or {}
     report = memory_report(compiled, stats.get("bytes_limit"))
     log.info("plan: the step needs %s", memory_line(report))
+    if report["fits"] is False:
+        log.warning("plan: %s", tries())
     return compiled

@@ -57,6 +57,7 @@ class Plan:
     scan_layers: bool = False
     custom_calls: list[str] = field(default_factory=list)
     hlo_text: str = field(default="", repr=False)
+    advice: list[dict[str, Any]] = field(default_factory=list)  # when it does not fit: advice()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +72,7 @@ class Plan:
             "kernels": self.kernels,
             "compile_s": round(self.compile_s, 2),
             "scan_layers": self.scan_layers,
+            "advice": self.advice,
         }
 
 
@@ -160,10 +162,11 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
         # the plan's answer ("does not fit"), with the compiler's own figure in its message.
         # Any other exhausted resource (a kernel's shared memory on a GPU) is a failure to
         # compile the step, not a plan.
-        if "RESOURCE_EXHAUSTED" not in str(e) or "Ran out of memory" not in str(e):
+        if not refused_for_memory(e):
             raise
         return plan(
             per_device=trees | refused_report(str(e), t.memory_bytes),
+            advice=advice(cfg, batch, rows_split),
             flops_per_device=None,
             flops_source="none: not compiled",
             compile_s=time.perf_counter() - start,
@@ -171,8 +174,10 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
     compile_s = time.perf_counter() - start
     text = compiled.as_text()
     flops, flops_source = step_flops(text)
+    report = memory_report(compiled, t.memory_bytes)
     return plan(
-        per_device=trees | memory_report(compiled, t.memory_bytes),
+        per_device=trees | report,
+        advice=advice(cfg, batch, rows_split) if report["fits"] is False else [],
         flops_per_device=flops,
         flops_source=flops_source,
         compile_s=compile_s,
@@ -219,6 +224,17 @@ def memory_report(compiled: Any, device_bytes: int | None) -> dict[str, Any]:
     }
 
 
+class StepTooLarge(Exception):
+    """The compiler refused the train step: it needs more memory than the device has (XLA:TPU
+    says so at compile time). The message has the compiler's figure and what to change."""
+
+
+def refused_for_memory(e: Exception) -> bool:
+    """Whether a compile error is XLA refusing a program larger than the device's memory
+    (any other exhausted resource, a kernel's shared memory on a GPU, is a failure to compile)."""
+    return "RESOURCE_EXHAUSTED" in str(e) and "Ran out of memory" in str(e)
+
+
 def refused_report(message: str, device_bytes: int | None) -> dict[str, Any]:
     """The per-device report of a step the compiler refused for want of device memory: byte
     figures it did not produce are ``None``, ``fits`` is false and ``refused`` is its message
@@ -246,10 +262,65 @@ def memory_line(report: dict[str, Any]) -> str:
         free = 1 - report["total_bytes"] / report["device_bytes"]
         line += f" of {gib(report['device_bytes'])}: {100 * free:.1f} % headroom"
         if not report["fits"]:
-            line += (
-                f" (under {100 * HEADROOM:.0f} %: lower the micro-batch, raise grad_accum, remat)"
-            )
+            line += f", under the {100 * HEADROOM:.0f} % to keep free: does not fit"
     return line
+
+
+def advice(cfg: Config, micro_batch: int, rows_split: int) -> list[dict[str, Any]]:
+    """What to change when a step does not fit, most effective first: ``{"set": [key=value,
+    ...], "why": ...}`` for each recipe lever the config leaves unused, the overrides to pass
+    to ``train`` or ``plan`` and what they save (docs/memory.md measures each on the whole
+    Llama-3.1-8B). The last has no overrides: more devices, or a device with more memory."""
+    t, out = cfg.train, []
+    add = lambda why, *overrides: out.append({"set": list(overrides), "why": why})
+    if cfg.quant.type == "none":
+        add(
+            "the frozen base in 4 bits (QLoRA): 3.9x fewer bytes than bf16 for every decoder "
+            "linear (recipe=llama_qlora sets it with its LoRA settings)",
+            "quant.type=nf4",
+        )
+    if t.remat in ("none", "dots"):
+        temps = "21.00" if t.remat == "none" else "11.36"
+        add(
+            f"keep only each layer's input for the backward (8B, S = 2048: {temps} -> 2.06 "
+            "GiB of temporaries)",
+            "train.remat=full",
+        )
+    if micro_batch > rows_split:
+        half = max(rows_split, micro_batch // 2 // rows_split * rows_split)
+        add(
+            "fewer rows per micro-batch, as many per optimizer step: activations scale with "
+            "the micro-batch",
+            f"train.batch_size={half}",
+            f"train.grad_accum={t.grad_accum * micro_batch // half}",
+        )
+    if t.loss_chunk == 0:
+        add(
+            "the loss a chunk of tokens at a time, never the whole [tokens, vocab] logits "
+            "(8B, S = 8192: 2.31 GiB less)",
+            "train.loss_chunk=512",
+        )
+    if t.mlp_chunk == 0 and cfg.data.max_seq_len >= 4096:
+        add(
+            "the MLP's backward a tile of tokens at a time (8B, S = 8192: 1.23 GiB less)",
+            "train.mlp_chunk=2048",
+        )
+    if t.optimizer == "adamw":
+        add(
+            "Adam's moments in 8 bits, a quarter of the float32 state (8B, LoRA r 64: "
+            "1.25 -> 0.32 GiB)",
+            "train.optimizer=adamw_8bit",
+        )
+    add(
+        "more devices (mesh.fsdp splits the base and the rows over them) or a device with "
+        "more memory: python -m jaxlora.plan targets"
+    )
+    return out
+
+
+def advice_lines(tries: list[dict[str, Any]]) -> list[str]:
+    """One line per :func:`advice` entry: its overrides, then why."""
+    return [" ".join([*a["set"], "--" if a["set"] else "", a["why"]]).strip() for a in tries]
 
 
 def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, Plan | None]:

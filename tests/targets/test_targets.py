@@ -209,6 +209,12 @@ def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
     )
     text = render(refused)
     assert "DOES NOT FIT" in text and "16.58G" in text and "15.00 GiB" in text
+    assert "to make it fit" not in text  # no advice given
+    tries = [{"set": ["quant.type=nf4"], "why": "4 bits"}, {"set": [], "why": "more devices"}]
+    text = render(dataclasses.replace(refused, advice=tries))
+    assert text.endswith(
+        "to make it fit, try (docs/memory.md):\n    quant.type=nf4 -- 4 bits\n    more devices"
+    )
 
     # search_batch: micro-batch 1 fits, 2 is refused by the compiler -> 1
     def fake_compile(cfg, target, *, micro_batch=None):
