@@ -249,9 +249,10 @@ def _compile_and_report(train_step, trainable, opt_state, frozen, sh, cfg: Confi
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
     rows_split = sh.batch.mesh.shape["data"] * sh.batch.mesh.shape["fsdp"]
+    platform = sh.batch.mesh.devices.flat[0].platform
     tries = lambda: (
         "to make it fit, try (docs/memory.md):\n  "
-        + "\n  ".join(advice_lines(advice(cfg, t.batch_size, rows_split)))
+        + "\n  ".join(advice_lines(advice(cfg, t.batch_size, rows_split, platform)))
     )
     try:
         compiled = train_step.lower(trainable, opt_state, frozen, batch, key).compile()

@@ -27,7 +27,7 @@ def test_every_unused_lever_is_advised_and_following_the_advice_converges():
     overrides = [MODEL, "data.max_seq_len=8192", "train.remat=none", "train.loss_chunk=0"]
     cfg = load_config("llama_lora", overrides)
     assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.optimizer) == (4, 4, "adamw")
-    tries = advice(cfg, cfg.train.batch_size, 1)
+    tries = advice(cfg, cfg.train.batch_size, 1, "gpu")
     assert _keys(tries) == [
         "quant.type",
         "train.remat",
@@ -43,23 +43,32 @@ def test_every_unused_lever_is_advised_and_following_the_advice_converges():
         overrides += [o for a in tries for o in a["set"]]
         cfg = load_config("llama_lora", overrides)
         assert cfg.train.batch_size * cfg.train.grad_accum == rows_per_step
-        tries = advice(cfg, cfg.train.batch_size, 1)
+        tries = advice(cfg, cfg.train.batch_size, 1, "gpu")
         if len(tries) == 1:
             break
     assert len(tries) == 1 and cfg.train.batch_size == 1 and cfg.quant.type == "nf4"
     assert (cfg.train.remat, cfg.train.loss_chunk, cfg.train.mlp_chunk) == ("full", 512, 2048)
 
 
+def test_the_tiled_mlp_is_not_advised_on_a_tpu():
+    """On a TPU the tiled MLP costs memory today (docs/memory.md): not advised there."""
+    cfg = load_config("llama_qlora", [MODEL, "data.max_seq_len=8192"])
+    assert "train.mlp_chunk" in _keys(advice(cfg, 1, 1, "gpu"))
+    assert "train.mlp_chunk" not in _keys(advice(cfg, 1, 1, "tpu"))
+
+
 def test_the_micro_batch_is_halved_in_whole_rows_per_device():
     cfg = load_config("llama_qlora", [MODEL, "train.batch_size=32", "train.grad_accum=1"])
-    (batch,) = [a for a in advice(cfg, 32, 8) if "train.batch_size=16" in a["set"]]
+    (batch,) = [a for a in advice(cfg, 32, 8, "tpu") if "train.batch_size=16" in a["set"]]
     assert batch["set"] == ["train.batch_size=16", "train.grad_accum=2"]
-    assert not [k for k in _keys(advice(cfg, 8, 8)) if k == "train.batch_size"]  # one row each
+    assert not [
+        k for k in _keys(advice(cfg, 8, 8, "tpu")) if k == "train.batch_size"
+    ]  # one row each
 
 
 def test_advice_lines_put_the_overrides_first():
     cfg = load_config("llama_qlora", [MODEL, "train.optimizer=adamw"])
-    lines = advice_lines(advice(cfg, 1, 1))
+    lines = advice_lines(advice(cfg, 1, 1, "gpu"))
     assert lines[0].startswith("train.optimizer=adamw_8bit -- Adam's moments in 8 bits")
     assert lines[-1].startswith("more devices")
 
