@@ -156,6 +156,8 @@ def _raw(**overrides) -> dict:
         (dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection"),
         (dict(new_decoder_architecture=True, parallel_attn=False), "parallel_attn"),
         (dict(some_new_field=1), "some_new_field"),
+        # transformers >= 5.25 writes the derived key/value heads: a contradicting one is refused
+        (dict(num_key_value_heads=3), "num_key_value_heads=3 .* contradicts num_kv_heads"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(change, needle):
