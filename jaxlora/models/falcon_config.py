@@ -31,7 +31,10 @@ _READ = {
     "num_hidden_layers",
     "num_attention_heads",
     "num_kv_heads",
-    "num_key_value_heads",  # derived (transformers >= 5.25 writes it): checked, not read
+    # transformers >= 5.25 writes the key/value heads it derives from num_kv_heads, multi_query
+    # and new_decoder_architecture, and derives them again on load, ignoring what is stored:
+    # so does jaxlora (FalconConfig.num_key_value_heads)
+    "num_key_value_heads",
     "ffn_hidden_size",
     "layer_norm_epsilon",
     "new_decoder_architecture",
@@ -182,7 +185,7 @@ class FalconConfig:
             # transformers reshapes the per-head keys to num_kv_heads heads: only equal works
             refuse("num_kv_heads", cfg["num_kv_heads"], f"{heads} (num_attention_heads) here")
         hidden = cfg.get("n_embed") or cfg["hidden_size"]
-        parsed = cls(
+        return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
             num_hidden_layers=cfg["num_hidden_layers"],
@@ -198,16 +201,6 @@ class FalconConfig:
             rope_theta=_rope_theta(cfg, refuse),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         )
-        # transformers >= 5.25 also writes the key/value heads it derives from the fields above
-        derived = cfg.get("num_key_value_heads")
-        if derived is not None and derived != parsed.num_key_value_heads:
-            refuse(
-                "num_key_value_heads",
-                derived,
-                parsed.num_key_value_heads,
-                ": it contradicts num_kv_heads, multi_query and new_decoder_architecture",
-            )
-        return parsed
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` fields that reproduce this architecture in ``transformers``."""

@@ -156,8 +156,6 @@ def _raw(**overrides) -> dict:
         (dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection"),
         (dict(new_decoder_architecture=True, parallel_attn=False), "parallel_attn"),
         (dict(some_new_field=1), "some_new_field"),
-        # transformers >= 5.25 writes the derived key/value heads: a contradicting one is refused
-        (dict(num_key_value_heads=3), "num_key_value_heads=3 .* contradicts num_kv_heads"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(change, needle):
@@ -269,3 +267,11 @@ def test_hub_falcon_configs_parse(fields, kv_heads, qkv_rows, norms):
     assert config.num_key_value_heads == kv_heads and config.head_dim == 64
     assert config.qkv_size == qkv_rows and config.num_ln_in_parallel_attn == norms
     assert config.ffn_hidden_size == 4 * config.hidden_size and config.tie_word_embeddings
+
+
+def test_stored_key_value_heads_are_derived_again_as_transformers_does():
+    """transformers >= 5.25 writes ``num_key_value_heads`` into config.json and derives it again
+    on load from num_kv_heads, multi_query and new_decoder_architecture: a stale one is ignored."""
+    raw = _raw(new_decoder_architecture=True, num_kv_heads=2) | {"num_key_value_heads": 1}
+    assert FalconConfig.from_hf(raw).num_key_value_heads == 2
+    assert FalconConfig.from_hf(_raw() | {"num_key_value_heads": 4}).num_key_value_heads == 1
