@@ -135,6 +135,15 @@ def _tflops(plan: dict) -> str:
     return f"{plan['flops_per_device'] / 1e12:.1f}"
 
 
+def _largest(search: dict | None) -> int | None:
+    """The largest micro-batch a ``--search batch`` row found (0: not even one fits), or None
+    where no search ran or it failed."""
+    if search is None or "error" in search:
+        return None
+    fits_any = search["plan"]["per_device"].get("total_bytes") is not None
+    return search["plan"]["micro_batch"] if fits_any else 0
+
+
 def render(results: list[dict]) -> str:
     """One line per (model, method, S, target, overrides): the micro-batch-1 plan's figures and,
     when a ``--search batch`` row was run too, the largest micro-batch it found. The time is the
@@ -156,10 +165,8 @@ def render(results: list[dict]) -> str:
         one, search = rows[key].get("none"), rows[key].get("batch")
         method = " ".join([key[1], *key[4:]])
         head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
-        largest = "—"
-        if search is not None and "error" not in search:
-            fits_any = search["plan"]["per_device"].get("total_bytes") is not None
-            largest = search["plan"]["micro_batch"] if fits_any else 0
+        largest = _largest(search)
+        largest = "—" if largest is None else largest
         if one is None:
             lines.append(head + f"| | | | {largest} | | |")
         elif "error" in one:
@@ -191,9 +198,8 @@ def _cell(one: dict | None, search: dict | None) -> str:
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
     )
-    if search is not None and "error" not in search:
-        fits_any = search["plan"]["per_device"].get("total_bytes") is not None
-        text += f" mb {search['plan']['micro_batch'] if fits_any else 0}"
+    if _largest(search) is not None:
+        text += f" mb {_largest(search)}"
     return text
 
 
