@@ -9,7 +9,14 @@ Hugging Face module name, over every family); the recipe's ``mesh.rules`` map th
   is only taken when it falls on block boundaries); the tiny ``nested_absmax``/``offset`` are
   replicated. Flat-layout tensors (``in`` not a multiple of the block) are replicated.
 * ``LoRAWeight``: ``a [r, in]`` shards its ``in`` like the base, ``b [out, r]`` its ``out``;
-  the rank axis follows the ``lora_rank`` rule (replicated by default: it is small).
+  the rank axis follows the ``lora_rank`` rule (replicated by default: it is small). A factor
+  (or DoRA magnitude) that no rule puts on ``fsdp`` is split over ``fsdp`` too, on its
+  ``in`` / ``out`` (after ``tensor`` where that splits it already): under the default rules the
+  ``b`` of every projection whose ``out`` is heads or MLP width, and the ``a`` of ``o_proj`` and
+  ``down_proj``, would otherwise sit whole on every device of a pure FSDP mesh, with their
+  gradients and optimizer state (at Llama-3.1-8B, rank 64, 8 chips: 0.43 GiB of adapter and
+  0.87 of Adam state per chip instead of 0.08 and 0.16). FSDP gathers them before use like the
+  base weights, and reduce-scatters their gradients.
 
 A mesh axis is dropped from a spec where the dimension does not divide evenly, or where an
 earlier dimension of the same array already uses it. A fused projection (Phi-3's ``qkv_proj``,
@@ -23,6 +30,7 @@ stays whole.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,7 +141,45 @@ def leaf_spec(path, shape: tuple[int, ...], rules, mesh: Mesh, fused=None) -> Pa
     """The spec of one leaf at tree ``path``: its logical axes mapped by ``rules``, a fused
     projection's ``out`` split only on whole parts (``fused``: ``fused_layouts``)."""
     axes = logical_axes_for(path, len(shape))
-    return _whole_parts(path, axes, spec_for(axes, shape, rules, mesh), mesh, fused or {})
+    spec = spec_for(axes, shape, rules, mesh)
+    if _lora_part(path) is not None:
+        spec = _adapter_over_fsdp(axes, shape, spec, mesh)
+    return _whole_parts(path, axes, spec, mesh, fused or {})
+
+
+_ADAPTER_PARTS = ("a", "b", "magnitude", "lora_magnitude_vector")
+
+
+def _lora_part(path) -> str | None:
+    """``a``, ``b`` or the DoRA magnitude when ``path`` is an adapter's leaf, else None."""
+    names = [_key_name(k) for k in path]
+    module_at = max((i for i, n in enumerate(names) if n in MODULE_AXES), default=None)
+    if module_at is None:
+        return None
+    rest = [n for n in names[module_at + 1 :] if n not in ("weight", "base")]
+    return rest[-1] if rest and rest[-1] in _ADAPTER_PARTS else None
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _adapter_over_fsdp(axes, shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """``spec`` with ``fsdp`` added to the adapter leaf's model dimension (``in`` of ``a``,
+    ``out`` of ``b`` and the magnitude; not the rank, not a stacked layer axis) when no
+    dimension uses it yet and it divides (module docstring)."""
+    n = mesh.shape.get("fsdp", 1)
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if n == 1 or any("fsdp" in _mesh_axes(e) for e in entries):
+        return spec
+    for i, (ax, dim) in enumerate(zip(axes, shape, strict=True)):
+        if ax is None or ax == "lora_rank":
+            continue
+        have = _mesh_axes(entries[i])
+        if dim % (math.prod(mesh.shape[m] for m in have) * n) == 0:
+            entries[i] = (*have, "fsdp") if have else "fsdp"
+            return PartitionSpec(*entries)
+    return spec
 
 
 def _whole_parts(path, axes, spec: PartitionSpec, mesh: Mesh, fused) -> PartitionSpec:
@@ -148,7 +194,8 @@ def _whole_parts(path, axes, spec: PartitionSpec, mesh: Mesh, fused) -> Partitio
     if at is None or spec[at] is None:
         return spec
     parts, unit = fused.get(module, ((), 0))
-    shard = sum(parts) // mesh.shape[spec[at]] if parts else 0
+    split = math.prod(mesh.shape[m] for m in _mesh_axes(spec[at]))
+    shard = sum(parts) // split if parts else 0
     if shard and shard % unit == 0 and all(p % shard == 0 for p in parts):
         return spec
     return PartitionSpec(*(None if i == at else m for i, m in enumerate(spec)))

@@ -118,6 +118,13 @@ def test_real_step_compiles_sharded_with_the_kernel(plans):
         # (shard_map): splash on TPU, Pallas flash for packed rows on GPU, forward and backward
         assert run["kernels"]["attention"] == {"tpu": "splash", "gpu": "pallas_gpu"}[platform]
         assert ATTENTION_KERNELS[platform] <= set(run["pallas_kernels"]), run["pallas_kernels"]
+    # FSDP over 8 devices holds 1/8 of every LoRA factor and of its Adam moments on each (the
+    # `b` of q/k/v/gate/up too, whose `out` the default rules give the unused tensor axis);
+    # only the optimizer's step counts (scalars) are whole on every device
+    u, s = one["per_device"], scanned["per_device"]
+    assert 8 * s["trainable_bytes"] == u["trainable_bytes"], (s, u)
+    scalars = u["optimizer_bytes"] - 2 * u["trainable_bytes"]
+    assert 8 * (s["optimizer_bytes"] - scalars) == u["optimizer_bytes"] - scalars, (s, u)
     for run in meshes:
         # the kernel runs where the activations already are: no all-gather made for attention
         assert run["attention_gathers"] == [], run["attention_gathers"]

@@ -1,0 +1,85 @@
+"""The sharding rules for adapter leaves (jaxlora.training.sharding): LoRA factors are split
+over ``fsdp`` even where the base's rule for their model dimension names another axis, so a
+pure FSDP mesh holds 1/n of every adapter, its gradient and its optimizer state per device
+(the numbers against one device: tests/test_multidevice.py)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from jax.tree_util import DictKey
+
+from jaxlora.config.recipe import _default_rules
+from jaxlora.training.sharding import leaf_spec
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+    return types.SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def _spec(keys, shape, mesh, fused=None):
+    path = [DictKey(k) for k in keys]
+    return tuple(leaf_spec(path, shape, _default_rules(), mesh, fused))
+
+
+def _layer(module, *leaf, block="self_attn"):
+    return ("model", "layers", "0", block, module, *leaf)
+
+
+FSDP8 = _mesh(fsdp=8)
+
+
+@pytest.mark.parametrize(
+    ("module", "block", "a_spec", "b_spec"),
+    [
+        # q/k/v/gate/up: `a [r, in]`'s in is the model width (fsdp already); `b [out, r]`'s out
+        # is heads or MLP width (tensor, size 1 here): b takes fsdp
+        ("q_proj", "self_attn", (None, "fsdp"), ("fsdp", None)),
+        ("k_proj", "self_attn", (None, "fsdp"), ("fsdp", None)),
+        ("gate_proj", "mlp", (None, "fsdp"), ("fsdp", None)),
+        # o/down: b's out is the model width (fsdp already); a's in is heads / MLP width
+        ("o_proj", "self_attn", (None, "fsdp"), ("fsdp", None)),
+        ("down_proj", "mlp", (None, "fsdp"), ("fsdp", None)),
+    ],
+)
+def test_every_lora_factor_is_split_over_a_pure_fsdp_mesh(module, block, a_spec, b_spec):
+    assert _spec(_layer(module, "a", block=block), (16, 4096), FSDP8) == a_spec
+    assert _spec(_layer(module, "b", block=block), (4096, 16), FSDP8) == b_spec
+
+
+def test_the_base_weights_keep_their_rules():
+    assert _spec(_layer("q_proj", "weight"), (4096, 4096), FSDP8) == (None, "fsdp")
+    assert _spec(_layer("o_proj", "weight"), (4096, 4096), FSDP8) == ("fsdp", None)
+
+
+def test_tensor_and_fsdp_split_one_dimension_together():
+    mesh = _mesh(data=2, fsdp=2, tensor=2)
+    assert _spec(_layer("q_proj", "b"), (4096, 16), mesh) == (("tensor", "fsdp"), None)
+    assert _spec(_layer("o_proj", "a"), (16, 4096), mesh) == (None, ("tensor", "fsdp"))
+    assert _spec(_layer("q_proj", "a"), (16, 4096), mesh) == (None, "fsdp")  # as the base
+    # 6 rows split over tensor (2) but not over tensor x fsdp (4): left as the rule gives
+    assert _spec(_layer("q_proj", "b"), (6, 16), mesh) == ("tensor", None)
+
+
+def test_what_does_not_divide_stays_whole_and_stacked_layers_stay_whole():
+    assert _spec(_layer("q_proj", "b"), (12, 16), FSDP8) == (None, None)
+    stacked = ("model", "layers", "0:32", "self_attn", "q_proj", "b")
+    assert _spec(stacked, (32, 4096, 16), FSDP8) == (None, "fsdp", None)
+
+
+def test_dora_magnitude_and_optimizer_state_follow_the_factors():
+    assert _spec(_layer("q_proj", "magnitude"), (4096,), FSDP8) == ("fsdp",)
+    # an optimizer-state leaf (optax's mu / nu) carries the parameter's path below its own keys
+    mu = ("0", "mu", *_layer("gate_proj", "b", block="mlp"))
+    assert _spec(mu, (14336, 16), FSDP8) == ("fsdp", None)
+
+
+def test_a_fused_projection_splits_b_only_on_whole_parts():
+    """Phi-3's qkv_proj: q | k | v = 4 | 2 | 2 heads of 10 rows (80 rows)."""
+    fused = {"qkv_proj": ((40, 20, 20), 10)}
+    assert _spec(_layer("qkv_proj", "b"), (80, 4), _mesh(fsdp=4), fused) == ("fsdp", None)
+    # 2 ways would put k and v in one shard
+    assert _spec(_layer("qkv_proj", "b"), (80, 4), _mesh(fsdp=2), fused) == (None, None)
+    both = _mesh(fsdp=2, tensor=2)
+    assert _spec(_layer("qkv_proj", "b"), (80, 4), both, fused) == (("tensor", "fsdp"), None)
