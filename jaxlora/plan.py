@@ -7,7 +7,9 @@ parameters abstract (4-bit where the recipe quantizes), the step built by the sa
 ``python -m jaxlora.train`` uses. Prints per-device memory (frozen base, trainable parameters,
 optimizer state, temporaries, outputs, the total against the device's memory and the headroom
 left), the kernels chosen, FLOPs per step and compile time. ``search=batch`` finds the largest
-micro-batch that fits with 10 % headroom. These are the compiler's figures, not a run's.
+micro-batch that fits with 10 % headroom (with ``format=json``, ``search`` lists each
+micro-batch compiled and carries the first one's plan, one row per device). These are the
+compiler's figures, not a run's.
 Targets: ``python -m jaxlora.plan targets``. Compiling needs libtpu / the CUDA PJRT plugin
 (pyproject's ``aot`` extra, in the venv or in ``.aot-toolchain/``).
 """
@@ -25,7 +27,14 @@ import jax
 from jaxlora.config import ConfigError, Section, config_from_argv, from_argv
 from jaxlora.targets import TARGETS, ToolchainError
 from jaxlora.targets.toolchain import add_side_directory
-from jaxlora.training.plan import HEADROOM, Plan, advice_lines, compile_step, search_batch
+from jaxlora.training.plan import (
+    HEADROOM,
+    BatchSearch,
+    Plan,
+    advice_lines,
+    compile_step,
+    search_batch,
+)
 
 PLAN_KEYS = ("target", "search", "format")
 
@@ -117,22 +126,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = from_argv(PlanArgs, ours)
         cfg = config_from_argv([a for a in argv if a not in ours])
-        if args.search == "batch":
-            batch, plan = search_batch(cfg, args.target)
-            if plan is None:
-                raise ValueError(f"no micro-batch fits {args.target} with this recipe")
-        else:
-            plan = compile_step(cfg, args.target)
+        search = search_batch(cfg, args.target) if args.search == "batch" else None
+        if search is not None and search.first is None:
+            raise ValueError(
+                f"search=batch: no micro-batch to try on {args.target} within the search's limit"
+            )
+        plan = compile_step(cfg, args.target) if search is None else search.plan or search.first
     except (ConfigError, ToolchainError, ValueError, KeyError) as e:
         print(f"jaxlora.plan: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps(plan.to_json(), indent=2))
+        out = plan.to_json()
+        if search is not None:  # the largest's plan (or, when none fits, the first's)
+            out["search"] = search.to_json()
+        print(json.dumps(out, indent=2))
     else:
         print(render(plan))
-        if args.search == "batch":
-            print(f"  largest micro-batch that fits: {plan.micro_batch}")
+        if search is not None:
+            print(_search_lines(search))
     return 0
+
+
+def _search_lines(search: BatchSearch) -> str:
+    tried = ", ".join(
+        f"{t['micro_batch']} {'fits' if t['fits'] else 'does not'}" for t in search.tried
+    )
+    if not search.largest:
+        head = "  no micro-batch fits: the plan above is the smallest (one row per device)"
+    else:
+        head = f"  largest micro-batch that fits: {search.largest}"
+    return f"{head}\n  compiled micro-batches: {tried}"
 
 
 if __name__ == "__main__":

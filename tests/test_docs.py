@@ -120,3 +120,35 @@ def test_plan_table_refuses_a_file_without_its_markers(tmp_path):
     plan_table = _tool("plan_table")
     with pytest.raises(SystemExit, match="plan_table.py: matrix"):
         plan_table.write_blocks("# no generated blocks here\n", [])
+
+
+def test_a_search_row_stands_for_the_row_it_compiled_first():
+    """A ``--search batch`` row without its micro-batch-1 row: the search's first compile (one
+    row per device, the same step) fills the memory cells, its largest micro-batch the rest;
+    where nothing fits, the first plan says so and the largest is 0."""
+    plan_table = _tool("plan_table")
+    GiB = 2**30
+
+    def plan(mb, total, fits=True):
+        per_device = {"total_bytes": total, "device_bytes": 16 * GiB, "fits": fits}
+        return {"micro_batch": mb, "per_device": per_device, "flops_source": "unknown"}
+
+    def row(target, largest, first, best):
+        tried = [{"micro_batch": 1, "total_bytes": 5 * GiB, "fits": True, "cpu_s": 42.0}]
+        search = {"largest_micro_batch": largest, "tried": tried, "first": first}
+        key = {"model": "Llama-3.1-8B", "quant": "qlora", "seq": 2048, "layers": None}
+        return (
+            key
+            | {"target": target, "scan": "auto", "search": "batch", "cpu_s": 300.0}
+            | {"plan": best | {"search": search}}
+        )
+
+    rows = [
+        row("l4-1", 3, plan(1, 5 * GiB), plan(3, 14 * GiB)),
+        row("t4-1", 0, plan(1, None, fits=False), plan(1, None, fits=False)),
+    ]
+    matrix = plan_table.render_matrix(rows)
+    assert "| 5.0 ✓ mb 3 |" in matrix and "| OOM ✗ mb 0 |" in matrix
+    table = plan_table.render(rows)
+    assert "| l4-1 | 5.00 (16.00) | 68.8 % | yes | 3 | — | 42 |" in table
+    assert "| t4-1 | does not fit" in table

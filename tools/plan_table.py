@@ -140,15 +140,30 @@ def _largest(search: dict | None) -> int | None:
     where no search ran or it failed."""
     if search is None or "error" in search:
         return None
-    fits_any = search["plan"]["per_device"].get("total_bytes") is not None
+    if "search" in search["plan"]:
+        return search["plan"]["search"]["largest_micro_batch"]
+    fits_any = search["plan"]["per_device"].get("total_bytes") is not None  # rows before it
     return search["plan"]["micro_batch"] if fits_any else 0
+
+
+def _first(one: dict | None, search: dict | None) -> dict | None:
+    """The micro-batch-1 row: ``one`` where it was compiled, else the first compile of the
+    search (the same step: one row per device), its time that compile's CPU seconds."""
+    if one is not None or search is None or "error" in search:
+        return one
+    found = search["plan"].get("search")
+    if not found or found["first"] is None:
+        return None
+    return {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
 
 
 def render(results: list[dict]) -> str:
     """One line per (model, method, S, target, overrides): the micro-batch-1 plan's figures and,
     when a ``--search batch`` row was run too, the largest micro-batch it found. The time is the
     CPU seconds of the whole plan process (start-up, tracing, compiling): on a machine shared
-    with other work, a compile's wall time says more about the load than about the compile."""
+    with other work, a compile's wall time says more about the load than about the compile.
+    Where only a search was run, its first compile (one row per device) is the row, and the
+    time that compile's CPU seconds (no process start-up)."""
     gib = lambda n: f"{n / 2**30:.2f}"
     lines = [
         "| model | method | S | target | per device GiB (of) | headroom | fits | largest mb "
@@ -162,7 +177,8 @@ def render(results: list[dict]) -> str:
             rows.setdefault(group(r), {})[r["search"]] = r
     order = lambda k: (MODELS.index(k[0]), k[1], k[2], TARGETS.index(k[3]), k[4:])
     for key in sorted(rows, key=order):
-        one, search = rows[key].get("none"), rows[key].get("batch")
+        search = rows[key].get("batch")
+        one = _first(rows[key].get("none"), search)
         method = " ".join([key[1], *key[4:]])
         head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
         largest = _largest(search)
@@ -222,7 +238,8 @@ def render_matrix(results: list[dict]) -> str:
             "|---|---|---|" + "---|" * len(cols),
         ]
         for key in sorted(rows, key=order):
-            cells = [_cell(rows[key].get((t, "none")), rows[key].get((t, "batch"))) for t in cols]
+            got = [(rows[key].get((t, "none")), rows[key].get((t, "batch"))) for t in cols]
+            cells = [_cell(_first(one, search), search) for one, search in got]
             out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out[:-1])

@@ -326,10 +326,30 @@ def advice_lines(tries: list[dict[str, Any]]) -> list[str]:
     return [" ".join([*a["set"], "--" if a["set"] else "", a["why"]]).strip() for a in tries]
 
 
-def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, Plan | None]:
+@dataclass
+class BatchSearch:
+    """What :func:`search_batch` found: ``largest`` rows a step (0: not even one per device
+    fits), its ``plan``, the ``first`` plan (one row per device: the plan without a search),
+    and every compile in order (``tried``: micro-batch, total bytes, fits, CPU seconds)."""
+
+    largest: int
+    plan: Plan | None
+    first: Plan | None
+    tried: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "largest_micro_batch": self.largest,
+            "tried": self.tried,
+            "first": None if self.first is None else self.first.to_json(),
+        }
+
+
+def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
     """The largest micro-batch whose step fits ``target`` with :data:`HEADROOM` to spare, in
-    multiples of the devices the rows split over, and its plan; ``(0, None)`` when even the
-    smallest does not fit.
+    multiples of the devices the rows split over, with its plan (:class:`BatchSearch`: largest
+    0 and plan None when even the smallest does not fit). The first compile, one row per
+    device, is the plan without a search, and comes back too (``first``).
 
     Every try is a compile (minutes for an 8B step on a TPU target), so the search guesses
     before it bisects. A step's bytes grow about linearly with its micro-batch (activations
@@ -343,6 +363,8 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, P
     of about 2·log2 of the answer (tests/targets/test_targets.py counts them)."""
     verdicts: dict[int, bool] = {}
     fits: dict[int, Plan] = {}
+    plans: dict[int, Plan] = {}
+    tried: list[dict[str, Any]] = []
     m = cfg.mesh
     mesh = targets.compile_mesh(
         targets.get_target(target), data=m.data, fsdp=m.fsdp, tensor=m.tensor
@@ -351,8 +373,19 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, P
     most = limit // unit  # in units of `unit` rows
 
     def ok(k: int) -> bool:
+        cpu = time.process_time()
         plan = compile_step(cfg, target, micro_batch=k * unit)
-        verdicts[k] = bool(plan.per_device["fits"])
+        d = plan.per_device
+        tried.append(
+            {
+                "micro_batch": k * unit,
+                "total_bytes": d.get("total_bytes"),
+                "fits": bool(d["fits"]),
+                "cpu_s": round(time.process_time() - cpu, 1),
+            }
+        )
+        plans[k] = plan
+        verdicts[k] = bool(d["fits"])
         if verdicts[k]:
             fits[k] = plan
         return verdicts[k]
@@ -369,8 +402,10 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, P
         g = b + math.floor((budget - per["total_bytes"]) / slope)
         return [g, g + 1] if verdicts.get(g, True) else [g - 1]
 
-    if most < 1 or not ok(1):
-        return 0, None
+    if most < 1:
+        return BatchSearch(0, None, None, tried)
+    if not ok(1):
+        return BatchSearch(0, None, plans[1], tried)
     lo, hi = 1, most + 1  # lo fits; hi does not (most + 1: past the limit, never compiled)
     while hi - lo > 1:
         tries = [k for k in guesses() if lo < k < hi and k not in verdicts]
@@ -381,4 +416,4 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> tuple[int, P
         else:
             k = (lo + hi) // 2
         lo, hi = (k, hi) if ok(k) else (lo, k)
-    return lo * unit, fits.get(lo)
+    return BatchSearch(lo * unit, fits[lo], plans[1], tried)

@@ -229,8 +229,31 @@ def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
     monkeypatch.setattr(plan_mod.targets, "compile_mesh", lambda *a, **k: Mesh())
     monkeypatch.setattr(plan_mod.targets, "get_target", lambda name: None)
     cfg = types.SimpleNamespace(mesh=types.SimpleNamespace(data=1, fsdp=1, tensor=1))
-    batch, best = plan_mod.search_batch(cfg, "tpu-v5e-1")
-    assert batch == 1 and best.micro_batch == 1
+    found = plan_mod.search_batch(cfg, "tpu-v5e-1")
+    assert found.largest == 1 and found.plan.micro_batch == 1 and found.first is found.plan
+    assert [(t["micro_batch"], t["fits"], t["total_bytes"]) for t in found.tried] == [
+        (1, True, 10 * GiB),
+        (2, False, None),
+    ]
+    assert found.to_json()["first"]["micro_batch"] == 1
+    # what the command prints after the plan: the answer and every micro-batch compiled
+    from jaxlora.plan import _search_lines
+
+    assert _search_lines(found) == (
+        "  largest micro-batch that fits: 1\n  compiled micro-batches: 1 fits, 2 does not"
+    )
+
+    # not even one row fits: no largest, and the first plan (the refusal) comes back
+    monkeypatch.setattr(
+        plan_mod,
+        "compile_step",
+        lambda cfg, target, *, micro_batch=None: dataclasses.replace(
+            refused, micro_batch=micro_batch, per_device=trees | report
+        ),
+    )
+    found = plan_mod.search_batch(cfg, "tpu-v5e-1")
+    assert (found.largest, found.plan) == (0, None) and found.first.per_device["refused"]
+    assert _search_lines(found).startswith("  no micro-batch fits")
 
 
 @pytest.mark.parametrize(
@@ -289,8 +312,10 @@ def test_batch_search_finds_the_boundary_bisection_finds_in_fewer_compiles(
         default=0,
     )
     compiled.clear()
-    batch, best = plan_mod.search_batch(cfg, "h100-8", limit=limit)
-    assert batch == expected and best.micro_batch == expected
+    found = plan_mod.search_batch(cfg, "h100-8", limit=limit)
+    assert found.largest == expected and found.plan.micro_batch == expected
+    assert found.first.micro_batch == unit  # one row per device: the plan without a search
+    assert [t["micro_batch"] for t in found.tried] == compiled
     assert len(compiled) == len(set(compiled))  # no micro-batch compiled twice
     assert all(b % unit == 0 for b in compiled)
     if profile == "linear":
