@@ -95,7 +95,7 @@ def run(cfg: Config) -> dict:
     model = model.replace(params=lora.combine(frozen, trainable))
     tx, schedule = make_tx(cfg, total_steps, trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
-    kernels, frozen = for_mesh(cfg, mesh, frozen, model.config)
+    kernels, frozen = for_mesh(cfg, mesh, frozen, model.config, trainable)
     model = model.replace(kernels=kernels)
     sh = step_shardings(cfg, mesh, frozen, trainable, opt_state, model.config)
     frozen = sharding.place(frozen, sh.frozen)

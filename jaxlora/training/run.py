@@ -267,13 +267,15 @@ def make_mesh(cfg: Config) -> Mesh:
     return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
 
-def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
+def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config, trainable=None):
     """``(kernels, frozen)``: the kernels for the mesh's devices (``quant.kernel``; the mesh's
     platform decides, not the process's default backend; 4-bit weights multiplied in
     ``quant.compute_dtype``, as bitsandbytes' ``Linear4bit``), written into the frozen tree with
     each 4-bit weight's mesh and spec (``weights.prepare``), so the step runs each kernel on
     its devices' own rows; attention kernels split the batch over the batch axes and the heads
-    over the axis the ``heads`` rule names."""
+    over the axis the ``heads`` rule names. Given ``trainable`` (arrays or shape structs), each
+    LoRA weight also gets where its factors lie while multiplied (gathered over ``fsdp``:
+    ``weights.lora.FactorUse``)."""
     platform = mesh.devices.flat[0].platform
     for key, dtype in (
         ("model.compute_dtype", cfg.model.compute_dtype),
@@ -296,8 +298,14 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config):
         softcap=model_config.attn_logit_softcapping is not None,
         nf4_dtype=cfg.quant_compute_dtype,
     )
-    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused_layouts(model_config))
-    frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
+    fused = fused_layouts(model_config)
+    specs = sharding.tree_shardings(frozen, mesh, cfg.mesh.rules, fused)
+    adapters = None
+    if trainable is not None:
+        adapters = sharding.tree_shardings(trainable, mesh, cfg.mesh.rules, fused)
+    frozen = prepare(
+        frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES, adapters=adapters
+    )
     return kernels, frozen
 
 

@@ -148,7 +148,11 @@ def run(mesh_arg: str) -> dict:
     # weight's mesh and spec written into the frozen tree, so its matmul runs on its own shards
     kernels = kernels_for(list(mesh.devices.flat))
     specs = sharding.tree_shardings(frozen, mesh, rules)
-    frozen = prepare(frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES)
+    # and where each LoRA factor lies while multiplied: gathered over fsdp (FactorUse)
+    adapters = sharding.tree_shardings(trainable, mesh, rules)
+    frozen = prepare(
+        frozen, kernels, shardings=specs, batch_axes=sharding.BATCH_AXES, adapters=adapters
+    )
     frozen_sh = sharding.tree_shardings(frozen, mesh, rules)
     train_sh = sharding.tree_shardings(trainable, mesh, rules)
     frozen, trainable = sharding.place(frozen, frozen_sh), sharding.place(trainable, train_sh)

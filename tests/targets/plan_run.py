@@ -36,6 +36,10 @@ RUNS = {
     ],
 }
 
+# and, on both platforms, LoRA with a bf16 base over fsdp=8 scanned: XLA partitions its dense
+# matmuls itself, and could move activations to where an adapter factor lies (FactorUse)
+BF16_RUN = {"tpu": ("tpu-v5e-8", 1, 8, 1, "true"), "gpu": ("h100-8", 1, 8, 1, "true")}
+
 ACCUM = 3  # micro-batches a step: its loop's trip count differs from the layers' (2)
 PROJECTION = re.compile(r"[qkvo]_proj/")
 
@@ -69,13 +73,14 @@ args = parser.parse_args()
 
 out = []
 for seq in args.seq:
-    for target, data, fsdp, tensor, scan in RUNS[args.platform]:
+    runs = [(*r, "nf4") for r in RUNS[args.platform]] + [(*BF16_RUN[args.platform], "none")]
+    for target, data, fsdp, tensor, scan, quant in runs:
         cfg = load_config(
             "demo",
             [
                 f"model.path={args.model}",
                 "model.tokenizer=null",
-                "quant.type=nf4",
+                f"quant.type={quant}",
                 "lora.target_modules=all-linear",
                 "lora.r=8",
                 "lora.alpha=16",
@@ -98,6 +103,11 @@ for seq in args.seq:
         out.append(
             plan.to_json()
             | {
+                "quant": quant,
+                "seq": seq,
+                "gathered_in_layers": sorted(
+                    {(a.dtype, a.dims) for g in gathers if in_layers(g.line) for a in g.results}
+                ),
                 "custom_calls": plan.custom_calls,
                 "pallas_kernels": hlo.pallas_kernels(plan.hlo_text),
                 "accum": ACCUM,

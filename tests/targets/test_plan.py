@@ -99,7 +99,7 @@ def plans(request, tmp_path_factory, model_dir):
 def _runs(plans):
     """``(platform, one device, [the meshes' runs], scanned fsdp=8)``."""
     platform, runs = plans
-    one, *meshes = runs
+    one, *meshes = [r for r in runs if r["quant"] == "nf4"]
     (scanned,) = [r for r in meshes if r["scan_layers"]]
     return platform, one, meshes, scanned
 
@@ -140,6 +140,25 @@ def test_real_step_compiles_sharded_with_the_kernel(plans):
         for dims, in_layers in run["gathered_16bit"]:
             ok = RANK in dims if in_layers else bool(vocab & set(dims))
             assert ok, run["gathered_16bit"]
+
+
+def test_fsdp_gathers_adapter_factors_never_activations(plans):
+    """Over fsdp=8, with the NF4 base and with a bf16 one (whose matmuls XLA partitions
+    itself): in the decoder layers every all-gather is of a weight or a LoRA factor (FSDP, each
+    factor where it is used: weights.lora.FactorUse), none of activations, which carry the
+    sequence axis. Left to itself, XLA:GPU all-gathered the whole batch's activations to where
+    a factor split over fsdp lay."""
+    platform, runs = plans
+    fsdp8 = [r for r in runs if r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}]
+    assert sorted(r["quant"] for r in fsdp8) == ["nf4", "none"]
+    for run in fsdp8:
+        assert run["gathered_in_layers"], run  # FSDP gathers something in every layer
+        for dtype, dims in run["gathered_in_layers"]:
+            if dtype in ("bf16", "f16", "f32"):  # not the rows' integer segment ids
+                assert run["seq"] not in dims, (run["quant"], dtype, dims)
+    # the same adapters, split the same way, whatever the base
+    trainable = {r["quant"]: r["per_device"]["trainable_bytes"] for r in fsdp8}
+    assert trainable["none"] == trainable["nf4"], trainable
 
 
 def test_step_flops_count_every_loop_iteration(plans):

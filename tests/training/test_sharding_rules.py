@@ -83,3 +83,36 @@ def test_a_fused_projection_splits_b_only_on_whole_parts():
     assert _spec(_layer("qkv_proj", "b"), (80, 4), _mesh(fsdp=2), fused) == (None, None)
     both = _mesh(fsdp=2, tensor=2)
     assert _spec(_layer("qkv_proj", "b"), (80, 4), both, fused) == (("tensor", "fsdp"), None)
+
+
+def test_prepare_gathers_each_factor_over_fsdp_where_it_is_used():
+    """weights.prepare writes each LoRA weight's FactorUse: its factors' specs without fsdp
+    (one layer's: a stacked leaf's layer axis dropped), so XLA gathers the factor where it is
+    used and never moves activations to where a split factor lies (the compiled check:
+    tests/targets/test_plan.py); on one device, nothing."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh, Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlora.weights import prepare
+    from jaxlora.weights.dispatch import Kernels
+    from jaxlora.weights.lora import LoRAWeight
+
+    def half(base, a, b, magnitude=None):
+        return LoRAWeight(base, a, b, magnitude, scale=2.0)
+
+    frozen = {"q_proj": half(jnp.zeros((2, 64, 32)), None, None), "norm": jnp.zeros(32)}
+    mesh = AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor"))
+    on = lambda *spec: NamedSharding(mesh, P(*spec))
+    # stacked [L, r, in], [L, out, r], [L, out]: as tree_shardings gives them
+    trainable = half(None, on(None, None, "fsdp"), on(None, ("tensor", "fsdp"), None))
+    trainable.magnitude = on(None, "fsdp")
+    out = prepare(frozen, Kernels(), adapters={"q_proj": trainable, "norm": None})
+    use = out["q_proj"].use
+    assert (use.a, use.b, use.magnitude) == (P(None, None), P("tensor", None), P(None))
+    assert out["norm"] is frozen["norm"]
+    one = Mesh(jax.devices()[:1], ("fsdp",))
+    single = half(None, NamedSharding(one, P(None, None)), NamedSharding(one, P(None, None)))
+    out = prepare(frozen, Kernels(), adapters={"q_proj": single, "norm": None})
+    assert out["q_proj"].use is None  # one device: nothing to gather
