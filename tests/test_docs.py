@@ -152,3 +152,26 @@ def test_a_search_row_stands_for_the_row_it_compiled_first():
     table = plan_table.render(rows)
     assert "| l4-1 | 5.00 (16.00) | 68.8 % | yes | 3 | — | 42 |" in table
     assert "| t4-1 | does not fit" in table
+
+
+def test_multi_device_rows_from_before_the_factor_split_are_marked():
+    """Rows of a mesh compiled before LoRA factors were split over fsdp (plan_table's
+    FACTORS_WHOLE commits) overstate the per-device bytes: both tables mark them "†";
+    one-device rows of those commits, and rows of later commits, are not marked."""
+    plan_table = _tool("plan_table")
+    old = sorted(plan_table.FACTORS_WHOLE)[0]
+    per_device = {"total_bytes": 2**32, "device_bytes": 2**34, "fits": True}
+    key = {"model": "Llama-3.1-8B", "quant": "qlora", "seq": 2048, "layers": None}
+
+    def row(target, commit):
+        plan = {"micro_batch": 1, "per_device": per_device, "flops_source": "unknown"}
+        extra = {"scan": "auto", "search": "none", "cpu_s": 1.0, "commit": commit}
+        return key | {"target": target, "plan": plan} | extra
+
+    rows = [row("tpu-v5e-8", old), row("tpu-v5e-1", old), row("h100-8", "20f55d1")]
+    matrix = plan_table.render_matrix(rows)
+    assert "| 4.0 ✓ | 4.0 ✓ † |" in matrix  # tpu-v5e-1, then tpu-v5e-8
+    assert "| 4.0 ✓ |" in matrix.split("`h100-1`")[1]
+    table = plan_table.render(rows).splitlines()
+    marked = [line.split(" | ")[3] for line in table if "†" in line]
+    assert marked == ["tpu-v5e-8"]

@@ -45,6 +45,11 @@ CONFIGS = ROOT / "assets" / "configs"
 MODELS = ["Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Mistral-7B-v0.3"]
 TARGETS = list(REGISTRY)  # every registered target, in the registry's order
 QUANT = {"qlora": ["recipe=llama_qlora"], "lora": ["recipe=llama_lora"]}
+# Rows compiled at these commits, before LoRA factors were split and gathered over fsdp
+# (20f55d1), hold every factor whose dimensions no rule put on fsdp whole on each device of a
+# mesh, with its Adam state: their multi-device figures are high (8B QLoRA, 8 devices: about
+# 1.2 GiB). The tables mark them with a dagger until they are compiled again.
+FACTORS_WHOLE = frozenset({"9b52ab4", "2e8a44a", "08970e6", "a640bf0"})
 
 
 def devices(target: str) -> int:
@@ -154,7 +159,14 @@ def _first(one: dict | None, search: dict | None) -> dict | None:
     found = search["plan"].get("search")
     if not found or found["first"] is None:
         return None
-    return {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
+    first = {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
+    return first | {k: search[k] for k in ("target", "commit") if k in search}
+
+
+def _dagger(row: dict) -> str:
+    """ "†" for a multi-device row compiled before the factors were split (FACTORS_WHOLE)."""
+    many = REGISTRY[row["target"]].num_devices > 1 if "target" in row else False
+    return " †" if many and row.get("commit") in FACTORS_WHOLE else ""
 
 
 def render(results: list[dict]) -> str:
@@ -189,13 +201,15 @@ def render(results: list[dict]) -> str:
             lines.append(head + f"| error: {' '.join(one['error'])[:80]} | | | {largest} | | |")
         elif one["plan"]["per_device"]["total_bytes"] is None:  # the compiler refused it
             refused = one["plan"]["per_device"].get("refused", "")
-            lines.append(head + f"| does not fit: {refused[:90]} | | no | {largest} | | |")
+            lines.append(
+                head + f"| does not fit{_dagger(one)}: {refused[:90]} | | no | {largest} | | |"
+            )
         else:
             p = one["plan"]
             d = p["per_device"]
             free = 1 - d["total_bytes"] / d["device_bytes"]
             lines.append(
-                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}) "
+                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}){_dagger(one)} "
                 f"| {100 * free:.1f} % | {'yes' if d['fits'] else 'no'} | {largest} "
                 f"| {_tflops(p)} | {one['cpu_s']:.0f} |"
             )
@@ -213,7 +227,7 @@ def _cell(one: dict | None, search: dict | None) -> str:
         "OOM ✗"
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
-    )
+    ) + _dagger(one)
     if _largest(search) is not None:
         text += f" mb {_largest(search)}"
     return text
