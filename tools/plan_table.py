@@ -160,12 +160,12 @@ def _first(one: dict | None, search: dict | None) -> dict | None:
     if not found or found["first"] is None:
         return None
     first = {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
-    return first | {k: search[k] for k in ("target", "commit") if k in search}
+    return first | {"target": search["target"], "commit": search.get("commit")}
 
 
 def _dagger(row: dict) -> str:
     """ "†" for a multi-device row compiled before the factors were split (FACTORS_WHOLE)."""
-    many = REGISTRY[row["target"]].num_devices > 1 if "target" in row else False
+    many = REGISTRY[row["target"]].num_devices > 1
     return " †" if many and row.get("commit") in FACTORS_WHOLE else ""
 
 

@@ -362,7 +362,6 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
     a plain doubling-and-bisecting search finds, in 4 compiles where growth is linear instead
     of about 2·log2 of the answer (tests/targets/test_targets.py counts them)."""
     verdicts: dict[int, bool] = {}
-    fits: dict[int, Plan] = {}
     plans: dict[int, Plan] = {}
     tried: list[dict[str, Any]] = []
     m = cfg.mesh
@@ -386,11 +385,10 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
         )
         plans[k] = plan
         verdicts[k] = bool(d["fits"])
-        if verdicts[k]:
-            fits[k] = plan
         return verdicts[k]
 
     def guesses() -> list[int]:
+        fits = {k: p for k, p in plans.items() if verdicts[k]}
         known = [k for k in sorted(fits) if fits[k].per_device.get("total_bytes") is not None]
         if len(known) < 2 or not fits[known[-1]].per_device.get("device_bytes"):
             return []
@@ -416,4 +414,4 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
         else:
             k = (lo + hi) // 2
         lo, hi = (k, hi) if ok(k) else (lo, k)
-    return BatchSearch(lo * unit, fits[lo], plans[1], tried)
+    return BatchSearch(lo * unit, plans[lo], plans[1], tried)

@@ -72,14 +72,22 @@ def logical_axes_for(path, ndim: int) -> tuple[str | None, ...]:
     return _axes_by_name(names, ndim)
 
 
-def _axes_by_name(names: list[str | None], ndim: int) -> tuple[str | None, ...]:
+def _module_part(names: list[str | None]) -> tuple[str | None, str | None]:
+    """The innermost Hugging Face module a leaf's path names (``MODULE_AXES``) and the leaf's
+    part of it (``a``, ``b``, ``codes``, ``bias``...; None for the weight itself)."""
     module_at = max((i for i, n in enumerate(names) if n in MODULE_AXES), default=None)
-    if module_at is None or ndim == 0:
-        return (None,) * ndim
-    axes = MODULE_AXES[names[module_at]]
+    if module_at is None:
+        return None, None
     rest = [n for n in names[module_at + 1 :] if n not in ("weight", "base")]
+    return names[module_at], rest[-1] if rest else None
+
+
+def _axes_by_name(names: list[str | None], ndim: int) -> tuple[str | None, ...]:
+    module, part = _module_part(names)
+    if module is None or ndim == 0:
+        return (None,) * ndim
+    axes = MODULE_AXES[module]
     out_ax, in_ax = (axes + (None,))[:2]
-    part = rest[-1] if rest else None
     if part == "bias" or part == "magnitude" or part == "lora_magnitude_vector":
         return (out_ax,) if ndim == 1 else (None,) * ndim
     if part == "a":  # LoRA A [r, in]
@@ -142,22 +150,12 @@ def leaf_spec(path, shape: tuple[int, ...], rules, mesh: Mesh, fused=None) -> Pa
     projection's ``out`` split only on whole parts (``fused``: ``fused_layouts``)."""
     axes = logical_axes_for(path, len(shape))
     spec = spec_for(axes, shape, rules, mesh)
-    if _lora_part(path) is not None:
+    if _module_part([_key_name(k) for k in path])[1] in _ADAPTER_PARTS:
         spec = _adapter_over_fsdp(axes, shape, spec, mesh)
     return _whole_parts(path, axes, spec, mesh, fused or {})
 
 
 _ADAPTER_PARTS = ("a", "b", "magnitude", "lora_magnitude_vector")
-
-
-def _lora_part(path) -> str | None:
-    """``a``, ``b`` or the DoRA magnitude when ``path`` is an adapter's leaf, else None."""
-    names = [_key_name(k) for k in path]
-    module_at = max((i for i, n in enumerate(names) if n in MODULE_AXES), default=None)
-    if module_at is None:
-        return None
-    rest = [n for n in names[module_at + 1 :] if n not in ("weight", "base")]
-    return rest[-1] if rest and rest[-1] in _ADAPTER_PARTS else None
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:

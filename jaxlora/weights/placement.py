@@ -59,13 +59,12 @@ def prepare(
 
     if shardings is None and adapters is None:
         return jax.tree.map(one, params, is_leaf=_is_weight)
-    if adapters is None:
-        return jax.tree.map(one, params, shardings, is_leaf=_is_weight)
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: None, params, is_leaf=_is_weight)
+    nothing = lambda tree: (
+        jax.tree.map(lambda _: None, params, is_leaf=_is_weight) if tree is None else tree
+    )
     # a trainable-only leaf is None in `params`: a leaf here, whatever `adapters` holds there
     hole = lambda x: x is None or _is_weight(x)
-    return jax.tree.map(one, params, shardings, adapters, is_leaf=hole)
+    return jax.tree.map(one, params, nothing(shardings), nothing(adapters), is_leaf=hole)
 
 
 def _without_fsdp(spec: PartitionSpec, lead: int) -> PartitionSpec:
@@ -86,7 +85,7 @@ def _factor_use(ad: LoRAWeight) -> FactorUse | None:
     a_sh, b_sh, m_sh = ad.a, ad.b, ad.magnitude
     if not isinstance(a_sh, NamedSharding) or a_sh.mesh.size == 1:
         return None
-    lead = len(a_sh.spec) - 2 if len(a_sh.spec) > 2 else 0
+    lead = max(0, len(a_sh.spec) - 2)  # a stacked leaf's layer axes
 
     def spec(sh, ndim: int) -> PartitionSpec | None:
         if not isinstance(sh, NamedSharding):
