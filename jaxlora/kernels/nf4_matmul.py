@@ -159,3 +159,52 @@ def nf4_matmul(
     """
     _check(x, codes, absmax, blocksize)
     return _matmul(x, codes, absmax, tuple(code), blocksize, interpret, platform)
+
+
+def tile_operands(codes: jax.Array, absmax: jax.Array, *, blocksize: int):
+    """``codes [N, K/2], absmax [N, K/bs]`` (float32) in the layout the Mosaic kernels read
+    (``nf4_tpu.tile_layout``), made once for several calls of :func:`nf4_matmul_tiled`."""
+    _check(jnp.zeros((1, 2 * codes.shape[1]), jnp.float32), codes, absmax, blocksize)
+    return nf4_tpu.tile_layout(codes, absmax, nf4_tpu.k_tile(blocksize))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _matmul_tiled(x, codes_t, absmax_t, code, blocksize, interpret):
+    return nf4_tpu.forward_tiled(
+        x, codes_t, absmax_t, code=code, blocksize=blocksize, interpret=interpret
+    )
+
+
+def _matmul_tiled_fwd(x, codes_t, absmax_t, code, blocksize, interpret):
+    y = _matmul_tiled(x, codes_t, absmax_t, code, blocksize, interpret)
+    return y, (codes_t, absmax_t)
+
+
+def _matmul_tiled_bwd(code, blocksize, interpret, res, dy):
+    codes_t, absmax_t = res
+    dx = nf4_tpu.input_grad_tiled(
+        dy, codes_t, absmax_t, code=code, blocksize=blocksize, interpret=interpret
+    )
+    return dx, None, None
+
+
+_matmul_tiled.defvjp(_matmul_tiled_fwd, _matmul_tiled_bwd)
+
+
+def nf4_matmul_tiled(
+    x: jax.Array,
+    codes_t: jax.Array,
+    absmax_t: jax.Array,
+    *,
+    code: tuple[float, ...],
+    blocksize: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """:func:`nf4_matmul` on the Mosaic kernels with operands from :func:`tile_operands`
+    (``K`` zero-padded to whole tiles here, so the gradient comes back cut to ``x``'s)."""
+    kp = codes_t.shape[0] * 2
+    if x.ndim != 2 or not x.shape[1] <= kp < x.shape[1] + nf4_tpu.k_tile(blocksize):
+        raise ValueError(f"nf4_matmul_tiled: x {x.shape} does not match codes_t {codes_t.shape}")
+    if kp != x.shape[1]:
+        x = jnp.pad(x, ((0, 0), (0, kp - x.shape[1])))
+    return _matmul_tiled(x, codes_t, absmax_t, tuple(code), blocksize, interpret)

@@ -124,9 +124,15 @@ def _cost(m: int, n: int, kp: int, dtype, blocksize: int, lhs: int, out: int) ->
 
 def forward(x, codes, absmax, *, code, blocksize, interpret=False):
     """``x [M, K] -> x @ dequant(W)ᵀ [M, N]`` in ``x.dtype`` (Mosaic kernel)."""
-    (m, k), n = x.shape, codes.shape[0]
+    codes_t, absmax_t = tile_layout(codes, absmax, k_tile(blocksize))
+    return forward_tiled(x, codes_t, absmax_t, code=code, blocksize=blocksize, interpret=interpret)
+
+
+def forward_tiled(x, codes_t, absmax_t, *, code, blocksize, interpret=False):
+    """:func:`forward` on operands already in :func:`tile_layout`'s layout (made once for
+    several calls: the tiles of a tiled MLP)."""
+    (m, k), n = x.shape, codes_t.shape[1]
     bk = k_tile(blocksize)
-    codes_t, absmax_t = tile_layout(codes, absmax, bk)
     kp = codes_t.shape[0] * 2
     if kp != k:
         x = jnp.pad(x, ((0, 0), (0, kp - k)))
@@ -153,12 +159,22 @@ def forward(x, codes, absmax, *, code, blocksize, interpret=False):
 
 def input_grad(dy, codes, absmax, *, code, blocksize, interpret=False):
     """``dy [M, N] -> dy @ dequant(W) [M, K]`` in ``dy.dtype`` (Mosaic kernel)."""
-    (m, n), k = dy.shape, codes.shape[1] * 2
+    codes_t, absmax_t = tile_layout(codes, absmax, k_tile(blocksize))
+    dx = input_grad_tiled(
+        dy, codes_t, absmax_t, code=code, blocksize=blocksize, interpret=interpret
+    )
+    k = codes.shape[1] * 2
+    return dx if dx.shape[1] == k else dx[:, :k]
+
+
+def input_grad_tiled(dy, codes_t, absmax_t, *, code, blocksize, interpret=False):
+    """:func:`input_grad` on operands in :func:`tile_layout`'s layout: ``dx [M, Kp]``, ``K``
+    padded to whole tiles (the caller cuts it back)."""
+    m, n = dy.shape
     bk = k_tile(blocksize)
-    codes_t, absmax_t = tile_layout(codes, absmax, bk)
     kp = codes_t.shape[0] * 2
     bm, bn = _bm(m, dy.dtype), _bn(n)
-    dx = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dx_kernel, n=n, bn=bn, bk=bk, bs=blocksize, code=code),
         out_shape=jax.ShapeDtypeStruct((m, kp), dy.dtype),
         grid=(pl.cdiv(m, bm), kp // bk, pl.cdiv(n, bn)),
@@ -176,4 +192,3 @@ def input_grad(dy, codes, absmax, *, code, blocksize, interpret=False):
         cost_estimate=_cost(m, n, kp, dy.dtype, blocksize, lhs=n, out=kp),
         name="nf4_matmul_dx_tpu",
     )(dy, codes_t, absmax_t)
-    return dx if kp == k else dx[:, :k]

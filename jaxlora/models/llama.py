@@ -35,7 +35,7 @@ from jaxlora.models.attention import (
 )
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.stacking import parse_run_key, run_key
-from jaxlora.weights.dispatch import dense
+from jaxlora.weights.dispatch import dense, staged
 
 # Logical axes of each weight, by the Hugging Face module name that owns it (torch orientation).
 # The recipe's mesh.rules map logical axes (jaxlora.config.LOGICAL_AXES) to mesh axes
@@ -345,6 +345,8 @@ def tiled_mlp(mlp: nn.Module, x: jax.Array, dropout_key: jax.Array | None, token
         split_rngs={"params": False},
         length=n,
     )
+    if not mlp.is_initializing():  # the weights made ready for a product once a tile, here
+        scan = nn.map_variables(scan, "params", trans_in_fn=staged)
     _, out = scan(mlp, None, (tiles, keys))
     return rearrange(out, "n b c d -> b (n c) d")[:, :S]
 

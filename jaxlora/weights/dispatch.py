@@ -88,6 +88,15 @@ def dense(
     return y
 
 
+def staged(tree: Any) -> Any:
+    """``tree`` with every weight ready for several products in a row (``w.staged()``: a 4-bit
+    weight on the Mosaic path lays its codes out for the kernel once; every other weight is
+    itself). For the tiles of a tiled MLP (``jaxlora.models.llama.tiled_mlp``), which multiply
+    the same weights once a tile."""
+    ready = lambda w: callable(getattr(w, "staged", None))
+    return jax.tree.map(lambda w: w.staged() if ready(w) else w, tree, is_leaf=ready)
+
+
 def dense_weight(w: Any, dtype: Any) -> jax.Array:
     """The ``[out, in]`` matrix a weight stands for: an array cast, a packed weight dequantized."""
     if isinstance(w, jax.Array | np.ndarray):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxlora.weights.dispatch import dense, dense_weight, fusable_base
+from jaxlora.weights.dispatch import dense, dense_weight, fusable_base, staged
 
 # ---- the LoRA branch, with a hand-written backward pass ---------------------------------------
 
@@ -167,6 +167,10 @@ class LoRAWeight:
             "use": self.use,
         }
         return LoRAWeight(**(fields | kw))
+
+    def staged(self) -> LoRAWeight:
+        """The same weight with its base ready for several products in a row (``staged``)."""
+        return self.replace(base=staged(self.base))
 
     def _factors(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """``a``, ``b`` and the magnitude where the program multiplies them (:class:`FactorUse`)."""

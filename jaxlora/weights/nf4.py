@@ -364,6 +364,80 @@ class NF4Tensor:
             y = jnp.einsum("mi,oi->mo", x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
         return y.astype(out_dtype).reshape(*lead, self.shape[0])
 
+    def staged(self) -> NF4Tensor | StagedNF4:
+        """This weight ready for several products in a row (the tiles of a tiled MLP,
+        ``train.mlp_chunk``): on the Mosaic kernel path, a :class:`StagedNF4` whose codes are
+        laid out for the kernel once, here, instead of once a call; the weight itself on every
+        other path, where a call reads the codes as stored (Triton) or has nothing to lay out.
+
+        Why it matters on the TPU: the tiles run in a loop, and a relayout inside it is one XLA
+        may hoist out of the layers' loop too, as a copy of every layer's codes (the reason
+        ``nf4_tpu.tile_layout`` bars its operands; docs/memory.md).
+        """
+        path, _ = dispatch.nf4_path(self, self.run)
+        if path != "kernel" or self.run.kernels.nf4 != "mosaic":
+            return self
+        codes_t, absmax_t = nf4_matmul.tile_operands(
+            jnp.asarray(self.codes),
+            jax.lax.stop_gradient(self.absmax_f32()),
+            blocksize=self.blocksize,
+        )
+        return StagedNF4(self, codes_t, absmax_t)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class StagedNF4:
+    """An :class:`NF4Tensor` with its Mosaic kernel operands laid out once
+    (``nf4_matmul.tile_operands``: codes ``[Kp/2, N]`` tile-reordered, float32 absmax
+    ``[Kp/bs, N]``), for several products in a row: :meth:`NF4Tensor.staged` makes it inside a
+    step, never stored. Leaves: ``weight`` (the tensor, for what is not a product: its shape,
+    ``dequantize``), ``codes_t``, ``absmax_t``."""
+
+    def __init__(self, weight: NF4Tensor, codes_t, absmax_t):
+        self.weight, self.codes_t, self.absmax_t = weight, codes_t, absmax_t
+
+    def tree_flatten_with_keys(self):
+        keys = [jax.tree_util.GetAttrKey(k) for k in ("weight", "codes_t", "absmax_t")]
+        return list(zip(keys, self.tree_flatten()[0], strict=True)), None
+
+    def tree_flatten(self):
+        return (self.weight, self.codes_t, self.absmax_t), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    shape = property(lambda self: self.weight.shape)
+    blocksize = property(lambda self: self.weight.blocksize)
+    run = property(lambda self: self.weight.run)
+    is_2d = property(lambda self: self.weight.is_2d)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        return self.weight.dequantize(dtype)
+
+    def staged(self) -> StagedNF4:
+        return self
+
+    def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """:meth:`NF4Tensor.matmul` on the laid-out operands (the same kernels and dtypes)."""
+        del rng
+        w, k = self.weight, self.weight.run.kernels
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"StagedNF4.matmul: x has {x.shape[-1]} features, weight {w.shape}")
+        lead, out_dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, w.shape[1]).astype(k.nf4_compute_dtype(x.dtype))
+        dispatch.log_path_once(w.shape, x.shape, "kernel", "mosaic, codes laid out once a layer")
+        y = nf4_matmul.nf4_matmul_tiled(
+            x2,
+            self.codes_t,
+            self.absmax_t,
+            code=tuple(float(c) for c in CODES[w.quant_type]),
+            blocksize=w.blocksize,
+            interpret=k.interpret,
+        )
+        return y.astype(out_dtype).reshape(*lead, w.shape[0])
+
 
 def storage_bits_per_param(t: NF4Tensor) -> float:
     """Bits of storage per weight element, counted from the pytree's leaves."""
