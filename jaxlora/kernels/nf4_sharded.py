@@ -336,3 +336,82 @@ def nf4_matmul_sharded(
         nested_blocksize=nested_blocksize,
     )
     return _matmul(x, (codes, absmax, nested_absmax, offset), p)
+
+
+# ---- operands laid out once for several calls (the tiles of a tiled MLP) --------------------
+
+
+def staged_spec(p: Plan) -> PartitionSpec:
+    """The spec of :func:`stage`'s ``codes_t [Kp/2, N]`` and ``absmax_t [Kp/bs, N]``: ``K``
+    split where it stays split (row parallel), ``N`` where it stays split (column parallel);
+    replicated over the gathered axes."""
+    return PartitionSpec(_entry(p.keep_k), _entry(p.keep_n))
+
+
+def stage(p: Plan, codes, absmax, nested_absmax, offset) -> tuple[jax.Array, jax.Array]:
+    """Each device's weight gathered as ``p`` says (4-bit codes and 8-bit absmax codes, as a
+    call of :func:`nf4_matmul_sharded` gathers them) and laid out for the Mosaic kernel
+    (``nf4_tpu.tile_layout``), once, for several calls of :func:`nf4_matmul_staged`."""
+    if p.kernel != "mosaic":
+        raise ValueError(
+            f"nf4 sharded stage: only the Mosaic kernel reads staged operands, not {p.kernel!r}"
+        )
+    bk = nf4_tpu.k_tile(p.blocksize)
+    spec = staged_spec(p)
+    return jax.shard_map(
+        lambda *w: nf4_tpu.tile_layout(*_local_weight(p, *w), bk),
+        mesh=p.mesh,
+        in_specs=_weight_specs(p),
+        out_specs=(spec, spec),
+        check_vma=False,
+    )(codes, absmax, nested_absmax, offset)
+
+
+def _staged_forward(p: Plan, x, codes_t, absmax_t):
+    def body(x, c, a):
+        y = nf4_tpu.forward_tiled(
+            x, c, a, code=p.code, blocksize=p.blocksize, interpret=p.interpret
+        )
+        return jax.lax.psum(y, p.keep_k) if p.keep_k else y
+
+    spec = staged_spec(p)
+    return jax.shard_map(
+        body, mesh=p.mesh, in_specs=(p.x_spec, spec, spec), out_specs=p.out_spec, check_vma=False
+    )(x, codes_t, absmax_t)
+
+
+def _staged_input_grad(p: Plan, k: int, dy, codes_t, absmax_t):
+    def body(dy, c, a):
+        dx = nf4_tpu.input_grad_tiled(
+            dy, c, a, code=p.code, blocksize=p.blocksize, interpret=p.interpret
+        )
+        dx = dx[:, :k]  # this device's K, without the padding to whole tiles
+        return jax.lax.psum(dx, p.keep_n) if p.keep_n else dx
+
+    spec = staged_spec(p)
+    return jax.shard_map(
+        body, mesh=p.mesh, in_specs=(p.out_spec, spec, spec), out_specs=p.x_spec, check_vma=False
+    )(dy, codes_t, absmax_t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _matmul_staged(x, codes_t, absmax_t, p: Plan, k: int):
+    return _staged_forward(p, x, codes_t, absmax_t)
+
+
+def _matmul_staged_fwd(x, codes_t, absmax_t, p: Plan, k: int):
+    return _staged_forward(p, x, codes_t, absmax_t), (codes_t, absmax_t)
+
+
+def _matmul_staged_bwd(p: Plan, k: int, res, dy):
+    return _staged_input_grad(p, k, dy, *res), None, None
+
+
+_matmul_staged.defvjp(_matmul_staged_fwd, _matmul_staged_bwd)
+
+
+def nf4_matmul_staged(x: jax.Array, codes_t: jax.Array, absmax_t: jax.Array, p: Plan) -> jax.Array:
+    """:func:`nf4_matmul_sharded` on operands from :func:`stage` (``p`` as it was staged with;
+    ``x`` split as ``p.x_spec``): no gathers here, each device multiplies its rows."""
+    k_local = x.shape[1] // math.prod(p.mesh.shape[a] for a in p.keep_k)
+    return _matmul_staged(x, codes_t, absmax_t, p, k_local)

@@ -366,47 +366,73 @@ class NF4Tensor:
 
     def staged(self) -> NF4Tensor | StagedNF4:
         """This weight ready for several products in a row (the tiles of a tiled MLP,
-        ``train.mlp_chunk``): on the Mosaic kernel path, a :class:`StagedNF4` whose codes are
-        laid out for the kernel once, here, instead of once a call; the weight itself on every
-        other path, where a call reads the codes as stored (Triton) or has nothing to lay out.
+        ``train.mlp_chunk``): on the Mosaic kernel's paths, a :class:`StagedNF4` whose codes
+        are laid out for the kernel once, here (in a sharded program: gathered, then laid
+        out), instead of once a call; the weight itself on every other path, where a call
+        reads the codes as stored (Triton) or has nothing to lay out.
 
         Why it matters on the TPU: the tiles run in a loop, and a relayout inside it is one XLA
         may hoist out of the layers' loop too, as a copy of every layer's codes (the reason
         ``nf4_tpu.tile_layout`` bars its operands; docs/memory.md).
         """
         path, _ = dispatch.nf4_path(self, self.run)
-        if path != "kernel" or self.run.kernels.nf4 != "mosaic":
+        if self.run.kernels.nf4 != "mosaic" or path not in ("kernel", "sharded"):
             return self
-        codes_t, absmax_t = nf4_matmul.tile_operands(
-            jnp.asarray(self.codes),
-            jax.lax.stop_gradient(self.absmax_f32()),
+        if path == "kernel":
+            codes_t, absmax_t = nf4_matmul.tile_operands(
+                jnp.asarray(self.codes),
+                jax.lax.stop_gradient(self.absmax_f32()),
+                blocksize=self.blocksize,
+            )
+            return StagedNF4(self, codes_t, absmax_t)
+        # the rows a tile brings: split over the batch axes (a tile holds whole micro-batch rows)
+        rows = math.prod(self.run.mesh.shape[a] for a in self.run.batch_axes)
+        p = self._sharded_plan(rows)
+        nested, offset = self.nested_absmax, self.offset
+        if not self.double_quant:
+            nested = offset = jnp.zeros((), jnp.float32)
+        w = (jnp.asarray(self.codes), jnp.asarray(self.absmax), nested, offset)
+        return StagedNF4(self, *nf4_sharded.stage(p, *w), plan=p)
+
+    def _sharded_plan(self, rows: int) -> nf4_sharded.Plan:
+        """The sharded matmul's plan for ``x [rows, in]`` (``nf4_sharded.plan``)."""
+        return nf4_sharded.plan(
+            self.run.mesh,
+            dispatch.rows_spec(self.run, rows),
+            self.run.spec,
+            ((rows, self.shape[1]), tuple(self.shape)),
+            code=tuple(float(c) for c in CODES[self.quant_type]),
             blocksize=self.blocksize,
+            kernel=self.run.kernels.nf4,
+            interpret=self.run.kernels.interpret,
+            absmax_table=DQ_TABLE if self.double_quant else None,
+            nested_blocksize=self.nested_blocksize,
         )
-        return StagedNF4(self, codes_t, absmax_t)
 
 
 @jax.tree_util.register_pytree_with_keys_class
 class StagedNF4:
-    """An :class:`NF4Tensor` with its Mosaic kernel operands laid out once
-    (``nf4_matmul.tile_operands``: codes ``[Kp/2, N]`` tile-reordered, float32 absmax
-    ``[Kp/bs, N]``), for several products in a row: :meth:`NF4Tensor.staged` makes it inside a
-    step, never stored. Leaves: ``weight`` (the tensor, for what is not a product: its shape,
-    ``dequantize``), ``codes_t``, ``absmax_t``."""
+    """An :class:`NF4Tensor` with its Mosaic kernel operands made once for several products
+    (:meth:`NF4Tensor.staged`, inside a step, never stored): ``codes_t [Kp/2, N]``
+    tile-reordered and float32 ``absmax_t [Kp/bs, N]`` (``nf4_tpu.tile_layout``), gathered
+    over the mesh first when ``plan`` (static: ``nf4_sharded.Plan``) is set. Leaves:
+    ``weight`` (the tensor, for what is not a product: its shape, ``dequantize``),
+    ``codes_t``, ``absmax_t``."""
 
-    def __init__(self, weight: NF4Tensor, codes_t, absmax_t):
+    def __init__(self, weight: NF4Tensor, codes_t, absmax_t, *, plan=None):
         self.weight, self.codes_t, self.absmax_t = weight, codes_t, absmax_t
+        self.plan: nf4_sharded.Plan | None = plan
 
     def tree_flatten_with_keys(self):
         keys = [jax.tree_util.GetAttrKey(k) for k in ("weight", "codes_t", "absmax_t")]
-        return list(zip(keys, self.tree_flatten()[0], strict=True)), None
+        return list(zip(keys, self.tree_flatten()[0], strict=True)), self.plan
 
     def tree_flatten(self):
-        return (self.weight, self.codes_t, self.absmax_t), None
+        return (self.weight, self.codes_t, self.absmax_t), self.plan
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(*children)
+    def tree_unflatten(cls, plan, children):
+        return cls(*children, plan=plan)
 
     shape = property(lambda self: self.weight.shape)
     blocksize = property(lambda self: self.weight.blocksize)
@@ -420,23 +446,35 @@ class StagedNF4:
         return self
 
     def matmul(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        """:meth:`NF4Tensor.matmul` on the laid-out operands (the same kernels and dtypes)."""
-        del rng
+        """:meth:`NF4Tensor.matmul` on the staged operands (the same kernels and dtypes). In a
+        sharded program, rows that do not split as the staging assumed (fewer than the batch
+        axes' devices) go through the weight's own path, which gathers per call."""
         w, k = self.weight, self.weight.run.kernels
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"StagedNF4.matmul: x has {x.shape[-1]} features, weight {w.shape}")
         lead, out_dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, w.shape[1]).astype(k.nf4_compute_dtype(x.dtype))
-        dispatch.log_path_once(w.shape, x.shape, "kernel", "mosaic, codes laid out once a layer")
-        y = nf4_matmul.nf4_matmul_tiled(
-            x2,
-            self.codes_t,
-            self.absmax_t,
-            code=tuple(float(c) for c in CODES[w.quant_type]),
-            blocksize=w.blocksize,
-            interpret=k.interpret,
-        )
+        if self.plan is None:
+            dispatch.log_path_once(w.shape, x.shape, "kernel", "mosaic, codes laid out once")
+            y = nf4_matmul.nf4_matmul_tiled(
+                x2,
+                self.codes_t,
+                self.absmax_t,
+                code=self._code(),
+                blocksize=w.blocksize,
+                interpret=k.interpret,
+            )
+        elif dispatch.rows_spec(w.run, x2.shape[0]) != self.plan.x_spec:
+            return w.matmul(x, rng=rng)
+        else:
+            dispatch.log_path_once(
+                w.shape, x.shape, "sharded", "mosaic, gathered and laid out once"
+            )
+            y = nf4_sharded.nf4_matmul_staged(x2, self.codes_t, self.absmax_t, self.plan)
         return y.astype(out_dtype).reshape(*lead, w.shape[0])
+
+    def _code(self) -> tuple[float, ...]:
+        return tuple(float(c) for c in CODES[self.weight.quant_type])
 
 
 def storage_bits_per_param(t: NF4Tensor) -> float:

@@ -31,7 +31,9 @@ from jaxlora.model import Model
 from jaxlora.models import registry, stacking
 from jaxlora.models.falcon_config import FalconConfig
 from jaxlora.models.llama import LlamaForCausalLM, init_params
-from jaxlora.weights import quantize
+from jaxlora.weights import Kernels, NF4Tensor, prepare, quantize
+from jaxlora.weights.dispatch import staged
+from jaxlora.weights.nf4 import StagedNF4
 from tests.hf_models import make_hf_falcon, tiny_config
 
 
@@ -44,6 +46,10 @@ def assert_close(actual, expected):
 
 
 CFG = dataclasses.replace(tiny_config(), num_hidden_layers=3, sliding_windows=(None,) * 3)
+# Widths that are whole NF4 blocks (64), so the decoder layers' linears are 4-bit
+CFG64 = dataclasses.replace(CFG, hidden_size=64, intermediate_size=128, head_dim=16)
+# The Mosaic (TPU) kernels, interpreted on this CPU: tiles multiply codes laid out once a layer
+MOSAIC = Kernels(platform="cpu", nf4="mosaic", interpret=True)
 
 
 def _batch(B=2, S=11):
@@ -72,16 +78,29 @@ def _params(config, targets, lora_dropout=0.0):
     return lora.partition(params, lcfg)
 
 
+def _is_nf4(w) -> bool:
+    return isinstance(w, NF4Tensor) or isinstance(getattr(w, "base", None), NF4Tensor)
+
+
 TARGETS = {
     "llama": ("q_proj", "gate_proj", "up_proj", "down_proj"),
     "falcon": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "falcon"])
+@pytest.mark.parametrize("family", ["llama", "falcon", "llama-mosaic"])
 def test_tiles_give_the_whole_sequence_logits_and_gradients(family):
-    config = CFG if family == "llama" else _falcon_config()
-    frozen, trainable = _params(config, TARGETS[family])
+    """``llama-mosaic``: a 4-bit base through the Mosaic kernels (interpreted), whose tiles
+    multiply the codes laid out once a layer (:class:`StagedNF4`)."""
+    config = {"llama": CFG, "falcon": None, "llama-mosaic": CFG64}[family] or _falcon_config()
+    frozen, trainable = _params(config, TARGETS[family.split("-")[0]])
+    if family == "llama-mosaic":
+        frozen = prepare(frozen, MOSAIC)
+        nf4 = [w for w in jax.tree.leaves(frozen, is_leaf=_is_nf4) if _is_nf4(w)]
+        ready = [staged(w) for w in nf4]
+        assert len(nf4) == 3 * 7 and all(
+            isinstance(getattr(w, "base", w), StagedNF4) for w in ready
+        )
     ids, pos, seg = _batch()
     runs = stacking.layer_runs(lora.combine(frozen, trainable), config.sliding_windows)
     stacked = stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs)
