@@ -74,6 +74,8 @@ _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 # Every projection some family stacks several outputs in (its ``layouts``): without the
 # model's layout, sharding keeps their ``out`` whole.
 FUSED_MODULES = ("qkv_proj", "gate_up_proj", "query_key_value")
+# Every family's token embedding table (``embed``'s module), looked up by row
+EMBED_MODULES = tuple(sorted({f.embed[-1] for f in FAMILIES}))
 assert all(f.layers in stacking.LAYER_PATHS for f in FAMILIES)
 
 

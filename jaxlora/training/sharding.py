@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
-from jaxlora.models.registry import FUSED_MODULES, MODULE_AXES
+from jaxlora.models.registry import EMBED_MODULES, FUSED_MODULES, MODULE_AXES
 from jaxlora.models.stacking import parse_run_key
 from jaxlora.weights import NF4Tensor
 
@@ -150,9 +150,27 @@ def leaf_spec(path, shape: tuple[int, ...], rules, mesh: Mesh, fused=None) -> Pa
     projection's ``out`` split only on whole parts (``fused``: ``fused_layouts``)."""
     axes = logical_axes_for(path, len(shape))
     spec = spec_for(axes, shape, rules, mesh)
-    if _module_part([_key_name(k) for k in path])[1] in _ADAPTER_PARTS:
+    module, part = _module_part([_key_name(k) for k in path])
+    if part in _ADAPTER_PARTS:
         spec = _adapter_over_fsdp(axes, shape, spec, mesh)
+    elif module in EMBED_MODULES and part is None and len(shape) == 2:
+        spec = _rows_only(shape, spec, mesh)
     return _whole_parts(path, axes, spec, mesh, fused or {})
+
+
+def _rows_only(shape: tuple[int, int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """An embedding table's ``spec`` with every mesh axis on its rows (``vocab``), when they
+    divide it: a lookup takes whole rows, and a table split on its width (``embed`` ->
+    ``fsdp``) has XLA look up width-split embeddings of the whole batch and move them to the
+    batch's rows split (XLA:GPU with ``tensor`` > 1: "involuntary full rematerialization",
+    every GPU receiving the whole batch's embeddings each step). Split on rows, FSDP gathers
+    the table over ``fsdp``, as it gathers every weight, and the lookup's rows stay where the
+    batch is."""
+    entries = list(spec) + [None] * (2 - len(spec))
+    axes = _mesh_axes(entries[0]) + _mesh_axes(entries[1])
+    if not entries[1] or shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return spec
+    return PartitionSpec(axes[0] if len(axes) == 1 else axes, None)
 
 
 _ADAPTER_PARTS = ("a", "b", "magnitude", "lora_magnitude_vector")

@@ -126,6 +126,15 @@ for seq in args.seq:
                     }
                 ),
                 "attention_gathers": [g.line[:300] for g in gathers if for_attention(g.line)],
+                # what the embedding lookup gathers: table rows, or the batch's embeddings
+                "lookup_gathered": sorted(
+                    {
+                        (a.dtype, a.dims)
+                        for g in gathers
+                        if "jit(_take)" in g.line
+                        for a in g.results
+                    }
+                ),
             }
         )
 with open(args.out, "w") as f:

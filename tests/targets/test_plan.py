@@ -140,6 +140,13 @@ def test_real_step_compiles_sharded_with_the_kernel(plans):
         for dims, in_layers in run["gathered_16bit"]:
             ok = RANK in dims if in_layers else bool(vocab & set(dims))
             assert ok, run["gathered_16bit"]
+        # the embedding lookup gathers rows of its table (2-D; and the rows' token ids, an
+        # integer array), never the batch's embeddings [rows, seq, hidden]: with the table
+        # split on its width, XLA looked up width-split embeddings and moved the whole batch's
+        # to the rows' split (data2×fsdp2×tensor2; XLA:GPU warned of an "involuntary full
+        # rematerialization")
+        floats = [d for t, d in run["lookup_gathered"] if t in ("bf16", "f16", "f32")]
+        assert all(len(d) <= 2 for d in floats), run["lookup_gathered"]
 
 
 def test_fsdp_gathers_adapter_factors_never_activations(plans):

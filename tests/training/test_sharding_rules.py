@@ -116,3 +116,16 @@ def test_prepare_gathers_each_factor_over_fsdp_where_it_is_used():
     single = half(None, NamedSharding(one, P(None, None)), NamedSharding(one, P(None, None)))
     out = prepare(frozen, Kernels(), adapters={"q_proj": single, "norm": None})
     assert out["q_proj"].use is None  # one device: nothing to gather
+
+
+def test_an_embedding_table_is_split_on_its_rows_only():
+    """A lookup takes whole rows: every mesh axis goes on the table's vocab (a width split made
+    XLA move the whole batch's embeddings: tests/targets/test_plan.py), when they divide it."""
+    mesh = _mesh(data=2, fsdp=2, tensor=2)
+    table = ("model", "embed_tokens", "weight")
+    assert _spec(table, (128256, 4096), mesh) == (("tensor", "fsdp"), None)
+    assert _spec(table, (128256, 4096), FSDP8) == ("fsdp", None)
+    assert _spec(("transformer", "word_embeddings", "weight"), (65024, 64), FSDP8) == ("fsdp", None)
+    # a vocab the axes do not divide keeps the rules' spec; the head is a matmul: unchanged
+    assert _spec(table, (32001, 4096), FSDP8) == (None, "fsdp")
+    assert _spec(("lm_head", "weight"), (128256, 4096), mesh) == ("tensor", "fsdp")
