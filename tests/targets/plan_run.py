@@ -21,7 +21,7 @@ from jaxlora.training.plan import compile_step  # noqa: E402
 
 # (target, data, fsdp, tensor, model.scan_layers): the one-device step unrolled (the reference
 # the meshes' FLOPs are checked against), fsdp=8 scanned as a TPU or GPU run is by default, and
-# on the TPU data=2 x fsdp=2 x tensor=2 unrolled. Each compile costs about a minute of one CI
+# data=2 x fsdp=2 x tensor=2 unrolled. Each compile costs about a minute of one CI
 # core; fsdp=8 unrolled is not compiled: its FLOPs per device are exactly 1/8 of the one-device
 # step's on both platforms (checked when it was), so the scanned step is compared with that.
 RUNS = {
@@ -32,6 +32,7 @@ RUNS = {
     ],
     "gpu": [
         ("h100-1", 1, 1, 1, "false"),
+        ("h100-8", 2, 2, 2, "false"),
         ("h100-8", 1, 8, 1, "true"),
     ],
 }

@@ -71,7 +71,7 @@ def model_dir(tmp_path_factory):
 )
 def plans(request, tmp_path_factory, model_dir):
     """``(platform, [one device, the meshes])``: the compiles of plan_run.py (TPU: one device,
-    data2×fsdp2×tensor2, fsdp=8 scanned; GPU: one device, fsdp=8 scanned), made once per
+    data2×fsdp2×tensor2, fsdp=8 scanned; GPU: the same), made once per
     platform and test session (about a minute of one core each on the 2-core CI machine). Each platform's
     tests are an xdist group of their own (``plan_tpu``, ``plan_gpu``): one worker compiles a
     platform and runs its tests in turn, while the other goes on with other work (in one CI run
@@ -110,7 +110,7 @@ def test_real_step_compiles_sharded_with_the_kernel(plans):
     assert [r["devices"] for r in meshes] == [8] * len(meshes)
     assert scanned["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     meshes_compiled = [r["mesh"] for r in meshes if not r["scan_layers"]]
-    assert meshes_compiled == ([{"data": 2, "fsdp": 2, "tensor": 2}] if platform == "tpu" else [])
+    assert meshes_compiled == [{"data": 2, "fsdp": 2, "tensor": 2}]
     for run in (one, *meshes):
         assert run["kernels"]["matmul"] == {"tpu": "mosaic", "gpu": "triton"}[platform]
         assert KERNEL_CALL[platform] in run["custom_calls"], run["custom_calls"]
