@@ -154,6 +154,41 @@ def test_a_search_row_stands_for_the_row_it_compiled_first():
     assert "| t4-1 | does not fit" in table
 
 
+def test_a_row_of_one_per_device_that_does_not_fit_answers_the_search():
+    """Without a search, a micro-batch-1 row (one row per device) that does not fit, or that
+    the compiler refused, is the search's answer (largest 0): the search would compile that
+    same step first and stop. A larger micro-batch's row, a row that fits and a † row do not
+    answer it."""
+    plan_table = _tool("plan_table")
+    old = sorted(plan_table.FACTORS_WHOLE)[0]
+    key = {"model": "Llama-3.1-8B", "quant": "lora", "seq": 2048, "layers": None}
+
+    def row(target, mb, total, fits, devices=1, commit="20f55d1"):
+        per_device = {"total_bytes": total, "device_bytes": 2**34, "fits": fits}
+        mesh = {"data": 1, "fsdp": devices, "tensor": 1}
+        plan = {"micro_batch": mb, "mesh": mesh, "per_device": per_device}
+        extra = {"scan": "auto", "search": "none", "cpu_s": 1.0, "commit": commit}
+        return key | {"target": target, "plan": plan | {"flops_source": "unknown"}} | extra
+
+    rows = [
+        row("t4-1", 1, 2**35, False),  # over the device: mb 0
+        row("tpu-v5e-1", 1, None, False),  # refused by the compiler: mb 0
+        row("tpu-v5e-8", 8, 2**34, False, devices=8),  # one row on each of 8: mb 0
+        row("l4-1", 2, 2**35, False),  # two rows: one might fit
+        row("h100-1", 1, 2**32, True),  # fits: the largest is unknown
+        row("tpu-v4-8", 8, 2**34, False, devices=8, commit=old),  # †: out of date
+    ]
+    cols = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in plan_table.render(rows).splitlines()
+    ]
+    cells = {c[3]: c[7] for c in cols[2:]}  # target: largest mb
+    assert cells["t4-1"] == cells["tpu-v5e-1"] == cells["tpu-v5e-8"] == "0"
+    assert cells["l4-1"] == cells["h100-1"] == cells["tpu-v4-8"] == "—"
+    matrix = plan_table.render_matrix(rows)
+    assert "OOM ✗ mb 0" in matrix and "32.0 ✗ mb 0" in matrix and "16.0 ✗ † |" in matrix
+
+
 def test_multi_device_rows_from_before_the_factor_split_are_marked():
     """Rows of a mesh compiled before LoRA factors were split over fsdp (plan_table's
     FACTORS_WHOLE commits) overstate the per-device bytes: both tables mark them "†";

@@ -140,9 +140,19 @@ def _tflops(plan: dict) -> str:
     return f"{plan['flops_per_device'] / 1e12:.1f}"
 
 
-def _largest(search: dict | None) -> int | None:
+def _largest(search: dict | None, one: dict | None = None) -> int | None:
     """The largest micro-batch a ``--search batch`` row found (0: not even one fits), or None
-    where no search ran or it failed."""
+    where no search ran or it failed. Without a search, a micro-batch-1 row (``one``: one row
+    per device) that does not fit answers 0 as a search would, without its compiles: the
+    search starts there, and a smaller micro-batch than one row per device does not exist
+    (a † row excepted: its figure is out of date)."""
+    if search is None and one is not None and "error" not in one and not _dagger(one):
+        p = one["plan"]
+        if (
+            not p["per_device"]["fits"]
+            and p["micro_batch"] == p["mesh"]["data"] * p["mesh"]["fsdp"]
+        ):
+            return 0
     if search is None or "error" in search:
         return None
     if "search" in search["plan"]:
@@ -193,7 +203,7 @@ def render(results: list[dict]) -> str:
         one = _first(rows[key].get("none"), search)
         method = " ".join([key[1], *key[4:]])
         head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
-        largest = _largest(search)
+        largest = _largest(search, one)
         largest = "—" if largest is None else largest
         if one is None:
             lines.append(head + f"| | | | {largest} | | |")
@@ -228,8 +238,8 @@ def _cell(one: dict | None, search: dict | None) -> str:
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
     ) + _dagger(one)
-    if _largest(search) is not None:
-        text += f" mb {_largest(search)}"
+    if _largest(search, one) is not None:
+        text += f" mb {_largest(search, one)}"
     return text
 
 
