@@ -153,6 +153,11 @@ def _search_lines(search: BatchSearch) -> str:
     )
     if not search.largest:
         head = "  no micro-batch fits: the plan above is the smallest (one row per device)"
+    elif search.at_limit:
+        head = (
+            f"  largest micro-batch that fits: {search.largest} or more "
+            f"(the search's limit: it compiles nothing larger)"
+        )
     else:
         head = f"  largest micro-batch that fits: {search.largest}"
     return f"{head}\n  compiled micro-batches: {tried}"

@@ -143,12 +143,24 @@ def test_a_search_row_stands_for_the_row_it_compiled_first():
             | {"plan": best | {"search": search}}
         )
 
+    def limited(target, largest):  # every micro-batch compiled fitted, up to the limit
+        found = row(target, largest, plan(1, 5 * GiB), plan(largest, 6 * GiB))
+        found["plan"]["search"]["tried"].append(
+            {"micro_batch": largest, "total_bytes": 6 * GiB, "fits": True, "cpu_s": 40.0}
+        )
+        return found
+
     rows = [
         row("l4-1", 3, plan(1, 5 * GiB), plan(3, 14 * GiB)),
         row("t4-1", 0, plan(1, None, fits=False), plan(1, None, fits=False)),
+        limited("h100-1", 1024),
     ]
+    rows[0]["plan"]["search"]["tried"].append(
+        {"micro_batch": 4, "total_bytes": 17 * GiB, "fits": False, "cpu_s": 40.0}
+    )
     matrix = plan_table.render_matrix(rows)
     assert "| 5.0 ✓ mb 3 |" in matrix and "| OOM ✗ mb 0 |" in matrix
+    assert "| 5.0 ✓ mb ≥1024 |" in matrix  # a lower bound, not the boundary
     table = plan_table.render(rows)
     assert "| l4-1 | 5.00 (16.00) | 68.8 % | yes | 3 | — | 42 |" in table
     assert "| t4-1 | does not fit" in table

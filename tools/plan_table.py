@@ -140,9 +140,9 @@ def _tflops(plan: dict) -> str:
     return f"{plan['flops_per_device'] / 1e12:.1f}"
 
 
-def _largest(search: dict | None, one: dict | None = None) -> int | None:
-    """The largest micro-batch a ``--search batch`` row found (0: not even one fits), or None
-    where no search ran or it failed. Without a search, a micro-batch-1 row (``one``: one row
+def _largest(search: dict | None, one: dict | None = None) -> int | str | None:
+    """The largest micro-batch a ``--search batch`` row found (0: not even one fits; "≥N" where
+    N is the search's limit, so only a lower bound), or None where no search ran or it failed. Without a search, a micro-batch-1 row (``one``: one row
     per device) that does not fit answers 0 as a search would, without its compiles: the
     search starts there, and a smaller micro-batch than one row per device does not exist
     (a † row excepted: its figure is out of date)."""
@@ -156,7 +156,11 @@ def _largest(search: dict | None, one: dict | None = None) -> int | None:
     if search is None or "error" in search:
         return None
     if "search" in search["plan"]:
-        return search["plan"]["search"]["largest_micro_batch"]
+        found = search["plan"]["search"]
+        largest = found["largest_micro_batch"]
+        # a boundary the search found has a larger micro-batch compiled that did not fit
+        bounded = not largest or any(t["micro_batch"] > largest for t in found["tried"])
+        return largest if bounded else f"≥{largest}"
     fits_any = search["plan"]["per_device"].get("total_bytes") is not None  # rows before it
     return search["plan"]["micro_batch"] if fits_any else 0
 

@@ -325,26 +325,33 @@ def advice_lines(tries: list[dict[str, Any]]) -> list[str]:
     return [" ".join([*a["set"], "--" if a["set"] else "", a["why"]]).strip() for a in tries]
 
 
+SEARCH_LIMIT = 1024  # rows a step: search=batch compiles nothing larger
+
+
 @dataclass
 class BatchSearch:
     """What :func:`search_batch` found: ``largest`` rows a step (0: not even one per device
     fits), its ``plan``, the ``first`` plan (one row per device: the plan without a search),
-    and every compile in order (``tried``: micro-batch, total bytes, fits, CPU seconds)."""
+    every compile in order (``tried``: micro-batch, total bytes, fits, CPU seconds), and
+    whether ``largest`` is the search's limit (``at_limit``: a lower bound, not the boundary;
+    the search compiles nothing past its limit)."""
 
     largest: int
     plan: Plan | None
     first: Plan | None
     tried: list[dict[str, Any]] = field(default_factory=list)
+    at_limit: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "largest_micro_batch": self.largest,
+            "at_limit": self.at_limit,
             "tried": self.tried,
             "first": None if self.first is None else self.first.to_json(),
         }
 
 
-def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
+def search_batch(cfg: Config, target: str, *, limit: int = SEARCH_LIMIT) -> BatchSearch:
     """The largest micro-batch whose step fits ``target`` with :data:`HEADROOM` to spare, in
     multiples of the devices the rows split over, with its plan (:class:`BatchSearch`: largest
     0 and plan None when even the smallest does not fit). The first compile, one row per
@@ -413,4 +420,4 @@ def search_batch(cfg: Config, target: str, *, limit: int = 1024) -> BatchSearch:
         else:
             k = (lo + hi) // 2
         lo, hi = (k, hi) if ok(k) else (lo, k)
-    return BatchSearch(lo * unit, plans[lo], plans[1], tried)
+    return BatchSearch(lo * unit, plans[lo], plans[1], tried, at_limit=lo == most)

@@ -236,6 +236,7 @@ def test_a_step_the_compiler_refuses_is_a_plan_that_does_not_fit(monkeypatch):
         (2, False, None),
     ]
     assert found.to_json()["first"]["micro_batch"] == 1
+    assert found.to_json()["at_limit"] is False  # a boundary: 2 was compiled and did not fit
     # what the command prints after the plan: the answer and every micro-batch compiled
     from jaxlora.plan import _search_lines
 
@@ -318,8 +319,15 @@ def test_batch_search_finds_the_boundary_bisection_finds_in_fewer_compiles(
     assert [t["micro_batch"] for t in found.tried] == compiled
     assert len(compiled) == len(set(compiled))  # no micro-batch compiled twice
     assert all(b % unit == 0 for b in compiled)
+    # only a search that fitted up to its limit says its answer is a lower bound
+    assert found.at_limit == (profile == "flat")
     if profile == "linear":
         # (72 - 20) / 1.5 = 34.67: 34 units fit, 35 do not
         assert expected == 34 * unit and compiled == [unit * k for k in (1, 2, 34, 35)]
     if profile == "flat":
         assert expected == limit
+        from jaxlora.plan import _search_lines
+
+        assert _search_lines(found).startswith(
+            f"  largest micro-batch that fits: {limit} or more (the search's limit"
+        )
