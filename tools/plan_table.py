@@ -142,10 +142,11 @@ def _tflops(plan: dict) -> str:
 
 def _largest(search: dict | None, one: dict | None = None) -> int | str | None:
     """The largest micro-batch a ``--search batch`` row found (0: not even one fits; "≥N" where
-    N is the search's limit, so only a lower bound), or None where no search ran or it failed. Without a search, a micro-batch-1 row (``one``: one row
-    per device) that does not fit answers 0 as a search would, without its compiles: the
-    search starts there, and a smaller micro-batch than one row per device does not exist
-    (a † row excepted: its figure is out of date)."""
+    no larger one was compiled, the search's limit: a lower bound), or None where no search ran
+    or it failed. Without a search, a micro-batch-1 row (``one``: one row per device) that does
+    not fit answers 0 as a search would, without its compiles: the search starts there, and a
+    smaller micro-batch than one row per device does not exist (a † row excepted: its figure
+    is out of date)."""
     if search is None and one is not None and "error" not in one and not _dagger(one):
         p = one["plan"]
         if (
@@ -158,9 +159,9 @@ def _largest(search: dict | None, one: dict | None = None) -> int | str | None:
     if "search" in search["plan"]:
         found = search["plan"]["search"]
         largest = found["largest_micro_batch"]
-        # a boundary the search found has a larger micro-batch compiled that did not fit
-        bounded = not largest or any(t["micro_batch"] > largest for t in found["tried"])
-        return largest if bounded else f"≥{largest}"
+        # as BatchSearch.at_limit, from the row's compiles (rows from before the flag too)
+        at_limit = largest and all(t["micro_batch"] <= largest for t in found["tried"])
+        return f"≥{largest}" if at_limit else largest
     fits_any = search["plan"]["per_device"].get("total_bytes") is not None  # rows before it
     return search["plan"]["micro_batch"] if fits_any else 0
 
@@ -242,9 +243,8 @@ def _cell(one: dict | None, search: dict | None) -> str:
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
     ) + _dagger(one)
-    if _largest(search, one) is not None:
-        text += f" mb {_largest(search, one)}"
-    return text
+    largest = _largest(search, one)
+    return text if largest is None else f"{text} mb {largest}"
 
 
 def render_matrix(results: list[dict]) -> str:

@@ -332,15 +332,18 @@ SEARCH_LIMIT = 1024  # rows a step: search=batch compiles nothing larger
 class BatchSearch:
     """What :func:`search_batch` found: ``largest`` rows a step (0: not even one per device
     fits), its ``plan``, the ``first`` plan (one row per device: the plan without a search),
-    every compile in order (``tried``: micro-batch, total bytes, fits, CPU seconds), and
-    whether ``largest`` is the search's limit (``at_limit``: a lower bound, not the boundary;
-    the search compiles nothing past its limit)."""
+    and every compile in order (``tried``: micro-batch, total bytes, fits, CPU seconds)."""
 
     largest: int
     plan: Plan | None
     first: Plan | None
     tried: list[dict[str, Any]] = field(default_factory=list)
-    at_limit: bool = False
+
+    @property
+    def at_limit(self) -> bool:
+        """``largest`` is a lower bound, not the boundary: no larger micro-batch was compiled
+        (every one fitted up to the search's limit, past which it compiles nothing)."""
+        return bool(self.largest) and all(t["micro_batch"] <= self.largest for t in self.tried)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -420,4 +423,4 @@ def search_batch(cfg: Config, target: str, *, limit: int = SEARCH_LIMIT) -> Batc
         else:
             k = (lo + hi) // 2
         lo, hi = (k, hi) if ok(k) else (lo, k)
-    return BatchSearch(lo * unit, plans[lo], plans[1], tried, at_limit=lo == most)
+    return BatchSearch(lo * unit, plans[lo], plans[1], tried)
