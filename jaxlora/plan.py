@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         plan = compile_step(cfg, args.target) if search is None else search.plan or search.first
     except (ConfigError, ToolchainError, ValueError, KeyError) as e:
-        print(f"jaxlora.plan: {e}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message: print the message itself
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"jaxlora.plan: {msg}", file=sys.stderr)
         return 2
     if args.format == "json":
         out = plan.to_json()
