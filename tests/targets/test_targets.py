@@ -15,6 +15,7 @@ import pytest
 
 from jaxlora import targets
 from jaxlora.targets import flops, hlo, registry, toolchain
+from tests.targets import _toolchain
 
 GiB = 2**30
 REQUIRED = [
@@ -61,15 +62,17 @@ def test_registry_has_every_target_with_vendor_memory():
     assert targets.get_target("tpu-v5p-8").num_devices == 4  # megacore: 4 chips, 8 cores
 
 
-def test_unknown_target_lists_the_known_ones(capsys):
+def test_unknown_target_lists_the_known_ones():
     with pytest.raises(KeyError, match="tpu-v5e-8"):
         targets.get_target("tpu-v9-8")
-    from jaxlora.plan import main
-
-    model = Path(__file__).resolve().parents[2] / "assets" / "configs" / "Llama-3.2-1B"
-    argv = ["recipe=llama_qlora", f"model.path={model}", "model.tokenizer=null", "target=tpu-v9-8"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    # the command, in its own process (main() sets JAX's platform and puts the toolchain on
+    # sys.path: not in the test process); it fails before any compile
+    model = _toolchain.ROOT / "assets" / "configs" / "Llama-3.2-1B"
+    out = _toolchain.run_plan(
+        "recipe=llama_qlora", f"model.path={model}", "model.tokenizer=null", "target=tpu-v9-8"
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    err = out.stderr.strip().splitlines()[-1]
     # the message itself, not the repr a KeyError's str() gives
     assert err.startswith("jaxlora.plan: unknown target 'tpu-v9-8'; known: tpu-v5e-1,"), err
 
