@@ -478,6 +478,7 @@ def aggregate(rounds: list[dict], flops_per_tok: float, dtype: str) -> dict:
         "mfu_note": why,
         "device": rounds[0]["device"],
         "threads": rounds[0]["threads"],
+        "attention": rounds[0].get("attention"),
         "memory_kind": rounds[0]["memory_kind"],
         "rounds": rounds,
     }

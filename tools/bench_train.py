@@ -92,7 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="eager",
         help="transformers attn_implementation (jaxlora's is eager-style)",
     )
-    p.add_argument("--jax-attn", choices=("eager", "chunked"), default="eager")
+    p.add_argument(
+        "--jax-attn",
+        choices=("eager", "chunked", "auto"),
+        default="eager",
+        help="jaxlora's attention; auto: what python -m jaxlora.train picks on these devices "
+        "for rows of --seq tokens (a GPU: Pallas flash; a TPU: splash; CPU: chunked from 1024)",
+    )
     p.add_argument(
         "--loss-chunk",
         type=int,
@@ -236,7 +242,14 @@ class JaxloraSide:
             memory, out = (here, host), {"out_shardings": (None, host, None)}
             self.opt_state = jax.device_put(self.opt_state, host)
         remat = {"off": "none", "on": "full", "offload": "offload"}[args.remat]
-        module = model.module(remat=remat, mlp_chunk=args.mlp_chunk).clone(attn_impl=args.jax_attn)
+        attn = args.jax_attn
+        if attn == "auto":
+            from jaxlora.models.attention import AttentionImpl
+            from jaxlora.weights import kernels_for
+
+            attn = AttentionImpl(kernels_for(jax.devices(), seq_len=args.seq).attention)
+        self.attention = attn if isinstance(attn, str) else attn.name
+        module = model.module(remat=remat, mlp_chunk=args.mlp_chunk).clone(attn_impl=attn)
         self._step = jax.jit(
             make_train_step(
                 module,
@@ -410,6 +423,7 @@ def run_child(args) -> dict:
         "tokens_per_step": args.batch * args.seq,
         "device": side.device_name,
         "threads": side.threads,
+        "attention": getattr(side, "attention", args.attn),
         "rss_after_load": after_load,
         "peak_memory": side.peak_device_memory() if gpu else bc.rss_bytes()["peak_rss"],
         "peak_memory_training": None if gpu or not reset else rss["peak_rss"],
@@ -541,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for s in SIDES:
         print(
-            f"{s}: device {agg[s]['device']}, threads {agg[s]['threads']}, "
+            f"{s}: device {agg[s]['device']}, attention {agg[s]['attention']}, "
+            f"threads {agg[s]['threads']}, "
             f"memory = {agg[s]['memory_kind']}, MFU: {agg[s]['mfu_note']}"
         )
     rows = {"jaxlora": agg["jaxlora"], ref_name: agg["peft"]}

@@ -184,6 +184,14 @@ def _dagger(row: dict) -> str:
     return " †" if many and row.get("commit") in FACTORS_WHOLE else ""
 
 
+def _marks(row: dict) -> str:
+    """``_dagger``'s mark, and "‡" for a GPU QLoRA row compiled with the fused Triton NF4
+    kernel (``quant.kernel=fused``), the GPU default before dequantize-then-dot was measured
+    faster (docs/kernels.md): its figures are those of that kernel."""
+    triton = row["plan"].get("kernels", {}).get("matmul") == "triton" if "plan" in row else False
+    return _dagger(row) + (" ‡" if triton and row["quant"] == "qlora" else "")
+
+
 def render(results: list[dict]) -> str:
     """One line per (model, method, S, target, overrides): the micro-batch-1 plan's figures and,
     when a ``--search batch`` row was run too, the largest micro-batch it found. The time is the
@@ -217,14 +225,14 @@ def render(results: list[dict]) -> str:
         elif one["plan"]["per_device"]["total_bytes"] is None:  # the compiler refused it
             refused = one["plan"]["per_device"].get("refused", "")
             lines.append(
-                head + f"| does not fit{_dagger(one)}: {refused[:90]} | | no | {largest} | | |"
+                head + f"| does not fit{_marks(one)}: {refused[:90]} | | no | {largest} | | |"
             )
         else:
             p = one["plan"]
             d = p["per_device"]
             free = 1 - d["total_bytes"] / d["device_bytes"]
             lines.append(
-                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}){_dagger(one)} "
+                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}){_marks(one)} "
                 f"| {100 * free:.1f} % | {'yes' if d['fits'] else 'no'} | {largest} "
                 f"| {_tflops(p)} | {one['cpu_s']:.0f} |"
             )
@@ -242,7 +250,7 @@ def _cell(one: dict | None, search: dict | None) -> str:
         "OOM ✗"
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
-    ) + _dagger(one)
+    ) + _marks(one)
     largest = _largest(search, one)
     return text if largest is None else f"{text} mb {largest}"
 

@@ -121,10 +121,11 @@ class QuantConfig(Section):
     # dtype the dequantized weight is multiplied in (bnb_4bit_compute_dtype); None = the
     # activations' (model.compute_dtype)
     compute_dtype: ComputeDtype | None = None
-    # The 4-bit matmul: auto = Pallas kernels where they compile (Mosaic on TPU, Triton on
-    # sm_80+ GPUs), dequantize-then-dot elsewhere; dequant = never a kernel; interpret = the
-    # kernels in Pallas interpret mode on any device (slow: debugging).
-    kernel: Literal["auto", "dequant", "interpret"] = "auto"
+    # The 4-bit matmul: auto = the Mosaic kernel on TPU, dequantize-then-dot elsewhere (on a
+    # GPU measured faster than the Triton kernel: docs/kernels.md); fused = the platform's
+    # Pallas kernel (Mosaic on TPU, Triton on sm_80+ GPUs); dequant = never a kernel;
+    # interpret = the kernels in Pallas interpret mode on any device (slow: debugging).
+    kernel: Literal["auto", "fused", "dequant", "interpret"] = "auto"
 
     def _validate(self) -> None:
         check(

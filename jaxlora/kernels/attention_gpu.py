@@ -27,11 +27,36 @@ Both take ``(B, S, H, D)``; the adaptors transpose in and out and set padding ro
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 from jaxlora.kernels.attention_chunked import pad_sequence
+
+
+@functools.cache
+def _pallas_attention():
+    """``jax.experimental.pallas.ops.gpu.attention``, imported when a program first uses it.
+
+    JAX 0.11 deprecates the module, pointing to tokamax (a separate package); it still ships
+    and runs it (jax 0.11.2 on an H200: docs/kernels.md). Its DeprecationWarning names a
+    change for jaxlora to make, not for its user, so it is not passed on; a JAX without the
+    module gets an error saying what to use instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"jax\.experimental\.pallas\.ops\.gpu\.attention is deprecated"
+        )
+        try:
+            from jax.experimental.pallas.ops.gpu import attention
+        except ImportError as e:
+            raise NotImplementedError(
+                f"pallas_gpu attention: jax {jax.__version__} has no "
+                "jax.experimental.pallas.ops.gpu.attention (moved to tokamax); use "
+                "impl='chunked' (or 'cudnn' for unpacked rows)"
+            ) from e
+    return attention
 
 
 def _to_bshd(q: jax.Array) -> jax.Array:
@@ -141,6 +166,7 @@ def pallas_gpu_attention(
     kh = jnp.repeat(k.transpose(0, 2, 1, 3), G, axis=2)  # (B, S, H, D), head kv * G + g
     vh = jnp.repeat(v.transpose(0, 2, 1, 3), G, axis=2)
     bwd = min(32, bq)
+    pallas_attention = _pallas_attention()
     sizes = pallas_attention.BlockSizes(
         block_q=bq, block_k=bq, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
     )

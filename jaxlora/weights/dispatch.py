@@ -108,7 +108,19 @@ def dense_weight(w: Any, dtype: Any) -> jax.Array:
 
 # ---- what a compiled program contains ----------------------------------------------------------
 
-KERNEL_MODES = ("auto", "dequant", "interpret")
+KERNEL_MODES = ("auto", "fused", "dequant", "interpret")
+
+# What ``auto`` multiplies a 4-bit weight with on a GPU: dequantize-then-dot. On an H200
+# (tools/bench_kernels.py, docs/kernels.md) the fused Triton kernel took 3.3-6.0x the time of
+# dequantizing to bf16 and calling XLA's dot at the row counts of training (4,096-16,384, an
+# 8B model's projections), 4.2-7.5x a bf16 input gradient, and was ahead at one decoding shape
+# only: it rebuilds each weight tile with a select tree per element, once per tile of rows,
+# while the dot runs on the tensor cores. The
+# 4-bit weight still stays 4-bit in memory and in FSDP's gathers (each layer dequantizes its
+# weight when it runs; a sharded program does it on each device, inside shard_map).
+# ``quant.kernel=fused`` still runs the kernel. TPU: the Mosaic kernel (not yet measured
+# against dequantize-then-dot on a chip).
+GPU_AUTO_NF4 = DEQUANT
 
 
 @dataclass(frozen=True)
@@ -204,8 +216,10 @@ def kernels_for(
     nf4_dtype: str | None = None,
 ) -> Kernels:
     """The :class:`Kernels` for programs on ``devices`` (a mesh's, or where the weights live),
-    logged once per choice with the reason for the attention. ``mode``: ``"auto"`` (Mosaic on
-    TPU, Triton on sm_80+ GPUs, dequantize-then-dot elsewhere), ``"dequant"`` (never a kernel),
+    logged once per choice with the reason for the attention. ``mode``: ``"auto"`` (the Mosaic
+    kernel on TPU, dequantize-then-dot elsewhere: on a GPU measured faster than the Triton
+    kernel, :data:`GPU_AUTO_NF4`), ``"fused"`` (the platform's Pallas kernel: Mosaic on TPU,
+    Triton on sm_80+ GPUs; an error where none compiles), ``"dequant"`` (never a kernel),
     ``"interpret"`` (the GPU kernels in Pallas interpret mode on any platform: slow; tests and
     debugging). ``nf4_dtype``: the dtype 4-bit weights multiply in (``quant.compute_dtype``;
     ``None`` = the input's).
@@ -220,14 +234,24 @@ def kernels_for(
         raise ValueError(f"kernel mode must be one of {', '.join(KERNEL_MODES)}; got {mode!r}")
     device = devices[0]
     platform = "gpu" if device.platform == "cuda" else device.platform
+    cc = _compute_capability(device)
+    fused = nf4_kernel_for(platform, cc)  # the Pallas kernel that compiles here (T4: none)
     if mode == "interpret":
         nf4 = TRITON
     elif mode == "dequant":
         nf4 = DEQUANT
+    elif mode == "fused":
+        if fused == DEQUANT:
+            where = platform if cc is None else f"{platform} sm_{cc[0]}{cc[1]}"
+            raise ValueError(
+                f"quant.kernel=fused: no compiled 4-bit matmul kernel for {where} (Mosaic needs a "
+                "TPU, Triton a GPU of compute capability 8.0+); use quant.kernel=auto or dequant "
+                "(interpret runs the kernels in Pallas interpret mode, for debugging)"
+            )
+        nf4 = fused
     else:
-        nf4 = nf4_kernel_for(platform, _compute_capability(device))  # T4/V100: dequantize
+        nf4 = GPU_AUTO_NF4 if platform == "gpu" else fused
     interpret = mode == "interpret"
-    cc = _compute_capability(device)
     attention = attention_for(
         platform,
         seq_len,
@@ -243,8 +267,8 @@ def kernels_for(
         reason = "attention logit soft-capping: neither cuDNN nor Pallas GPU flash attention has it"
     on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
     chosen = Kernels(platform, nf4, interpret, attention, on_mesh, nf4_dtype)
-    if chosen not in _LOGGED:
-        _LOGGED.add(chosen)
+    if (chosen, reason) not in _LOGGED:  # the same kernels for another reason: said too
+        _LOGGED.add((chosen, reason))
         log.info(
             "kernels for %d %s device(s): %s (%s)",
             len(devices),

@@ -159,8 +159,15 @@ def test_the_kernel_follows_the_devices_not_the_default_backend():
             self.platform, self.compute_capability = platform, cc
 
     assert kernels_for([Dev("tpu")]).nf4 == "mosaic"
-    assert kernels_for([Dev("gpu", "9.0")]).nf4 == "triton"
+    # auto on a GPU: dequantize-then-dot, measured faster than the Triton kernel (docs/kernels.md)
+    assert kernels_for([Dev("gpu", "9.0")]).nf4 == "dequant"
+    assert kernels_for([Dev("gpu", "9.0")], "fused").nf4 == "triton"
+    assert kernels_for([Dev("tpu")], "fused").nf4 == "mosaic"
     assert kernels_for([Dev("cuda", "7.5")]).nf4 == "dequant"  # T4: XLA's Triton needs sm_80+
+    with pytest.raises(ValueError, match=r"fused: no compiled 4-bit matmul kernel for gpu sm_75"):
+        kernels_for([Dev("cuda", "7.5")], "fused")
+    with pytest.raises(ValueError, match=r"fused: no compiled 4-bit matmul kernel for cpu"):
+        kernels_for(cpu, "fused")
     assert not kernels_for([Dev("tpu")]).fuse_lora and kernels_for(cpu).fuse_lora
 
 

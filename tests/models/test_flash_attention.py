@@ -138,11 +138,11 @@ def _bf16_case():
     )
 
 
-def _close_bf16(fn, q, k, v, do, seg):
+def _close_bf16(fn, q, k, v, do, seg, window=None):
     # bf16 products, float32 softmax on both sides; they round differently (flash normalises
     # at the end): compared at bf16's resolution.
     out, grads = _vjp(fn, q, k, v, do)
-    ref, ref_grads = _vjp(_impl("eager", seg, None), q, k, v, do)
+    ref, ref_grads = _vjp(_impl("eager", seg, window), q, k, v, do)
     real = (seg != 0)[:, None, None, :, None]
     f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
     _close(f32(jnp.where(real, out, 0)), f32(jnp.where(real, ref, 0)), tol=2e-2)
@@ -199,6 +199,99 @@ def test_splash_lowers_for_tpu():
 def test_pallas_gpu_lowers_for_cuda():
     # forward, backward preprocessing and the fused dq/dk/dv kernel
     assert _lowered_for("cuda", "pallas_gpu").count("__gpu$xla.gpu.triton") >= 3
+
+
+# Compiled on a GPU (tests/conftest.py skips `gpu` tests elsewhere). Triton's dot wants 16 or
+# more on every side, so head_dim is 16..128; lengths are not whole tiles (the adaptor pads).
+GPU_CASES = [  # (B, KV, G, S, D, segments)
+    (2, 2, 2, 37, 64, "packed"),
+    (1, 1, 4, 19, 16, "padded"),  # MQA, odd length
+    (2, 4, 1, 130, 128, "packed+padded"),  # MHA, several tiles
+    (2, 2, 3, 23, 32, "packed+padded"),
+]
+
+
+def _compiled_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_pallas_gpu_compiled_matches_eager(case):
+    q, k, v, do, seg = _case(*case)
+    fn = _impl("pallas_gpu", seg, None)
+    assert "triton" in _compiled_text(fn, q, k, v)
+    _check_against_eager(fn, q, k, v, do, seg, None)
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_compiled_bf16():
+    q, k, v, do, seg = _bf16_case()
+    _close_bf16(_impl("pallas_gpu", seg, None), q, k, v, do, seg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case", [(2, 2, 2, 40, 64, None), (1, 1, 4, 19, 64, 5), (2, 2, 3, 23, 128, 4)]
+)
+def test_cudnn_compiled_matches_eager(case):
+    # cuDNN's flash attention runs bf16 (or fp16) only; rows are one sequence, right-padded.
+    *shape, window = case
+    q, k, v, do, _ = (
+        x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _case(*shape, "padded")
+    )
+    S = q.shape[3]
+    seg = jnp.asarray((np.arange(S)[None, :] < np.array([S - 4, S])[: q.shape[0], None]) * 1)
+    do = do * (seg != 0)[:, None, None, :, None].astype(do.dtype)
+    fn = lambda q, k, v: cudnn_attention(
+        q, k, v, seg, scale=q.shape[-1] ** -0.5, sliding_window=window
+    )
+    assert "cudnn" in _compiled_text(fn, q, k, v)
+    _close_bf16(fn, q, k, v, do, seg, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_model_on_a_gpu_matches_dequantize_then_dot_and_eager(remat):
+    """The model as ``kernels_for(..., "fused")`` builds it on an sm_80+ GPU (the Triton NF4
+    matmul, Pallas flash attention) against the same GPU's dequantize-then-dot and eager attention: logits
+    at real tokens, loss and LoRA gradients, float32, 1e-4 (a model)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from jaxlora.model import Model
+    from jaxlora.weights import NF4Tensor, prepare, quantize
+
+    cfg = dataclasses.replace(tiny_config(), hidden_size=64, intermediate_size=128, head_dim=16)
+    flat = flatten_dict(init_params(cfg, jax.random.key(0)), sep=".")
+    flat = {
+        k: quantize(v, blocksize=64) if ".layers." in k and v.ndim == 2 else v
+        for k, v in flat.items()
+    }
+    assert sum(isinstance(v, NF4Tensor) for v in flat.values()) == 2 * 7
+    lora_cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    params = inject(unflatten_dict(flat, sep="."), lora_cfg, jax.random.key(1))
+    frozen, trainable = partition(params, lora_cfg)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 61, size=(2, 45)), jnp.int32)
+    seg = np.ones((2, 45), np.int32)
+    seg[0, 20:] = 2
+    seg[1, 40:] = 0
+    seg = jnp.asarray(seg)
+    gpu = kernels_for(jax.devices(), "fused", seq_len=45)
+    assert (gpu.nf4, gpu.attention) == ("triton", "pallas_gpu")
+
+    def run(kernels):
+        f = prepare(frozen, kernels)
+        module = Model(config=cfg, params=combine(f, trainable), kernels=kernels).module(remat)
+        loss = lambda t: _masked_loss(module, combine(f, t), ids, seg)
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        return step(trainable), step.lower(trainable).compile().as_text()
+
+    ((loss, logits), grads), text = run(gpu)
+    ((ref_loss, ref_logits), ref_grads), _ = run(Kernels("gpu", "dequant", attention="eager"))
+    assert text.count("triton") >= 2  # the NF4 matmul's and the attention's kernels
+    real = (seg != 0)[..., None]
+    _close(jnp.where(real, logits, 0), jnp.where(real, ref_logits, 0), tol=1e-4)
+    _close((loss, grads), (ref_loss, ref_grads), tol=1e-4)
 
 
 @pytest.mark.aot
@@ -285,7 +378,8 @@ def test_attention_follows_the_devices():
         compute_capability = "9.0"
 
     assert kernels_for([T4()], seq_len=2048) == Kernels("gpu", "dequant", attention="chunked")
-    assert kernels_for([H100()], seq_len=2048) == Kernels("gpu", "triton", attention="pallas_gpu")
+    assert kernels_for([H100()], seq_len=2048) == Kernels("gpu", "dequant", attention="pallas_gpu")
+    assert kernels_for([H100()], "fused", seq_len=2048).nf4 == "triton"
     assert attention_for("gpu", 2048, packed=False, compute_capability=(7, 5)) == "chunked"
 
 

@@ -82,6 +82,7 @@ for seq in args.seq:
                 f"model.path={args.model}",
                 "model.tokenizer=null",
                 f"quant.type={quant}",
+                "quant.kernel=fused",  # the Pallas NF4 kernel (auto dequantizes on GPUs)
                 "lora.target_modules=all-linear",
                 "lora.r=8",
                 "lora.alpha=16",
