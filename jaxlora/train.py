@@ -24,6 +24,7 @@ from jaxlora.training.distributed import maybe_initialize
 from jaxlora.training.host import tune_allocator
 from jaxlora.training.loop import TrainingDiverged, run
 from jaxlora.training.plan import StepTooLarge
+from jaxlora.weights import KernelUnavailableError
 
 __all__ = ["TrainingDiverged", "main", "run"]
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         UnsupportedConfigError,
         LoraError,
         StepTooLarge,
+        KernelUnavailableError,
     ) as e:
         print(f"jaxlora.train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -88,6 +88,14 @@ def test_malformed_data_line_is_reported_with_file_and_line(assets, tmp_path, ca
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_kernel_these_devices_cannot_run_is_an_error(assets, tmp_path, capsys):
+    # quant.kernel=fused asks for the Pallas kernel, which CPUs run only interpreted
+    out = tmp_path / "run"
+    assert train.main(_args(assets, out, "quant.type=nf4", "quant.kernel=fused")) == 2
+    assert "quant.kernel=fused: no compiled 4-bit matmul kernel for cpu" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_target_module_that_matches_nothing_is_an_error(assets, tmp_path, capsys):
     assert train.main(_args(assets, tmp_path / "run", "lora.target_modules=[qq_proj]")) == 2
     err = capsys.readouterr().err

@@ -175,7 +175,7 @@ def _first(one: dict | None, search: dict | None) -> dict | None:
     if not found or found["first"] is None:
         return None
     first = {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
-    return first | {"target": search["target"], "commit": search.get("commit")}
+    return first | {k: search.get(k) for k in ("target", "quant", "commit")}
 
 
 def _dagger(row: dict) -> str:
@@ -184,12 +184,22 @@ def _dagger(row: dict) -> str:
     return " †" if many and row.get("commit") in FACTORS_WHOLE else ""
 
 
+def _triton(row: dict | None) -> str:
+    """ "‡" for a QLoRA row compiled with the fused Triton NF4 kernel (``quant.kernel=fused``),
+    the GPU default before dequantize-then-dot was measured faster (docs/kernels.md): its
+    figures are that kernel's."""
+    if row is None or "plan" not in row or row.get("quant") != "qlora":
+        return ""
+    return " ‡" if row["plan"].get("kernels", {}).get("matmul") == "triton" else ""
+
+
 def _marks(row: dict) -> str:
-    """``_dagger``'s mark, and "‡" for a GPU QLoRA row compiled with the fused Triton NF4
-    kernel (``quant.kernel=fused``), the GPU default before dequantize-then-dot was measured
-    faster (docs/kernels.md): its figures are those of that kernel."""
-    triton = row["plan"].get("kernels", {}).get("matmul") == "triton" if "plan" in row else False
-    return _dagger(row) + (" ‡" if triton and row["quant"] == "qlora" else "")
+    return _dagger(row) + _triton(row)
+
+
+def _largest_text(search: dict | None, one: dict | None) -> str:
+    largest = _largest(search, one)
+    return "—" if largest is None else f"{largest}{_triton(search)}"
 
 
 def render(results: list[dict]) -> str:
@@ -216,8 +226,7 @@ def render(results: list[dict]) -> str:
         one = _first(rows[key].get("none"), search)
         method = " ".join([key[1], *key[4:]])
         head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
-        largest = _largest(search, one)
-        largest = "—" if largest is None else largest
+        largest = _largest_text(search, one)
         if one is None:
             lines.append(head + f"| | | | {largest} | | |")
         elif "error" in one:
@@ -252,7 +261,7 @@ def _cell(one: dict | None, search: dict | None) -> str:
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
     ) + _marks(one)
     largest = _largest(search, one)
-    return text if largest is None else f"{text} mb {largest}"
+    return text if largest is None else f"{text} mb {largest}{_triton(search)}"
 
 
 def render_matrix(results: list[dict]) -> str:

@@ -5,6 +5,7 @@ is the one place that decides how a product is computed."""
 
 from jaxlora.weights.dispatch import (
     Kernels,
+    KernelUnavailableError,
     NF4Run,
     Quantized,
     Weight,
@@ -17,6 +18,7 @@ from jaxlora.weights.nf4 import NF4Tensor, quantize, storage_bits_per_param
 from jaxlora.weights.placement import prepare
 
 __all__ = [
+    "KernelUnavailableError",
     "Kernels",
     "LoRAWeight",
     "NF4Run",

@@ -110,16 +110,20 @@ def dense_weight(w: Any, dtype: Any) -> jax.Array:
 
 KERNEL_MODES = ("auto", "fused", "dequant", "interpret")
 
+
+class KernelUnavailableError(ValueError):
+    """A kernel was asked for (``quant.kernel=fused``) on devices it does not compile for."""
+
+
 # What ``auto`` multiplies a 4-bit weight with on a GPU: dequantize-then-dot. On an H200
 # (tools/bench_kernels.py, docs/kernels.md) the fused Triton kernel took 3.3-6.0x the time of
 # dequantizing to bf16 and calling XLA's dot at the row counts of training (4,096-16,384, an
 # 8B model's projections), 4.2-7.5x a bf16 input gradient, and was ahead at one decoding shape
 # only: it rebuilds each weight tile with a select tree per element, once per tile of rows,
-# while the dot runs on the tensor cores. The
-# 4-bit weight still stays 4-bit in memory and in FSDP's gathers (each layer dequantizes its
-# weight when it runs; a sharded program does it on each device, inside shard_map).
-# ``quant.kernel=fused`` still runs the kernel. TPU: the Mosaic kernel (not yet measured
-# against dequantize-then-dot on a chip).
+# while the dot runs on the tensor cores. The 4-bit weight stays 4-bit in memory and in FSDP's
+# gathers (each layer dequantizes its weight when it runs; a sharded program does it on each
+# device, inside shard_map). ``quant.kernel=fused`` runs the kernel. TPU: the Mosaic kernel
+# (not yet measured against dequantize-then-dot on a chip).
 GPU_AUTO_NF4 = DEQUANT
 
 
@@ -243,7 +247,7 @@ def kernels_for(
     elif mode == "fused":
         if fused == DEQUANT:
             where = platform if cc is None else f"{platform} sm_{cc[0]}{cc[1]}"
-            raise ValueError(
+            raise KernelUnavailableError(
                 f"quant.kernel=fused: no compiled 4-bit matmul kernel for {where} (Mosaic needs a "
                 "TPU, Triton a GPU of compute capability 8.0+); use quant.kernel=auto or dequant "
                 "(interpret runs the kernels in Pallas interpret mode, for debugging)"
