@@ -326,6 +326,7 @@ class PeftSide:
                 self.params, lr=args.lr, weight_decay=args.weight_decay, fused=True
             )
         self.max_grad_norm = args.max_grad_norm
+        self.attention = args.attn  # transformers' attn_implementation
         self.device_name = torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu"
         self.threads = {
             "torch_intra_op": torch.get_num_threads(),
@@ -423,7 +424,7 @@ def run_child(args) -> dict:
         "tokens_per_step": args.batch * args.seq,
         "device": side.device_name,
         "threads": side.threads,
-        "attention": getattr(side, "attention", args.attn),
+        "attention": side.attention,
         "rss_after_load": after_load,
         "peak_memory": side.peak_device_memory() if gpu else bc.rss_bytes()["peak_rss"],
         "peak_memory_training": None if gpu or not reset else rss["peak_rss"],

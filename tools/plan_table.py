@@ -175,31 +175,13 @@ def _first(one: dict | None, search: dict | None) -> dict | None:
     if not found or found["first"] is None:
         return None
     first = {"plan": found["first"], "cpu_s": found["tried"][0]["cpu_s"]}
-    return first | {k: search.get(k) for k in ("target", "quant", "commit")}
+    return first | {"target": search["target"], "commit": search.get("commit")}
 
 
 def _dagger(row: dict) -> str:
     """ "†" for a multi-device row compiled before the factors were split (FACTORS_WHOLE)."""
     many = REGISTRY[row["target"]].num_devices > 1
     return " †" if many and row.get("commit") in FACTORS_WHOLE else ""
-
-
-def _triton(row: dict | None) -> str:
-    """ "‡" for a QLoRA row compiled with the fused Triton NF4 kernel (``quant.kernel=fused``),
-    the GPU default before dequantize-then-dot was measured faster (docs/kernels.md): its
-    figures are that kernel's."""
-    if row is None or "plan" not in row or row.get("quant") != "qlora":
-        return ""
-    return " ‡" if row["plan"].get("kernels", {}).get("matmul") == "triton" else ""
-
-
-def _marks(row: dict) -> str:
-    return _dagger(row) + _triton(row)
-
-
-def _largest_text(search: dict | None, one: dict | None) -> str:
-    largest = _largest(search, one)
-    return "—" if largest is None else f"{largest}{_triton(search)}"
 
 
 def render(results: list[dict]) -> str:
@@ -226,7 +208,8 @@ def render(results: list[dict]) -> str:
         one = _first(rows[key].get("none"), search)
         method = " ".join([key[1], *key[4:]])
         head = f"| {key[0]} | {method} | {key[2]} | {key[3]} "
-        largest = _largest_text(search, one)
+        largest = _largest(search, one)
+        largest = "—" if largest is None else largest
         if one is None:
             lines.append(head + f"| | | | {largest} | | |")
         elif "error" in one:
@@ -234,14 +217,14 @@ def render(results: list[dict]) -> str:
         elif one["plan"]["per_device"]["total_bytes"] is None:  # the compiler refused it
             refused = one["plan"]["per_device"].get("refused", "")
             lines.append(
-                head + f"| does not fit{_marks(one)}: {refused[:90]} | | no | {largest} | | |"
+                head + f"| does not fit{_dagger(one)}: {refused[:90]} | | no | {largest} | | |"
             )
         else:
             p = one["plan"]
             d = p["per_device"]
             free = 1 - d["total_bytes"] / d["device_bytes"]
             lines.append(
-                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}){_marks(one)} "
+                head + f"| {gib(d['total_bytes'])} ({gib(d['device_bytes'])}){_dagger(one)} "
                 f"| {100 * free:.1f} % | {'yes' if d['fits'] else 'no'} | {largest} "
                 f"| {_tflops(p)} | {one['cpu_s']:.0f} |"
             )
@@ -259,9 +242,9 @@ def _cell(one: dict | None, search: dict | None) -> str:
         "OOM ✗"
         if d["total_bytes"] is None
         else f"{d['total_bytes'] / 2**30:.1f} {'✓' if d['fits'] else '✗'}"
-    ) + _marks(one)
+    ) + _dagger(one)
     largest = _largest(search, one)
-    return text if largest is None else f"{text} mb {largest}{_triton(search)}"
+    return text if largest is None else f"{text} mb {largest}"
 
 
 def render_matrix(results: list[dict]) -> str:

@@ -211,6 +211,14 @@ GPU_CASES = [  # (B, KV, G, S, D, segments)
 ]
 
 
+def _one_sequence_a_row(q, do):
+    """Segment ids for cuDNN's rows, one sequence each, right-padded (the first row by 4
+    tokens), and ``do`` zeroed on the padding."""
+    S = q.shape[3]
+    seg = jnp.asarray((np.arange(S)[None, :] < np.array([S - 4, S])[: q.shape[0], None]) * 1)
+    return seg, do * (seg != 0)[:, None, None, :, None].astype(do.dtype)
+
+
 def _compiled_text(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
@@ -240,9 +248,7 @@ def test_cudnn_compiled_matches_eager(case):
     q, k, v, do, _ = (
         x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _case(*shape, "padded")
     )
-    S = q.shape[3]
-    seg = jnp.asarray((np.arange(S)[None, :] < np.array([S - 4, S])[: q.shape[0], None]) * 1)
-    do = do * (seg != 0)[:, None, None, :, None].astype(do.dtype)
+    seg, do = _one_sequence_a_row(q, do)
     fn = lambda q, k, v: cudnn_attention(
         q, k, v, seg, scale=q.shape[-1] ** -0.5, sliding_window=window
     )
@@ -328,9 +334,7 @@ def test_cudnn_adaptor_through_xla_matches_eager(case):
     # which checks the adaptor's layouts, lengths and window. Rows: one sequence, right-padded.
     *shape, _, window = case
     q, k, v, do, _ = _case(*shape, "padded")
-    S = q.shape[3]
-    seg = jnp.asarray((np.arange(S)[None, :] < np.array([S - 4, S])[: q.shape[0], None]) * 1)
-    do = do * (seg != 0)[:, None, None, :, None]
+    seg, do = _one_sequence_a_row(q, do)
     kw = dict(scale=q.shape[-1] ** -0.5, sliding_window=window, implementation="xla")
     fn = lambda q, k, v: cudnn_attention(q, k, v, seg, **kw)
     _check_against_eager(fn, q, k, v, do, seg, window)
