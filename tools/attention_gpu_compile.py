@@ -1,19 +1,19 @@
-"""Compile the GPU attention paths for an H100 from a machine without a GPU and print what the
-compiler reports (temporary bytes), forward and backward.
+"""Compile attention forward and backward for a GPU target from a machine without a GPU and
+print what the compiler reports (temporary bytes), per implementation and length.
 
-    python tools/attention_gpu_compile.py                     # S = 2048 and 8192
-    python tools/attention_gpu_compile.py --seqs 4096 --target /path/to/gpu_target.pbtxt
+    python tools/attention_gpu_compile.py                              # h100-1, S 2048 and 8192
+    python tools/attention_gpu_compile.py --target l4-1 --seqs 4096 --window 4096
 
-Needs ``jax[cuda12]`` (the CUDA PJRT plugin) in the venv and a ``GpuTargetConfigProto`` text file
-(``--target``; default: ``$JAXLORA_GPU_TARGET``). The plugin's normal start-up needs a driver,
-so it is loaded directly with the target config, as in JAX's own compile-only tests. Shapes:
-Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16, batch 1).
+Compiles with jaxlora's toolchain (``jaxlora.targets``: the CUDA PJRT plugin and ptxas from the
+``aot`` extra, in the venv or in ``.aot-toolchain/``). Shapes: Llama-3-8B attention (32 query
+heads, 8 kv heads, head_dim 128, bf16, batch 1). The cuDNN path also needs cuDNN itself (JAX
+checks its version while tracing), which the toolchain does not carry: without it that row
+prints JAX's error.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from pathlib import Path
@@ -21,21 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 GiB = 2**30
-
-
-def h100_device(target: Path):
-    from jax._src.lib import xla_client
-    from jax.experimental import topologies
-
-    plugin = os.path.join("jax_plugins", "xla_cuda12", "xla_cuda_plugin.so")
-    pattern = os.path.join(sys.prefix, "lib", "python3*", "site-packages", plugin)
-    c_api = xla_client.load_pjrt_plugin_dynamically("cuda", glob.glob(pattern)[0])
-    topo = xla_client.make_c_api_device_topology(
-        c_api, "", target_config=target.read_text(), topology="1x1x1"
-    )
-    return topologies.TopologyDescription(topo._make_compile_only_devices()).devices[0]
 
 
 def compile_temp(impl: str, seq: int, window: int | None, sharding) -> int:
@@ -60,20 +48,24 @@ def compile_temp(impl: str, seq: int, window: int | None, sharding) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jaxlora import targets
+    from jaxlora.targets.toolchain import add_side_directory
+
+    gpus = sorted(n for n, t in targets.TARGETS.items() if t.platform == "gpu")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--impls", nargs="+", default=["cudnn", "pallas_gpu", "chunked", "eager"])
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
-    p.add_argument("--window", type=int, default=None, help="sliding window (cudnn, chunked)")
-    p.add_argument("--target", type=Path, default=os.environ.get("JAXLORA_GPU_TARGET"))
+    p.add_argument("--window", type=int, default=None, help="sliding window")
+    p.add_argument("--target", default="h100-1", choices=gpus)
     args = p.parse_args(argv)
-    if args.target is None:
-        p.error("--target (a GpuTargetConfigProto text file) is required")
 
     from jax.sharding import SingleDeviceSharding
 
-    device = h100_device(args.target)
+    add_side_directory()
+    device = targets.compile_devices(targets.get_target(args.target))[0]
     sharding = SingleDeviceSharding(device)
-    print(f"target: {device.device_kind} ({args.target.name}), attention fwd+bwd")
+    window = "" if args.window is None else f", window {args.window}"
+    print(f"target: {args.target} ({device.device_kind}), attention fwd+bwd{window}")
     for impl in args.impls:
         for seq in args.seqs:
             try:

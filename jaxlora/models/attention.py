@@ -170,11 +170,11 @@ def attention(
       recomputing them), any backend, memory linear in ``S``; the CPU alternative to eager.
     * ``"splash"``: Pallas splash attention, TPU.
     * ``"cudnn"``: cuDNN flash attention, GPU; rows must be unpacked (one sequence, right-padded).
-    * ``"pallas_gpu"``: Pallas (Triton) flash attention, GPU; any segments, no sliding window.
+    * ``"pallas_gpu"``: jaxlora's Pallas (Triton) flash attention, GPU; every mask.
 
     ``softcap`` (Gemma 2) soft-caps the scores, ``c · tanh(s / c)``, after the scale and before
-    the mask: eager, chunked and splash do; cuDNN and Pallas GPU cannot and refuse it
-    (``jaxlora.weights.dispatch.attention_for`` picks chunked for them).
+    the mask: eager, chunked, splash and Pallas GPU do; cuDNN cannot and refuses it
+    (``jaxlora.weights.dispatch.attention_for`` picks Pallas GPU for such models).
 
     ``interpret`` runs the Pallas kernels (splash, pallas_gpu) in interpret mode (tests on CPU).
     With an :class:`AttentionImpl` on a mesh of several devices, the kernels run inside

@@ -45,15 +45,15 @@ from jaxlora.targets.hlo import Computation, Instruction, kernel_name, operand_a
 KINDS = ("dot", "convolution", "nf4", "attention")
 
 # Flash attention kernels, by kernel name (hlo.kernel_name) or custom-call target, and how
-# many [S, S] matmuls each makes. GPU Pallas flash (jax.experimental.pallas.ops.gpu.attention):
-# the forward QKᵀ and PV; the backward recomputes QKᵀ and forms dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K (its
-# preprocessing call is elementwise); cuDNN's fused attention the same. TPU splash: the forward
-# QKᵀ and PV; dq recomputes QKᵀ and forms dO·Vᵀ, dS·K; dkv recomputes QKᵀ and forms dO·Vᵀ,
-# Pᵀ·dO, dSᵀ·Q (jaxlora's splash leaves ``use_fused_bwd_kernel`` off: two backward kernels).
+# many [S, S] matmuls each makes. jaxlora's Pallas GPU flash (jaxlora.kernels.attention_gpu):
+# the forward QKᵀ and PV; dq recomputes QKᵀ and forms dO·Vᵀ, dS·K; dkv recomputes QKᵀ and forms
+# dO·Vᵀ, Pᵀ·dO, dSᵀ·Q. cuDNN's fused attention: the forward's two, its backward five. TPU
+# splash: as jaxlora's GPU kernel (jaxlora's splash leaves ``use_fused_bwd_kernel`` off: two
+# backward kernels).
 ATTENTION_PRODUCTS = {
-    "mha_forward": 2,
-    "mha_backward": 5,
-    "mha_preprocess_backward": 0,
+    "flash_fwd": 2,
+    "flash_dq": 3,
+    "flash_dkv": 4,
     "__cudnn$fmhaSoftmaxBackward": 5,
     "__cudnn$fmhaSoftmax": 2,
     "splash_fwd": 2,
@@ -194,10 +194,10 @@ def _attention_products(kernel: str) -> int | None:
 
 def _attention_product_flops(instr: Instruction, kernel: str) -> int:
     """``2·B·H·S²·D`` of one ``[S, S]`` product, dense (the causal blocks a kernel skips are not
-    subtracted), from q: the call's first floating operand, ``[B, S, H, D]`` on GPU, ``[B, H, S,
-    D]`` for splash (``[H, S, D]`` unbatched)."""
+    subtracted), from q: the call's first floating operand, ``[B, S, H, D]`` for cuDNN, ``[B, H,
+    S, D]`` for splash (``[H, S, D]`` unbatched), ``[B, KV, G, S, D]`` for jaxlora's GPU flash."""
     q = next(a for a in operand_arrays(instr) or instr.arrays if a.dtype[0] in "fb")
-    if kernel.startswith("splash"):
+    if kernel.startswith(("splash", "flash")):
         *b, h, s, d = q.dims
     else:
         *b, s, h, d = q.dims

@@ -228,13 +228,14 @@ def kernel_name(instr: Instruction) -> str | None:
     """The Pallas kernel a custom call runs (Mosaic or Triton), ``None`` for any other
     instruction: Mosaic calls are named after their kernel (``splash_mha_fwd_segmented_residuals``,
     ``nf4_matmul_fwd_tpu``); Triton calls are ``pallas_call`` s whose metadata path ends in
-    the kernel (``.../mha_forward/pallas_call``)."""
+    the kernel, bare or inside the transformations that made it (``.../flash_fwd/pallas_call``,
+    ``.../transpose(jvp(flash_dq))/pallas_call``)."""
     calls = (MOSAIC_CALL, TRITON_CALL)
     if instr.opcode != "custom-call" or not any(c in instr.text for c in calls):
         return None
     kernel = re.sub(r"\.[0-9]+$", "", instr.name)
     if kernel == "pallas_call":
-        m = re.search(r'op_name="[^"]*?([\w\-]+)/pallas_call"', instr.text)
+        m = re.search(r'op_name="[^"]*?([\w\-]+)\)*/pallas_call"', instr.text)
         kernel = m.group(1) if m else kernel
     return kernel
 

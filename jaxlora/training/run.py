@@ -292,7 +292,6 @@ def for_mesh(cfg: Config, mesh: Mesh, frozen, model_config, trainable=None):
         cfg.quant.kernel,
         seq_len=cfg.data.max_seq_len,
         packed=cfg.data.packing,
-        sliding_window=any(w is not None for w in model_config.sliding_windows),
         mesh=AttentionMesh(mesh, sharding.BATCH_AXES, cfg.mesh.rules.get("heads")),
         heads=(kv_heads, model_config.num_attention_heads // kv_heads),
         softcap=model_config.attn_logit_softcapping is not None,

@@ -183,27 +183,22 @@ def attention_for(
     seq_len: int,
     *,
     packed: bool = True,
-    sliding_window: bool = False,
     compute_capability: tuple[int, int] | None = None,
     softcap: bool = False,
 ) -> str:
     """The attention implementation for a program on ``platform``, from what was measured
-    (docs/attention.md). TPU: splash. GPU: cuDNN for unpacked rows; Pallas flash for packed
-    rows, which has no sliding window, so packed rows with a window take chunked; a GPU older
-    than sm_80 (T4, V100) has neither flash kernel and takes chunked. CPU: chunked from 1024
-    tokens (less CPU time than eager, equal or faster wall time, linear memory), eager below (a
-    tie at 256 tokens; eager is the reference). Soft-capped scores (``softcap``, Gemma 2): splash
-    caps them itself; neither GPU kernel can, so GPUs take chunked."""
+    (docs/attention.md). TPU: splash. GPU: cuDNN for unpacked rows without soft-capped scores;
+    jaxlora's Pallas flash kernel for packed rows and for soft-capped scores (``softcap``, Gemma
+    2: cuDNN cannot cap them), windows or not; a GPU older than sm_80 (T4, V100) has neither
+    flash kernel and takes chunked. CPU: chunked from 1024 tokens (less CPU time than eager,
+    equal or faster wall time, linear memory), eager below (a tie at 256 tokens; eager is the
+    reference)."""
     if platform == "tpu":
         return "splash"
-    if platform in ("gpu", "cuda") and softcap:
-        return "chunked"
     if platform in ("gpu", "cuda"):
         if compute_capability is not None and compute_capability < FLASH_MIN_COMPUTE_CAPABILITY:
             return "chunked"
-        if not packed:
-            return "cudnn"
-        return "chunked" if sliding_window else "pallas_gpu"
+        return "pallas_gpu" if packed or softcap else "cudnn"
     return "chunked" if seq_len >= 1024 else "eager"
 
 
@@ -213,7 +208,6 @@ def kernels_for(
     *,
     seq_len: int = 0,
     packed: bool = True,
-    sliding_window: bool = False,
     mesh: AttentionMesh | None = None,
     heads: tuple[int, int] | None = None,
     softcap: bool = False,
@@ -228,8 +222,8 @@ def kernels_for(
     debugging). ``nf4_dtype``: the dtype 4-bit weights multiply in (``quant.compute_dtype``;
     ``None`` = the input's).
 
-    Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not, with a
-    ``sliding_window`` or not, soft-capped scores or not: ``softcap``) on several devices: the
+    Attention (:func:`attention_for`, for rows of ``seq_len`` tokens, ``packed`` or not,
+    soft-capped scores or not: ``softcap``) on several devices: the
     platform's kernel inside ``shard_map`` (``jaxlora.kernels.attention_sharded``) when
     ``mesh`` says which axes split the batch and the heads and ``heads = (kv_heads, query
     heads per kv head)`` split whole over its head axis; otherwise ``"chunked"`` (flash
@@ -260,15 +254,14 @@ def kernels_for(
         platform,
         seq_len,
         packed=packed,
-        sliding_window=sliding_window,
         compute_capability=cc,
         softcap=softcap,
     )
     attention, reason = _attention_on(attention, len(devices), mesh, heads, interpret)
     if platform == "gpu" and cc is not None and cc < FLASH_MIN_COMPUTE_CAPABILITY:
         reason = f"sm_{cc[0]}{cc[1]}: the flash kernels (cuDNN, Triton) need sm_80 or newer"
-    elif platform == "gpu" and softcap:
-        reason = "attention logit soft-capping: neither cuDNN nor Pallas GPU flash attention has it"
+    elif platform == "gpu" and softcap and not packed and attention == "pallas_gpu":
+        reason = "attention logit soft-capping: cuDNN has none, Pallas GPU flash attention has"
     on_mesh = mesh if attention in ATTENTION_KERNELS and len(devices) > 1 else None
     chosen = Kernels(platform, nf4, interpret, attention, on_mesh, nf4_dtype)
     if (chosen, reason) not in _LOGGED:  # the same kernels for another reason: said too

@@ -165,12 +165,59 @@ def test_splash_bf16():
         _close_bf16(splash, q, k, v, do, seg)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[-1] is None])
+@pytest.mark.parametrize("case", CASES)
 def test_pallas_gpu_interpret_matches_eager(case):
     *shape, segments, window = case
     q, k, v, do, seg = _case(*shape, segments)
     fn = _impl("pallas_gpu", seg, window, interpret=True)
     _check_against_eager(fn, q, k, v, do, seg, window)
+
+
+@pytest.mark.parametrize(
+    "case, causal, softcap",
+    [
+        ((2, 2, 2, 70, 8, "packed", None), True, None),  # 5 tiles of 16, D padded to 16
+        ((1, 1, 4, 67, 8, "padded", 20), True, None),  # a window across tiles
+        ((2, 2, 3, 50, 24, "packed+padded", 17), True, 1.5),  # D 24 -> 32, capped
+        ((2, 2, 2, 50, 8, "padded", None), False, None),  # every tile visited
+    ],
+)
+def test_pallas_gpu_tiles_match_eager(case, causal, softcap):
+    """Several query and key tiles (16 rows), so the loops' bounds (tiles above the diagonal
+    and outside the window skipped) and the rescaling between tiles are exercised."""
+    from jaxlora.kernels.attention_gpu import pallas_gpu_attention
+
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    kw = dict(scale=shape[-1] ** -0.5, causal=causal, sliding_window=window, softcap=softcap)
+    fn = lambda q, k, v: pallas_gpu_attention(q, k, v, seg, **kw, block=16, interpret=True)
+    ref = lambda q, k, v: attention(q, k, v, segment_ids=seg, **kw, impl="eager")
+    (out, grads), (want, want_grads) = _vjp(fn, q, k, v, do), _vjp(ref, q, k, v, do)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, want, 0))
+    assert not np.any(np.asarray(jnp.where(real, 0, out))), "padding rows must output 0"
+    _close(grads, want_grads)
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 1), (True, 20), (False, None)])
+@pytest.mark.parametrize("tile", [16, 32])
+def test_pallas_gpu_visits_exactly_the_tiles_with_a_visible_pair(causal, window, tile):
+    """Each query tile's key tiles (forward, dq) and each key tile's query tiles (dk, dv) are
+    exactly those holding a pair the causal mask and the window let through."""
+    from jaxlora.kernels.attention_gpu import _Flash
+
+    f = _Flash(1.0, causal, window, None, tile, tile, interpret=True)
+    S = 8 * tile
+    rows = np.arange(S)[:, None]
+    visible = np.ones((S, S), bool) if not causal else rows >= np.arange(S)[None, :]
+    if window is not None:
+        visible &= np.arange(S)[None, :] > rows - window
+    pairs = visible.reshape(8, tile, 8, tile).any(axis=(1, 3))  # [query tile, key tile]
+    for i in range(8):
+        lo, hi = (int(x) for x in f.key_tiles(i * tile, tile, tile, 8))
+        assert list(range(lo, hi)) == list(np.flatnonzero(pairs[i])), (i, lo, hi)
+        lo, hi = (int(x) for x in f.query_tiles(i * tile, tile, tile, 8))
+        assert list(range(lo, hi)) == list(np.flatnonzero(pairs[:, i])), (i, lo, hi)
 
 
 def _lowered_for(platform, impl, seq=256):
@@ -197,17 +244,17 @@ def test_splash_lowers_for_tpu():
 
 
 def test_pallas_gpu_lowers_for_cuda():
-    # forward, backward preprocessing and the fused dq/dk/dv kernel
+    # the forward, dq and dk/dv kernels
     assert _lowered_for("cuda", "pallas_gpu").count("__gpu$xla.gpu.triton") >= 3
 
 
-# Compiled on a GPU (tests/conftest.py skips `gpu` tests elsewhere). Triton's dot wants 16 or
-# more on every side, so head_dim is 16..128; lengths are not whole tiles (the adaptor pads).
-GPU_CASES = [  # (B, KV, G, S, D, segments)
-    (2, 2, 2, 37, 64, "packed"),
-    (1, 1, 4, 19, 16, "padded"),  # MQA, odd length
-    (2, 4, 1, 130, 128, "packed+padded"),  # MHA, several tiles
-    (2, 2, 3, 23, 32, "packed+padded"),
+# Compiled on a GPU (tests/conftest.py skips `gpu` tests elsewhere). Lengths are not whole
+# tiles and head_dim 8 is narrower than Triton's dot (the adaptor pads both).
+GPU_CASES = [  # (B, KV, G, S, D, segments, window)
+    (2, 2, 2, 37, 64, "packed", None),
+    (1, 1, 4, 19, 16, "padded", 5),  # MQA, odd length, window
+    (2, 4, 1, 130, 128, "packed+padded", None),  # MHA, several tiles
+    (2, 2, 3, 300, 8, "packed+padded", 100),  # a window across tiles
 ]
 
 
@@ -226,10 +273,20 @@ def _compiled_text(fn, *args) -> str:
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_pallas_gpu_compiled_matches_eager(case):
-    q, k, v, do, seg = _case(*case)
-    fn = _impl("pallas_gpu", seg, None)
+    *shape, segments, window = case
+    q, k, v, do, seg = _case(*shape, segments)
+    fn = _impl("pallas_gpu", seg, window)
     assert "triton" in _compiled_text(fn, q, k, v)
-    _check_against_eager(fn, q, k, v, do, seg, None)
+    _check_against_eager(fn, q, k, v, do, seg, window)
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_compiled_soft_capped(capped_case):
+    (q, k, v, do, seg), window, (ref, ref_grads) = capped_case
+    out, grads = _vjp(_impl("pallas_gpu", seg, window, softcap=CAP), q, k, v, do)
+    real = (seg != 0)[:, None, None, :, None]
+    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
+    _close(grads, ref_grads)
 
 
 @pytest.mark.gpu
@@ -340,12 +397,6 @@ def test_cudnn_adaptor_through_xla_matches_eager(case):
     _check_against_eager(fn, q, k, v, do, seg, window)
 
 
-def test_pallas_gpu_refuses_a_window():
-    q, k, v, do, seg = _case(1, 1, 2, 8, 8, "padded")
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        _vjp(_impl("pallas_gpu", seg, 3, interpret=True), q, k, v, do)
-
-
 def test_unknown_impl_and_window_without_causal_are_refused():
     q, k, v, _, seg = _case(1, 1, 2, 8, 8, "padded")
     with pytest.raises(ValueError, match="impl"):
@@ -356,9 +407,8 @@ def test_unknown_impl_and_window_without_causal_are_refused():
 
 def test_attention_follows_the_devices():
     assert attention_for("tpu", 128) == "splash"
-    assert attention_for("gpu", 4096, packed=False, sliding_window=True) == "cudnn"
-    assert attention_for("gpu", 4096) == "pallas_gpu"
-    assert attention_for("gpu", 4096, sliding_window=True) == "chunked"
+    assert attention_for("gpu", 4096, packed=False) == "cudnn"
+    assert attention_for("gpu", 4096) == "pallas_gpu"  # packed rows, windows or not
     assert attention_for("cpu", 256) == "eager"
     assert attention_for("cpu", 2048) == "chunked"
     cpu = jax.devices("cpu")
@@ -461,10 +511,10 @@ def capped_case():
     return (q, k, v, do, seg), window, ref
 
 
-@pytest.mark.parametrize("impl", ["eager", "chunked", "splash"])
+@pytest.mark.parametrize("impl", ["eager", "chunked", "splash", "pallas_gpu"])
 def test_soft_capped_attention_matches_the_plain_computation(impl, capped_case):
     (q, k, v, do, seg), window, (ref, ref_grads) = capped_case
-    kw = {"interpret": True} if impl == "splash" else {}
+    kw = {"interpret": True} if impl in ("splash", "pallas_gpu") else {}
     out, grads = _vjp(_impl(impl, seg, window, softcap=CAP, **kw), q, k, v, do)
     real = (seg != 0)[:, None, None, :, None]
     _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
@@ -475,9 +525,9 @@ def test_soft_capped_attention_matches_the_plain_computation(impl, capped_case):
         assert float(jnp.max(jnp.abs(jnp.where(real, uncapped - ref, 0)))) > 1e-2
 
 
-def test_gpu_kernels_refuse_soft_capping_and_gpus_take_chunked(caplog):
-    assert attention_for("gpu", 4096, softcap=True) == "chunked"
-    assert attention_for("gpu", 4096, packed=False, softcap=True) == "chunked"
+def test_soft_capped_scores_take_pallas_gpu_on_gpus_and_cudnn_refuses_them(caplog):
+    assert attention_for("gpu", 4096, softcap=True) == "pallas_gpu"
+    assert attention_for("gpu", 4096, packed=False, softcap=True) == "pallas_gpu"
     assert attention_for("tpu", 4096, softcap=True) == "splash"  # splash caps itself
 
     class A100:
@@ -485,14 +535,11 @@ def test_gpu_kernels_refuse_soft_capping_and_gpus_take_chunked(caplog):
         compute_capability = "8.0"
 
     with caplog.at_level("INFO", logger="jaxlora.weights.dispatch"):
-        assert kernels_for([A100()], seq_len=4096, softcap=True).attention == "chunked"
-    assert "soft-capping" in caplog.text
-    q, k, v, do, seg = _case(1, 1, 2, 8, 8, "padded")
-    kw = dict(scale=1.0, softcap=CAP)
+        capped = kernels_for([A100()], seq_len=4096, packed=False, softcap=True)
+    assert capped.attention == "pallas_gpu" and "soft-capping" in caplog.text
+    q, k, v, _, seg = _case(1, 1, 2, 8, 8, "padded")
     with pytest.raises(NotImplementedError, match="soft-capping"):
-        cudnn_attention(q, k, v, seg, implementation="xla", **kw)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        _vjp(_impl("pallas_gpu", seg, None, softcap=CAP, interpret=True), q, k, v, do)
+        cudnn_attention(q, k, v, seg, implementation="xla", scale=1.0, softcap=CAP)
 
 
 def test_pallas_gpu_tiles_shrink_as_rows_widen_and_too_wide_is_refused():

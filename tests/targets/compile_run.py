@@ -187,7 +187,9 @@ TILE_CASES = (("bfloat16", 128), ("float32", 128), ("bfloat16", 256), ("float32"
 
 def attention_tiles(mesh, dtype: str, head_dim: int) -> str:
     """The Pallas GPU flash attention, forward and gradients, compiled on one device with the
-    tile rows attention_gpu.tile_rows picks: ``"ok"``, or XLA's refusal (shared memory)."""
+    tile rows attention_gpu.tile_rows picks, with a sliding window and soft-capped scores (the
+    kernels' widest form; the plain causal one is in the step plan_run.py compiles): ``"ok"``,
+    or XLA's refusal (shared memory)."""
     b, kv, g, s = 1, 2, 2, 512
     sharding = NamedSharding(mesh, P())
     q, kv_shape = (b, kv, g, s, head_dim), (b, kv, s, head_dim)
@@ -195,7 +197,9 @@ def attention_tiles(mesh, dtype: str, head_dim: int) -> str:
     args = [jax.ShapeDtypeStruct(sh, dt, sharding=sharding) for sh, dt in shapes]
 
     def loss(q, k, v, seg):
-        out = attention_gpu.pallas_gpu_attention(q, k, v, seg, scale=head_dim**-0.5)
+        out = attention_gpu.pallas_gpu_attention(
+            q, k, v, seg, scale=head_dim**-0.5, sliding_window=s // 4, softcap=50.0
+        )
         return out.astype(jnp.float32).sum()
 
     try:

@@ -25,7 +25,7 @@ ENTRY %main.1 (p.1: f32[1024,8,128], p.2: f32[8,8,128]) -> f32[8,128,16,64] {
   %p.1 = f32[1024,8,128]{2,1,0} parameter(0)
   %p.2 = f32[8,8,128]{2,1,0} parameter(1)
   %gemm_fusion_dot.99 = f32[8,1024,8]{2,1,0} fusion(%p.1, %p.2), kind=kCustom, calls=%gemm_fusion_dot.99_computation
-  %pallas_call.24 = (f32[8,128,16,64]{3,2,1,0}, f32[8,16,128]{2,1,0}) custom-call(%a, %b, %c, %d), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, f32[8,128,16,64]{3,2,1,0}, s32[8,128]{1,0}}, metadata={op_name="jit(step)/layers/0/self_attn/jit(mha)/mha_forward/pallas_call"}
+  %pallas_call.24 = (f32[8,4,4,128,64]{4,3,2,1,0}, f32[8,4,4,128]{3,2,1,0}) custom-call(%a, %b, %c, %d), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f32[8,4,4,128,64]{4,3,2,1,0}, f32[8,4,128,64]{3,2,1,0}, f32[8,4,128,64]{3,2,1,0}, s32[8,128]{1,0}}, api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(step)/layers/0/self_attn/jvp(flash_fwd)/pallas_call"}
   ROOT %splash_mha_dq_segmented_no_residuals.3 = f32[8,16,128,64]{3,2,1,0:T(8,128)} custom-call(%e), custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,1,1]{2,1,0}, f32[8,16,128,64]{3,2,1,0}}
 }
 """
@@ -34,8 +34,8 @@ ENTRY %main.1 (p.1: f32[1024,8,128], p.2: f32[8,8,128]) -> f32[8,128,16,64] {
 def test_step_flops_and_kernels_from_the_hlo():
     dot = 2 * (8 * 1024 * 8) * 128  # |out| · the contracted 128 of parameter_0
     product = 2 * 8 * 16 * 128 * 128 * 64  # one [S, S] product: B 8, H 16, S 128, D 64
-    # Pallas flash forward: QKᵀ and PV (q [B, S, H, D]); splash dq: QKᵀ, dO·Vᵀ, dS·K (q [B,
-    # H, S, D], its first floating operand)
+    # Pallas flash forward: QKᵀ and PV (q [B, KV, G, S, D]: 4 kv heads × 4); splash dq: QKᵀ,
+    # dO·Vᵀ, dS·K (q [B, H, S, D], its first floating operand)
     assert flops_by_kind(STEP_HLO) == {
         "dot": dot,
         "convolution": 0,
@@ -44,7 +44,7 @@ def test_step_flops_and_kernels_from_the_hlo():
     }
     assert matmul_flops(STEP_HLO) == dot + 5 * product
     assert hlo.pallas_kernels(STEP_HLO) == {
-        "mha_forward": 1,
+        "flash_fwd": 1,
         "splash_mha_dq_segmented_no_residuals": 1,
     }
 

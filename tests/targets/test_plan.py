@@ -30,7 +30,7 @@ ATTENTION_KERNELS = {  # forward and backward kernels, by name (hlo.pallas_kerne
         "splash_mha_dq_segmented_no_residuals",
         "splash_mha_dkv_segmented_no_residuals",
     },
-    "gpu": {"mha_forward", "mha_backward"},
+    "gpu": {"flash_fwd", "flash_dq", "flash_dkv"},
 }
 MISSING = _toolchain.missing()
 VOCAB, HIDDEN, KV_WIDTH, RANK = 256, 1024, 512, 8  # the model below, plan_run.py's lora.r
