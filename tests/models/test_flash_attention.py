@@ -72,10 +72,11 @@ def _impl(impl, seg, window, **kw):
     )
 
 
-def _check_against_eager(fn, q, k, v, do, seg, window):
-    """``fn(q, k, v)`` against eager: real rows equal, padding rows 0, the same gradients."""
+def _check_against_eager(fn, q, k, v, do, seg, window, **kw):
+    """``fn(q, k, v)`` against eager (``kw``: its other arguments, ``causal``, ``softcap``):
+    real rows equal, padding rows 0, the same gradients."""
     out, grads = _vjp(fn, q, k, v, do)
-    ref, ref_grads = _vjp(_impl("eager", seg, window), q, k, v, do)
+    ref, ref_grads = _vjp(_impl("eager", seg, window, **kw), q, k, v, do)
     real = (seg != 0)[:, None, None, :, None]
     _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
     assert not np.any(np.asarray(jnp.where(real, 0, out))), "padding rows must output 0"
@@ -189,14 +190,11 @@ def test_pallas_gpu_tiles_match_eager(case, causal, softcap):
 
     *shape, segments, window = case
     q, k, v, do, seg = _case(*shape, segments)
-    kw = dict(scale=shape[-1] ** -0.5, causal=causal, sliding_window=window, softcap=softcap)
-    fn = lambda q, k, v: pallas_gpu_attention(q, k, v, seg, **kw, block=16, interpret=True)
-    ref = lambda q, k, v: attention(q, k, v, segment_ids=seg, **kw, impl="eager")
-    (out, grads), (want, want_grads) = _vjp(fn, q, k, v, do), _vjp(ref, q, k, v, do)
-    real = (seg != 0)[:, None, None, :, None]
-    _close(jnp.where(real, out, 0), jnp.where(real, want, 0))
-    assert not np.any(np.asarray(jnp.where(real, 0, out))), "padding rows must output 0"
-    _close(grads, want_grads)
+    kw = dict(causal=causal, softcap=softcap)
+    fn = lambda q, k, v: pallas_gpu_attention(
+        q, k, v, seg, scale=shape[-1] ** -0.5, sliding_window=window, **kw, block=16, interpret=True
+    )
+    _check_against_eager(fn, q, k, v, do, seg, window, **kw)
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (True, 1), (True, 20), (False, None)])
@@ -278,15 +276,6 @@ def test_pallas_gpu_compiled_matches_eager(case):
     fn = _impl("pallas_gpu", seg, window)
     assert "triton" in _compiled_text(fn, q, k, v)
     _check_against_eager(fn, q, k, v, do, seg, window)
-
-
-@pytest.mark.gpu
-def test_pallas_gpu_compiled_soft_capped(capped_case):
-    (q, k, v, do, seg), window, (ref, ref_grads) = capped_case
-    out, grads = _vjp(_impl("pallas_gpu", seg, window, softcap=CAP), q, k, v, do)
-    real = (seg != 0)[:, None, None, :, None]
-    _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
-    _close(grads, ref_grads)
 
 
 @pytest.mark.gpu
@@ -511,10 +500,19 @@ def capped_case():
     return (q, k, v, do, seg), window, ref
 
 
-@pytest.mark.parametrize("impl", ["eager", "chunked", "splash", "pallas_gpu"])
-def test_soft_capped_attention_matches_the_plain_computation(impl, capped_case):
+@pytest.mark.parametrize(
+    "impl, interpret",
+    [
+        ("eager", False),
+        ("chunked", False),
+        ("splash", True),
+        ("pallas_gpu", True),
+        pytest.param("pallas_gpu", False, marks=pytest.mark.gpu),  # compiled on a GPU
+    ],
+)
+def test_soft_capped_attention_matches_the_plain_computation(impl, interpret, capped_case):
     (q, k, v, do, seg), window, (ref, ref_grads) = capped_case
-    kw = {"interpret": True} if impl in ("splash", "pallas_gpu") else {}
+    kw = {"interpret": True} if interpret else {}
     out, grads = _vjp(_impl(impl, seg, window, softcap=CAP, **kw), q, k, v, do)
     real = (seg != 0)[:, None, None, :, None]
     _close(jnp.where(real, out, 0), jnp.where(real, ref, 0))
