@@ -23,7 +23,11 @@ kernel          causal  sliding window  segments                   GQA     soft-
   query tiles and one for ``dk, dv`` over key tiles). It reads ``q (B, KV, G, S, D)`` and
   ``k, v (B, KV, S, D)`` where they are: query head ``kv · G + g`` reads kv head ``kv``'s tiles
   (no repeated ``k, v``), and the ``dk, dv`` kernel sums the ``G`` query heads of its kv head
-  itself. Tiles wholly above the diagonal or outside the window are never visited.
+  itself. Tiles wholly above the diagonal or outside the window are never visited, nor, in a
+  packed row, tiles outside the documents a tile's rows belong to: a query tile's loop runs
+  over the keys from the first token of its first document to the last of its last
+  (:func:`segment_spans`), so a row of short documents costs about one tile band along the
+  diagonal instead of the whole causal triangle (FlashAttention's variable-length batches).
 
   It replaced ``jax.experimental.pallas.ops.gpu.attention.mha``, which JAX 0.11 deprecates
   (moved to the separate tokamax package), has no sliding window or soft-capping, and wants as
@@ -130,6 +134,25 @@ def tile_rows(head_dim: int, dtype) -> int:
     return TILE_ROWS[row]
 
 
+def segment_spans(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For each token of ``segment_ids (B, S)``, the first and the last position of its segment
+    (``(B, S)`` int32 each). Exact for any layout (a segment need not be one run of tokens):
+    positions are sorted by id, stably, each id's run read off, and the result put back."""
+    B, S = segment_ids.shape
+    order = jnp.argsort(segment_ids, axis=1, stable=True)  # each id's positions, ascending
+    ids = jnp.take_along_axis(segment_ids, order, axis=1)
+    change = ids[:, 1:] != ids[:, :-1]
+    edge = jnp.ones((B, 1), bool)
+    at = jnp.arange(S, dtype=jnp.int32)
+    start = lax.cummax(jnp.where(jnp.concatenate([edge, change], 1), at, 0), axis=1)
+    end = lax.cummin(jnp.where(jnp.concatenate([change, edge], 1), at, S - 1), 1, reverse=True)
+    rows = jnp.arange(B)[:, None]
+    back = lambda sorted_: jnp.zeros_like(order).at[rows, order].set(sorted_)
+    first = back(jnp.take_along_axis(order, start, axis=1))
+    last = back(jnp.take_along_axis(order, end, axis=1))
+    return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Flash:
     """What the kernels are compiled for (static: hashable)."""
@@ -182,14 +205,32 @@ class _Flash:
             hi = lax.min(lax.div(last_row + tile, tile), n_tiles)
         return lo, hi
 
+    @staticmethod
+    def segment_tiles(seg, first, last, tile: int, n_tiles: int):
+        """Tiles ``[lo, hi)`` (of ``tile`` tokens) that hold a token of a segment of the
+        ``seg`` tokens (one tile's ids, ``first``/``last``: their segments' ends, from
+        :func:`segment_spans`). Padding (segment 0) sees and is seen by nothing: a tile of
+        padding alone gives an empty range."""
+        real = seg != 0
+        lo = lax.div(jnp.min(jnp.where(real, first, n_tiles * tile)), tile)
+        hi = lax.div(jnp.max(jnp.where(real, last, -1)) + tile, tile)
+        return lo, hi
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, f: _Flash):
+    def bounds(self, causal, segments):
+        """The loop over the tiles both ranges allow (empty when they do not meet)."""
+        return lax.max(causal[0], segments[0]), lax.min(causal[1], segments[1])
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, o_ref, lse_ref, *, f: _Flash
+):
     bq = bk = f.block
     S, D = k_ref.shape
     i = pl.program_id(0)
     rows = i * bq + jnp.arange(bq)
     q = q_ref[...]
-    q_seg = seg_ref[pl.ds(i * bq, bq)]
+    mine = pl.ds(i * bq, bq)
+    q_seg = seg_ref[mine]
 
     def body(j, carry):
         o, m, total = carry
@@ -202,25 +243,34 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, f: _Flash):
         pv = f.dot(p.astype(v.dtype), v)
         return rescale[:, None] * o + pv, m_new, rescale * total + jnp.sum(p, axis=1)
 
-    lo, hi = f.key_tiles(i * bq, bq, bk, S // bk)
+    lo, hi = f.bounds(
+        f.key_tiles(i * bq, bq, bk, S // bk),
+        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk, S // bk),
+    )
     init = (
         jnp.zeros((bq, D), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
     o, m, total = lax.fori_loop(lo, hi, body, init)  # total: each row's sum of 2^(s - m)
-    o_ref[...] = (o / total[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log2(total)
+    # total 0: a tile of padding that visited no key tile. Output 0, and a log-sum-exp of 0
+    # so the backward's exp2(MASKED - lse) is 0 should a key tile's loop reach its rows.
+    seen = total > 0
+    o_ref[...] = (o / jnp.where(seen, total, 1)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, total, 1)), 0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, f: _Flash):
+def _dq_kernel(
+    q_ref, k_ref, v_ref, seg_ref, first_ref, last_ref, do_ref, lse_ref, delta_ref, dq_ref, *, f
+):
     bq = bk = f.block_bwd
     S, D = k_ref.shape
     i = pl.program_id(0)
     rows = i * bq + jnp.arange(bq)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    q_seg = seg_ref[pl.ds(i * bq, bq)]
+    mine = pl.ds(i * bq, bq)
+    q_seg = seg_ref[mine]
 
     def body(j, dq):
         at = pl.ds(j * bk, bk)
@@ -231,21 +281,40 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
         ds = _score_grad(p * (dp - delta[:, None]), t, f)
         return dq + f.dot(ds.astype(k.dtype), k)
 
-    lo, hi = f.key_tiles(i * bq, bq, bk, S // bk)
+    lo, hi = f.bounds(
+        f.key_tiles(i * bq, bq, bk, S // bk),
+        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk, S // bk),
+    )
     dq = lax.fori_loop(lo, hi, body, jnp.zeros((bq, D), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, f: _Flash
+    q_ref,
+    k_ref,
+    v_ref,
+    seg_ref,
+    first_ref,
+    last_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    f: _Flash,
 ):
     bq = bk = f.block_bwd
     G, S, D = q_ref.shape
     j = pl.program_id(0)
     cols = j * bk + jnp.arange(bk)
     k, v = k_ref[...], v_ref[...]
-    kv_seg = seg_ref[pl.ds(j * bk, bk)]
-    lo, hi = f.query_tiles(j * bk, bk, bq, S // bq)
+    mine = pl.ds(j * bk, bk)
+    kv_seg = seg_ref[mine]
+    lo, hi = f.bounds(
+        f.query_tiles(j * bk, bk, bq, S // bq),
+        f.segment_tiles(kv_seg, first_ref[mine], last_ref[mine], bq, S // bq),
+    )
 
     def head(g, carry):
         def body(i, carry):
@@ -291,7 +360,7 @@ def _forward(q, k, v, seg, f: _Flash):
     return pl.pallas_call(
         functools.partial(_forward_kernel, f=f),
         grid=(S // bq, B, KV * G),
-        in_specs=[q_spec, kv_spec, kv_spec, seg_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, seg_spec, seg_spec, seg_spec],
         out_specs=[q_spec, lse_spec],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -300,13 +369,14 @@ def _forward(q, k, v, seg, f: _Flash):
         compiler_params=_params(f, D, backward=False),
         interpret=f.interpret,
         name="flash_fwd",
-    )(q, k, v, seg)
+    )(q, k, v, seg, *segment_spans(seg))
 
 
 def _backward(q, k, v, seg, o, lse, do, f: _Flash):
     B, KV, G, S, D = q.shape
     b = f.block_bwd
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, KV, G, S)
+    spans = segment_spans(seg)
     row_spec = pl.BlockSpec((None, None, None, b, D), lambda i, n, h: (n, h // G, h % G, i, 0))
     kv_spec = pl.BlockSpec((None, None, S, D), lambda i, n, h: (n, h // G, 0, 0))
     seg_spec = pl.BlockSpec((None, S), lambda i, n, h: (n, 0))
@@ -314,13 +384,23 @@ def _backward(q, k, v, seg, o, lse, do, f: _Flash):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, f=f),
         grid=(S // b, B, KV * G),
-        in_specs=[row_spec, kv_spec, kv_spec, seg_spec, row_spec, stat_spec, stat_spec],
+        in_specs=[
+            row_spec,
+            kv_spec,
+            kv_spec,
+            seg_spec,
+            seg_spec,
+            seg_spec,
+            row_spec,
+            stat_spec,
+            stat_spec,
+        ],
         out_specs=row_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(f, D, backward=True),
         interpret=f.interpret,
         name="flash_dq",
-    )(q, k, v, seg, do, lse, delta)
+    )(q, k, v, seg, *spans, do, lse, delta)
     group_spec = pl.BlockSpec((None, None, G, S, D), lambda j, n, kv: (n, kv, 0, 0, 0))
     tile_spec = pl.BlockSpec((None, None, b, D), lambda j, n, kv: (n, kv, j, 0))
     seg_spec = pl.BlockSpec((None, S), lambda j, n, kv: (n, 0))
@@ -328,13 +408,23 @@ def _backward(q, k, v, seg, o, lse, do, f: _Flash):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, f=f),
         grid=(S // b, B, KV),
-        in_specs=[group_spec, tile_spec, tile_spec, seg_spec, group_spec, group_stat, group_stat],
+        in_specs=[
+            group_spec,
+            tile_spec,
+            tile_spec,
+            seg_spec,
+            seg_spec,
+            seg_spec,
+            group_spec,
+            group_stat,
+            group_stat,
+        ],
         out_specs=[tile_spec, tile_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(f, D, backward=True),
         interpret=f.interpret,
         name="flash_dkv",
-    )(q, k, v, seg, do, lse, delta)
+    )(q, k, v, seg, *spans, do, lse, delta)
     return dq, dk, dv
 
 
