@@ -49,7 +49,8 @@ def visited(seg, tile: int, window: int | None) -> tuple[int, int]:
     """(pairs the kernels visit, pairs of the causal triangle) for rows ``seg`` at ``tile``."""
     import jax.numpy as jnp
 
-    from jaxlora.kernels.attention_gpu import _Flash, segment_spans
+    from jaxlora.kernels.attention_chunked import segment_spans
+    from jaxlora.kernels.attention_gpu import _Flash
 
     f = _Flash(1.0, True, window, None, tile, tile, interpret=True)
     B, S = seg.shape

@@ -4,9 +4,9 @@
     python tools/bench_attention.py --seq 2048 --batch 1 --rounds 8
 
 Same model (``tools/bench_common.py``'s shape, default ``tiny``: 4 layers, hidden 256, 4 query
-and 2 kv heads of 64), same LoRA (r 16, all-linear, random B), same packed batch (three
-documents a row), same jitted ``jaxlora.step.make_train_step``; only ``attn_impl`` differs. The
-implementations run alternately, round after round, so a machine shared with other work slows
+and 2 kv heads of 64), same LoRA (r 16, all-linear, random B), same packed batch (``--docs``
+documents a row, default three), same jitted ``jaxlora.step.make_train_step``; only
+``attn_impl`` differs. The implementations run alternately, round after round, so a machine shared with other work slows
 them alike (host allocator tuned as the train CLI tunes it). Printed: median and minimum wall
 time and median process CPU time per step.
 tools/bench_train.py (``--jax-attn``) compares one of them with PEFT instead.
@@ -29,11 +29,13 @@ if str(ROOT) not in sys.path:  # run as a script: make `tools.*` and `jaxlora` i
 from tools import bench_common as bc  # noqa: E402
 
 
-def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``[accum=1, batch, seq]``: three documents a row, positions restarting at 0."""
+def packed_batch(
+    batch: int, seq: int, vocab: int, seed: int = 0, docs: int = 3
+) -> dict[str, np.ndarray]:
+    """``[accum=1, batch, seq]``: ``docs`` equal documents a row, positions restarting at 0."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (1, batch, seq)).astype(np.int32)
-    lengths = [seq // 3, seq // 3, seq - 2 * (seq // 3)]
+    lengths = [seq // docs] * (docs - 1) + [seq - (docs - 1) * (seq // docs)]
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])
     pos = np.concatenate([np.arange(n) for n in lengths])
     tile = lambda x: np.broadcast_to(x, (1, batch, seq)).astype(np.int32)
@@ -53,21 +55,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--impls", nargs="+", default=["eager", "chunked"])
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--docs", type=int, default=3, help="documents packed in a row")
     args = p.parse_args(argv)
 
-    from jaxlora.host import tune_allocator
+    from jaxlora.training.host import tune_allocator
 
     tune_allocator()  # what python -m jaxlora.train does before the first computation
 
     import jax
     import jax.numpy as jnp
     import optax
-    from jaxlora.optim import make_optimizer
-    from jaxlora.step import make_train_step
 
     from jaxlora.lora import LoraConfig, combine, inject, partition
     from jaxlora.models.config import LlamaConfig
     from jaxlora.models.llama import LlamaForCausalLM, init_params
+    from jaxlora.training.optim import make_optimizer
+    from jaxlora.training.step import make_train_step
 
     s = bc.SHAPES[args.shape]
     cfg = LlamaConfig(
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     params = inject(init_params(cfg, jax.random.key(0)), lora_cfg, jax.random.key(1))
     frozen, trainable = partition(params, lora_cfg)
     tx = make_optimizer(optax.constant_schedule(2e-4), weight_decay=0.01, max_grad_norm=1.0)
-    batch = {k: jnp.asarray(v) for k, v in packed_batch(args.batch, args.seq, s.vocab).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in packed_batch(args.batch, args.seq, s.vocab, docs=args.docs).items()
+    }
     key = jax.random.key(0)
 
     steps = {}
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             wall[impl].append(time.perf_counter() - t)
             cpu[impl].append(time.process_time() - c)
     print(
-        f"{args.shape}, batch {args.batch} x {args.seq}, {args.rounds} rounds, "
+        f"{args.shape}, batch {args.batch} x {args.seq} ({args.docs} documents a row), "
+        f"{args.rounds} rounds, "
         f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}"
     )
     for impl in args.impls:

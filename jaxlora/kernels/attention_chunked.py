@@ -8,10 +8,14 @@ output; the backward recomputes each block's probabilities from the stored logsu
 stored: the residuals are q, k, v, the output and ``lse``.
 
 Blocks: the sequence is cut into ``block_q`` query rows × ``block_kv`` key columns. Which
-(query block, key block) pairs can hold an allowed entry follows from causality and the sliding
-window alone, so the list is built in numpy at trace time and one ``scan`` walks it: a causal
-mask visits about half the blocks, a window only a band. Segment masking (packing, padding) is
-data and is applied inside each block.
+(query block, key block) pairs can hold an allowed entry follows first from causality and the
+sliding window, so that list is built in numpy at trace time: a causal mask visits about half
+the blocks, a window only a band. Segments (packing, padding) are data: each token's segment
+spans from its first to its last position (:func:`segment_spans`), so a query block can only see
+keys from its first document's start to its last document's end, and pairs outside that range
+(for every row of the batch) are dropped from the list at run time; one loop walks what is left.
+A row of short packed documents then costs a band along the diagonal. Inside each block the
+segment mask is applied token by token.
 
 Masked scores get float32's minimum, as in eager attention, so a row masked in one block and
 not in a later one comes out exactly as eager's. A query row whose segment id is 0 (padding)
@@ -44,10 +48,51 @@ def block_pairs(
     return np.stack([qi[keep], kj[keep]], axis=-1).astype(np.int32)
 
 
-def _block_mask(i, j, qseg, kseg, bq, bkv, causal, window):
+def segment_spans(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For each token of ``segment_ids (B, S)``, the first and the last position of its segment
+    (``(B, S)`` int32 each). Exact for any layout (a segment need not be one run of tokens):
+    positions are sorted by id, stably, each id's run read off, and the result put back."""
+    B, S = segment_ids.shape
+    order = jnp.argsort(segment_ids, axis=1, stable=True)  # each id's positions, ascending
+    ids = jnp.take_along_axis(segment_ids, order, axis=1)
+    change = ids[:, 1:] != ids[:, :-1]
+    edge = jnp.ones((B, 1), bool)
+    at = jnp.arange(S, dtype=jnp.int32)
+    start = lax.cummax(jnp.where(jnp.concatenate([edge, change], 1), at, 0), axis=1)
+    end = lax.cummin(jnp.where(jnp.concatenate([change, edge], 1), at, S - 1), 1, reverse=True)
+    rows = jnp.arange(B)[:, None]
+    back = lambda sorted_: jnp.zeros_like(order).at[rows, order].set(sorted_)
+    first = back(jnp.take_along_axis(order, start, axis=1))
+    last = back(jnp.take_along_axis(order, end, axis=1))
+    return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
+def live_pairs(pairs: np.ndarray, seg: jax.Array, bq: int, bkv: int):
+    """The ``pairs`` (from :func:`block_pairs`) whose key block meets, in some row of ``seg``,
+    the documents of the query block's real tokens: ``(order, count)``, ``pairs[order[:count]]``
+    being those, in their order (the rest follow, never visited)."""
+    B, S = seg.shape
+    first, last = segment_spans(seg)
+    real = (seg != 0).reshape(B, S // bq, bq)
+    lo = jnp.min(jnp.where(real, first.reshape(real.shape), S), axis=2)  # (B, query blocks)
+    hi = jnp.max(jnp.where(real, last.reshape(real.shape), -1), axis=2)
+    i, j = pairs[:, 0], pairs[:, 1]
+    live = jnp.any((lo[:, i] <= (j + 1) * bkv - 1) & (hi[:, i] >= j * bkv), axis=0)
+    order = jnp.argsort(~live, stable=True).astype(jnp.int32)
+    return order, jnp.sum(live, dtype=jnp.int32)
+
+
+def _walk(step, init, pairs: np.ndarray, seg: jax.Array, bq: int, bkv: int):
+    """``step(carry, (i, j))`` over the live pairs, in order."""
+    order, count = live_pairs(pairs, seg, bq, bkv)
+    table = jnp.asarray(pairs)
+    return lax.fori_loop(0, count, lambda t, carry: step(carry, table[order[t]]), init)
+
+
+def _block_mask(i, j, seg, bq, bkv, causal, window):
     """Boolean ``(B, 1, 1, bq, bkv)`` for query block ``i`` and key block ``j``."""
-    qs = lax.dynamic_slice_in_dim(qseg, i * bq, bq, axis=1)  # (B, bq)
-    ks = lax.dynamic_slice_in_dim(kseg, j * bkv, bkv, axis=1)  # (B, bkv)
+    qs = lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # (B, bq)
+    ks = lax.dynamic_slice_in_dim(seg, j * bkv, bkv, axis=1)  # (B, bkv)
     ok = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)  # (B, bq, bkv)
     q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     k_idx = j * bkv + lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
@@ -74,7 +119,7 @@ def _add_at(acc, x, start, axis):
     return lax.dynamic_update_slice_in_dim(acc, old + x, start, axis)
 
 
-def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
+def _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap):
     """Returns ``o (B, KV, G, S, D)`` in ``q.dtype`` and ``lse (B, KV, G, S)`` float32."""
     B, KV, G, S, D = q.shape
     pairs = block_pairs(S // bq, k.shape[2] // bkv, bq, bkv, causal, window)
@@ -85,7 +130,7 @@ def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
         q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
         k_blk = lax.dynamic_slice_in_dim(k, j * bkv, bkv, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bkv, bkv, axis=2)
-        mask = _block_mask(i, j, qseg, kseg, bq, bkv, causal, window)
+        mask = _block_mask(i, j, seg, bq, bkv, causal, window)
         s = _scores(q_blk, k_blk, mask, scale, cap)
         m_prev = lax.dynamic_slice_in_dim(m, i * bq, bq, axis=3)
         d_prev = lax.dynamic_slice_in_dim(den, i * bq, bq, axis=3)
@@ -99,34 +144,37 @@ def _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
         acc = lax.dynamic_update_slice_in_dim(acc, alpha[..., None] * a_prev + pv, i * bq, axis=3)
         m = lax.dynamic_update_slice_in_dim(m, m_new, i * bq, axis=3)
         den = lax.dynamic_update_slice_in_dim(den, alpha * d_prev + jnp.sum(p, -1), i * bq, axis=3)
-        return (acc, m, den), None
+        return acc, m, den
 
     init = (
         jnp.zeros((B, KV, G, S, v.shape[-1]), jnp.float32),
         jnp.full((B, KV, G, S), _NEG, jnp.float32),
         jnp.zeros((B, KV, G, S), jnp.float32),
     )
-    (acc, m, den), _ = lax.scan(step, init, jnp.asarray(pairs))
-    # Every query block meets its diagonal block, so den >= 1 on every row.
-    valid = (qseg != 0)[:, None, None, :, None]
-    o = jnp.where(valid, acc / den[..., None], 0.0).astype(q.dtype)
-    return o, m + jnp.log(den)
+    acc, m, den = _walk(step, init, pairs, seg, bq, bkv)
+    # A query block with a real token meets its diagonal block, so den >= 1 on its rows; a block
+    # of padding alone visits nothing (den 0): its rows output 0, and no backward block reads
+    # their lse.
+    seen = den > 0
+    valid = (seg != 0)[:, None, None, :, None]
+    o = jnp.where(valid, acc / jnp.where(seen, den, 1)[..., None], 0.0).astype(q.dtype)
+    return o, jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1)), 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _flash(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
-    return _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _flash(q, k, v, seg, causal, window, scale, bq, bkv, cap):
+    return _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap)[0]
 
 
-def _flash_fwd(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap):
-    o, lse = _forward(q, k, v, qseg, kseg, causal, window, scale, bq, bkv, cap)
-    return o, (q, k, v, qseg, kseg, o, lse)
+def _flash_fwd(q, k, v, seg, causal, window, scale, bq, bkv, cap):
+    o, lse = _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap)
+    return o, (q, k, v, seg, o, lse)
 
 
 def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
-    q, k, v, qseg, kseg, o, lse = res
+    q, k, v, seg, o, lse = res
     pairs = block_pairs(q.shape[3] // bq, k.shape[2] // bkv, bq, bkv, causal, window)
-    do = jnp.where((qseg != 0)[:, None, None, :, None], do, 0)  # padding rows are constant 0
+    do = jnp.where((seg != 0)[:, None, None, :, None], do, 0)  # padding rows are constant 0
     # rowsum(P ⊙ dP) = rowsum(dO ⊙ O), once for all blocks
     delta = jnp.einsum("bkgsd,bkgsd->bkgs", do.astype(jnp.float32), o.astype(jnp.float32))
 
@@ -137,7 +185,7 @@ def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
         do_blk = lax.dynamic_slice_in_dim(do, i * bq, bq, axis=3)
         k_blk = lax.dynamic_slice_in_dim(k, j * bkv, bkv, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bkv, bkv, axis=2)
-        mask = _block_mask(i, j, qseg, kseg, bq, bkv, causal, window)
+        mask = _block_mask(i, j, seg, bq, bkv, causal, window)
         s = _scores(q_blk, k_blk, mask, scale, cap)
         lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
         p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)  # (B, KV, G, bq, bkv)
@@ -154,15 +202,15 @@ def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
         dk_j = jnp.einsum("bkgqt,bkgqd->bktd", ds, q_blk, preferred_element_type=f32)
         dq_i = jnp.einsum("bkgqt,bktd->bkgqd", ds, k_blk, preferred_element_type=f32)
         dq = _add_at(dq, dq_i, i * bq, axis=3)
-        return (dq, _add_at(dk, dk_j, j * bkv, axis=2), _add_at(dv, dv_j, j * bkv, axis=2)), None
+        return dq, _add_at(dk, dk_j, j * bkv, axis=2), _add_at(dv, dv_j, j * bkv, axis=2)
 
     init = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.zeros(k.shape, jnp.float32),
         jnp.zeros(v.shape, jnp.float32),
     )
-    (dq, dk, dv), _ = lax.scan(step, init, jnp.asarray(pairs))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    dq, dk, dv = _walk(step, init, pairs, seg, bq, bkv)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -209,5 +257,5 @@ def chunked_attention(
     S = q.shape[3]
     bq, bkv = min(block_q, _round_up(S, 8)), min(block_kv, _round_up(S, 8))
     q, k, v, seg = pad_sequence(q, k, v, segment_ids, int(np.lcm(bq, bkv)))
-    out = _flash(q, k, v, seg, seg, causal, sliding_window, scale, bq, bkv, softcap)
+    out = _flash(q, k, v, seg, causal, sliding_window, scale, bq, bkv, softcap)
     return out[:, :, :, :S]

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlora.kernels.attention_chunked import pad_sequence
+from jaxlora.kernels.attention_chunked import pad_sequence, segment_spans
 
 
 def _to_bshd(q: jax.Array) -> jax.Array:
@@ -132,25 +132,6 @@ def tile_rows(head_dim: int, dtype) -> int:
             f"{max(TILE_ROWS)} bytes); use impl='chunked'"
         )
     return TILE_ROWS[row]
-
-
-def segment_spans(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For each token of ``segment_ids (B, S)``, the first and the last position of its segment
-    (``(B, S)`` int32 each). Exact for any layout (a segment need not be one run of tokens):
-    positions are sorted by id, stably, each id's run read off, and the result put back."""
-    B, S = segment_ids.shape
-    order = jnp.argsort(segment_ids, axis=1, stable=True)  # each id's positions, ascending
-    ids = jnp.take_along_axis(segment_ids, order, axis=1)
-    change = ids[:, 1:] != ids[:, :-1]
-    edge = jnp.ones((B, 1), bool)
-    at = jnp.arange(S, dtype=jnp.int32)
-    start = lax.cummax(jnp.where(jnp.concatenate([edge, change], 1), at, 0), axis=1)
-    end = lax.cummin(jnp.where(jnp.concatenate([change, edge], 1), at, S - 1), 1, reverse=True)
-    rows = jnp.arange(B)[:, None]
-    back = lambda sorted_: jnp.zeros_like(order).at[rows, order].set(sorted_)
-    first = back(jnp.take_along_axis(order, start, axis=1))
-    last = back(jnp.take_along_axis(order, end, axis=1))
-    return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -232,7 +232,7 @@ def _layouts(S):
 
 
 def test_segment_spans_give_each_tokens_segment_ends():
-    from jaxlora.kernels.attention_gpu import segment_spans
+    from jaxlora.kernels.attention_chunked import segment_spans
 
     seg = np.asarray(_layouts(128))
     first, last = (np.asarray(x) for x in segment_spans(jnp.asarray(seg)))
@@ -246,7 +246,8 @@ def test_segment_spans_give_each_tokens_segment_ends():
 def test_pallas_gpu_skips_only_tiles_of_other_documents(causal, window):
     """With segments, the tiles a loop visits hold every visible pair; for documents packed
     one after another (causal, no window) they are exactly the tiles holding one."""
-    from jaxlora.kernels.attention_gpu import _Flash, segment_spans
+    from jaxlora.kernels.attention_chunked import segment_spans
+    from jaxlora.kernels.attention_gpu import _Flash
 
     f, tile, S = _Flash(1.0, causal, window, None, 16, 16, interpret=True), 16, 128
     n = S // tile
@@ -277,21 +278,55 @@ def test_pallas_gpu_skips_only_tiles_of_other_documents(causal, window):
             assert pairs.sum() < 0.5 * n * (n + 1) / 2
 
 
+@pytest.mark.parametrize("impl", ["pallas_gpu", "chunked"])
 @pytest.mark.parametrize("causal, window", [(True, None), (True, 20), (False, None)])
-def test_pallas_gpu_matches_eager_where_tiles_of_other_documents_are_skipped(causal, window):
+def test_flash_matches_eager_where_tiles_of_other_documents_are_skipped(impl, causal, window):
     """Short packed documents, left padding, and a document in two runs around tiles of
     padding alone (no key tile visited: output 0; reached by the dk, dv loop of its document's
-    keys with its log-sum-exp 0): forward and gradients equal eager."""
+    keys with its log-sum-exp 0): forward and gradients equal eager. Tiles of 16 (chunked:
+    16 query rows, 32 keys, so a key block spans two query blocks' documents)."""
     from jaxlora.kernels.attention_gpu import pallas_gpu_attention
 
     seg = _layouts(128)
     q, k, v, do, _ = _case(3, 2, 2, 128, 8, "packed")
     do = do * (seg != 0)[:, None, None, :, None]
     kw = dict(causal=causal, softcap=None)
-    fn = lambda q, k, v: pallas_gpu_attention(
-        q, k, v, seg, scale=8**-0.5, sliding_window=window, **kw, block=16, interpret=True
-    )
+    common = dict(scale=8**-0.5, sliding_window=window, **kw)
+    if impl == "pallas_gpu":
+        fn = lambda q, k, v: pallas_gpu_attention(q, k, v, seg, **common, block=16, interpret=True)
+    else:
+        fn = lambda q, k, v: chunked_attention(q, k, v, seg, **common, block_q=16, block_kv=32)
     _check_against_eager(fn, q, k, v, do, seg, window, **kw)
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 20), (False, None)])
+def test_chunked_walks_only_block_pairs_of_a_rows_own_documents(causal, window):
+    """The live pairs hold every pair with a visible entry in some row; with one row of
+    documents in one run each (causal, no window), exactly those; padding-only blocks none."""
+    from jaxlora.kernels.attention_chunked import live_pairs
+
+    S, bq, bkv = 128, 16, 32
+    pairs = block_pairs(S // bq, S // bkv, bq, bkv, causal, window)
+    seg = _layouts(S)
+    for rows in ([0], [1], [2], [0, 1, 2]):
+        s = np.asarray(seg[np.asarray(rows)])
+        q_i = np.arange(S)[:, None]
+        visible = (s[:, :, None] == s[:, None, :]) & (s[:, None, :] != 0)
+        if causal:
+            visible &= q_i >= np.arange(S)[None, :]
+        if window is not None:
+            visible &= np.arange(S)[None, :] > q_i - window
+        blocks = visible.reshape(len(rows), S // bq, bq, S // bkv, bkv).any(axis=(0, 2, 4))
+        order, count = live_pairs(pairs, jnp.asarray(s), bq, bkv)
+        live = {tuple(p) for p in pairs[np.asarray(order)[: int(count)]].tolist()}
+        want = {tuple(p) for p in pairs.tolist() if blocks[p[0], p[1]]}
+        assert want <= live, (rows, want - live)
+        assert np.all(np.diff(np.asarray(order)[: int(count)]) > 0)  # in the list's order
+        if causal and window is None and rows in ([0], [1]):
+            assert live == want, (rows, live - want)
+    if causal and window is None:  # the short documents of row 0: a band, not the triangle
+        order, count = live_pairs(pairs, seg[:1], bq, bkv)
+        assert int(count) < 0.6 * len(pairs)
 
 
 def _lowered_for(platform, impl, seq=256):

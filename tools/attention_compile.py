@@ -1,14 +1,18 @@
-"""Compile attention forward and backward for a GPU target from a machine without a GPU and
-print what the compiler reports (temporary bytes), per implementation and length.
+"""Compile attention forward and backward for a TPU or GPU target from a machine without one
+and print what the compiler reports (temporary bytes), per implementation and length.
 
-    python tools/attention_gpu_compile.py                              # h100-1, S 2048 and 8192
-    python tools/attention_gpu_compile.py --target l4-1 --seqs 4096 --window 4096
+    python tools/attention_compile.py                                  # h100-1, S 2048 and 8192
+    python tools/attention_compile.py --target l4-1 --seqs 4096 --window 4096
+    python tools/attention_compile.py --target tpu-v5e-1 --seqs 2048 8192 32768
 
-Compiles with jaxlora's toolchain (``jaxlora.targets``: the CUDA PJRT plugin and ptxas from the
-``aot`` extra, in the venv or in ``.aot-toolchain/``). Shapes: Llama-3-8B attention (32 query
-heads, 8 kv heads, head_dim 128, bf16, batch 1). The cuDNN path also needs cuDNN itself (JAX
-checks its version while tracing), which the toolchain does not carry: without it that row
-prints JAX's error.
+Compiles with jaxlora's toolchain (``jaxlora.targets``: libtpu, and the CUDA PJRT plugin and
+ptxas, from the ``aot`` extra, in the venv or in ``.aot-toolchain/``) for one device of the
+target. Shapes: Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16, batch 1).
+Implementations by default: the target platform's (TPU: eager, splash, chunked; GPU: cudnn,
+pallas_gpu, chunked, eager). The cuDNN path also needs cuDNN itself (JAX checks its version
+while tracing), which the toolchain does not carry: without it that row prints JAX's error. A
+compile that does not fit prints the compiler's message. The whole train step, for a target:
+``python -m jaxlora.plan``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 GiB = 2**30
+IMPLS = {"tpu": ["eager", "splash", "chunked"], "gpu": ["cudnn", "pallas_gpu", "chunked", "eager"]}
 
 
 def compile_temp(impl: str, seq: int, window: int | None, sharding) -> int:
@@ -51,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     from jaxlora import targets
     from jaxlora.targets.toolchain import add_side_directory
 
-    gpus = sorted(n for n, t in targets.TARGETS.items() if t.platform == "gpu")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--impls", nargs="+", default=["cudnn", "pallas_gpu", "chunked", "eager"])
+    p.add_argument("--impls", nargs="+", default=None, help="default: the platform's")
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--window", type=int, default=None, help="sliding window")
-    p.add_argument("--target", default="h100-1", choices=gpus)
+    p.add_argument("--target", default="h100-1", choices=sorted(targets.TARGETS))
     args = p.parse_args(argv)
+    impls = args.impls or IMPLS[targets.get_target(args.target).platform]
 
     from jax.sharding import SingleDeviceSharding
 
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     sharding = SingleDeviceSharding(device)
     window = "" if args.window is None else f", window {args.window}"
     print(f"target: {args.target} ({device.device_kind}), attention fwd+bwd{window}")
-    for impl in args.impls:
+    for impl in impls:
         for seq in args.seqs:
             try:
                 temp = compile_temp(impl, seq, args.window, sharding)
