@@ -197,7 +197,8 @@ class _Flash:
         hi = lax.div(jnp.max(jnp.where(real, last, -1)) + tile, tile)
         return lo, hi
 
-    def bounds(self, causal, segments):
+    @staticmethod
+    def bounds(causal, segments):
         """The loop over the tiles both ranges allow (empty when they do not meet)."""
         return lax.max(causal[0], segments[0]), lax.min(causal[1], segments[1])
 
