@@ -67,24 +67,32 @@ def segment_spans(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
+def document_range(seg, first, last):
+    """The first and last position (over the last axis) of the documents the real tokens of
+    ``seg`` belong to (``first``/``last``: :func:`segment_spans` of the same tokens). Tokens of
+    padding alone give an empty range (int32's maximum, -1). Plain jnp: the Pallas GPU kernels
+    call it on one tile's ids, :func:`live_pairs` on every block's at once."""
+    real = seg != 0
+    lo = jnp.min(jnp.where(real, first, jnp.iinfo(jnp.int32).max), axis=-1)
+    return lo, jnp.max(jnp.where(real, last, -1), axis=-1)
+
+
 def live_pairs(pairs: np.ndarray, seg: jax.Array, bq: int, bkv: int):
     """The ``pairs`` (from :func:`block_pairs`) whose key block meets, in some row of ``seg``,
     the documents of the query block's real tokens: ``(order, count)``, ``pairs[order[:count]]``
     being those, in their order (the rest follow, never visited)."""
     B, S = seg.shape
-    first, last = segment_spans(seg)
-    real = (seg != 0).reshape(B, S // bq, bq)
-    lo = jnp.min(jnp.where(real, first.reshape(real.shape), S), axis=2)  # (B, query blocks)
-    hi = jnp.max(jnp.where(real, last.reshape(real.shape), -1), axis=2)
+    blocks = lambda x: x.reshape(B, S // bq, bq)
+    lo, hi = document_range(*map(blocks, (seg, *segment_spans(seg))))  # (B, query blocks)
     i, j = pairs[:, 0], pairs[:, 1]
     live = jnp.any((lo[:, i] <= (j + 1) * bkv - 1) & (hi[:, i] >= j * bkv), axis=0)
     order = jnp.argsort(~live, stable=True).astype(jnp.int32)
     return order, jnp.sum(live, dtype=jnp.int32)
 
 
-def _walk(step, init, pairs: np.ndarray, seg: jax.Array, bq: int, bkv: int):
-    """``step(carry, (i, j))`` over the live pairs, in order."""
-    order, count = live_pairs(pairs, seg, bq, bkv)
+def _walk(step, init, pairs: np.ndarray, live):
+    """``step(carry, (i, j))`` over the live pairs (``live``: :func:`live_pairs`), in order."""
+    order, count = live
     table = jnp.asarray(pairs)
     return lax.fori_loop(0, count, lambda t, carry: step(carry, table[order[t]]), init)
 
@@ -120,9 +128,11 @@ def _add_at(acc, x, start, axis):
 
 
 def _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap):
-    """Returns ``o (B, KV, G, S, D)`` in ``q.dtype`` and ``lse (B, KV, G, S)`` float32."""
+    """Returns ``o (B, KV, G, S, D)`` in ``q.dtype``, ``lse (B, KV, G, S)`` float32 and the
+    live block pairs walked (:func:`live_pairs`; the backward walks the same)."""
     B, KV, G, S, D = q.shape
     pairs = block_pairs(S // bq, k.shape[2] // bkv, bq, bkv, causal, window)
+    live = live_pairs(pairs, seg, bq, bkv)
 
     def step(carry, ij):
         acc, m, den = carry
@@ -151,14 +161,14 @@ def _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap):
         jnp.full((B, KV, G, S), _NEG, jnp.float32),
         jnp.zeros((B, KV, G, S), jnp.float32),
     )
-    acc, m, den = _walk(step, init, pairs, seg, bq, bkv)
+    acc, m, den = _walk(step, init, pairs, live)
     # A query block with a real token meets its diagonal block, so den >= 1 on its rows; a block
     # of padding alone visits nothing (den 0): its rows output 0, and no backward block reads
     # their lse.
     seen = den > 0
     valid = (seg != 0)[:, None, None, :, None]
     o = jnp.where(valid, acc / jnp.where(seen, den, 1)[..., None], 0.0).astype(q.dtype)
-    return o, jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1)), 0.0)
+    return o, jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1)), 0.0), live
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
@@ -167,12 +177,12 @@ def _flash(q, k, v, seg, causal, window, scale, bq, bkv, cap):
 
 
 def _flash_fwd(q, k, v, seg, causal, window, scale, bq, bkv, cap):
-    o, lse = _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap)
-    return o, (q, k, v, seg, o, lse)
+    o, lse, live = _forward(q, k, v, seg, causal, window, scale, bq, bkv, cap)
+    return o, (q, k, v, seg, o, lse, live)
 
 
 def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
-    q, k, v, seg, o, lse = res
+    q, k, v, seg, o, lse, live = res
     pairs = block_pairs(q.shape[3] // bq, k.shape[2] // bkv, bq, bkv, causal, window)
     do = jnp.where((seg != 0)[:, None, None, :, None], do, 0)  # padding rows are constant 0
     # rowsum(P ⊙ dP) = rowsum(dO ⊙ O), once for all blocks
@@ -209,7 +219,7 @@ def _flash_bwd(causal, window, scale, bq, bkv, cap, res, do):
         jnp.zeros(k.shape, jnp.float32),
         jnp.zeros(v.shape, jnp.float32),
     )
-    dq, dk, dv = _walk(step, init, pairs, seg, bq, bkv)
+    dq, dk, dv = _walk(step, init, pairs, live)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlora.kernels.attention_chunked import pad_sequence, segment_spans
+from jaxlora.kernels.attention_chunked import document_range, pad_sequence, segment_spans
 
 
 def _to_bshd(q: jax.Array) -> jax.Array:
@@ -192,10 +192,8 @@ class _Flash:
         ``seg`` tokens (one tile's ids, ``first``/``last``: their segments' ends, from
         :func:`segment_spans`). Padding (segment 0) sees and is seen by nothing: a tile of
         padding alone gives an empty range."""
-        real = seg != 0
-        lo = lax.div(jnp.min(jnp.where(real, first, n_tiles * tile)), tile)
-        hi = lax.div(jnp.max(jnp.where(real, last, -1)) + tile, tile)
-        return lo, hi
+        lo, hi = document_range(seg, first, last)
+        return lax.div(lo, tile), lax.div(hi + tile, tile)
 
     @staticmethod
     def bounds(causal, segments):
@@ -332,7 +330,7 @@ def _params(f: _Flash, head_dim: int, backward: bool):
     return plgpu.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _forward(q, k, v, seg, f: _Flash):
+def _forward(q, k, v, seg, spans, f: _Flash):
     B, KV, G, S, D = q.shape
     bq = f.block
     q_spec = pl.BlockSpec((None, None, None, bq, D), lambda i, b, h: (b, h // G, h % G, i, 0))
@@ -351,14 +349,13 @@ def _forward(q, k, v, seg, f: _Flash):
         compiler_params=_params(f, D, backward=False),
         interpret=f.interpret,
         name="flash_fwd",
-    )(q, k, v, seg, *segment_spans(seg))
+    )(q, k, v, seg, *spans)
 
 
-def _backward(q, k, v, seg, o, lse, do, f: _Flash):
+def _backward(q, k, v, seg, spans, o, lse, do, f: _Flash):
     B, KV, G, S, D = q.shape
     b = f.block_bwd
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (B, KV, G, S)
-    spans = segment_spans(seg)
     row_spec = pl.BlockSpec((None, None, None, b, D), lambda i, n, h: (n, h // G, h % G, i, 0))
     kv_spec = pl.BlockSpec((None, None, S, D), lambda i, n, h: (n, h // G, 0, 0))
     seg_spec = pl.BlockSpec((None, S), lambda i, n, h: (n, 0))
@@ -412,17 +409,18 @@ def _backward(q, k, v, seg, o, lse, do, f: _Flash):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, seg, f: _Flash):
-    return _forward(q, k, v, seg, f)[0]
+    return _forward(q, k, v, seg, segment_spans(seg), f)[0]
 
 
 def _flash_fwd(q, k, v, seg, f: _Flash):
-    o, lse = _forward(q, k, v, seg, f)
-    return o, (q, k, v, seg, o, lse)
+    spans = segment_spans(seg)  # the backward's loops are bounded by the same documents
+    o, lse = _forward(q, k, v, seg, spans, f)
+    return o, (q, k, v, seg, spans, o, lse)
 
 
 def _flash_bwd(f: _Flash, res, do):
-    q, k, v, seg, o, lse = res
-    return (*_backward(q, k, v, seg, o, lse, do, f), None)
+    q, k, v, seg, spans, o, lse = res
+    return (*_backward(q, k, v, seg, spans, o, lse, do, f), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
