@@ -5,10 +5,10 @@
 
 Same model (``tools/bench_common.py``'s shape, default ``tiny``: 4 layers, hidden 256, 4 query
 and 2 kv heads of 64), same LoRA (r 16, all-linear, random B), same packed batch (``--docs``
-documents a row, default three), same jitted ``jaxlora.step.make_train_step``; only
-``attn_impl`` differs. The implementations run alternately, round after round, so a machine shared with other work slows
-them alike (host allocator tuned as the train CLI tunes it). Printed: median and minimum wall
-time and median process CPU time per step.
+documents a row, default three), same jitted ``jaxlora.training.step.make_train_step``; only
+``attn_impl`` differs. The implementations run alternately, round after round, so a machine
+shared with other work slows them alike (host allocator tuned as the train CLI tunes it).
+Printed: median and minimum wall time and median process CPU time per step.
 tools/bench_train.py (``--jax-attn``) compares one of them with PEFT instead.
 """
 
