@@ -1,7 +1,8 @@
 """Flash attention in plain JAX: online softmax over key blocks, memory linear in the length.
 
 The same algorithm as FlashAttention-2 (Dao 2023, arXiv:2307.08691, Algorithms 1 and 2), written
-with ``lax.scan`` so it runs on any backend (it is the CPU path; TPU and GPU have real kernels).
+with a ``lax.fori_loop`` over block pairs so it runs on any backend (it is the CPU path; TPU and
+GPU have real kernels).
 The forward keeps, per query row, a running maximum ``m``, normaliser ``l`` and unnormalised
 output; the backward recomputes each block's probabilities from the stored logsumexp
 ``lse = m + log l`` and uses ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``. Nothing ``[S, T]``-sized is ever
@@ -122,7 +123,7 @@ def _scores(q_blk, k_blk, mask, scale, cap):
 
 
 def _add_at(acc, x, start, axis):
-    """``acc[..., start : start + n, ...] += x`` along ``axis`` (in place inside a scan)."""
+    """``acc[..., start : start + n, ...] += x`` along ``axis`` (in place inside the loop)."""
     old = lax.dynamic_slice_in_dim(acc, start, x.shape[axis], axis)
     return lax.dynamic_update_slice_in_dim(acc, old + x, start, axis)
 
