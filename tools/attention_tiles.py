@@ -61,7 +61,7 @@ def visited(seg, tile: int, window: int | None) -> tuple[int, int]:
     for b in range(B):
         for i in range(n):
             at = slice(i * tile, (i + 1) * tile)
-            spans = f.segment_tiles(seg[b, at], first[b, at], last[b, at], tile, n)
+            spans = f.segment_tiles(seg[b, at], first[b, at], last[b, at], tile)
             lo, hi = f.bounds(f.key_tiles(i * tile, tile, tile, n), spans)
             got += max(int(hi) - int(lo), 0)
     return got, B * n * (n + 1) // 2

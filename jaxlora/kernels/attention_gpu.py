@@ -187,7 +187,7 @@ class _Flash:
         return lo, hi
 
     @staticmethod
-    def segment_tiles(seg, first, last, tile: int, n_tiles: int):
+    def segment_tiles(seg, first, last, tile: int):
         """Tiles ``[lo, hi)`` (of ``tile`` tokens) that hold a token of a segment of the
         ``seg`` tokens (one tile's ids, ``first``/``last``: their segments' ends, from
         :func:`segment_spans`). Padding (segment 0) sees and is seen by nothing: a tile of
@@ -225,7 +225,7 @@ def _forward_kernel(
 
     lo, hi = f.bounds(
         f.key_tiles(i * bq, bq, bk, S // bk),
-        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk, S // bk),
+        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk),
     )
     init = (
         jnp.zeros((bq, D), jnp.float32),
@@ -263,7 +263,7 @@ def _dq_kernel(
 
     lo, hi = f.bounds(
         f.key_tiles(i * bq, bq, bk, S // bk),
-        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk, S // bk),
+        f.segment_tiles(q_seg, first_ref[mine], last_ref[mine], bk),
     )
     dq = lax.fori_loop(lo, hi, body, jnp.zeros((bq, D), jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -293,7 +293,7 @@ def _dkv_kernel(
     kv_seg = seg_ref[mine]
     lo, hi = f.bounds(
         f.query_tiles(j * bk, bk, bq, S // bq),
-        f.segment_tiles(kv_seg, first_ref[mine], last_ref[mine], bq, S // bq),
+        f.segment_tiles(kv_seg, first_ref[mine], last_ref[mine], bq),
     )
 
     def head(g, carry):

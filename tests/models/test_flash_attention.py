@@ -265,10 +265,8 @@ def test_pallas_gpu_skips_only_tiles_of_other_documents(causal, window):
         for i in range(n):
             at = slice(i * tile, (i + 1) * tile)
             ends = seg[b, at], first[b, at], last[b, at]
-            keys = f.bounds(f.key_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile, n))
-            queries = f.bounds(
-                f.query_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile, n)
-            )
+            keys = f.bounds(f.key_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile))
+            queries = f.bounds(f.query_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile))
             for (lo, hi), want in [(keys, pairs[i]), (queries, pairs[:, i])]:
                 got = set(range(int(lo), int(hi)))
                 assert set(np.flatnonzero(want)) <= got, (b, i, lo, hi)
