@@ -264,9 +264,9 @@ def test_pallas_gpu_skips_only_tiles_of_other_documents(causal, window):
         pairs = visible.reshape(n, tile, n, tile).any(axis=(1, 3))  # [query tile, key tile]
         for i in range(n):
             at = slice(i * tile, (i + 1) * tile)
-            ends = seg[b, at], first[b, at], last[b, at]
-            keys = f.bounds(f.key_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile))
-            queries = f.bounds(f.query_tiles(i * tile, tile, tile, n), f.segment_tiles(*ends, tile))
+            spans = f.segment_tiles(seg[b, at], first[b, at], last[b, at], tile)
+            keys = f.bounds(f.key_tiles(i * tile, tile, tile, n), spans)
+            queries = f.bounds(f.query_tiles(i * tile, tile, tile, n), spans)
             for (lo, hi), want in [(keys, pairs[i]), (queries, pairs[:, i])]:
                 got = set(range(int(lo), int(hi)))
                 assert set(np.flatnonzero(want)) <= got, (b, i, lo, hi)
