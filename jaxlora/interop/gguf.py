@@ -307,11 +307,7 @@ def _check_architecture(config: LlamaConfig, context_length: int) -> None:
             "context is computed with the long factors (docs/interop.md)",
             config.rope_scaling.original_max_position_embeddings,
         )
-    if getattr(config, "rope_type", "default") == "llama3" and not arch_spec(config).rope_freqs:
-        raise GGUFError(
-            f"GGUF export: rope_type='llama3' on model_type={config.model_type!r} has no "
-            "llama.cpp equivalent"
-        )
+    _check_rope(config)
     windows = sorted({s for s in config.sliding_windows if s is not None})
     if windows and windows[0] < context_length and arch_spec(config).swa_period is None:
         log.warning(
@@ -319,6 +315,24 @@ def _check_architecture(config: LlamaConfig, context_length: int) -> None:
             "of %s tokens this model has: outputs differ beyond the window",
             config.model_type,
             windows,
+        )
+
+
+def _check_rope(config: LlamaConfig) -> None:
+    """Refuse a RoPE scaling the file would not carry: llama.cpp reads an unwritten one as
+    plain RoPE and computes other logits. Written: linear (a key), Llama 3.1's (the
+    ``rope_freqs`` tensor, on the architectures that read it) and Phi-3's LongRoPE (factor
+    tensors). YaRN, dynamic NTK and LongRoPE outside Phi-3 are refused: not yet checked
+    against llama.cpp."""
+    kind, rope = config.model_type, getattr(config, "rope_type", "default")
+    written = ["default", "linear"]
+    written += ["llama3"] if arch_spec(config).rope_freqs else []
+    written += ["longrope"] if kind == "phi3" else []
+    if rope not in written:
+        raise GGUFError(
+            f"GGUF export: rope_type={rope!r} on model_type={kind!r} is not written to GGUF "
+            f"(llama.cpp would read the file as plain RoPE; written: {', '.join(written)}); "
+            "export format=merged or format=peft for this model"
         )
 
 
@@ -478,13 +492,14 @@ def _tokenizer(tokenizer: Any, vocab_size: int) -> Callable[[gguf.GGUFWriter], N
     if model.get("type") != "BPE":
         raise GGUFError(
             f"GGUF export: tokenizer model {model.get('type')!r} is not supported "
-            "(supported: byte-level BPE, as Llama 3 and Qwen have)"
+            "(supported: BPE, byte-level as Llama 3 and Qwen have or SentencePiece-style with "
+            "byte fallback as Llama 2 and Mistral have)"
         )
-    if model.get("byte_fallback"):
-        return _spm_tokenizer(tokenizer, tok_json, vocab_size)
     largest = max(tokenizer.get_vocab().values())
     if largest >= vocab_size:
         raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
+    if model.get("byte_fallback"):
+        return _spm_tokenizer(tokenizer, tok_json, vocab_size)
     pre = pre_tokenizer(tok_json)
     tokens, types = _bpe_vocab(tokenizer, vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -593,9 +608,6 @@ def _spm_tokenizer(
     tokenizer: Any, tok_json: dict, vocab_size: int
 ) -> Callable[[gguf.GGUFWriter], None]:
     """The ``llama`` (SentencePiece) tokenizer's keys; see :func:`_spm_vocab`."""
-    largest = max(tokenizer.get_vocab().values())
-    if largest >= vocab_size:
-        raise GGUFError(f"GGUF export: token id {largest} >= the model's vocab_size {vocab_size}")
     tokens, scores, types = _spm_vocab(tokenizer, tok_json, vocab_size)
     space_prefix = _add_space_prefix(tok_json)
     with tempfile.TemporaryDirectory() as tmp:
@@ -628,6 +640,7 @@ class GGUFFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        writer = None
         try:
             writer = gguf.GGUFWriter(tmp, self.arch)
             self.fill(writer)
@@ -637,6 +650,8 @@ class GGUFFile:
             writer.close()
             os.replace(tmp, path)
         except BaseException:
+            if writer is not None:
+                writer.close()  # the open handle on the file about to go
             Path(tmp).unlink(missing_ok=True)
             raise
         return path

@@ -11,6 +11,7 @@ data, and how to load it. Everything up to the upload is built and checked local
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,8 @@ from huggingface_hub import HfApi, try_to_load_from_cache
 
 from jaxlora.config import Config
 from jaxlora.config.recipe import to_yaml
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS",
@@ -65,13 +68,21 @@ def hub_id(path: str | None) -> str | None:
 
 
 def _front_matter(text: str) -> dict[str, Any]:
+    """A model card's YAML metadata; ``{}`` when it has none, or none that parses to a mapping
+    (the base's card is read for its license only: a malformed one must not stop an upload)."""
     match = re.match(r"---\n(.*?)\n---\n", text, re.S)
-    return (yaml.safe_load(match.group(1)) or {}) if match else {}
+    try:
+        meta = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError as e:
+        log.warning("the base model's card has malformed metadata (%s): license unknown", e)
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def base_license(cfg: Config) -> str | None:
-    """The base model's license from its own model card, where it is on this machine (a local
-    base's ``README.md``, or the Hub's copy in the local cache); ``None`` when unknown."""
+def base_license(cfg: Config) -> dict[str, str]:
+    """The base model's license fields from its own model card, where it is on this machine (a
+    local base's ``README.md``, or the Hub's copy in the local cache): ``license``, and the
+    ``license_name`` / ``license_link`` a ``license: other`` comes with; ``{}`` when unknown."""
     repo = hub_id(cfg.model.path)
     if repo is None:
         card = Path(cfg.model.path).expanduser() / "README.md"
@@ -79,8 +90,11 @@ def base_license(cfg: Config) -> str | None:
         cached = try_to_load_from_cache(repo, "README.md", revision=cfg.model.revision)
         card = Path(cached) if isinstance(cached, str) else None
     if card is None or not card.is_file():
-        return None
-    return _front_matter(card.read_text()).get("license")
+        return {}
+    meta = _front_matter(card.read_text())
+    if not meta.get("license"):
+        return {}
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -89,14 +103,16 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _results(run_dir: Path, step: int) -> list[str]:
+def _results(run_dir: Path, step: int, steps_run: int) -> list[str]:
     """The card's held-out numbers: report.json (before training and after the run's last
-    step) and the last eval loss metrics.jsonl holds at or before the exported step."""
+    step, so labelled with that step when an earlier one is exported) and the last eval loss
+    metrics.jsonl holds at or before the exported step."""
     lines = []
     report_path = run_dir / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
-        lines += ["| measure | before training | after training |", "| --- | --- | --- |"]
+        after = "after training" if step == steps_run else f"after step {steps_run} (not this one)"
+        lines += [f"| measure | before training | {after} |", "| --- | --- | --- |"]
         for key, name in (("eval_loss", "eval loss"), ("exact_match", "exact match")):
             before, after = report["before"].get(key), report["after"].get(key)
             if before is not None:
@@ -116,11 +132,19 @@ def vllm_max_lora_rank(cfg: Config) -> int | None:
 
 
 def _vllm(fmt: str, repo: str, base: str, cfg: Config) -> list[str]:
-    """The card's vLLM line: the merged model as is, an adapter with ``--enable-lora``."""
+    """The card's vLLM line: the merged model as is, an adapter with ``--enable-lora`` (the
+    merged model instead where vLLM's PEFTHelper refuses the adapter: DoRA, modules_to_save,
+    biases; or would serve it on the original base where PiSSA / LoftQ changed it)."""
     if fmt == "merged":
         return ["", f"vLLM: `vllm serve {repo}`"]
     if fmt != "peft":
         return []
+    lo = cfg.lora
+    refused = [("DoRA", lo.use_dora), ("modules_to_save", lo.modules_to_save)]
+    refused += [(f"bias={lo.bias!r}", lo.bias != "none")]
+    refused += [(f"init={lo.init!r} (a changed base)", lo.init == "loftq" or "pissa" in lo.init)]
+    if named := [name for name, on in refused if on]:
+        return ["", f"vLLM cannot serve this adapter ({', '.join(named)}): serve the merged model."]
     rank = vllm_max_lora_rank(cfg)
     if rank is None:
         return ["", "vLLM takes adapters up to rank 512: serve the merged model instead."]
@@ -183,8 +207,7 @@ def card_metadata(cfg: Config, fmt: str) -> dict[str, Any]:
     meta["tags"] = ["jaxlora", "lora", *(["qlora"] if quantized else []), *format_tags]
     if dataset:
         meta["datasets"] = [dataset]
-    if license_ := base_license(cfg):
-        meta["license"] = license_
+    meta |= base_license(cfg)
     return meta
 
 
@@ -263,7 +286,7 @@ def model_card(
         "",
         "## Held-out results",
         "",
-        *_results(run_dir, step),
+        *_results(run_dir, step, steps_run),
         "",
         "## How to use",
         "",

@@ -9,7 +9,7 @@ A PEFT LoRA adapter (peft 0.21.2, ``PeftModel.save_pretrained``) is ``adapter_co
 * ``modules_to_save``: every parameter of the module under its plain name (``lm_head.weight``).
 
 Keys and config fields were read off ``peft/utils/save_and_load.py`` and checked against what
-PEFT writes (tests/test_peft_parity.py compares the key sets).
+PEFT writes (tests/interop/test_peft_parity.py compares the key sets).
 """
 
 from __future__ import annotations

@@ -137,6 +137,8 @@ def config_from_peft(d: Mapping[str, Any]) -> LoraConfig:
     """Parse an ``adapter_config.json`` dict into a :class:`LoraConfig`, refusing by name every
     PEFT feature jaxlora does not implement and every field it does not know."""
     where = "adapter_config.json"
+    if not isinstance(d, Mapping):
+        raise UnsupportedAdapterError(f"{where}: a JSON {type(d).__name__}, not an object")
     if d.get("peft_type") != "LORA":
         raise UnsupportedAdapterError(
             f"{where}: peft_type={d.get('peft_type')!r}; jaxlora reads LoRA adapters only"

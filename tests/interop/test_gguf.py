@@ -501,6 +501,55 @@ def test_bad_input_is_refused_and_nothing_is_written(model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_tokenizer_llama_cpp_cannot_read_is_refused():
+    """A token id past the embedding (either BPE kind), and a tokenizer model that is not BPE."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    for tok in (make_tokenizer(), make_spm_tokenizer()):
+        largest = max(tok.get_vocab().values())
+        with pytest.raises(jgguf.GGUFError, match=f"token id {largest} >= .* vocab_size {largest}"):
+            jgguf._tokenizer(tok, largest)
+        jgguf._tokenizer(tok, largest + 1)
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(jgguf.GGUFError, match="'WordLevel' is not supported.*byte fallback"):
+        jgguf._tokenizer(PreTrainedTokenizerFast(tokenizer_object=word), 2)
+
+
+_YARN = {"factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize(
+    "model_type, rope, written",
+    [
+        ("qwen2", {"rope_type": "yarn", **_YARN}, "default, linear"),
+        ("llama", {"rope_type": "yarn", **_YARN}, "default, linear, llama3"),
+        ("llama", {"rope_type": "dynamic", "factor": 2.0}, "default, linear, llama3"),
+        ("qwen2", {"rope_type": "llama3"}, "default, linear"),
+    ],
+)
+def test_rope_scaling_the_file_would_not_carry_is_refused(
+    model, tmp_path, model_type, rope, written
+):
+    """llama.cpp reads a GGUF without scaling keys as plain RoPE: a YaRN / dynamic model, or
+    Llama 3.1 scaling on an architecture without ``rope_freqs``, is refused, not written."""
+    from jaxlora.models.config import LlamaConfig
+
+    hf = model.config.to_hf() | {"model_type": model_type, "max_position_embeddings": 128}
+    del hf["architectures"]  # the model type's own
+    if rope["rope_type"] == "llama3":
+        rope = hf["rope_parameters"]
+    else:
+        rope = {"rope_theta": model.config.rope_theta, **rope}
+    config = LlamaConfig.from_hf(hf | {"rope_parameters": rope})
+    assert config.rope_type == rope["rope_type"]
+    m = model.replace(config=config)
+    kind = re.escape(f"rope_type={rope['rope_type']!r} on model_type={model_type!r}")
+    with pytest.raises(jgguf.GGUFError, match=f"{kind} is not written.*written: {written}\\)"):
+        export_gguf(m, tmp_path / "m.gguf", CONTEXT, "f16", separate=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- SentencePiece-style tokenizers ----------------------------------------------------------------
 
 
@@ -748,6 +797,19 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         jgguf.GGUFFile("llama", fill).write(tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+    # failing once the file is open: its handle is closed, the file removed
+    writers = []
+
+    def fill_tensor(w):
+        writers.append(w)
+        w.add_tensor("t", np.zeros(4, np.float32))
+
+    with (
+        mock.patch.object(gguf.GGUFWriter, "write_tensors_to_file", side_effect=OSError("full")),
+        pytest.raises(OSError, match="full"),
+    ):
+        jgguf.GGUFFile("llama", fill_tensor).write(tmp_path / "m.gguf")
+    assert writers[0].fout is None and list(tmp_path.iterdir()) == []
 
 
 # ---- llama.cpp itself ----------------------------------------------------------------------------

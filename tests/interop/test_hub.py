@@ -43,6 +43,16 @@ def test_local_base_and_data_stay_out_of_the_metadata_but_the_license_is_read(tm
     meta = _front_matter(hub.model_card(cfg, "peft", 3, tmp_path, "me/tuned"))
     assert meta["license"] == "apache-2.0"
     assert "base_model" not in meta and "datasets" not in meta  # not Hub ids
+    # license: other comes with its name and link (as Qwen's and Llama's cards have them)
+    other = "license: other\nlicense_name: qwen-research\nlicense_link: https://x/LICENSE\n"
+    (base / "README.md").write_text(f"---\n{other}---\n# base\n")
+    meta = _front_matter(hub.model_card(cfg, "peft", 3, tmp_path, "me/tuned"))
+    assert (meta["license"], meta["license_name"]) == ("other", "qwen-research")
+    assert meta["license_link"] == "https://x/LICENSE"
+    # malformed or non-mapping metadata: license unknown, the card is still written
+    for bad in ("license: [apache\n", "- a list\n"):
+        (base / "README.md").write_text(f"---\n{bad}---\n# base\n")
+        assert "license" not in _front_matter(hub.model_card(cfg, "peft", 3, tmp_path, "me/t"))
 
 
 def test_a_single_file_export_is_uploaded_from_a_folder_beside_it(tmp_path):
@@ -120,3 +130,32 @@ def test_vllm_max_lora_rank_is_the_smallest_choice_holding_the_rank(ranks, expec
     big = load_config("demo", ["lora.r=8", "lora.rank_pattern.q_proj=513"])
     card = hub.model_card(big, "peft", 1, tmp_path, "me/big")
     assert "--enable-lora" not in card and "serve the merged model instead" in card
+
+
+def test_the_card_labels_the_reports_step_and_names_what_vllm_refuses(tmp_path):
+    """report.json holds the run's last step: exporting an earlier one labels its column with
+    that step. An adapter vLLM's PEFTHelper refuses gets the merged model's advice, not a
+    serve command that fails."""
+    import json
+
+    (tmp_path / "report.json").write_text(
+        json.dumps({"before": {"eval_loss": 2.0}, "after": {"eval_loss": 0.5}})
+    )
+    rows = [{"step": 100, "eval_loss": 1.7}, {"step": 1000, "eval_loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("demo", [])
+    card = hub.model_card(cfg, "peft", 100, tmp_path, "me/tuned")
+    assert "| measure | before training | after step 1000 (not this one) |" in card
+    assert "| eval loss | 2.0000 | 0.5000 |" in card and "Eval loss at step 100: 1.7000." in card
+    card = hub.model_card(cfg, "peft", 1000, tmp_path, "me/tuned")
+    assert "| measure | before training | after training |" in card
+    assert "--enable-lora" in card
+    for override, named in [
+        ("lora.use_dora=true", "DoRA"),
+        ("lora.modules_to_save=[lm_head]", "modules_to_save"),
+        ("lora.bias=all", "bias='all'"),
+        ("lora.init=pissa", "init='pissa' (a changed base)"),
+    ]:
+        card = hub.model_card(load_config("demo", [override]), "peft", 3, tmp_path, "me/tuned")
+        assert f"vLLM cannot serve this adapter ({named}): serve the merged model." in card, card
+        assert "--enable-lora" not in card

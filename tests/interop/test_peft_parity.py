@@ -403,6 +403,10 @@ def test_unsupported_adapters_are_refused_clearly(bases, tmp_path):
     (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"\x80")
     with pytest.raises(UnsupportedAdapterError, match="pickled"):
         base.load_adapter(tmp_path / "bin")
+    # Valid JSON that is not an object.
+    (tmp_path / "bin" / "adapter_config.json").write_text("[1]")
+    with pytest.raises(UnsupportedAdapterError, match="adapter_config.json: a JSON list, not an"):
+        base.load_adapter(tmp_path / "bin")
     # A different PEFT method.
     peft.get_peft_model(
         make_hf_model("llama2_mha"), peft.IA3Config(task_type="CAUSAL_LM")
