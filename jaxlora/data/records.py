@@ -1,12 +1,15 @@
 """Records in: local JSON / JSON Lines / CSV / parquet files, directories of them, or hub
 datasets, all through ``datasets.load_dataset``, each record checked for ``data.format``.
 
-JSON files are first checked line by line, so a bad record is reported as
-``path:LINE: what is wrong``; other sources are checked record by record after loading.
+JSON files are first checked line by line (streamed ones too, before the stream opens), so a
+bad record is reported as ``path:LINE: what is wrong``; other sources are checked record by
+record after loading. A CSV file's columns are read as the text they hold (CSV has no types:
+pandas would make ``5`` an int and ``NA`` or ``None`` a missing value).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -63,10 +66,30 @@ def check_record(rec: Any, cfg: DataConfig) -> str | None:
     return None
 
 
+def check_local_files(files: list[Path], cfg: DataConfig) -> None:
+    """Check each local JSON / JSON Lines file before ``datasets`` reads it (whose errors name
+    neither file nor line)."""
+    for f in files:
+        if f.suffix in (".json", ".jsonl"):
+            _check_json_file(f, cfg)
+
+
+def _is_json_array(path: Path) -> bool:
+    if path.suffix != ".json":
+        return False
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith("[")
+    return False
+
+
 def _check_json_file(path: Path, cfg: DataConfig) -> None:
-    """Validate JSON Lines (or a ``.json`` array) record by record: ``path:LINE: problem``."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of records
+    """Validate JSON Lines (or a ``.json`` array) record by record: ``path:LINE: problem``.
+    Lines end at ``\n`` alone (``\r\n`` too), not at the U+2028 / U+0085 a JSON string may hold
+    raw; a JSON Lines file is read a line at a time."""
+    if _is_json_array(path):  # one JSON array of records
+        text = path.read_text(encoding="utf-8")
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -81,28 +104,38 @@ def _check_json_file(path: Path, cfg: DataConfig) -> None:
         count = len(records)
     else:
         count = 0
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
-                ) from None
-            if problem := check_record(rec, cfg):
-                raise DataError(f"{path}:{lineno}: {problem}")
-            count += 1
+        with path.open(encoding="utf-8", newline="") as f:
+            for lineno, line in enumerate(_lines(f), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
+                    ) from None
+                if problem := check_record(rec, cfg):
+                    raise DataError(f"{path}:{lineno}: {problem}")
+                count += 1
     if count == 0:
         raise DataError(f"{path}: the file holds no records")
+
+
+def _lines(f: Any) -> Any:
+    """A file opened with ``newline=""``, split at ``\n`` only (``\r`` stays, JSON whitespace):
+    the file object's own iteration would split at a lone ``\r`` too."""
+    rest = ""
+    while chunk := f.read(1 << 20):
+        *whole, rest = (rest + chunk).split("\n")
+        yield from whole
+    if rest:
+        yield rest
 
 
 def load_records(cfg: DataConfig) -> Any:
     """``cfg.path`` -> a ``datasets.Dataset`` of valid records (first ``max_examples`` only)."""
     files, args, kwargs = dataset_args(cfg)
-    for f in files:
-        if f.suffix in (".json", ".jsonl"):
-            _check_json_file(f, cfg)
+    check_local_files(files, cfg)
     try:
         ds = datasets.load_dataset(*args, split=cfg.split, **kwargs)
     except (ValueError, OSError) as e:  # bad split, missing dataset, no network
@@ -127,6 +160,8 @@ def dataset_args(cfg: DataConfig) -> tuple[list[Path], tuple, dict[str, Any]]:
         files = [path]
         args: tuple = (_BUILDERS[path.suffix],)
         kwargs: dict[str, Any] = {"data_files": str(path)}
+        if path.suffix == ".csv":
+            kwargs |= _csv_as_text(path)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
         if not files:
@@ -137,3 +172,15 @@ def dataset_args(cfg: DataConfig) -> tuple[list[Path], tuple, dict[str, Any]]:
     else:  # a hub dataset id
         files, args, kwargs = [], (cfg.path, cfg.subset), {}
     return files, args, kwargs
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """``load_dataset("csv")`` arguments that read every column as the text it holds (an empty
+    cell as ``""``): pandas' inference would make an all-digit answer column ``int64`` and an
+    answer ``NA``, ``null`` or ``None`` a missing value."""
+    with path.open(encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataError(f"{path}: the file holds no records (not even a header line)")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}

@@ -37,6 +37,7 @@ epoch up to the position (for a hub stream, downloads it again).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -139,12 +140,13 @@ class Source:
             if self._it is None:
                 self._it = self._epoch_records(self.epoch, self.read)
                 self._whole_epoch_kept = 0 if self.read == 0 else None
-            rec = next(self._it, None)
+            where = f"record {self.read + 1} of epoch {self.epoch} (in its shuffled order)"
+            with _reading(self.cfg.path, where):
+                rec = next(self._it, None)
             if rec is None:
                 self._end_epoch()
                 continue
             self.read += 1
-            where = f"record {self.read} of epoch {self.epoch} (in its shuffled order)"
             ex, truncated = self._example(rec, where)
             if truncated and not self.truncated:
                 log.warning(
@@ -181,7 +183,8 @@ class Source:
 
     def peek_lengths(self, n: int) -> list[int]:
         """Positions filled by the examples of the first ``n`` records (epoch 0), for the log."""
-        records = itertools.islice(self._epoch_records(0, 0), n)
+        with _reading(self.cfg.path, f"its first {n} records"):
+            records = list(itertools.islice(self._epoch_records(0, 0), n))
         examples = [self._example(rec, f"record {k + 1}")[0] for k, rec in enumerate(records)]
         self._it = None  # a stream's epoch was reset: reopen before the next record
         return [ex.length for ex in examples if ex is not None]
@@ -213,6 +216,22 @@ class Source:
         self._it = None
 
 
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """Name the source and the position when reading a stream fails: pyarrow's parse errors
+    ("JSON parse error ... in row 12", of the block being parsed) name neither."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (ValueError, OSError) as e:
+        raise DataError(
+            f"{path}: reading {what} failed (the bad record may be further on, in the block "
+            f"being parsed): {type(e).__name__}: {e}. A stream reads as training asks; with "
+            "data.streaming=false a local JSON Lines file is checked line by line first"
+        ) from e
+
+
 def _open(cfg: DataConfig, holdout: int, seed: int) -> tuple[Any, list[dict]]:
     """``(training records, held-out records)``: the first ``holdout`` records are held out."""
     if not cfg.streaming:  # a mixture of local files: loaded and checked whole
@@ -230,7 +249,8 @@ def _open(cfg: DataConfig, holdout: int, seed: int) -> tuple[Any, list[dict]]:
         raise DataError(f"cannot stream {cfg.path} (split {cfg.split!r}): {e}") from e
     if cfg.max_examples is not None:
         ds = ds.take(cfg.max_examples)
-    held_out = list(ds.take(holdout)) if holdout else []
+    with _reading(cfg.path, f"the {holdout} held-out records"):
+        held_out = list(ds.take(holdout)) if holdout else []
     if holdout:  # skip() pins the shard order, so the held-out records stay the first ones
         ds = ds.skip(holdout)
     if cfg.shuffle_buffer:

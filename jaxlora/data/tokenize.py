@@ -1,9 +1,10 @@
 """Records -> tokenized, loss-masked examples, in one of three formats.
 
-* ``alpaca``: ``instruction``, optional ``input``, ``output``, in the Stanford Alpaca prompt
-  template (``ALPACA_TEMPLATE``; ``ALPACA_TEMPLATE_NO_INPUT`` when the input is empty), from
-  github.com/tatsu-lab/stanford_alpaca ``train.py``. Tokens are ``BOS? + prompt + output +
-  EOS``; the loss covers the output and EOS.
+* ``alpaca``: ``instruction``, optional ``input``, ``output``, in the Alpaca prompt template
+  (``ALPACA_TEMPLATE``; ``ALPACA_TEMPLATE_NO_INPUT`` when the input is empty) as alpaca-lora's
+  ``templates/alpaca.json`` writes it: Stanford Alpaca's ``train.py`` text with a newline
+  after ``### Response:``. Tokens are ``BOS? + prompt + output + EOS``; the loss covers
+  the output and EOS.
 * ``chat``: ``messages`` (a list of ``{role, content}``) rendered with the tokenizer's chat
   template. The loss covers the assistant turns: the characters between the rendered prefix
   ``messages[:i]`` with the generation prompt and the rendered ``messages[:i+1]``, which
@@ -80,12 +81,17 @@ def _chat_spans(
         # A conversation that opens with the assistant has no prefix to render: start at 0.
         head = render(messages[:i], gen=True) if i else ""
         end = len(upto)
-        if not (
-            full.startswith(upto) and upto.startswith(head) and m["content"] in upto[len(head) :]
-        ):
+        if not (full.startswith(upto) and upto.startswith(head)):
             raise DataError(
                 f"{where}: the chat template does not render the conversation up to message {i} "
                 "as a prefix of the whole, so assistant turns cannot be located; use "
+                "train_on_inputs: true or another template"
+            )
+        # Templates may trim the content (Llama 3's and Gemma's `| trim`): look for it trimmed.
+        if m["content"].strip() not in upto[len(head) :]:
+            raise DataError(
+                f"{where}: the chat template does not render message {i}'s content in its turn "
+                "(it rewrites or drops it), so the trained span cannot be checked; use "
                 "train_on_inputs: true or another template"
             )
         spans.append((len(head), end))

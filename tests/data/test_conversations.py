@@ -205,6 +205,30 @@ def test_named_template_renders_the_documented_format_and_trains_its_answers(tmp
     assert tok.decode(ex.tokens) == tok.apply_chat_template(two, tokenize=False)
 
 
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_answers_with_surrounding_whitespace_train_as_the_template_renders_them(name):
+    """Llama 3's and Gemma's templates trim each message: an answer with a leading space or a
+    trailing newline (common in real data) is located trimmed, not refused."""
+    tok = _tokenizer()
+    cfg = _cfg("x.jsonl", format="chat", chat_template=name, max_seq_len=1024)
+    install_template(tok, cfg)
+    convo = [{"role": "user", "content": Q1}, {"role": "assistant", "content": " Fine.\n"}]
+    (ex,), _ = tokenize([{"messages": convo}], tok, cfg)
+    assert tok.decode(ex.tokens) == tok.apply_chat_template(convo, tokenize=False)
+    assert "Fine." in tok.decode(ex.tokens[ex.trained], skip_special_tokens=False)
+
+
+def test_a_template_that_rewrites_the_answer_is_refused_by_message(tmp_path):
+    path = tmp_path / "upper.jinja"
+    path.write_text(CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"))
+    tok = make_tokenizer(chat_template=False)
+    cfg = _cfg("x.jsonl", format="chat", chat_template=str(path))
+    install_template(tok, cfg)
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}]
+    with pytest.raises(DataError, match="does not render message 1's content in its turn"):
+        tokenize([{"messages": convo}], tok, cfg)
+
+
 def test_phi3_without_the_generation_prompt_ends_with_eos():
     tok = _tokenizer()
     install_template(tok, _cfg("x.jsonl", format="chat", chat_template="phi3"))

@@ -141,6 +141,42 @@ def test_custom_field_names_and_csv_and_parquet(tok, tmp_path):
         load_records(_cfg(str(tmp_path / "d.csv")))
 
 
+def test_csv_columns_are_read_as_the_text_they_hold(tok, tmp_path):
+    """pandas would read an all-digit answer column as int64 and "NA" / "None" as missing."""
+    path = tmp_path / "math.csv"
+    path.write_text(
+        'instruction,input,output\nAdd 2 and 3.,,5\nSay NA.,,NA\n"Say ""None"".",x,None\n'
+    )
+    cfg = _cfg(str(path))
+    records = load_records(cfg)
+    assert [r["output"] for r in records] == ["5", "NA", "None"]
+    assert [r["input"] for r in records] == ["", "", "x"]
+    examples, _ = tokenize(records, tok, cfg)
+    assert [_decode(tok, ex.tokens[ex.trained]) for ex in examples] == [
+        "5</s>",
+        "NA</s>",
+        "None</s>",
+    ]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: the file holds no records"):
+        load_records(_cfg(str(tmp_path / "empty.csv")))
+
+
+def test_json_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand raw inside a JSON string (json.dumps with
+    ensure_ascii=False writes them so); they do not end a line, and line numbers count \\n."""
+    recs = [{"text": "a\u2028b"}, {"text": "c\x85d\u2029"}, {"txt": "no"}]
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs), newline="")
+    with pytest.raises(DataError, match=r'raw\.jsonl:3: missing field "text"'):
+        load_records(_cfg(str(path), format="text"))
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs[:2]))
+    assert [r["text"] for r in load_records(_cfg(str(path), format="text"))] == [
+        "a\u2028b",
+        "c\x85d\u2029",
+    ]
+
+
 @pytest.mark.parametrize(
     "lines, fmt, message",
     [

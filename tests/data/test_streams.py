@@ -3,6 +3,7 @@ position that resumes exactly (jaxlora.data.streams). The CLI runs are in test_t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ import pytest
 from datasets import Dataset
 
 from jaxlora.config import ConfigError, DataConfig, load_config
-from jaxlora.data import MixtureSampler, batches, build_datasets
+from jaxlora.data import DataError, MixtureSampler, batches, build_datasets
 from jaxlora.data.streams import BLOCK
 from tests._tokenizers import make_tokenizer
 
@@ -247,6 +248,14 @@ def test_a_stream_reads_nothing_before_training_asks(files, tok, tmp_path):
     with pytest.raises(ValueError, match='record 12 of epoch 0 .*"body" must be a string'):
         for _ in range(12):
             next(it)
+    # A line that is not JSON at all: pyarrow's error, with the file and the position
+    path.write_text("\n".join([*lines[:-1], '{"body": "unterminated']) + "\n")
+    with pytest.raises(DataError, match=r"late_error\.jsonl: reading the 1 held-out .*row 12"):
+        build_datasets(cfg, tok, seed=0)  # the first block holds the whole file
+    held_out_elsewhere = dataclasses.replace(cfg, val_size=0, eval_path=str(files["texts"]))
+    stream, _ = build_datasets(held_out_elsewhere, tok, seed=0)
+    with pytest.raises(DataError, match=r"late_error\.jsonl: reading record 1 of epoch 0 .*row"):
+        next(stream.batches(1))
 
 
 def test_the_expected_mixture_is_logged_per_source(files, tok, caplog):
