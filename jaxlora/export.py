@@ -2,18 +2,17 @@
 
 ``checkpoint`` is a run directory, its ``checkpoints/`` directory or one step's directory;
 ``step`` defaults to the latest; ``dtype=float32|bfloat16|float16`` sets the written weights'
-dtype. ``peft`` writes the adapter (with the tokenizer), ``merged`` a dense Hugging Face
-checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a bitsandbytes checkpoint plus
-the adapter in ``out/adapter``. ``gguf`` writes ``out`` (a ``.gguf`` file) for llama.cpp with an
-Ollama ``Modelfile`` beside it: ``gguf.type=f16|bf16|q8_0|f32`` (default f16), and
-``gguf.lora=true`` for the base in ``out`` plus the adapter as a GGUF LoRA in
-``<stem>-lora.gguf`` instead of the merged model. ``push_to_hub=<user/repo> [private=true]``
-then uploads the export
-with a model card (``README.md``: base, data, recipe, held-out numbers, how to load it) to the
-Hugging Face Hub (a token from ``hf auth login`` or ``HF_TOKEN``; ``private`` applies to a new
-repository). Arguments use the grammar of every
-jaxlora command (``key=value``; a misspelled key names the nearest one). The library call is
-:func:`jaxlora.training.export.export_checkpoint`.
+dtype (``merged``, ``bnb4``). ``peft`` writes the adapter (with the tokenizer), ``merged`` a
+dense Hugging Face checkpoint with the adapter folded in, ``bnb4`` the 4-bit base as a
+bitsandbytes checkpoint plus the adapter in ``out/adapter``. ``gguf`` writes ``out`` (a
+``.gguf`` file) for llama.cpp with an Ollama ``Modelfile`` beside it:
+``gguf.type=f16|bf16|q8_0|f32`` (default f16), and ``gguf.lora=true`` for the base in ``out``
+plus the adapter as a GGUF LoRA in ``<stem>-lora.gguf`` instead of the merged model.
+``push_to_hub=<user/repo> [private=true]`` then uploads the export with a model card
+(``README.md``: base, data, recipe, held-out numbers, how to load it) to the Hugging Face Hub (a
+token from ``hf auth login`` or ``HF_TOKEN``; ``private`` applies to a new repository).
+Arguments use the grammar of every jaxlora command (``key=value``; a misspelled key names the
+nearest one). The library call is :func:`jaxlora.training.export.export_checkpoint`.
 """
 
 from __future__ import annotations
@@ -66,6 +65,12 @@ class ExportArgs(Section):
             f"must be a Hub repository id <user or org>/<name>; got {repo!r}",
         )
         check(not self.private or repo is not None, "private", "applies only with push_to_hub")
+        check(
+            self.dtype is None or self.format in ("merged", "bnb4"),
+            "dtype",
+            f"applies to format=merged or bnb4; format={self.format} writes the adapter in its "
+            "trained lora.dtype (gguf: gguf.type)",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -288,8 +288,10 @@ cfg = load_config("llama_qlora", ["lora.r=32", "train.lr=1e-4"])
 * A recipe may start with `base: <name or path>` to inherit another recipe; its own keys override
   the base's, and mappings (`mesh.rules`, `lora.rank_pattern`) merge key by key.
 * Override values are YAML: `8` (int), `2e-4` (float), `true`, `null`, `[q_proj,v_proj]` (list).
-  Below a mapping-valued key the rest of the dotted name is one key:
-  `lora.rank_pattern.model.layers.0.self_attn.q_proj=8`.
+  Below a mapping-valued key the rest of the dotted name is one key, added to the recipe's
+  mapping: `lora.rank_pattern.model.layers.0.self_attn.q_proj=8`. The mapping named whole
+  replaces the recipe's: `lora.rank_pattern={o_proj: 8}`, or `lora.rank_pattern={}` to clear it
+  (`mesh.rules` keeps its defaults for the axes not given).
 * Relative paths (`model.path`, `data.path`, `output_dir`) are relative to the current directory.
 * The resolved config, every key included, is written to `output_dir/config.yaml`, which
   `recipe=output_dir/config.yaml` reads back.
@@ -307,6 +309,8 @@ def _type(tp: Any) -> str:
         return text + (" or null" if type(None) in get_args(tp) else "")
     if origin is tuple and dataclasses.is_dataclass(get_args(tp)[0]):
         return "list of mappings (keys below)"
+    if origin is tuple and get_origin(get_args(tp)[0]) is Literal:
+        return f"list, each {_type(get_args(tp)[0])}"
     if origin is tuple:
         return f"list of {_type(get_args(tp)[0])}s"
     if origin is dict:

@@ -14,7 +14,8 @@ are merged key by key.
 
 Override values are parsed as YAML (``8`` int, ``2e-4`` float, ``true``, ``null``,
 ``[q_proj,v_proj]``). Keys below a mapping-valued field keep their dots:
-``lora.rank_pattern.model.layers.0.q_proj=8`` sets the pattern ``model.layers.0.q_proj``.
+``lora.rank_pattern.model.layers.0.q_proj=8`` adds the pattern ``model.layers.0.q_proj``; the
+field named whole replaces the recipe's mapping (``lora.rank_pattern={}`` clears it).
 Relative local paths (``model.path``, ``data.path``, ``output_dir``) are relative to the
 current directory. Unknown keys, wrong types and out-of-range values raise
 :class:`ConfigError` naming the key (and the nearest valid key, or the allowed values).
@@ -36,6 +37,7 @@ from jaxlora.config.typed import (
     GE0,
     GE1,
     GT0,
+    SEED,
     UNIT,
     ConfigError,
     Dumper,
@@ -177,6 +179,7 @@ class DataConfig(Section):
         "max_seq_len": (lambda v: v >= 2, ">= 2"),
         "max_examples": GT0,
         "shuffle_buffer": GE0,
+        "shuffle_seed": SEED,
     }
     # a .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset id (null: sources)
     path: str | None = None
@@ -295,6 +298,7 @@ class TrainConfig(Section):
         "sample_max_new_tokens": GE1,
         "sgd_momentum": UNIT,
         "optimizer_8bit_min_size": GE0,
+        "seed": SEED,
         "modules_to_save_lr": GT0,
         "loss_scale_init": (lambda v: v >= 1, ">= 1"),
         "loss_scale_growth_interval": GE1,

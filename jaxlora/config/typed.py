@@ -42,6 +42,7 @@ def check_regex(pattern: str, key: str) -> None:
 GT0 = (lambda v: v > 0, "> 0")
 GE0 = (lambda v: v >= 0, ">= 0 (0 = off)")
 GE1 = (lambda v: v >= 1, ">= 1")
+SEED = (lambda v: 0 <= v < 2**63, "in [0, 2**63)")  # numpy's and JAX's seeds are unsigned
 UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
@@ -91,9 +92,10 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin is tuple:
-        return (
-            "a list of " + _describe(get_args(tp)[0]).removeprefix("a ").removeprefix("an ") + "s"
-        )
+        item = _describe(get_args(tp)[0])
+        if item.startswith("one of "):  # a list of Literal values
+            return "a list, each " + item
+        return "a list of " + item.removeprefix("a ").removeprefix("an ") + "s"
     if origin is dict:
         return (
             f"a mapping (keys: {_describe(get_args(tp)[0])}; values: {_describe(get_args(tp)[1])})"
@@ -187,11 +189,17 @@ def _is_mapping(tp: Any) -> bool:
     return get_origin(tp) is dict
 
 
+class Whole(dict):
+    """A mapping-valued field's value given whole (``lora.rank_pattern={}`` on the command
+    line): it replaces what the recipe set instead of merging into it."""
+
+
 def merge(raw: dict, new: Any, cls: type, source: str, prefix: str = "", root: Any = None) -> None:
     """Merge mapping ``new`` into ``raw`` in place, refusing keys that ``cls`` does not have.
 
-    Sub-sections merge recursively, mapping-valued fields key by key, anything else replaces.
-    ``source`` (a file, an override) starts every error message.
+    Sub-sections merge recursively, mapping-valued fields key by key (a :class:`Whole` value
+    replaces), anything else replaces. ``source`` (a file, an override) starts every error
+    message.
     """
     root = root or cls
     if not isinstance(new, dict):
@@ -203,6 +211,8 @@ def merge(raw: dict, new: Any, cls: type, source: str, prefix: str = "", root: A
         tp = schema[key]
         if dataclasses.is_dataclass(tp):
             merge(raw.setdefault(key, {}), value, tp, source, f"{prefix}{key}.", root)
+        elif isinstance(value, Whole):
+            raw[key] = dict(value)
         elif _is_mapping(tp) and isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key].update(value)
         else:
@@ -259,7 +269,9 @@ def _takes_text(tp: Any) -> bool:
 def parse_override(text: str, root: type) -> dict:
     """``"lora.r=8"`` -> ``{"lora": {"r": 8}}``, keys checked against ``root``, value as YAML.
 
-    The key path stops at a mapping-valued field; the rest, dots included, is one key in it. A
+    The key path stops at a mapping-valued field; the rest, dots included, is one key in it
+    (merged into the recipe's mapping); naming the field itself gives its whole value (which
+    replaces the recipe's: ``lora.rank_pattern={}`` clears it). A
     text field whose value does not read as YAML text (``prompt=Reverse: a b c`` is a YAML
     mapping, ``model.revision=1234`` an int) takes the characters as written; a value that is
     not YAML at all (``[q_proj``) is an error.
@@ -276,6 +288,8 @@ def parse_override(text: str, root: type) -> dict:
         raise ConfigError(f"override {text!r}: cannot parse the value as YAML: {problem}") from None
     if _takes_text(tp) and nested is not None and not isinstance(nested, str | list):
         nested = value
+    if _is_mapping(tp) and isinstance(nested, dict):  # the key names the whole mapping
+        nested = Whole(nested)
     for part in reversed(parts):
         nested = {part: nested}
     return nested

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -66,7 +68,12 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
 def save_sharded(
     tensors: Mapping[str, np.ndarray], directory: Path, max_shard_bytes: int = 5 * 2**30
 ) -> list[str]:
-    """Write HF-style ``model-0000i-of-0000n.safetensors`` (+ index when > 1 shard)."""
+    """Write HF-style ``model-0000i-of-0000n.safetensors`` (+ index when > 1 shard).
+
+    A previous save's weights in ``directory`` that this one does not rewrite — its shards, its
+    index, its single ``model.safetensors`` — are removed once the new files are in place, as
+    ``transformers``' ``save_pretrained`` cleans its folder: a loader would otherwise read an
+    old index's shards (a bfloat16 re-export still loading as the float32 one)."""
     split = split_state_dict_into_shards_factory(
         dict(tensors),
         get_storage_size=lambda a: a.nbytes,
@@ -75,9 +82,18 @@ def save_sharded(
     )
     for name, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, directory / name)
+    index_path = directory / INDEX_NAME
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        tmp = index_path.with_name(INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2))
+        os.replace(tmp, index_path)
+    else:
+        index_path.unlink(missing_ok=True)
+    for old in directory.glob("model*.safetensors"):
+        stale = old.name == "model.safetensors" or _SHARD.fullmatch(old.name)
+        if stale and old.name not in split.filename_to_tensors:
+            old.unlink()
     return list(split.filename_to_tensors)
 
 

@@ -10,6 +10,7 @@ temporary directory and renames it on commit, so a kill during a save leaves not
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ class Checkpointer:
         )
 
     def read_meta(self, step: int) -> dict:
+        """The step's ``meta`` item (the run's config fingerprint, layer layout); a missing or
+        damaged one is a :class:`ResumeError` naming the step directory."""
+        with self._readable(step, "its meta item cannot be read"):
+            return self._read_meta(step)
+
+    def _read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
@@ -75,21 +82,27 @@ class Checkpointer:
 
         A checkpoint that cannot be read (damaged files, a missing part) or that holds state of
         other shapes than this run's is a :class:`ResumeError` naming the step directory."""
-        where = self.directory / str(step)
-        try:
+        with self._readable(
+            step, "the checkpoint holds state that cannot be restored into this run"
+        ):
             return self._restore(step, trainable_like, opt_state_like, expect_meta)
+
+    @contextlib.contextmanager
+    def _readable(self, step: int, what: str):
+        try:
+            yield
         except ResumeError:
             raise
         except (KeyError, ValueError, OSError) as e:  # Orbax, tensorstore and json errors
             detail = " ".join(str(e).split())
             detail = detail if len(detail) <= 300 else detail[:300] + " ..."
             raise ResumeError(
-                f"{where}: the checkpoint holds state that cannot be restored into this run "
-                f"({type(e).__name__}: {detail}); remove that step to resume from an earlier one"
+                f"{self.directory / str(step)}: {what} ({type(e).__name__}: {detail}); remove "
+                "that step to resume from an earlier one"
             ) from e
 
     def _restore(self, step: int, trainable_like, opt_state_like, expect_meta: dict):
-        meta = self.read_meta(step)
+        meta = self._read_meta(step)
         check_compatible(meta, expect_meta, self.directory / str(step))
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, _flat(t))
         target = {
@@ -104,9 +117,6 @@ class Checkpointer:
         opt_state = _unflat(opt_state_like, state["opt_state"])
         rng = jax.random.wrap_key_data(np.asarray(state["rng"]))
         return trainable, opt_state, meta["data_state"], rng, meta
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

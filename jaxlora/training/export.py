@@ -41,6 +41,15 @@ def locate(checkpoint_path: Path, step: int | None) -> tuple[Path, int | None]:
     raise ValueError(f"{path}: not a jaxlora run directory (no config.yaml found)")
 
 
+def _open_checkpoints(run_dir: Path) -> checkpoint.Checkpointer:
+    """The run's checkpoints, read only: a run that saved none is refused here, before Orbax
+    would create an empty ``checkpoints/`` in it."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        raise ValueError(f"{directory} does not exist: the run saved no checkpoint")
+    return checkpoint.Checkpointer(directory, keep=10**6, async_save=False)
+
+
 def export_checkpoint(
     checkpoint_path: str | Path,
     fmt: str,
@@ -69,7 +78,13 @@ def export_checkpoint(
     cfg = load_config(str(run_dir / "config.yaml"))
     if fmt == "bnb4" and cfg.quant.type == "none":
         raise ValueError("format=bnb4 needs a run with a 4-bit base (quant.type nf4 or fp4)")
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+    base_dir = Path(cfg.model.path).expanduser()
+    if fmt != "gguf" and base_dir.is_dir() and Path(out).resolve() == base_dir.resolve():
+        raise ValueError(
+            f"out={out} is the run's base model directory (model.path): a {fmt} export would "
+            "overwrite its files; choose another directory"
+        )
+    ckpt = _open_checkpoints(run_dir)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
@@ -89,14 +104,10 @@ def export_checkpoint(
     elif fmt == "merged":
         model.save_merged(out, dtype=dtype)
     elif fmt == "gguf":
-        _, raw = hf.read_config(hf.resolve(cfg.model.path))
+        _, raw = hf.read_config(hf.resolve(cfg.model.path, cfg.model.revision))
         export_gguf(model, out, raw.get("max_position_embeddings"), gguf_type, separate=gguf_lora)
     else:
-        base = jax.tree.map(
-            lambda w: w.base if isinstance(w, lora.LoRAWeight) else w,
-            frozen,
-            is_leaf=lambda w: isinstance(w, lora.LoRAWeight),
-        )
+        base = _without_adapter(frozen)
         hf.save_bnb4(
             base,
             model.config,
@@ -124,7 +135,7 @@ def push_to_hub(
     metrics.jsonl and report.json. Returns the commit URL."""
     run_dir, step = locate(Path(checkpoint_path), step)
     if step is None:
-        ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=10**6, async_save=False)
+        ckpt = _open_checkpoints(run_dir)
         try:
             step = ckpt.latest_step()
         finally:

@@ -185,6 +185,8 @@ def test_bad_keys_are_named_with_a_suggestion(override, fragments):
         ("data.val_size=0.05", ["data.val_size", "must be 0 when data.eval_path"]),
         ("data.eval_path=null", ["train.exact_match_examples", "data.eval_path"]),
         ("train.exact_match_examples=-1", ["train.exact_match_examples", ">= 0"]),
+        ("train.seed=-1", ["train.seed", "in [0, 2**63)", "got -1"]),
+        ("data.shuffle_seed=-3", ["data.shuffle_seed", "in [0, 2**63)", "got -3"]),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, fragments):
@@ -220,6 +222,16 @@ def test_recipe_files_base_inheritance_and_errors(tmp_path):
     assert cfg.lora.r == 4 and cfg.lora.alpha == 9.0 and cfg.train.lr == 5e-5
     assert cfg.lora.rank_pattern == {"a": 2, "b": 3}
     assert cfg.recipe == child and cfg.output_dir == "runs/child"
+    # On the command line a dotted key adds to the mapping, the mapping named whole replaces it.
+    assert load_config(child, ["lora.rank_pattern.c=5"]).lora.rank_pattern == {
+        "a": 2,
+        "b": 3,
+        "c": 5,
+    }
+    assert load_config(child, ["lora.rank_pattern={c: 5}"]).lora.rank_pattern == {"c": 5}
+    assert load_config(child, ["lora.rank_pattern={}"]).lora.rank_pattern == {}
+    rules = load_config(child, ["mesh.rules={vocab: fsdp}"]).mesh.rules  # over the defaults
+    assert rules["vocab"] == "fsdp" and rules["embed"] == "fsdp" and rules["mlp"] == "tensor"
     # Inheriting from a shipped recipe by name.
     by_name = _write(tmp_path / "mine.yaml", "base: llama_qlora\nlora:\n  r: 8\n")
     assert load_config(by_name).lora.r == 8 and load_config(by_name).quant.type == "nf4"

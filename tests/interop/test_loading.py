@@ -56,6 +56,32 @@ def test_sharded_checkpoint_with_index_loads(ckpt, tmp_path):
     np.testing.assert_allclose(model(ids), _logits(hf_model, ids), atol=1e-4, rtol=0)
 
 
+def test_saving_again_removes_the_previous_saves_weights(ckpt, tmp_path):
+    """A sharded float32 save, then a single-file bfloat16 one into the same folder: the old
+    index and shards go (loaders would read them first), and the reverse leaves no stale
+    model.safetensors; files that are not weights stay."""
+    from jaxlora.interop.hf import save_pretrained
+    from jaxlora.interop.safetensors import checkpoint_files, read_file
+
+    directory, _ = ckpt
+    model = jaxlora.load_model(directory)
+    (tmp_path / "notes.txt").write_text("mine")
+    save_pretrained(model.params, model.config, tmp_path, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    save_pretrained(model.params, model.config, tmp_path, dtype="bfloat16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    (single,) = checkpoint_files(tmp_path)  # what a loader reads: the new file only
+    assert {str(a.dtype) for a in read_file(single).values()} == {"bfloat16"}
+    save_pretrained(model.params, model.config, tmp_path, max_shard_bytes=20_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.glob("model-*.safetensors")) == shards
+
+
 def test_pickled_checkpoint_is_refused(ckpt, tmp_path):
     directory, hf_model = ckpt
     shutil.copy(directory / "config.json", tmp_path)
