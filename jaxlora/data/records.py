@@ -89,13 +89,7 @@ def _check_json_file(path: Path, cfg: DataConfig) -> None:
     Lines end at ``\n`` alone (``\r\n`` too), not at the U+2028 / U+0085 a JSON string may hold
     raw; a JSON Lines file is read a line at a time."""
     if _is_json_array(path):  # one JSON array of records
-        text = path.read_text(encoding="utf-8")
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})"
-            ) from None
+        records = _json(path.read_text(encoding="utf-8"), path)
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON array of records")
         for k, rec in enumerate(records):
@@ -108,17 +102,22 @@ def _check_json_file(path: Path, cfg: DataConfig) -> None:
             for lineno, line in enumerate(_lines(f), start=1):
                 if not line.strip():
                     continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
-                    ) from None
+                rec = _json(line, path, lineno)
                 if problem := check_record(rec, cfg):
                     raise DataError(f"{path}:{lineno}: {problem}")
                 count += 1
     if count == 0:
         raise DataError(f"{path}: the file holds no records")
+
+
+def _json(text: str, path: Path, line: int | None = None) -> Any:
+    """``json.loads``; a syntax error is ``path:LINE: invalid JSON (...)``, ``LINE`` being
+    ``line`` (the line ``text`` is) or the error's own."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}:{line or e.lineno}"
+        raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
 
 
 def _lines(f: Any) -> Any:
