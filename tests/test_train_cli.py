@@ -651,7 +651,7 @@ def test_sigkill_and_resume_gives_bit_identical_adapter(assets, tmp_path):
 def test_float16_overflow_steps_are_skipped_and_logged(assets, tmp_path, capsys):
     """An injected overflow: at a loss scale of 2^40 the float16 backward overflows on every
     step, so each is skipped (the run goes on), the scale halves, and metrics.jsonl and the
-    progress output say so."""
+    progress output say so; the logged lr is the schedule's at the updates applied so far."""
     out = tmp_path / "run"
     rc = train.main(
         _args(
@@ -660,12 +660,16 @@ def test_float16_overflow_steps_are_skipped_and_logged(assets, tmp_path, capsys)
             "train.max_steps=3",
             "model.compute_dtype=float16",
             f"train.loss_scale_init={2.0**40}",
+            "train.schedule=linear",
+            "train.warmup_ratio=0",
         )
     )
     assert rc == 0
     logged = _metrics(out)
     assert [r["loss_scale"] for r in logged] == [2.0**40, 2.0**39, 2.0**38]
     assert all(r["skipped"] and np.isfinite(r["loss"]) for r in logged)
+    # no update was applied, so the linear schedule has not moved: each logs its first lr
+    assert len({r["lr"] for r in logged}) == 1 and logged[0]["lr"] > 0
     err = capsys.readouterr()
     assert f"update skipped, scale lowered to {2.0**39:g}" in err.out + err.err
 

@@ -163,7 +163,7 @@ MEANINGS: dict[str, str] = {
     "train.lr": "Peak learning rate. LoRA 1e-4-5e-4, QLoRA 5e-5-2e-4 on 7-13B models.",
     "train.warmup_ratio": "Fraction of the steps spent warming up linearly to `lr` (3-5 %).",
     "train.schedule": "Decay after warmup: `cosine` (to 0), `linear` (to 0) or `constant`.",
-    "train.weight_decay": "AdamW decoupled weight decay on the trainable parameters.",
+    "train.weight_decay": "Decoupled weight decay (× the learning rate, every optimizer) on the trainable parameters but biases, as HF's Trainer.",
     "train.max_grad_norm": "Clip the global gradient norm to this (0 = no clipping).",
     "train.adam_beta1": "AdamW first-moment decay.",
     "train.adam_beta2": "AdamW second-moment decay.",

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from jaxlora import data, lora
@@ -154,7 +155,8 @@ def run(cfg: Config) -> dict:
                     f"the update was not applied and the last good checkpoint "
                     f"(step {ckpt.latest_step()}) is kept. Try: {NONFINITE_ADVICE}"
                 )
-            record = _step_record(step, m, schedule, step_time, compiled=step == start + 1)
+            lr = float(schedule(_schedule_index(opt_state, step, m, skipped)))
+            record = _step_record(step, m, lr, step_time, compiled=step == start + 1)
             record |= monitor.memory(step)
             if skipped:  # float16 gradients overflowed: the update was skipped, the scale halved
                 record["skipped"] = True
@@ -218,12 +220,27 @@ def _total_steps(cfg: Config, train_rows: int) -> int:
     return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
 
-def _step_record(step: int, m: dict, schedule, step_time: float, *, compiled: bool) -> dict:
+def _schedule_index(opt_state, step: int, m: dict, skipped: bool) -> int:
+    """Where in the schedule this step's learning rate is: ``step - 1``, or under float16 loss
+    scaling the optimizer's own schedule count, which a skipped update does not advance (as
+    HF's Trainer does not step its scheduler then): after a skip the schedule lags the step."""
+    if "loss_scale" not in m:
+        return step - 1
+    (count,) = [
+        v
+        for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if any(getattr(k, "tuple_name", None) == "ScaleByScheduleState" for k in path)
+    ]
+    count = int(jax.device_get(count))  # updates applied so far, this one included
+    return count if skipped else count - 1
+
+
+def _step_record(step: int, m: dict, lr: float, step_time: float, *, compiled: bool) -> dict:
     """One metrics.jsonl row. The first step of a process compiles: its time is not speed."""
     record = {
         "step": step,
         "loss": m["loss"],
-        "lr": float(schedule(step - 1)),
+        "lr": lr,
         "grad_norm": m["grad_norm"],
         "tokens": int(m["tokens"]),
         "trained_tokens": int(m["trained_tokens"]),

@@ -70,7 +70,7 @@ def param_groups(
     ratio = 1.0 if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
 
     def group(path, leaf) -> Group:
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        names = [_key(k) for k in path]
         modules = [".".join(names[:i]) for i in range(1, len(names))]
         if modules_to_save_lr_scale is not None and any(
             m.endswith(n) for m in modules for n in modules_to_save
@@ -83,6 +83,11 @@ def param_groups(
         return Group(1.0, True)
 
     return jax.tree_util.tree_map_with_path(group, trainable)
+
+
+def _key(k: Any) -> str:
+    """A tree path entry's name (a dict key or a named-tuple field)."""
+    return str(getattr(k, "key", getattr(k, "name", "")))
 
 
 def scale_by_groups(scales: Any) -> optax.GradientTransformation:
@@ -113,7 +118,12 @@ def make_optimizer(
     its group decays. ``b1``, ``b2``, ``eps`` are Adam's (``adamw``, ``adamw_8bit``, whose
     parameters under ``min_8bit_size`` values keep float32 moments);
     ``momentum`` is SGD's (torch's coupled weight decay: ``wd·p`` joins the gradient)."""
-    mask = None if groups is None else jax.tree.map(lambda g: g.decay, groups, is_leaf=_is_group)
+    if groups is None:  # decay all but biases, as the groups do (and HF's Trainer)
+        mask = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: not path or _key(path[-1]) != "bias", params
+        )
+    else:
+        mask = jax.tree.map(lambda g: g.decay, groups, is_leaf=_is_group)
     if name == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     elif name == "adamw_8bit":
@@ -122,9 +132,13 @@ def make_optimizer(
             optax.add_decayed_weights(weight_decay, mask),
             optax.scale_by_learning_rate(schedule),
         )
-    elif name == "adafactor":
-        tx = optax.adafactor(
-            schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=mask
+    elif name == "adafactor":  # optax.adafactor's steps, its decay × the schedule (as HF's)
+        tx = optax.chain(
+            optax.scale_by_factored_rms(),
+            optax.clip_by_block_rms(1.0),
+            optax.scale_by_param_block_rms(),
+            optax.add_decayed_weights(weight_decay, mask),
+            optax.scale_by_learning_rate(schedule),
         )
     elif name == "lion":
         tx = optax.lion(schedule, weight_decay=weight_decay, mask=mask)

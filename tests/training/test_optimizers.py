@@ -173,6 +173,31 @@ def test_every_optimizer_lowers_a_quadratic(name):
     assert float(loss(params)) < 0.5 * float(loss(start))
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_decay_is_times_the_learning_rate(name):
+    """With a zero gradient every optimizer's update is the decay alone, -lr·wd·p (torch's
+    AdamW and HF's Adafactor: ``p -= lr·wd·p``); a zero learning rate leaves p as it is."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 256).reshape(16, 16)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for lr in (1e-3, 0.0):
+        tx = make_optimizer(
+            optax.constant_schedule(lr), name=name, weight_decay=0.1, max_grad_norm=0
+        )
+        updates, _ = tx.update(zero, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], -lr * 0.1 * params["w"], rtol=1e-6, atol=0)
+    # biases are not decayed, with or without LR groups (HF's Trainer leaves them out too)
+    params = {"w": params["w"], "bias": jnp.ones(16)}
+    groups = param_groups(params, loraplus_lr_ratio=None)
+    for g in (None, groups):
+        tx = make_optimizer(
+            optax.constant_schedule(1e-3), name=name, weight_decay=0.1, max_grad_norm=0, groups=g
+        )
+        zero = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        np.testing.assert_array_equal(updates["bias"], 0.0)
+        np.testing.assert_allclose(updates["w"], -1e-4 * params["w"], rtol=1e-6, atol=0)
+
+
 def test_unknown_optimizer_names_the_choices():
     with pytest.raises(ValueError, match="adamw, adamw_8bit, adafactor, lion, sgd"):
         make_optimizer(optax.constant_schedule(1e-3), name="adam", weight_decay=0, max_grad_norm=0)
