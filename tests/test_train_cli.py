@@ -569,6 +569,31 @@ def test_scanned_run_equals_unrolled_at_step_1(assets, scanned_run, tmp_path):
         np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-6 * max(1.0, np.abs(w).max()))
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("train.optimizer=adafactor", "train.lr=1e-2", "lora.use_dora=true"),
+        ("train.optimizer=adamw_8bit", "lora.use_dora=true", "lora.loraplus_lr_ratio=16"),
+    ],
+    ids=["adafactor_dora", "adamw_8bit_loraplus_dora"],
+)
+def test_scanned_run_equals_unrolled_at_step_1_for_per_tensor_optimizers(assets, tmp_path, extra):
+    """The optimizer sees each scanned layer as its own tensor: Adafactor's step is × the RMS of
+    each layer's DoRA magnitudes (its norms of W's rows), and LoRA+ gives the stacked
+    magnitudes (1-D per layer) the ratio × LR as it does unrolled. Step 1's update is
+    continuous in the gradients, which are an ulp apart: adapters within 1e-6 of their scale."""
+    common = ("train.max_steps=1", "train.save_every=1", "train.eval_every=0", *extra)
+    runs = {}
+    for scan in ("true", "false"):
+        out = tmp_path / scan
+        assert train.main(_args(assets, out, f"model.scan_layers={scan}", *common)) == 0
+        runs[scan] = _adapter(out)
+    got, want = runs["true"], runs["false"]
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-6 * max(1.0, np.abs(w).max()))
+
+
 def test_export_from_a_scanned_checkpoint(scanned_run, tmp_path):
     out = tmp_path / "peft"
     assert export_main([f"checkpoint={scanned_run}", "format=peft", f"out={out}"]) == 0

@@ -101,8 +101,8 @@ MEANINGS: dict[str, str] = {
     "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
     "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
     "lora.loraplus_lr_ratio": "LoRA+ (PEFT's `create_loraplus_optimizer`): LoRA B, DoRA "
-    "magnitudes, 1-D and bias parameters train at this many times `train.lr` (biases without "
-    "weight decay). `null` = off; the paper uses 2-16, with `train.lr` about half of plain LoRA's.",
+    "magnitudes, 1-D and bias parameters train at this many times `train.lr` (weight decay as "
+    "PEFT's: not on biases and LayerNorm weights, on RMSNorm weights). `null` = off; the paper uses 2-16, with `train.lr` about half of plain LoRA's.",
     # data
     "data.path": "Training records: a `.json`/`.jsonl`/`.csv`/`.parquet` file, a directory of "
     "them, or a hub dataset id (e.g. `yahma/alpaca-cleaned`). Required, unless `data.sources` "
@@ -163,7 +163,7 @@ MEANINGS: dict[str, str] = {
     "train.lr": "Peak learning rate. LoRA 1e-4-5e-4, QLoRA 5e-5-2e-4 on 7-13B models.",
     "train.warmup_ratio": "Fraction of the steps spent warming up linearly to `lr` (3-5 %).",
     "train.schedule": "Decay after warmup: `cosine` (to 0), `linear` (to 0) or `constant`.",
-    "train.weight_decay": "Decoupled weight decay (× the learning rate, every optimizer) on the trainable parameters but biases, as HF's Trainer.",
+    "train.weight_decay": "Decoupled weight decay (× the learning rate, every optimizer) on the trainable parameters but biases and norm weights, as HF's Trainer (with LoRA+: as PEFT's `create_loraplus_optimizer`).",
     "train.max_grad_norm": "Clip the global gradient norm to this (0 = no clipping).",
     "train.adam_beta1": "AdamW first-moment decay.",
     "train.adam_beta2": "AdamW second-moment decay.",

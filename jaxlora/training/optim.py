@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlora.models.stacking import parse_run_key
 from jaxlora.training import adam8bit
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "lion", "sgd")
@@ -66,28 +67,98 @@ def param_groups(
     ``modules_to_save_lr_scale`` (``train.modules_to_save_lr / train.lr``) then gives every leaf
     of a ``modules_to_save`` module (matched as ``lora.modules_to_save``: a module path ending
     with a name) its own factor.
-    """
-    ratio = 1.0 if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
 
-    def group(path, leaf) -> Group:
+    Weight decay (:func:`decays`): as HF's Trainer without LoRA+, as
+    ``create_loraplus_optimizer`` with it. A leaf of stacked layers (under a ``start:stop`` key,
+    :mod:`jaxlora.models.stacking`) is grouped as the layer's own tensor: its dimensions are
+    counted without the layer axis.
+    """
+    loraplus = loraplus_lr_ratio is not None
+    ratio = float(loraplus_lr_ratio) if loraplus else 1.0
+    decay = decays(trainable, loraplus=loraplus)
+
+    def group(path, leaf, decay) -> Group:
         names = [_key(k) for k in path]
         modules = [".".join(names[:i]) for i in range(1, len(names))]
         if modules_to_save_lr_scale is not None and any(
             m.endswith(n) for m in modules for n in modules_to_save
         ):
-            return Group(modules_to_save_lr_scale, names[-1] != "bias")
-        if names[-1] == "bias":
-            return Group(ratio, False)
-        if names[-1] == "b" or jnp.ndim(leaf) == 1:
-            return Group(ratio, True)
-        return Group(1.0, True)
+            return Group(modules_to_save_lr_scale, decay)
+        if names[-1] in ("bias", "b") or _layer_ndim(names, leaf) == 1:
+            return Group(ratio, decay)
+        return Group(1.0, decay)
 
-    return jax.tree_util.tree_map_with_path(group, trainable)
+    return jax.tree_util.tree_map_with_path(group, trainable, decay)
+
+
+def decays(params: Any, *, loraplus: bool = False) -> Any:
+    """Whether weight decay applies to each leaf (a tree of bools like ``params``): never to
+    biases; never to norm weights without LoRA+, as HF's Trainer
+    (``get_decay_parameter_names``: names with ``norm`` and every ``nn.LayerNorm``); with LoRA+
+    to RMSNorm weights but not to LayerNorm ones (Falcon's), as PEFT's
+    ``create_loraplus_optimizer``, which leaves out ``nn.LayerNorm`` modules only. A norm
+    weight is a module's 1-D ``weight`` (linear and embedding weights are 2-D, and LoRA's and
+    DoRA's leaves are named ``a``, ``b``, ``magnitude``); a LayerNorm has a 1-D ``bias`` too."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [tuple(_key(k) for k in path) for path, _ in flat]
+    one_d = {n for n, (_, leaf) in zip(paths, flat, strict=True) if _layer_ndim(n, leaf) == 1}
+    norms = {n[:-1] for n in one_d if n[-1] == "weight"}
+    layernorms = {m for m in norms if m + ("bias",) in one_d}
+
+    def one(path, _):
+        n = tuple(_key(k) for k in path)
+        if n[-1:] == ("bias",):
+            return False
+        if n[-1:] == ("weight",) and n[:-1] in norms:
+            return loraplus and n[:-1] not in layernorms
+        return True
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _layer_ndim(names: Any, leaf: Any) -> int:
+    """A leaf's number of dimensions without the layer axis of a stacked run."""
+    return jnp.ndim(leaf) - (_run_of(names) is not None)
+
+
+def _run_of(names: Any) -> str | None:
+    """The ``start:stop`` key of the stacked run a path lies in (None: not stacked)."""
+    for n in names:
+        if parse_run_key(n) is not None:
+            return n
+    return None
 
 
 def _key(k: Any) -> str:
-    """A tree path entry's name (a dict key or a named-tuple field)."""
-    return str(getattr(k, "key", getattr(k, "name", "")))
+    """A tree path entry's name (a dict key, a named-tuple field, a sequence index)."""
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` on each layer of a stacked run as on its own tensor: leaves under a
+    ``start:stop`` key carry a leading layer axis, which a per-tensor statistic must not span
+    (8-bit Adam's blocks of 256 and ``min_8bit_size``, Adafactor's factored moments and
+    block RMS: bnb and HF compute them on the unrolled model's tensors). ``inner`` is vmapped
+    over that axis, one run at a time (runs differ in length); other leaves get it as is."""
+    vmapped = optax.GradientTransformation(jax.vmap(inner.init), jax.vmap(inner.update))
+    run_of = lambda path: _run_of([_key(k) for k in path]) or ""
+
+    def build(tree: Any) -> optax.GradientTransformation:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        runs = sorted({run_of(path) for path, _ in flat} - {""})
+        if not runs:
+            return inner
+        mask = lambda run: (
+            lambda t: jax.tree_util.tree_map_with_path(lambda path, _: run_of(path) == run, t)
+        )
+        return optax.chain(
+            optax.masked(inner, mask("")), *(optax.masked(vmapped, mask(r)) for r in runs)
+        )
+
+    return optax.GradientTransformation(
+        lambda params: build(params).init(params),
+        lambda updates, state, params=None: build(updates).update(updates, state, params),
+    )
 
 
 def scale_by_groups(scales: Any) -> optax.GradientTransformation:
@@ -118,25 +189,29 @@ def make_optimizer(
     its group decays. ``b1``, ``b2``, ``eps`` are Adam's (``adamw``, ``adamw_8bit``, whose
     parameters under ``min_8bit_size`` values keep float32 moments);
     ``momentum`` is SGD's (torch's coupled weight decay: ``wd·p`` joins the gradient)."""
-    if groups is None:  # decay all but biases, as the groups do (and HF's Trainer)
-        mask = lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: not path or _key(path[-1]) != "bias", params
-        )
+    if groups is None:  # HF's Trainer: all but biases and norm weights
+        mask = decays
     else:
         mask = jax.tree.map(lambda g: g.decay, groups, is_leaf=_is_group)
     if name == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     elif name == "adamw_8bit":
         tx = optax.chain(
-            adam8bit.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, min_8bit_size=min_8bit_size),
+            per_layer(
+                adam8bit.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, min_8bit_size=min_8bit_size)
+            ),
             optax.add_decayed_weights(weight_decay, mask),
             optax.scale_by_learning_rate(schedule),
         )
     elif name == "adafactor":  # optax.adafactor's steps, its decay × the schedule (as HF's)
         tx = optax.chain(
-            optax.scale_by_factored_rms(),
-            optax.clip_by_block_rms(1.0),
-            optax.scale_by_param_block_rms(),
+            per_layer(
+                optax.chain(
+                    optax.scale_by_factored_rms(),
+                    optax.clip_by_block_rms(1.0),
+                    optax.scale_by_param_block_rms(),
+                )
+            ),
             optax.add_decayed_weights(weight_decay, mask),
             optax.scale_by_learning_rate(schedule),
         )
@@ -167,8 +242,7 @@ def _lr_scales(groups: Any) -> Any:
 def group_table(groups: Any) -> Mapping[str, Group]:
     """``{dotted path: Group}``: the grouping as a flat table (for logs and tests)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_group)
-    key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
-    return {".".join(key(k) for k in path): g for path, g in flat}
+    return {".".join(_key(k) for k in path): g for path, g in flat}
 
 
 class LossScaleState(NamedTuple):

@@ -90,10 +90,10 @@ def _axes_by_name(names: list[str | None], ndim: int) -> tuple[str | None, ...]:
     out_ax, in_ax = (axes + (None,))[:2]
     if part == "bias" or part == "magnitude" or part == "lora_magnitude_vector":
         return (out_ax,) if ndim == 1 else (None,) * ndim
-    if part == "a":  # LoRA A [r, in]
-        return ("lora_rank", in_ax)
+    if part == "a":  # LoRA A [r, in] (an optimizer's factor of it: replicated)
+        return ("lora_rank", in_ax) if ndim == 2 else (None,) * ndim
     if part == "b":  # LoRA B [out, r]
-        return (out_ax, "lora_rank")
+        return (out_ax, "lora_rank") if ndim == 2 else (None,) * ndim
     if part in ("nested_absmax", "offset"):
         return (None,) * ndim
     if part in ("codes", "absmax"):

@@ -174,8 +174,9 @@ def test_quant_compute_dtype_reaches_every_4bit_weight(overrides, dtype):
     assert isinstance(tx.init({"w": jnp.zeros((2, 2))}), LossScaleState) == (dtype == "float16")
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("name", ["adamw_8bit", "adafactor", "lion", "sgd"])
-def test_streamed_update_is_the_update_for_every_optimizer(name):
+def test_streamed_update_is_the_update_for_every_optimizer(name, stacked):
     """Each optimizer's state split by parameter (8-bit codes and absmax, Adafactor's factors,
     LoRA+ groups' masks; the loss scale shared) and streamed stage by stage gives tx.update's
     updates and state: one update from a non-zero state (a first tx.update), compared after one
@@ -186,6 +187,8 @@ def test_streamed_update_is_the_update_for_every_optimizer(name):
         "q": {"a": jax.random.normal(keys[0], (8, 600)), "b": jax.random.normal(keys[1], (600, 8))},
         "norm": jax.random.normal(keys[2], (24,)),
     }
+    if stacked:  # two layers scanned: the 8-bit and Adafactor states are vmapped per layer
+        params = {"model": {"layers": {"0:2": jax.tree.map(lambda x: jnp.stack([x, -x]), params)}}}
     grads = jax.tree.map(lambda p: 0.1 * jnp.sin(3 * p + 1), params)
     groups = param_groups(params, loraplus_lr_ratio=4.0)
     inner = make_optimizer(

@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from jaxlora.training import adam8bit
-from jaxlora.training.optim import OPTIMIZERS, group_table, make_optimizer, param_groups
+from jaxlora.training.optim import (
+    OPTIMIZERS,
+    Group,
+    decays,
+    group_table,
+    make_optimizer,
+    param_groups,
+)
 from jaxlora.weights.nf4_format import DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP
 
 with warnings.catch_warnings():
@@ -225,58 +232,45 @@ def test_groups_scale_the_update_like_a_param_group_lr():
     )
 
 
-@pytest.mark.parametrize("saved_lr", [None, 3e-4])
-def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(tmp_path, saved_lr):
-    """Every trainable tensor's LR and weight decay equal those of its param group in PEFT's
-    ``create_loraplus_optimizer`` (LoRA on every linear with biases and DoRA magnitudes, a
-    ``modules_to_save`` head and norm); with ``train.modules_to_save_lr`` the saved modules take
-    that LR instead. Tensors are matched by their PEFT names (``interop.peft.adapter_tensors``)."""
+# Tiny models whose trainable tensors cover every kind a group rule tells apart: LoRA A/B on
+# every linear, LoRA biases, DoRA magnitudes, a saved head and saved norms (RMSNorm in Llama,
+# Qwen3's q/k norms, LayerNorm with a bias in Falcon's new decoder architecture).
+_SAVED = {
+    "llama_bias": ["lm_head", "model.norm"],
+    "qwen3": ["lm_head", "q_norm"],
+    "falcon40b_gqa": ["lm_head", "ln_attn", "transformer.ln_f"],
+}
+
+
+def _peft_and_ours(family, directory, **groups_kw):
+    """``(peft model, {PEFT tensor name: our Group})`` for ``family`` with LoRA r=4 on every
+    linear (``bias="lora_only"``, DoRA, ``_SAVED[family]`` saved); ``groups_kw`` go to
+    :func:`param_groups` (``None``: the groups are :func:`decays` as :class:`Group` (1, d)).
+    Tensors are matched by their PEFT names (``interop.peft.adapter_tensors``)."""
     import peft
-    from peft.optimizers import create_loraplus_optimizer
 
     import jaxlora
     from jaxlora import lora
     from jaxlora.interop.peft import adapter_tensors
     from jaxlora.interop.peft_config import config_from_peft
-    from tests.hf_models import make_hf_model
+    from tests.hf_models import make_hf_falcon, make_hf_model
 
     kw = dict(
         r=4,
         target_modules="all-linear",
         bias="lora_only",
         use_dora=True,
-        modules_to_save=["lm_head", "model.norm"],
+        modules_to_save=_SAVED[family],
     )
-    lr, ratio, wd = 1e-3, 16.0, 0.1
-    pm = peft.get_peft_model(make_hf_model("llama_bias", tmp_path), peft.LoraConfig(**kw))
-    opt = create_loraplus_optimizer(
-        pm, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
-    )
-    names = {id(p): n for n, p in pm.named_parameters()}
-    theirs = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            key = (
-                names[id(p)]
-                .replace(".default", "")
-                .replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
-            )
-            key = key.replace(".modules_to_save.", ".")
-            saved = key.startswith(("base_model.model.lm_head.", "base_model.model.model.norm."))
-            theirs[key] = (
-                saved_lr if saved and saved_lr else group["lr"],
-                group["weight_decay"] > 0,
-            )
-
+    make = make_hf_falcon if family.startswith("falcon") else make_hf_model
+    pm = peft.get_peft_model(make(family, directory), peft.LoraConfig(**kw))
     cfg = config_from_peft(peft.LoraConfig(**kw).to_dict())
-    model = jaxlora.load_model(tmp_path).apply_lora(cfg, key=jax.random.key(0))
+    model = jaxlora.load_model(directory).apply_lora(cfg, key=jax.random.key(0))
     frozen, trainable = lora.partition(model.params, cfg)
-    groups = param_groups(
-        trainable,
-        loraplus_lr_ratio=ratio,
-        modules_to_save=cfg.modules_to_save,
-        modules_to_save_lr_scale=None if saved_lr is None else saved_lr / lr,
-    )
+    if groups_kw:
+        groups = param_groups(trainable, modules_to_save=cfg.modules_to_save, **groups_kw)
+    else:
+        groups = jax.tree.map(lambda d: Group(1.0, d), decays(trainable))
     # mark each trainable tensor with its index, find it under its PEFT name
     table = list(group_table(groups).values())
     marked = jax.tree.map(
@@ -286,9 +280,115 @@ def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(tmp_path, sav
     )
     ours = {}
     for key, arr in adapter_tensors(lora.combine(frozen, marked), cfg).items():
-        g = table[int(arr.reshape(-1)[0])]
-        ours[key] = (g.lr_scale * lr, g.decay)
+        ours[key] = table[int(arr.reshape(-1)[0])]
+    return pm, ours
+
+
+def _peft_key(name: str) -> str:
+    """A PEFT model's parameter name as ``adapter_tensors`` names the tensor."""
+    name = name.replace(".default", "").replace(".modules_to_save.", ".")
+    return name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+
+
+@pytest.mark.parametrize("saved_lr", [None, 3e-4])
+@pytest.mark.parametrize("family", list(_SAVED))
+def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(tmp_path, family, saved_lr):
+    """Every trainable tensor's LR and weight decay equal those of its param group in PEFT's
+    ``create_loraplus_optimizer`` (which decays RMSNorm weights but not ``nn.LayerNorm`` ones);
+    with ``train.modules_to_save_lr`` the saved modules take that LR instead."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    lr, ratio, wd = 1e-3, 16.0, 0.1
+    scale = None if saved_lr is None else saved_lr / lr
+    pm, ours = _peft_and_ours(
+        family, tmp_path, loraplus_lr_ratio=ratio, modules_to_save_lr_scale=scale
+    )
+    opt = create_loraplus_optimizer(
+        pm, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
+    )
+    names = {id(p): n for n, p in pm.named_parameters()}
+    theirs = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            saved = ".modules_to_save." in names[id(p)]
+            theirs[_peft_key(names[id(p)])] = (
+                saved_lr if saved and saved_lr else group["lr"],
+                group["weight_decay"] > 0,
+            )
     assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-12), key
-        assert ours[key][1] == theirs[key][1], key
+    for key, g in ours.items():
+        assert g.lr_scale * lr == pytest.approx(theirs[key][0], rel=1e-12), key
+        assert g.decay == theirs[key][1], key
+
+
+@pytest.mark.parametrize("saved_lr", [None, 3e-4])
+@pytest.mark.parametrize("family", list(_SAVED))
+def test_weight_decay_without_loraplus_is_hf_trainers(tmp_path, family, saved_lr):
+    """Without LoRA+ (no groups, or ``train.modules_to_save_lr`` groups) weight decay applies to
+    exactly the trainable tensors in HF's ``Trainer.get_decay_parameter_names``: not biases,
+    not norm weights (RMSNorm by name, LayerNorm by type)."""
+    from transformers import Trainer
+
+    kw = {} if saved_lr is None else dict(loraplus_lr_ratio=None, modules_to_save_lr_scale=3.0)
+    pm, ours = _peft_and_ours(family, tmp_path, **kw)
+    decayed = set(Trainer.get_decay_parameter_names(None, pm))
+    theirs = {_peft_key(n): n in decayed for n, p in pm.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    assert {k: g.decay for k, g in ours.items()} == theirs
+    assert not all(theirs.values()) and any(theirs.values())
+
+
+@pytest.mark.parametrize("loraplus", [None, 16.0])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_stacked_layers_are_updated_as_the_unrolled_layers(name, loraplus):
+    """A step that scans its layers hands the optimizer stacked leaves (a leading layer axis
+    per run of layers, :mod:`jaxlora.models.stacking`); the groups, the weight decay and two
+    updates are those of the unrolled tree, layer by layer: 8-bit Adam's blocks and
+    ``min_8bit_size``, Adafactor's factors and block RMS are per layer, and a stacked DoRA
+    magnitude or norm weight is still 1-D to LoRA+. Two runs (layers 0 and 1:3) of three layers
+    whose tensors differ; per-layer sizes not a multiple of 256 (8-bit blocks would straddle
+    layers) and under 4096 (float32 moments, though 4096+ stacked)."""
+    from jaxlora.models.stacking import stack_layers
+
+    keys = iter(jax.random.split(jax.random.key(0), 64))
+    normal = lambda *shape: jax.random.normal(next(keys), shape)
+    layer = lambda: {
+        "mlp": {
+            "up_proj": {"weight": {"a": normal(8, 300), "b": normal(600, 8)}},
+            "down_proj": {"weight": normal(130, 300)},  # factored by Adafactor
+        },
+        "self_attn": {"k_proj": {"bias": normal(1500), "weight": {"magnitude": normal(300)}}},
+        "post_attention_layernorm": {"weight": normal(300)},
+    }
+    params = {"model": {"layers": {str(i): layer() for i in range(3)}}}
+    params["lm_head"] = {"weight": normal(61, 40)}
+    runs = ((0, 1), (1, 3))
+    stacked = stack_layers(params, runs)
+
+    def updates(tree):
+        groups = param_groups(tree, loraplus_lr_ratio=loraplus) if loraplus else None
+        tx = make_optimizer(
+            optax.constant_schedule(1e-2),
+            name=name,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            momentum=0.9,
+            groups=groups,
+        )
+        grads = jax.tree.map(lambda p: 0.1 * jnp.sin(3 * p + 1), tree)
+        state = tx.init(tree)
+        first, state = tx.update(grads, state, tree)
+        second, _ = tx.update(grads, state, optax.apply_updates(tree, first))
+        table = group_table(groups) if groups else group_table(decays(tree))
+        return table, first, second
+
+    table, *want = updates(params)
+    stacked_table, *got = updates(stacked)
+    assert len(stacked_table) == 1 + 2 * 6
+    for path, g in stacked_table.items():  # "model.layers.1:3.x" is layers 1 and 2's "x"
+        a, b = next((a, b) for a, b in runs if f".{a}:{b}." in path) if ":" in path else (0, 1)
+        for i in range(a, b):
+            assert table[path.replace(f".{a}:{b}.", f".{i}.")] == g, path
+    # the same arithmetic, vmapped: reductions (block RMS, absmax) may be ordered otherwise
+    for w, g in zip(want, got, strict=True):
+        chex.assert_trees_all_close(stack_layers(w, runs), g, rtol=1e-6, atol=1e-9)

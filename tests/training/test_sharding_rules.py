@@ -129,3 +129,29 @@ def test_an_embedding_table_is_split_on_its_rows_only():
     # a vocab the axes do not divide keeps the rules' spec; the head is a matmul: unchanged
     assert _spec(table, (32001, 4096), FSDP8) == (None, "fsdp")
     assert _spec(("lm_head", "weight"), (128256, 4096), mesh) == ("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_every_optimizers_state_has_a_spec_for_each_leaf(stacked):
+    """Adafactor's factors of a LoRA factor are 1-D (``v_row``/``v_col`` of an unfactored leaf:
+    shape ``(1,)``) under the factor's path: they get a spec of their own rank (replicated),
+    not the factor's 2-D one. Every optimizer's state, unrolled or stacked for scan."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxlora.training.optim import OPTIMIZERS, make_optimizer
+
+    proj = {"weight": {"a": jnp.zeros((16, 4096)), "b": jnp.zeros((4096, 16))}}
+    proj |= {"bias": jnp.zeros((4096,))}
+    layer = {"self_attn": {"q_proj": proj}}
+    layers = {"0:2": jax.tree.map(lambda x: jnp.stack([x, x]), layer)} if stacked else {"0": layer}
+    trainable = {"model": {"layers": layers}}
+    for name in OPTIMIZERS:
+        tx = make_optimizer(
+            optax.constant_schedule(1e-3), name=name, weight_decay=0.1, max_grad_norm=1.0
+        )
+        state = jax.eval_shape(tx.init, trainable)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            spec = leaf_spec(path, leaf.shape, _default_rules(), FSDP8)
+            assert len(spec) == len(leaf.shape), (name, jax.tree_util.keystr(path))
