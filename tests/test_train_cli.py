@@ -16,7 +16,7 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from jaxlora import train
+from jaxlora import lora, train
 from jaxlora.export import main as export_main
 from jaxlora.interop.safetensors import read_file
 from jaxlora.training import checkpoint
@@ -592,6 +592,47 @@ def test_scanned_run_equals_unrolled_at_step_1_for_per_tensor_optimizers(assets,
     assert got.keys() == want.keys()
     for k, w in want.items():
         np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-6 * max(1.0, np.abs(w).max()))
+
+
+def test_a_loftq_run_trains_from_loftqs_base_and_quantizes_the_rest(assets, tmp_path):
+    """``lora.init=loftq`` from the command line: the base loads in float, each target gets
+    LoftQ's NF4 base and factors exactly as ``Model.apply_lora`` gives them on the float model,
+    and every other decoder linear is the NF4 tensor a ``quant.type=nf4`` load stores; a step
+    runs on that base."""
+    import jax
+    from flax.traverse_util import flatten_dict
+
+    from jaxlora.config import load_config
+    from jaxlora.model import load_model
+    from jaxlora.training import run as run_builder
+    from jaxlora.weights.lora import LoRAWeight
+    from jaxlora.weights.nf4 import NF4Tensor
+
+    plain = _args(assets, tmp_path / "run", "lora.target_modules=[q_proj,down_proj]")
+    args = [*plain, "lora.init=loftq"]
+    cfg = load_config("demo", args)
+    key = jax.random.key(0)
+    _, frozen, trainable = run_builder.init_lora(cfg, run_builder.load_base(cfg), key)
+    got = flatten_dict(lora.combine(frozen, trainable), sep=".")
+    want = flatten_dict(
+        load_model(cfg.model.path, dtype=cfg.model.dtype).apply_lora(cfg.lora, key=key).params,
+        sep=".",
+    )
+    nf4 = flatten_dict(run_builder.load_base(load_config("demo", plain)).params, sep=".")
+    kinds = {"lora": 0, "nf4": 0}
+    for k, w in want.items():
+        if isinstance(w, LoRAWeight):  # LoftQ's base (NF4) and factors
+            assert isinstance(w.base, NF4Tensor)
+            jax.tree.map(np.testing.assert_array_equal, got[k], w)
+            kinds["lora"] += 1
+        elif isinstance(nf4[k], NF4Tensor):  # not a target: quantized as a QLoRA load does
+            jax.tree.map(np.testing.assert_array_equal, got[k], nf4[k])
+            kinds["nf4"] += 1
+        else:
+            np.testing.assert_array_equal(got[k], w)
+    assert kinds["lora"] == 2 * 2 and kinds["nf4"] == 2 * 5  # 2 layers
+    assert train.main([*args, "train.max_steps=1", "train.save_every=1"]) == 0
+    assert _metrics(tmp_path / "run")[0]["step"] == 1
 
 
 def test_export_from_a_scanned_checkpoint(scanned_run, tmp_path):

@@ -96,8 +96,8 @@ MEANINGS: dict[str, str] = {
     "lora.use_dora": "DoRA: adds a trained per-output magnitude vector on top of LoRA.",
     "lora.init": "Adapter initialisation: `default` (A kaiming-uniform, B = 0, so the model "
     "starts unchanged), `gaussian`, `pissa` (principal singular vectors), `pissa_niter_<K>` "
-    "(PiSSA by a K-iteration randomized SVD, fast on large models), `loftq` (4-bit base only: "
-    "starts closer to the 16-bit model), `random` (B != 0 as well: for tests).",
+    "(PiSSA by a K-iteration randomized SVD, fast on large models), `loftq` (NF4 base only: "
+    "starts closer to the 16-bit model; the base loads in float once), `random` (B != 0 as well: for tests).",
     "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
     "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
     "lora.loraplus_lr_ratio": "LoRA+ (PEFT's `create_loraplus_optimizer`): LoRA B, DoRA "

@@ -419,10 +419,13 @@ class Config(Section):
 
     def _validate(self) -> None:
         check(self.output_dir != "", "output_dir", "must not be empty")
+        q = self.quant
         check(
-            self.lora.init != "loftq" or self.quant.type != "none",
+            self.lora.init != "loftq" or (q.type, q.blocksize, q.double_quant) == ("nf4", 64, True),
             "lora.init",
-            "loftq initialises LoRA against a quantized base; set quant.type to nf4 or fp4",
+            "loftq initialises LoRA against the base it quantizes as PEFT's LoftQ does (NF4, "
+            "blocks of 64, double-quantized absmax); set quant.type=nf4, quant.blocksize=64, "
+            f"quant.double_quant=true (got {q.type}, {q.blocksize}, {str(q.double_quant).lower()})",
         )
         check(
             self.train.exact_match_examples == 0

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora.dtypes import FLOAT_DTYPE_NAMES
 from jaxlora.weights.nf4 import NF4Tensor, quantize
@@ -226,6 +227,28 @@ def quantizing_converter(
         return to_device(t)
 
     return convert
+
+
+def quantize_linears(
+    params: dict,
+    quant: str,
+    *,
+    dtype: str = "float32",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> dict:
+    """``params`` with every decoder linear still in float quantized as
+    :func:`quantizing_converter` quantizes it while loading; leaves already quantized or wrapped
+    (a LoRA weight whose base LoftQ quantized) stay as they are."""
+    convert = quantizing_converter(
+        quant, dtype=dtype, blocksize=blocksize, double_quant=double_quant
+    )
+    flat = flatten_dict(params, sep=".")
+    for key, leaf in flat.items():
+        quantized = convert(key, np.asarray(leaf)) if isinstance(leaf, jax.Array) else None
+        if quantized is not None:
+            flat[key] = quantized
+    return unflatten_dict(flat, sep=".")
 
 
 class BnbCheckpointReader:

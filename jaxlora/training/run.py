@@ -44,8 +44,12 @@ def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
     into the runs the step will scan (:func:`plan_runs`), each stacked leaf written slot by
     slot as the checkpoint streams, already on its sharding over ``mesh`` (the step's, layer
     axis whole): the base is on the devices once, not loaded and then copied into stacked
-    arrays (:class:`~jaxlora.models.stacking.StackingSink`)."""
-    quant = None if cfg.quant.type == "none" else cfg.quant.type
+    arrays (:class:`~jaxlora.models.stacking.StackingSink`).
+
+    ``lora.init=loftq`` reads each target's float weight and quantizes it itself
+    (:func:`init_lora`): its base loads in float and unstacked, as PEFT's LoftQ loads it."""
+    loftq = cfg.lora.init == "loftq"
+    quant = None if cfg.quant.type == "none" or loftq else cfg.quant.type
     model = load_model(
         cfg.model.path,
         dtype=cfg.model.dtype,
@@ -54,7 +58,7 @@ def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
         revision=cfg.model.revision,
         quant_kwargs={"blocksize": cfg.quant.blocksize, "double_quant": cfg.quant.double_quant},
         kernel=cfg.quant.kernel,
-        sink=None if mesh is None else stacking_sink(cfg, mesh),
+        sink=None if mesh is None or loftq else stacking_sink(cfg, mesh),
     )
     if cfg.model.tokenizer:
         model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
@@ -148,8 +152,20 @@ def train_batches(
 
 
 def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, Any]:
-    """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``."""
+    """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``. Under LoftQ
+    the targets' bases come back in NF4 and the base's other linears are quantized here, as
+    :func:`load_base` quantizes them for every other init."""
     model = model.apply_lora(cfg.lora, key=key)
+    if cfg.lora.init == "loftq":
+        q = cfg.quant
+        params = bnb.quantize_linears(
+            model.params,
+            q.type,
+            dtype=cfg.model.dtype,
+            blocksize=q.blocksize,
+            double_quant=q.double_quant,
+        )
+        model = model.replace(params=params, quant=q.type)
     frozen, trainable = lora.partition(model.params, cfg.lora)
     return model, frozen, trainable
 

@@ -206,9 +206,20 @@ def test_exact_match_needs_held_out_question_answer_data():
         load_config("demo", [*ok, "data.format=text"])
 
 
-def test_loftq_needs_a_quantized_base():
-    with pytest.raises(ConfigError, match=r"lora.init: loftq .* quant.type"):
-        load_config("llama_lora", ["lora.init=loftq"])
+@pytest.mark.parametrize(
+    ("recipe", "extra", "got"),
+    [
+        ("llama_lora", [], "none, 64, true"),
+        ("llama_qlora", ["quant.type=fp4"], "fp4, 64, true"),
+        ("llama_qlora", ["quant.blocksize=128"], "nf4, 128, true"),
+        ("llama_qlora", ["quant.double_quant=false"], "nf4, 64, false"),
+    ],
+)
+def test_loftq_needs_the_base_it_quantizes(recipe, extra, got):
+    """LoftQ's base is NF4 in blocks of 64 with double quantization (PEFT's): the run's quant
+    must be that base's, not none or another 4-bit layout."""
+    with pytest.raises(ConfigError, match=rf"lora.init: loftq .*\(got {got}\)"):
+        load_config(recipe, ["lora.init=loftq", *extra])
     assert load_config("llama_qlora", ["lora.init=loftq"]).lora.init == "loftq"
 
 
