@@ -88,11 +88,19 @@ def test_malformed_data_line_is_reported_with_file_and_line(assets, tmp_path, ca
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_a_kernel_these_devices_cannot_run_is_an_error(assets, tmp_path, capsys):
-    # quant.kernel=fused asks for the Pallas kernel, which CPUs run only interpreted
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        # the Pallas kernel, which CPUs run only interpreted
+        ((), "quant.kernel=fused: no compiled 4-bit matmul kernel for cpu"),
+        # blocks the kernels do not take: not a silent dequantize-then-dot on any device
+        (("quant.blocksize=256",), "quant.kernel=fused: the Pallas 4-bit kernels take blocks"),
+    ],
+)
+def test_a_kernel_these_devices_cannot_run_is_an_error(assets, tmp_path, capsys, extra, needle):
     out = tmp_path / "run"
-    assert train.main(_args(assets, out, "quant.type=nf4", "quant.kernel=fused")) == 2
-    assert "quant.kernel=fused: no compiled 4-bit matmul kernel for cpu" in capsys.readouterr().err
+    assert train.main(_args(assets, out, "quant.type=nf4", "quant.kernel=fused", *extra)) == 2
+    assert needle in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -542,6 +550,34 @@ def test_resume_with_another_rank_is_refused(assets, short_run, capsys):
     assert "lora.r: 16 -> 4" in capsys.readouterr().err
 
 
+def test_a_randomized_pissa_run_exports_and_resumes_on_the_base_it_trained(
+    assets, tmp_path, capsys
+):
+    """``lora.init=pissa_niter_K`` draws its base ``W − s·B₀A₀`` from the run's init key
+    (``train.seed``): the merged export rebuilds that base, so after one step of lr 1e-6 the
+    merged weights are the original ones to within the step (another key's base is ~40 % of
+    ‖W‖ off); a resume with another seed, which would draw another base, is refused."""
+    from jaxlora.interop.safetensors import read_file as read_tensors
+
+    run = tmp_path / "run"
+    extra = ("quant.type=none", "lora.init=pissa_niter_2", "train.seed=7", "train.lr=1e-6")
+    common = ("train.max_steps=1", "train.save_every=1", "train.eval_every=0")
+    assert train.main(_args(assets, run, *extra, *common)) == 0
+    out = tmp_path / "merged"
+    assert export_main([f"checkpoint={run}", "format=merged", f"out={out}"]) == 0
+    merged = read_tensors(out / "model.safetensors")
+    original = read_tensors(Path(assets["model"]) / "model.safetensors")
+    linears = [k for k in original if k.endswith("proj.weight")]
+    assert linears
+    for k in linears:  # rank-2 step of lr 1e-6 on factors of norm ~1: far under 1e-4
+        np.testing.assert_allclose(merged[k], original[k], rtol=0, atol=1e-4, err_msg=k)
+    rc = train.main(
+        _args(assets, run, *extra[:-2], "train.seed=8", "train.resume=true", "train.max_steps=2")
+    )
+    assert rc == 2
+    assert "train.seed=7" in capsys.readouterr().err
+
+
 # ---- scanned layers: the same first step, the same adapter on the way out -------------------
 
 
@@ -574,14 +610,17 @@ def test_scanned_run_equals_unrolled_at_step_1(assets, scanned_run, tmp_path):
     [
         ("train.optimizer=adafactor", "train.lr=1e-2", "lora.use_dora=true"),
         ("train.optimizer=adamw_8bit", "lora.use_dora=true", "lora.loraplus_lr_ratio=16"),
+        ("lora.modules_to_save=[layers.0.input_layernorm]",),
     ],
-    ids=["adafactor_dora", "adamw_8bit_loraplus_dora"],
+    ids=["adafactor_dora", "adamw_8bit_loraplus_dora", "one_layers_module_saved"],
 )
-def test_scanned_run_equals_unrolled_at_step_1_for_per_tensor_optimizers(assets, tmp_path, extra):
+def test_scanned_run_equals_unrolled_at_step_1_with(assets, tmp_path, extra):
     """The optimizer sees each scanned layer as its own tensor: Adafactor's step is × the RMS of
     each layer's DoRA magnitudes (its norms of W's rows), and LoRA+ gives the stacked
-    magnitudes (1-D per layer) the ratio × LR as it does unrolled. Step 1's update is
-    continuous in the gradients, which are an ulp apart: adapters within 1e-6 of their scale."""
+    magnitudes (1-D per layer) the ratio × LR as it does unrolled. A module saved in one layer
+    only makes that layer a run of its own (its halves differ from the other layers'). Step 1's
+    update is continuous in the gradients, which are an ulp apart: adapters within 1e-6 of
+    their scale."""
     common = ("train.max_steps=1", "train.save_every=1", "train.eval_every=0", *extra)
     runs = {}
     for scan in ("true", "false"):
@@ -594,22 +633,25 @@ def test_scanned_run_equals_unrolled_at_step_1_for_per_tensor_optimizers(assets,
         np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-6 * max(1.0, np.abs(w).max()))
 
 
-def test_a_loftq_run_trains_from_loftqs_base_and_quantizes_the_rest(assets, tmp_path):
-    """``lora.init=loftq`` from the command line: the base loads in float, each target gets
-    LoftQ's NF4 base and factors exactly as ``Model.apply_lora`` gives them on the float model,
-    and every other decoder linear is the NF4 tensor a ``quant.type=nf4`` load stores; a step
-    runs on that base."""
+@pytest.mark.parametrize("init", ["loftq", "pissa"])
+def test_a_4bit_run_whose_init_rewrites_the_base_quantizes_after_it(assets, tmp_path, init):
+    """``lora.init=loftq`` / ``pissa`` on the demo's NF4 run: the base loads in float, each
+    target's factors (and LoftQ's NF4 base) are exactly what ``Model.apply_lora`` gives on the
+    float model, PiSSA's float residual and every other decoder linear are quantized as a
+    ``quant.type=nf4`` load quantizes them; a step runs on that base, and ``plan``'s abstract
+    build of the run holds the same shapes."""
     import jax
     from flax.traverse_util import flatten_dict
 
     from jaxlora.config import load_config
+    from jaxlora.interop.bnb import quantizing_converter
     from jaxlora.model import load_model
     from jaxlora.training import run as run_builder
     from jaxlora.weights.lora import LoRAWeight
     from jaxlora.weights.nf4 import NF4Tensor
 
     plain = _args(assets, tmp_path / "run", "lora.target_modules=[q_proj,down_proj]")
-    args = [*plain, "lora.init=loftq"]
+    args = [*plain, f"lora.init={init}"]
     cfg = load_config("demo", args)
     key = jax.random.key(0)
     _, frozen, trainable = run_builder.init_lora(cfg, run_builder.load_base(cfg), key)
@@ -619,10 +661,14 @@ def test_a_loftq_run_trains_from_loftqs_base_and_quantizes_the_rest(assets, tmp_
         sep=".",
     )
     nf4 = flatten_dict(run_builder.load_base(load_config("demo", plain)).params, sep=".")
+    convert = quantizing_converter("nf4", dtype=cfg.model.dtype)
     kinds = {"lora": 0, "nf4": 0}
     for k, w in want.items():
-        if isinstance(w, LoRAWeight):  # LoftQ's base (NF4) and factors
-            assert isinstance(w.base, NF4Tensor)
+        if isinstance(w, LoRAWeight):  # LoftQ's NF4 base, PiSSA's residual quantized here
+            if init == "pissa":
+                assert not isinstance(w.base, NF4Tensor)
+                w = w.replace(base=convert(k, np.asarray(w.base)))
+            assert isinstance(got[k].base, NF4Tensor)
             jax.tree.map(np.testing.assert_array_equal, got[k], w)
             kinds["lora"] += 1
         elif isinstance(nf4[k], NF4Tensor):  # not a target: quantized as a QLoRA load does
@@ -631,8 +677,21 @@ def test_a_loftq_run_trains_from_loftqs_base_and_quantizes_the_rest(assets, tmp_
         else:
             np.testing.assert_array_equal(got[k], w)
     assert kinds["lora"] == 2 * 2 and kinds["nf4"] == 2 * 5  # 2 layers
+    shapes = jax.eval_shape(
+        lambda p, k: lora.inject(p, run_builder.lora_for_shapes(cfg), k),
+        run_builder.abstract_base(cfg, *_config(cfg)),
+        key,
+    )
+    same = lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype)
+    assert jax.tree.all(jax.tree.map(same, shapes, lora.combine(frozen, trainable)))
     assert train.main([*args, "train.max_steps=1", "train.save_every=1"]) == 0
     assert _metrics(tmp_path / "run")[0]["step"] == 1
+
+
+def _config(cfg):
+    from jaxlora.interop import hf
+
+    return hf.read_config(hf.resolve(cfg.model.path, cfg.model.revision))
 
 
 def test_export_from_a_scanned_checkpoint(scanned_run, tmp_path):

@@ -96,8 +96,10 @@ MEANINGS: dict[str, str] = {
     "lora.use_dora": "DoRA: adds a trained per-output magnitude vector on top of LoRA.",
     "lora.init": "Adapter initialisation: `default` (A kaiming-uniform, B = 0, so the model "
     "starts unchanged), `gaussian`, `pissa` (principal singular vectors), `pissa_niter_<K>` "
-    "(PiSSA by a K-iteration randomized SVD, fast on large models), `loftq` (NF4 base only: "
-    "starts closer to the 16-bit model; the base loads in float once), `random` (B != 0 as well: for tests).",
+    "(PiSSA by a K-iteration randomized SVD, fast on large models, drawn from `train.seed`), "
+    "`loftq` (NF4 base only: starts closer to the 16-bit model). PiSSA and LoftQ rewrite the "
+    "base: a 4-bit run loads it in float once and quantizes it after the init, as PEFT's "
+    "PiSSA/LoftQ QLoRA recipes do, `random` (B != 0 as well: for tests).",
     "lora.loftq_iters": "LoftQ alternating-optimisation iterations (`lora.init=loftq`).",
     "lora.dtype": "Dtype of the adapter weights and their optimizer state (PEFT keeps float32).",
     "lora.loraplus_lr_ratio": "LoRA+ (PEFT's `create_loraplus_optimizer`): LoRA B, DoRA "
@@ -123,7 +125,8 @@ MEANINGS: dict[str, str] = {
     "`data.eval_path` is set. Streams and mixtures take a count: the first N records (of each "
     "source).",
     "data.eval_path": "A separate held-out file or directory in the same format; it is then "
-    "the validation set (eval loss, exact match).",
+    "the validation set (eval loss, exact match), read whole (`data.split`, `data.subset`, "
+    "`data.max_examples` select training records only).",
     "data.shuffle_seed": "Seed for the validation split and per-epoch shuffles "
     "(`null` = `train.seed`).",
     "data.max_examples": "Use only the first N records (`null` = all); handy for smoke runs.",
@@ -142,7 +145,8 @@ MEANINGS: dict[str, str] = {
     "data.chat_template": "The chat template `chat`/`sharegpt` data is rendered with and every "
     "export carries: `llama3`, `chatml`, `mistral`, `gemma`, `phi3` (each family's official "
     "instruct template), `alpaca`, or a Jinja file. For a base model without a template, or to "
-    "replace the tokenizer's own (logged). `null` = the tokenizer's own.",
+    "replace the tokenizer's own (logged); in a mixture it serves the chat sources, beside "
+    "alpaca or text ones. `null` = the tokenizer's own.",
     "data.streaming": "Stream the dataset (`datasets`' `IterableDataset`): nothing is downloaded "
     "before the first step; records are tokenized and packed as they arrive, and checkpoints "
     "hold the exact position. Needs `train.max_steps` and a `val_size` count (the first N "

@@ -22,7 +22,6 @@ the chat template its exports carry (:mod:`~jaxlora.data.templates`: the named t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -36,7 +35,7 @@ from jaxlora.data.prompts import Prompt, alpaca_chat_template, has_template, ins
 from jaxlora.data.prompts import encode as encode_prompt
 from jaxlora.data.prompts import render as render_prompt
 from jaxlora.data.prompts import user as user_prompt
-from jaxlora.data.records import check_record, load_records, load_tokenizer
+from jaxlora.data.records import check_record, held_out, load_records, load_tokenizer
 from jaxlora.data.streams import ExampleStream, MixtureSampler, StreamIterator, build_stream
 from jaxlora.data.tokenize import (
     ALPACA_TEMPLATE,
@@ -65,6 +64,7 @@ __all__ = [
     "build_datasets",
     "build_stream",
     "check_record",
+    "held_out",
     "conversation",
     "encode_prompt",
     "has_template",
@@ -121,8 +121,8 @@ def build_datasets(
     if cfg.eval_path is None:
         train, val = split_validation(examples, cfg.val_size, seed)
     else:  # a separate held-out file is the validation set (config ensures val_size == 0)
-        held_out = dataclasses.replace(cfg, path=cfg.eval_path, max_examples=None)
-        train, (val, _) = examples, tokenize(load_records(held_out), tokenizer, held_out)
+        held = held_out(cfg)
+        train, (val, _) = examples, tokenize(load_records(held), tokenizer, held)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_ds = PackedDataset.build(train, cfg.max_seq_len, cfg.packing, pad)
     val_ds = PackedDataset.build(val, cfg.max_seq_len, cfg.packing, pad) if val else None

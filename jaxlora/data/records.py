@@ -10,6 +10,7 @@ pandas would make ``5`` an int and ``NA`` or ``None`` a missing value).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import datasets
 from transformers import AutoTokenizer
 
 from jaxlora.config import DataConfig
-from jaxlora.data.conversations import check_sharegpt
+from jaxlora.data.conversations import CHAT_FORMATS, check_sharegpt
 from jaxlora.data.packing import DataError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -129,6 +130,31 @@ def _lines(f: Any) -> Any:
         yield from whole
     if rest:
         yield rest
+
+
+def derived(cfg: DataConfig, **changes: Any) -> DataConfig:
+    """``cfg`` with ``changes``, for one part of the run's data (a ``data.sources`` entry, the
+    ``data.eval_path`` file): ``data.chat_template`` is kept where that part's format renders
+    conversations and dropped elsewhere (whether the run uses it at all is the whole config's
+    check, made once)."""
+    fmt = changes.get("format", cfg.format)
+    template = cfg.chat_template if fmt in CHAT_FORMATS else None
+    return dataclasses.replace(cfg, **{"chat_template": template, **changes})
+
+
+def held_out(cfg: DataConfig) -> DataConfig:
+    """The config that reads ``data.eval_path``: a local file or directory in ``data.format``,
+    whole (no ``max_examples``), read at once, and none of the training data's hub selection
+    (``split``, ``subset``) or mixture."""
+    return derived(
+        cfg,
+        path=cfg.eval_path,
+        max_examples=None,
+        streaming=False,
+        sources=(),
+        split="train",
+        subset=None,
+    )
 
 
 def load_records(cfg: DataConfig) -> Any:

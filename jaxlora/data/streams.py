@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxlora.config import DataConfig, SourceConfig
 from jaxlora.data.packing import DataError, Example, PackedDataset
-from jaxlora.data.records import check_record, dataset_args, load_records
+from jaxlora.data.records import check_record, dataset_args, derived, held_out, load_records
 from jaxlora.data.tokenize import check_tokenizer, tokenize, tokenize_record
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def source_configs(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
     out = []
     for src in cfg.sources:
         own = {k: getattr(src, k) for k in _OWN_KEYS if getattr(src, k) is not None}
-        out.append((dataclasses.replace(cfg, path=src.path, sources=(), **own), src.weight))
+        out.append((derived(cfg, path=src.path, sources=(), **own), src.weight))
     return out
 
 
@@ -390,10 +390,8 @@ def build_stream(
     if cfg.eval_path is None:
         val = [ex for s in sources for ex in s.validation()]
     else:
-        held_out = dataclasses.replace(
-            cfg, path=cfg.eval_path, max_examples=None, streaming=False, sources=()
-        )
-        val = tokenize(load_records(held_out), tokenizer, held_out)[0]
+        held = held_out(cfg)
+        val = tokenize(load_records(held), tokenizer, held)[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     val_ds = PackedDataset.build(val, cfg.max_seq_len, cfg.packing, pad) if val else None
     log.info(

@@ -22,6 +22,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora.dtypes import FLOAT_DTYPE_NAMES
+from jaxlora.weights.lora import LoRAWeight
 from jaxlora.weights.nf4 import NF4Tensor, quantize
 from jaxlora.weights.nf4_format import CODES, DYNAMIC_MAP
 
@@ -238,16 +239,18 @@ def quantize_linears(
     double_quant: bool = True,
 ) -> dict:
     """``params`` with every decoder linear still in float quantized as
-    :func:`quantizing_converter` quantizes it while loading; leaves already quantized or wrapped
-    (a LoRA weight whose base LoftQ quantized) stay as they are."""
+    :func:`quantizing_converter` quantizes it while loading, the float base of a LoRA weight
+    too (PiSSA's residual); a base already quantized (LoftQ's) stays as it is."""
     convert = quantizing_converter(
         quant, dtype=dtype, blocksize=blocksize, double_quant=double_quant
     )
     flat = flatten_dict(params, sep=".")
     for key, leaf in flat.items():
-        quantized = convert(key, np.asarray(leaf)) if isinstance(leaf, jax.Array) else None
+        wrapped = isinstance(leaf, LoRAWeight)
+        dense = leaf.base if wrapped else leaf
+        quantized = convert(key, np.asarray(dense)) if isinstance(dense, jax.Array) else None
         if quantized is not None:
-            flat[key] = quantized
+            flat[key] = leaf.replace(base=quantized) if wrapped else quantized
     return unflatten_dict(flat, sep=".")
 
 

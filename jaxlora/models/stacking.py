@@ -86,6 +86,15 @@ def layer_runs(params: dict, windows: Sequence[int | None] | None = None) -> Run
     return tuple(runs)
 
 
+def common_runs(*trees: dict, windows: Sequence[int | None] | None = None) -> Runs:
+    """The runs every one of ``trees`` (unstacked, same layers) can be stacked into: a run
+    ends wherever it ends in any of them (a step's frozen and trainable halves, which differ
+    where one layer's module is trained whole: ``modules_to_save``)."""
+    starts = sorted({s for tree in trees for s, _ in layer_runs(tree, windows)})
+    n = len(_layers(trees[0]))
+    return tuple(zip(starts, [*starts[1:], n], strict=True))
+
+
 def stacked_runs(params: dict) -> Runs | None:
     """The runs a stacked tree holds, in order; None when its layers are unstacked."""
     keys = list(_layers(params))

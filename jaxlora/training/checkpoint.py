@@ -146,6 +146,13 @@ def check_compatible(saved: dict, expected: dict, where: Path) -> None:
             raise ResumeError(
                 f"{where}: incompatible {section} config ({detail}); refusing to resume"
             )
+    if saved.get("init_seed") != expected.get("init_seed"):
+        raise ResumeError(
+            f"{where}: its randomized PiSSA base (lora.init=pissa_niter_K) was drawn with "
+            f"train.seed={saved.get('init_seed')}, this run has train.seed="
+            f"{expected.get('init_seed')}, which draws another base; resume with the seed it "
+            "was trained with"
+        )
 
 
 def meta_json(obj: Any) -> Any:

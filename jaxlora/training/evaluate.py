@@ -6,7 +6,6 @@ held-out examples before the first step and after the last.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,8 +96,8 @@ class Report:
         self.prompts: list[data.Prompt] = []
         self.answers: list[str] = []
         if self.n and cfg.data.eval_path:
-            held_out = dataclasses.replace(cfg.data, path=cfg.data.eval_path, max_examples=None)
-            self.prompts, self.answers = prompts_and_answers(held_out, self.n)
+            held = data.held_out(cfg.data)
+            self.prompts, self.answers = prompts_and_answers(held, self.n)
         self.before = self._measure(trainable)
 
     def _measure(self, trainable) -> dict[str, Any]:

@@ -20,7 +20,14 @@ from jaxlora.interop import gguf, hf, hub, ollama
 from jaxlora.interop.merged import param_dtype
 from jaxlora.models.stacking import unstack_layers
 from jaxlora.training import checkpoint
-from jaxlora.training.run import init_lora, load_base, make_tx, run_meta, stack_for_scan
+from jaxlora.training.run import (
+    init_lora,
+    load_base,
+    make_tx,
+    run_keys,
+    run_meta,
+    stack_for_scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,9 @@ def export_checkpoint(
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
-        model, frozen, trainable = init_lora(cfg, load_base(cfg), jax.random.key(0))
+        # the run's init key: a randomized PiSSA base (pissa_niter_K) depends on it
+        init_key, _ = run_keys(cfg.train.seed)
+        model, frozen, trainable = init_lora(cfg, load_base(cfg), init_key)
         # the checkpoint's trees are laid out as its run stacked them (model.scan_layers)
         stacked = ckpt.read_meta(step).get("layers", "unrolled") != "unrolled"
         _, trainable, runs = stack_for_scan(frozen, trainable, model.config, stacked)

@@ -28,8 +28,10 @@ from jaxlora.targets import hlo
 from jaxlora.targets.flops import FlopsUnknown, matmul_flops
 from jaxlora.training.run import (
     abstract_base,
+    check_kernel,
     for_mesh,
     jit_train_step,
+    lora_for_shapes,
     make_tx,
     scans,
     stack_for_scan,
@@ -79,6 +81,7 @@ class Plan:
 def abstract_model(cfg: Config) -> Model:
     """The base as ``config.json`` describes it, every leaf a ``ShapeDtypeStruct`` (4-bit
     decoder linears when ``quant.type`` says so): nothing is downloaded but the config."""
+    check_kernel(cfg)
     config, raw = hf.read_config(hf.resolve_config(cfg.model.path, cfg.model.revision))
     params = abstract_base(cfg, config, raw)
     return Model(config=config, params=params, dtype=FLOAT_DTYPES[cfg.model.compute_dtype])
@@ -109,7 +112,7 @@ def compile_step(cfg: Config, target: str, *, micro_batch: int | None = None) ->
             f"{target}; use a multiple of {rows_split} (train.batch_size)"
         )
     model = abstract_model(cfg)
-    lcfg = cfg.lora
+    lcfg = lora_for_shapes(cfg)
     injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), model.params, jax.random.key(0))
     frozen, trainable = lora.partition(injected, lcfg)
     frozen, trainable, runs = stack_for_scan(frozen, trainable, model.config, scans(cfg, mesh))

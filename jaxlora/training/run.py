@@ -8,6 +8,7 @@ back into exactly the trees it was written from, and no command imports another.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ from jaxlora import data, lora
 from jaxlora.config import Config, ConfigError
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.interop import bnb, hf
+from jaxlora.kernels import KERNEL_BLOCKSIZES
 from jaxlora.kernels.attention_sharded import AttentionMesh
+from jaxlora.lora import init as lora_init
 from jaxlora.lora.stacked import hf_view
 from jaxlora.model import Model, load_model
 from jaxlora.models import stacking
@@ -37,6 +40,18 @@ from jaxlora.training.step import make_eval_step, make_train_step
 from jaxlora.weights import kernels_for, prepare, quantize
 
 
+def check_kernel(cfg: Config) -> None:
+    """``quant.kernel=fused`` asks for the Pallas 4-bit kernel on every weight: a blocksize the
+    kernels do not take would fall back to dequantize-then-dot, so it is refused up front."""
+    if cfg.quant.kernel == "fused" and cfg.quant.blocksize not in KERNEL_BLOCKSIZES:
+        raise ConfigError(
+            f"quant.kernel=fused: the Pallas 4-bit kernels take blocks of "
+            f"{', '.join(map(str, KERNEL_BLOCKSIZES))}, and quant.blocksize="
+            f"{cfg.quant.blocksize} would multiply by dequantize-then-dot instead; set "
+            "quant.blocksize=64, or quant.kernel=auto to let the blocksize decide"
+        )
+
+
 def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
     """The frozen base (NF4/FP4 while streaming when ``quant.type`` says so) and its tokenizer.
 
@@ -46,10 +61,12 @@ def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
     axis whole): the base is on the devices once, not loaded and then copied into stacked
     arrays (:class:`~jaxlora.models.stacking.StackingSink`).
 
-    ``lora.init=loftq`` reads each target's float weight and quantizes it itself
-    (:func:`init_lora`): its base loads in float and unstacked, as PEFT's LoftQ loads it."""
-    loftq = cfg.lora.init == "loftq"
-    quant = None if cfg.quant.type == "none" or loftq else cfg.quant.type
+    A 4-bit run whose LoRA init rewrites the base from its float weights (PiSSA, LoftQ:
+    :func:`quantizes_after_init`) loads it in float and unstacked, as PEFT does for those
+    inits, and :func:`init_lora` quantizes it."""
+    check_kernel(cfg)
+    after = quantizes_after_init(cfg)
+    quant = None if cfg.quant.type == "none" or after else cfg.quant.type
     model = load_model(
         cfg.model.path,
         dtype=cfg.model.dtype,
@@ -58,7 +75,7 @@ def load_base(cfg: Config, mesh: Mesh | None = None) -> Model:
         revision=cfg.model.revision,
         quant_kwargs={"blocksize": cfg.quant.blocksize, "double_quant": cfg.quant.double_quant},
         kernel=cfg.quant.kernel,
-        sink=None if mesh is None or loftq else stacking_sink(cfg, mesh),
+        sink=None if mesh is None or after else stacking_sink(cfg, mesh),
     )
     if cfg.model.tokenizer:
         model = model.replace(tokenizer=data.load_tokenizer(cfg.model.tokenizer))
@@ -102,8 +119,9 @@ def plan_runs(cfg: Config, config, raw: dict[str, Any]) -> stacking.Runs:
     abstract base with the recipe's LoRA injected (shapes only), which is what
     :func:`stack_for_scan` computes from the loaded base, and checks against it."""
     base = abstract_base(cfg, config, raw)
-    injected = jax.eval_shape(lambda p, k: lora.inject(p, cfg.lora, k), base, jax.random.key(0))
-    return stacking.layer_runs(injected, config.sliding_windows)
+    lcfg = lora_for_shapes(cfg)
+    injected = jax.eval_shape(lambda p, k: lora.inject(p, lcfg, k), base, jax.random.key(0))
+    return stacking.common_runs(*lora.partition(injected, lcfg), windows=config.sliding_windows)
 
 
 def _sharding_of(cfg: Config, mesh: Mesh, model_config) -> stacking.ShardingOf:
@@ -151,12 +169,27 @@ def train_batches(
     )
 
 
+def quantizes_after_init(cfg: Config) -> bool:
+    """Whether the base is quantized after the LoRA init rather than while it loads: a 4-bit run
+    whose init rewrites the base from its float weights (PiSSA's residual ``W − s·B·A``, LoftQ's
+    ``NF4(W − s·B·A)``; PEFT's PiSSA and LoftQ recipes for QLoRA do the same)."""
+    return cfg.quant.type != "none" and lora_init.changes_base(cfg.lora)
+
+
+def lora_for_shapes(cfg: Config) -> lora.LoraConfig:
+    """The LoRA config to inject into an abstract base (``plan``, the runs to stack): under
+    :func:`quantizes_after_init` the default init, which gives the quantized base's shapes the
+    real init ends with, where PiSSA or LoftQ cannot read an abstract 4-bit weight."""
+    return dataclasses.replace(cfg.lora, init="default") if quantizes_after_init(cfg) else cfg.lora
+
+
 def init_lora(cfg: Config, model: Model, key: jax.Array) -> tuple[Model, Any, Any]:
-    """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``. Under LoftQ
-    the targets' bases come back in NF4 and the base's other linears are quantized here, as
-    :func:`load_base` quantizes them for every other init."""
+    """LoRA per the recipe: ``(model with LoRA, frozen half, trainable half)``. Under
+    :func:`quantizes_after_init` the base is quantized here, as :func:`load_base` quantizes it
+    for every other init: LoftQ's targets come back in NF4, PiSSA's residuals and the other
+    linears are quantized by ``quant``."""
     model = model.apply_lora(cfg.lora, key=key)
-    if cfg.lora.init == "loftq":
+    if quantizes_after_init(cfg):
         q = cfg.quant
         params = bnb.quantize_linears(
             model.params,
@@ -190,11 +223,13 @@ def stack_for_scan(frozen, trainable, model_config, scan: bool):
         if stacked is not None:
             raise ValueError("the base was loaded stacked for scan, but this step unrolls")
         return frozen, trainable, None
-    combined = lora.combine(frozen, trainable)
+    # the halves differ where a layer's module is trained whole (modules_to_save): a run of
+    # the step is one both halves can be stacked into
+    windows = model_config.sliding_windows
     if stacked is None:
-        runs = stacking.layer_runs(combined, model_config.sliding_windows)
+        runs = stacking.common_runs(frozen, trainable, windows=windows)
         return stacking.stack_layers(frozen, runs), stacking.stack_layers(trainable, runs), runs
-    runs = stacking.layer_runs(hf_view(combined), model_config.sliding_windows)
+    runs = stacking.common_runs(hf_view(frozen), hf_view(trainable), windows=windows)
     if runs != stacked:
         raise ValueError(
             f"the base was stacked while loading into the runs {stacked} (planned from "
@@ -257,13 +292,16 @@ def run_meta(cfg: Config, runs=None) -> dict:
         "blocksize": cfg.quant.blocksize,
         "double_quant": cfg.quant.double_quant,
     }
-    return {
+    meta = {
         "base_model": cfg.model.path,
         "base_fingerprint": hf.fingerprint(hf.resolve(cfg.model.path, cfg.model.revision)),
         "lora": checkpoint.meta_json(lora.to_meta(cfg.lora)),
         "quant": checkpoint.meta_json(quant),
         "layers": "unrolled" if runs is None else checkpoint.meta_json(runs),
     }
+    if cfg.lora.init.startswith("pissa_niter_"):  # its base comes from the init key
+        meta["init_seed"] = cfg.train.seed
+    return meta
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset
 
 from jaxlora.config import ConfigError, DataConfig, load_config
-from jaxlora.data import DataError, MixtureSampler, batches, build_datasets
+from jaxlora.data import DataError, MixtureSampler, batches, build_datasets, held_out
 from jaxlora.data.streams import BLOCK
 from tests._tokenizers import make_tokenizer
 
@@ -272,3 +272,60 @@ def test_the_expected_mixture_is_logged_per_source(files, tok, caplog):
     assert str(files["texts"]) in texts and "33.3% of examples" in texts
     share = [float(re.search(r"([\d.]+)% of positions", m)[1]) for m in (shards, texts)]
     assert abs(sum(share) - 100) <= 0.1 and share[0] > 66.7
+
+
+# ---- the parts of the run's data: each source, the held-out file -----------------------------
+
+
+def test_the_held_out_file_is_read_whole_whatever_the_training_data_selects(files, tok, tmp_path):
+    """``data.split`` / ``data.subset`` / ``data.max_examples`` / ``data.sources`` choose
+    training records; the ``data.eval_path`` file (local: its only split is ``train``) is read
+    whole in ``data.format``: a sliced split no longer cuts it, and a mixture's copy of the
+    config for it holds no sources."""
+    texts = tmp_path / "held.jsonl"
+    texts.write_text("".join(json.dumps({"body": f"held {i} fox"}) + "\n" for i in range(6)))
+    common = dict(format="text", text_field="body", val_size=0, eval_path=str(texts))
+    for split in ("train[:50%]", "train"):
+        cfg = DataConfig(path=str(files["texts"]), split=split, max_examples=4, **common)
+        _, val = build_datasets(cfg, tok, seed=0)
+        assert len(val.examples) == 6, split
+    alpaca = tmp_path / "held_alpaca.jsonl"
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
+    alpaca.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mixture = _mixture(files, val_size=0, eval_path=str(alpaca), split="train[:50%]")
+    _, val = build_datasets(mixture, tok, seed=0)
+    assert len(val.examples) == 5
+    assert held_out(mixture).sources == () and held_out(mixture).split == "train"
+
+
+def test_a_chat_template_serves_the_chat_sources_of_a_mixture(files, tok, tmp_path):
+    """``data.chat_template`` with an alpaca source beside a chat one (what a base tokenizer
+    needs to train on both): each source's config keeps the template only if it renders
+    conversations, so neither the alpaca source nor the held-out alpaca file refuses it."""
+    chat = tmp_path / "chat.jsonl"
+    convo = lambda i: {
+        "messages": [
+            {"role": "user", "content": f"Hi {i}"},
+            {"role": "assistant", "content": f"Hello {i}"},
+        ]
+    }
+    chat.write_text("".join(json.dumps(convo(i)) + "\n" for i in range(8)))
+    held = tmp_path / "held_alpaca.jsonl"
+    held.write_text(json.dumps({"instruction": "Say 1.", "input": "", "output": "1"}) + "\n")
+    sources = [
+        {"path": str(files["shards"]), "weight": 1},
+        {"path": str(chat), "weight": 1, "format": "chat"},
+    ]
+    cfg = DataConfig(
+        sources=sources,
+        chat_template="chatml",
+        max_seq_len=256,
+        shuffle_buffer=0,
+        val_size=0,
+        eval_path=str(held),
+    )
+    stream, val = build_datasets(cfg, tok, seed=0)
+    assert [s.cfg.chat_template for s in stream.sources] == [None, "chatml"]
+    assert len(val.examples) == 1
+    rows = next(stream.batches(4))
+    assert rows["input_ids"].shape[0] == 4
