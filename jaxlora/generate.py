@@ -84,6 +84,12 @@ class GenerateArgs(Section):
         )
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1]; got {self.top_p}")
         check(
+            self.temperature > 0 or (self.top_k == 0 and self.top_p == 1),
+            "temperature",
+            f"top_k={self.top_k} / top_p={self.top_p} choose among sampled tokens, and "
+            "temperature=0 decodes greedily; set temperature > 0 (e.g. 0.7) to sample",
+        )
+        check(
             self.output is None or not self.interactive,
             "output",
             "interactive=true writes nothing; use prompt= or prompts= with output=",

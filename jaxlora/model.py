@@ -74,6 +74,8 @@ class Model:
     quant: str | None = None
     kernels: Kernels = Kernels()  # what its programs contain (kernels_for the devices)
     adapter_set: AdapterSet | None = None  # adapters loaded by name (load_adapter(..., name=))
+    # config.json's token ids and generation_config.json: where generate stops, what exports keep
+    generation: hf.Generation = dataclasses.field(default_factory=hf.Generation)
 
     def module(self, remat: str = "none", mlp_chunk: int = 0) -> LlamaForCausalLM:
         """The Flax module for :attr:`params`: scanning each run of layers when the tree holds
@@ -248,7 +250,9 @@ class Model:
     def save_merged(self, directory: str | Path, dtype: str | None = None) -> Path:
         """Write a plain HF checkpoint with the adapter merged in (see ``interop.merged``),
         with the tokenizer files beside it."""
-        out = merged.save_merged(self.params, self.config, directory, dtype=dtype)
+        out = merged.save_merged(
+            self.params, self.config, directory, dtype=dtype, generation=self.generation
+        )
         self._save_tokenizer(out)
         return out
 
@@ -319,6 +323,7 @@ def load_model(
         kernels=kernels_for(
             jax.devices(), kernel, softcap=config.attn_logit_softcapping is not None
         ),
+        generation=hf.read_generation(directory, raw),
     )
     return model if adapter is None else model.load_adapter(adapter)
 

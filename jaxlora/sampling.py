@@ -46,8 +46,8 @@ def _sample(logits, key, temperature, top_k, top_p):
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    if top_k:  # more than the vocabulary keeps every token (as transformers' TopKLogitsWarper)
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)
@@ -98,6 +98,17 @@ def _check_longrope_regeneration(config, prompt_len: int, max_new_tokens: int) -
             "recomputes the whole KV cache with the long factors; jaxlora does not. Keep "
             f"prompt + max_new_tokens <= {original + 1}, or use a prompt longer than {original}"
         )
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """The sampling settings ``generate`` and ``stream`` accept, refused as transformers'
+    ``GenerationConfig`` refuses them (a negative temperature would invert the distribution)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off); got {top_p}")
 
 
 def _prefill(module, params, input_ids, attention_mask, eos_ids, key, max_new_tokens):
@@ -168,7 +179,7 @@ class Prepared(NamedTuple):
     eos_ids: jax.Array
 
 
-def _prepare_prompts(tok, prompts: Sequence[Prompt]) -> Prepared:
+def _prepare_prompts(tok, prompts: Sequence[Prompt], eos: Sequence[int] = ()) -> Prepared:
     if tok is None:
         raise ValueError("this model has no tokenizer; call generate_ids with token ids instead")
     if not prompts:
@@ -185,15 +196,18 @@ def _prepare_prompts(tok, prompts: Sequence[Prompt]) -> Prepared:
     for i, e in enumerate(encoded):  # left padding: every prompt ends at the same slot
         ids[i, width - len(e) :] = e
         mask[i, width - len(e) :] = 1
-    return Prepared(n, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stop_ids(tok), jnp.int32))
+    stops = jnp.asarray(stop_ids(tok, eos), jnp.int32)
+    return Prepared(n, jnp.asarray(ids), jnp.asarray(mask), stops)
 
 
-def stop_ids(tok) -> list[int]:
-    """The tokenizer's EOS, and the special token its chat template ends a model turn with
-    (Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``): what a chat model learned to emit
-    after an answer, and what its ``generation_config.json`` lists beside EOS."""
-    eos = tok.eos_token_id
-    ids = list(eos) if isinstance(eos, list) else [eos]
+def stop_ids(tok, eos: Sequence[int] = ()) -> list[int]:
+    """Where generation stops: ``eos`` (the checkpoint's, ``Model.generation.eos_ids``: every
+    id of ``generation_config.json``'s ``eos_token_id``, as transformers' ``generate``), the
+    tokenizer's EOS, and the special token its chat template ends a model turn with (Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``), for a model whose files do not list it."""
+    tok_eos = tok.eos_token_id
+    ids = list(eos)
+    ids += [e for e in (tok_eos if isinstance(tok_eos, list) else [tok_eos]) if e not in ids]
     if getattr(tok, "chat_template", None):
         answer = "jaxlora answer"
         turn = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
@@ -231,8 +245,9 @@ def generate(
     — rendered with the model's chat template, which carries the run's prompt format
     (:mod:`jaxlora.data.prompts`).
     """
+    _check_sampling(temperature, top_k, top_p)
     tok = model.tokenizer
-    batch = _prepare_prompts(tok, prompts)
+    batch = _prepare_prompts(tok, prompts, model.generation.eos_ids)
     new = generate_ids(
         model.module(),
         prepare(model.params if params is None else params, model.kernels),
@@ -272,8 +287,9 @@ def stream(
     The same prefill and decode step as :func:`generate`'s compiled loop (so the same tokens),
     each jitted on its own so the host sees every token as it is produced.
     """
+    _check_sampling(temperature, top_k, top_p)
     tok = model.tokenizer
-    batch = _prepare_prompts(tok, prompts)
+    batch = _prepare_prompts(tok, prompts, model.generation.eos_ids)
     module, params = model.module(), prepare(model.params, model.kernels)
     state = _prefill_jit(
         module, params, batch.ids, batch.mask, batch.eos_ids, jax.random.key(seed), max_new_tokens

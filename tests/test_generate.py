@@ -77,10 +77,34 @@ def test_cli_rejects_unknown_key_with_suggestion():
 def test_cli_prompts_are_taken_as_written_and_repeat():
     args = from_argv(
         GenerateArgs,
-        ["model=x", "prompt=Reverse: a b c", "prompt=42", "top_k=3"],
+        ["model=x", "prompt=Reverse: a b c", "prompt=42", "top_k=3", "temperature=0.7"],
         repeatable=("prompt",),
     )
     assert args.prompt == ("Reverse: a b c", "42") and args.top_k == 3
+
+
+@pytest.mark.parametrize("flag", ["top_k=3", "top_p=0.9"])
+def test_cli_refuses_sampling_filters_on_greedy_decoding(flag):
+    """``top_k`` / ``top_p`` with the default temperature 0 would change nothing (greedy):
+    said, not ignored (transformers warns on the same)."""
+    with pytest.raises(ConfigError, match="temperature=0 decodes greedily"):
+        from_argv(GenerateArgs, ["model=x", "prompt=hi", flag], repeatable=("prompt",))
+
+
+def test_sampling_settings_are_checked_and_top_k_past_the_vocabulary_keeps_every_token(demo):
+    for kw, needle in [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=1.0, top_k=-2), "top_k must be >= 0"),
+        (dict(temperature=1.0, top_p=0.0), "top_p must be in"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            generate(demo, ["Hi"], max_new_tokens=2, **kw)
+        with pytest.raises(ValueError, match=needle):
+            next(stream(demo, ["Hi"], max_new_tokens=2, **kw))
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 64))
+    keys = jax.random.split(jax.random.key(1), 50)
+    draws = {int(t) for k in keys for t in _sample(logits, k, 1.0, 100, 1.0)}
+    assert draws == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize(
@@ -252,3 +276,57 @@ def test_a_model_without_a_chat_template_gets_text_as_written(tmp_path, capsys):
     path.write_text('{"messages": [{"role": "user", "content": "Hello"}]}\n')
     rc = generate_main([f"model={model_dir}", f"prompts={path}"])
     assert rc == 2 and "needs a chat template" in capsys.readouterr().err
+
+
+def test_generation_stops_at_every_eos_of_generation_config_as_transformers(tmp_path):
+    """``generation_config.json`` may list more ids than the tokenizer's EOS (Llama-3.1-Instruct:
+    ``[128001, 128008, 128009]``): transformers' ``generate`` stops at each, and so does
+    jaxlora's. The extra id here is a token the demo's greedy answer produces, so stopping
+    there is visible; a merged export keeps the file and the ids."""
+    import shutil
+
+    import torch
+    import transformers
+
+    base = tmp_path / "base"
+    shutil.copytree(DEMO, base)
+    prompt = data.user_prompt("In which town does Malmi Galpus live?")
+    model = jaxlora.load_model(base)
+    ids = data.encode_prompt(model.tokenizer, prompt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    full = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+    eos = model.tokenizer.eos_token_id
+    extra = int(full[3])  # the 4th token of the free-running answer
+    assert extra != eos
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, extra]}))
+    model = jaxlora.load_model(base)
+    assert model.generation.eos_ids == [eos, extra]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+    cut = want.tolist().index(extra)
+    assert cut <= 3
+    text = model.tokenizer.decode(want[:cut], skip_special_tokens=True)
+    assert generate(model, [prompt], max_new_tokens=12) == [text]
+
+    out = model.save_merged(tmp_path / "merged")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [eos, extra]
+    src, dst = (json.loads((d / "config.json").read_text()) for d in (base, out))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert dst.get(k) == src.get(k), k
+    assert jaxlora.load_model(out).generation == model.generation
+
+
+def test_an_alpaca_input_reaches_a_template_that_has_no_place_for_it(demo):
+    """``{"instruction", "input"}`` prompt lines: jaxlora's Alpaca template renders the input
+    in its own block; any other template (the demo base's) gets it after the instruction, a
+    blank line between, instead of dropping it."""
+    import copy
+
+    tok = demo.tokenizer
+    with_input = data.user_prompt("Name this person's job.", "Malmi Galpus")
+    folded = data.user_prompt("Name this person's job.\n\nMalmi Galpus")
+    assert data.encode_prompt(tok, with_input) == data.encode_prompt(tok, folded)
+    alpaca = copy.deepcopy(tok)
+    alpaca.chat_template = data.alpaca_chat_template(bos=False)
+    text = data.render_prompt(alpaca, with_input)
+    assert text == data.alpaca_prompt("Name this person's job.", "Malmi Galpus")

@@ -157,10 +157,25 @@ def render(tokenizer: Any, prompt: Prompt) -> str:
         )
     try:
         return tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=True
+            _fold_inputs(tokenizer, prompt), tokenize=False, add_generation_prompt=True
         )
     except Exception as e:  # jinja errors: a role the template refuses, non-alternating turns
         raise DataError(f"the chat template failed on the prompt: {e}") from e
+
+
+def _fold_inputs(tokenizer: Any, prompt: Sequence[Message]) -> list[Message]:
+    """The messages as the template reads them: an Alpaca ``input`` (:func:`user`) is a field
+    only jaxlora's Alpaca template renders; for any other template it joins the content after
+    a blank line, so it is not silently left out."""
+    template = tokenizer.chat_template
+    alpaca = any(template == alpaca_chat_template(bos) for bos in (True, False))
+    if alpaca or not any(m.get("input") for m in prompt):
+        return list(prompt)
+    return [
+        {k: v for k, v in m.items() if k != "input"}
+        | ({"content": f"{m['content']}\n\n{m['input']}"} if m.get("input") else {})
+        for m in prompt
+    ]
 
 
 def encode(tokenizer: Any, prompt: Prompt) -> list[int]:

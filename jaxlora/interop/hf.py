@@ -9,6 +9,7 @@ memory holds the result plus one tensor — never a second full copy of the mode
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -77,6 +78,49 @@ def resolve_config(path_or_id: str | Path, revision: str | None = None) -> Path:
     return Path(
         snapshot_download(str(path_or_id), revision=revision, allow_patterns=["config.json"])
     )
+
+
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What a checkpoint tells ``generate`` besides its weights: ``config.json``'s token ids
+    and ``generation_config.json`` (None without one; transformers then derives one from those
+    ids). Exports write both back, so a merged or 4-bit model stops where its base did."""
+
+    token_ids: dict[str, Any] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The ids transformers' ``generate`` stops at: ``generation_config.json``'s
+        ``eos_token_id`` (an id or a list), else ``config.json``'s."""
+        source = self.config if self.config and "eos_token_id" in self.config else self.token_ids
+        eos = source.get("eos_token_id")
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def write(self, directory: Path) -> None:
+        if self.config is not None:
+            text = json.dumps(self.config, indent=2, sort_keys=True)
+            (directory / GENERATION_CONFIG).write_text(text)
+
+
+def read_generation(directory: Path, raw: dict[str, Any]) -> Generation:
+    """The :class:`Generation` of a checkpoint directory whose ``config.json`` is ``raw``."""
+    ids = {k: raw[k] for k in TOKEN_IDS if raw.get(k) is not None}
+    path = directory / GENERATION_CONFIG
+    if not path.exists():
+        return Generation(ids)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config.pop("transformers_version", None)
+    return Generation(ids, config)
 
 
 def read_config(directory: Path) -> tuple[LlamaConfig, dict[str, Any]]:
@@ -220,8 +264,10 @@ def save_pretrained(
     dtype: str = "float32",
     extra_config: dict[str, Any] | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    generation: Generation | None = None,
 ) -> Path:
-    """Write a plain HF checkpoint (config.json + sharded safetensors) from array params."""
+    """Write a plain HF checkpoint (config.json + sharded safetensors) from array params, with
+    ``generation``'s token ids and ``generation_config.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     expected = {k: v.shape for k, v in flatten_dict(param_shapes(config), sep=".").items()}
@@ -235,7 +281,9 @@ def save_pretrained(
             raise CheckpointError(f"export: {key} has shape {leaf.shape}, expected {shape}")
         tensors[key] = np.asarray(jax.device_get(leaf)).astype(FLOAT_DTYPES[dtype])
     save_sharded(tensors, directory, max_shard_bytes)
-    write_config(directory, config, dtype=dtype, **dict(extra_config or {}))
+    gen = generation or Generation()
+    write_config(directory, config, dtype=dtype, **(gen.token_ids | dict(extra_config or {})))
+    gen.write(directory)
     return directory
 
 
@@ -247,6 +295,7 @@ def save_bnb4(
     dtype: str = "bfloat16",
     quant_storage: str = "uint8",
     compute_dtype: str = "bfloat16",
+    generation: Generation | None = None,
 ) -> Path:
     """Write params whose decoder linears are NF4/FP4 tensors as a bitsandbytes-4bit HF checkpoint.
 
@@ -283,7 +332,9 @@ def save_bnb4(
         compute_dtype=compute_dtype,
         quant_storage=quant_storage,
     )
-    write_config(directory, config, dtype=dtype, quantization_config=qc)
+    gen = generation or Generation()
+    write_config(directory, config, dtype=dtype, quantization_config=qc, **gen.token_ids)
+    gen.write(directory)
     return directory
 
 

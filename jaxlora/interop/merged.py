@@ -18,7 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlora.dtypes import FLOAT_DTYPES
-from jaxlora.interop.hf import save_pretrained
+from jaxlora.interop.hf import Generation, save_pretrained
 from jaxlora.lora import merge
 from jaxlora.lora.targets import EMBEDDINGS
 from jaxlora.models.config import LlamaConfig
@@ -54,9 +54,11 @@ def save_merged(
     *,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    generation: Generation | None = None,
 ) -> Path:
     """Write ``params`` (LoRA applied or not, NF4 or dense) as a merged HF checkpoint:
-    ``config.json`` + sharded safetensors. ``Model.save_merged`` adds the tokenizer files.
+    ``config.json`` + sharded safetensors, with ``generation``'s token ids and
+    ``generation_config.json``. ``Model.save_merged`` adds the tokenizer files.
 
     ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default the dtype the
     unquantized weights are stored in.
@@ -68,4 +70,11 @@ def save_merged(
     n_lora = sum(isinstance(v, LoRAWeight) for v in flat.values())
     log.info("merged export to %s: %d LoRA weights folded in, dtype %s", directory, n_lora, dtype)
     dense = merged_params(params, dtype=jnp.float32)  # save_pretrained casts once
-    return save_pretrained(dense, config, directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return save_pretrained(
+        dense,
+        config,
+        directory,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        generation=generation,
+    )

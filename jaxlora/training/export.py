@@ -123,6 +123,7 @@ def export_checkpoint(
             out,
             dtype=dtype or param_dtype(base),
             compute_dtype=cfg.quant_compute_dtype,
+            generation=model.generation,
         )
         model.tokenizer.save_pretrained(str(out))
         model.save_adapter(out / "adapter", base_model_name_or_path=str(out.absolute()))
