@@ -17,6 +17,10 @@ from typing import Any, ClassVar, Literal, get_args
 
 from jaxlora.config.typed import GE1, GT0, ConfigError, Section, check, check_regex
 
+# LoftQ quantizes its targets as PEFT's LoftQ does (bitsandbytes NF4, blocks of 64, double
+# quant); a run with lora.init=loftq needs its quant section to say the same.
+LOFTQ_QUANT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES = get_args(BiasMode)
 INITS = ("default", "random", "gaussian", "pissa", "loftq")  # + "pissa_niter_<K>"

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal, get_args
 
 import yaml
 
-from jaxlora.config.lora import LoraConfig
+from jaxlora.config.lora import LOFTQ_QUANT, LoraConfig
 from jaxlora.config.typed import (
     GE0,
     GE1,
@@ -419,13 +419,17 @@ class Config(Section):
 
     def _validate(self) -> None:
         check(self.output_dir != "", "output_dir", "must not be empty")
-        q = self.quant
+        q, want = self.quant, LOFTQ_QUANT
+        got = {"quant_type": q.type, "blocksize": q.blocksize, "double_quant": q.double_quant}
+        yaml_value = lambda v: str(v).lower()
         check(
-            self.lora.init != "loftq" or (q.type, q.blocksize, q.double_quant) == ("nf4", 64, True),
+            self.lora.init != "loftq" or got == want,
             "lora.init",
             "loftq initialises LoRA against the base it quantizes as PEFT's LoftQ does (NF4, "
-            "blocks of 64, double-quantized absmax); set quant.type=nf4, quant.blocksize=64, "
-            f"quant.double_quant=true (got {q.type}, {q.blocksize}, {str(q.double_quant).lower()})",
+            "blocks of 64, double-quantized absmax); set "
+            f"quant.type={want['quant_type']}, quant.blocksize={want['blocksize']}, "
+            f"quant.double_quant={yaml_value(want['double_quant'])} "
+            f"(got {', '.join(yaml_value(v) for v in got.values())})",
         )
         check(
             self.train.exact_match_examples == 0

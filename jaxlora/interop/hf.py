@@ -281,9 +281,7 @@ def save_pretrained(
             raise CheckpointError(f"export: {key} has shape {leaf.shape}, expected {shape}")
         tensors[key] = np.asarray(jax.device_get(leaf)).astype(FLOAT_DTYPES[dtype])
     save_sharded(tensors, directory, max_shard_bytes)
-    gen = generation or Generation()
-    write_config(directory, config, dtype=dtype, **(gen.token_ids | dict(extra_config or {})))
-    gen.write(directory)
+    write_config(directory, config, generation, dtype=dtype, **dict(extra_config or {}))
     return directory
 
 
@@ -332,16 +330,19 @@ def save_bnb4(
         compute_dtype=compute_dtype,
         quant_storage=quant_storage,
     )
-    gen = generation or Generation()
-    write_config(directory, config, dtype=dtype, quantization_config=qc, **gen.token_ids)
-    gen.write(directory)
+    write_config(directory, config, generation, dtype=dtype, quantization_config=qc)
     return directory
 
 
-def write_config(directory: Path, config: LlamaConfig, **fields: Any) -> None:
-    """``config.json`` for ``config`` with ``fields`` (``dtype``, ``quantization_config``) set."""
-    cfg = config.to_hf() | fields
+def write_config(
+    directory: Path, config: LlamaConfig, generation: Generation | None = None, **fields: Any
+) -> None:
+    """``config.json`` for ``config`` with ``generation``'s token ids and ``fields``
+    (``dtype``, ``quantization_config``) set, and ``generation``'s ``generation_config.json``."""
+    gen = generation or Generation()
+    cfg = config.to_hf() | gen.token_ids | fields
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    gen.write(directory)
 
 
 def fingerprint(directory: Path) -> str:

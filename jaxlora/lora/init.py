@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config.lora import LoraConfig, LoraConfigError
+from jaxlora.config.lora import LOFTQ_QUANT, LoraConfig, LoraConfigError
 from jaxlora.dtypes import FLOAT_DTYPES
 from jaxlora.weights.dispatch import dense_weight
 from jaxlora.weights.lora import LoRAWeight
@@ -90,10 +90,6 @@ def init_lora(
     a, b = a.astype(dtype), b.astype(dtype)
     base = (w - scale * (b.astype(jnp.float32) @ a.astype(jnp.float32))).astype(weight.dtype)
     return base, a, b
-
-
-# LoftQ quantizes as jaxlora's loader does (bitsandbytes NF4, blocksize 64, double quant).
-LOFTQ_QUANT = {"blocksize": 64, "quant_type": "nf4", "double_quant": True}
 
 
 def _loftq(w: jax.Array, base_dtype, r: int, scale: float, iters: int, dtype) -> tuple:

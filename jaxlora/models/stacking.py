@@ -51,6 +51,13 @@ def parse_run_key(key: str) -> tuple[int, int] | None:
     return None if m is None else (int(m[1]), int(m[2]))
 
 
+def run_of(names: Sequence[str | None]) -> str | None:
+    """The ``start:stop`` key of the stacked run a tree path lies in, wherever in the path
+    (an optimizer state's leaf carries the parameter's path below its own keys); None when
+    the path is not in a stacked run."""
+    return next((n for n in names if n is not None and parse_run_key(n) is not None), None)
+
+
 def _layers_path(params: dict) -> tuple[str, str]:
     for first, second in LAYER_PATHS:
         if isinstance(params, dict) and second in (params.get(first) or {}):

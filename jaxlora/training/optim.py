@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora.models.stacking import parse_run_key
+from jaxlora.models.stacking import run_of
 from jaxlora.training import adam8bit
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "lion", "sgd")
@@ -99,34 +99,25 @@ def decays(params: Any, *, loraplus: bool = False) -> Any:
     ``create_loraplus_optimizer``, which leaves out ``nn.LayerNorm`` modules only. A norm
     weight is a module's 1-D ``weight`` (linear and embedding weights are 2-D, and LoRA's and
     DoRA's leaves are named ``a``, ``b``, ``magnitude``); a LayerNorm has a 1-D ``bias`` too."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [tuple(_key(k) for k in path) for path, _ in flat]
     one_d = {n for n, (_, leaf) in zip(paths, flat, strict=True) if _layer_ndim(n, leaf) == 1}
     norms = {n[:-1] for n in one_d if n[-1] == "weight"}
     layernorms = {m for m in norms if m + ("bias",) in one_d}
 
-    def one(path, _):
-        n = tuple(_key(k) for k in path)
+    def one(n: tuple[str, ...]) -> bool:
         if n[-1:] == ("bias",):
             return False
         if n[-1:] == ("weight",) and n[:-1] in norms:
             return loraplus and n[:-1] not in layernorms
         return True
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree.unflatten(treedef, [one(n) for n in paths])
 
 
 def _layer_ndim(names: Any, leaf: Any) -> int:
     """A leaf's number of dimensions without the layer axis of a stacked run."""
-    return jnp.ndim(leaf) - (_run_of(names) is not None)
-
-
-def _run_of(names: Any) -> str | None:
-    """The ``start:stop`` key of the stacked run a path lies in (None: not stacked)."""
-    for n in names:
-        if parse_run_key(n) is not None:
-            return n
-    return None
+    return jnp.ndim(leaf) - (run_of(names) is not None)
 
 
 def _key(k: Any) -> str:
@@ -141,15 +132,15 @@ def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformati
     block RMS: bnb and HF compute them on the unrolled model's tensors). ``inner`` is vmapped
     over that axis, one run at a time (runs differ in length); other leaves get it as is."""
     vmapped = optax.GradientTransformation(jax.vmap(inner.init), jax.vmap(inner.update))
-    run_of = lambda path: _run_of([_key(k) for k in path]) or ""
+    run_at = lambda path: run_of([_key(k) for k in path]) or ""
 
     def build(tree: Any) -> optax.GradientTransformation:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        runs = sorted({run_of(path) for path, _ in flat} - {""})
+        runs = sorted({run_at(path) for path, _ in flat} - {""})
         if not runs:
             return inner
         mask = lambda run: (
-            lambda t: jax.tree_util.tree_map_with_path(lambda path, _: run_of(path) == run, t)
+            lambda t: jax.tree_util.tree_map_with_path(lambda path, _: run_at(path) == run, t)
         )
         return optax.chain(
             optax.masked(inner, mask("")), *(optax.masked(vmapped, mask(r)) for r in runs)

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import targets
 from jaxlora.models.registry import EMBED_MODULES, FUSED_MODULES, MODULE_AXES
-from jaxlora.models.stacking import parse_run_key
+from jaxlora.models.stacking import run_of
 from jaxlora.weights import NF4Tensor
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def logical_axes_for(path, ndim: int) -> tuple[str | None, ...]:
     leaf of stacked layers (under a ``start:stop`` key, :mod:`jaxlora.models.stacking`) has the
     layer axis first, never sharded: each scan step takes one layer whole."""
     names = [_key_name(k) for k in path]
-    if ndim and any(n is not None and parse_run_key(n) for n in names):
+    if ndim and run_of(names) is not None:
         return (None, *_axes_by_name(names, ndim - 1))
     return _axes_by_name(names, ndim)
 
